@@ -1,0 +1,123 @@
+"""What each fx node is, in the field's terms: conv, BN, activation, add, pool, concat, linear.
+
+This classification is shared by ``bnff.restructure`` (pattern matching) and the analyses
+(traffic model), so that every part of bnff agrees on what counts as, say, a ReLU: the module
+``nn.ReLU``, ``F.relu``, ``torch.relu``, ``Tensor.relu`` and their in-place spellings.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+from enum import Enum
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+
+class Kind(str, Enum):
+    """Layer kinds of the layer-graph IR."""
+
+    INPUT = "input"
+    OUTPUT = "output"
+    CONV = "conv"
+    BN = "bn"
+    ACT = "act"
+    ADD = "add"
+    MAXPOOL = "maxpool"
+    AVGPOOL = "avgpool"
+    CAT = "cat"
+    LINEAR = "linear"
+    FLATTEN = "flatten"
+    OTHER = "other"
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    """Classification of one fx node.
+
+    Attributes:
+        kind: the layer kind.
+        act: "relu" or "relu6" for activations (other activations are ``Kind.OTHER``).
+        operands: the tensor inputs that matter for the kind (the BN/act input; the two addends).
+        module: the called module for ``call_module`` nodes.
+    """
+
+    kind: Kind
+    act: str | None = None
+    operands: tuple[fx.Node, ...] = ()
+    module: nn.Module | None = None
+
+
+_RELU_FUNCS = {F.relu, torch.relu, torch.relu_, torch.nn.functional.relu_}
+_RELU6_FUNCS = {F.relu6}
+_ADD_FUNCS = {operator.add, operator.iadd, torch.add}
+
+
+def _plain_forward(m: nn.Module, base: type) -> bool:
+    return type(m).forward is base.forward
+
+
+def _is_relu6_hardtanh(args: tuple, kwargs: dict) -> bool:
+    lo = args[1] if len(args) > 1 else kwargs.get("min_val", -1.0)
+    hi = args[2] if len(args) > 2 else kwargs.get("max_val", 1.0)
+    return lo == 0.0 and hi == 6.0
+
+
+def classify(node: fx.Node, modules: dict[str, nn.Module]) -> NodeInfo:
+    """Classify ``node`` of a graph whose submodules are ``modules`` (qualified name -> module)."""
+    args, kwargs = node.args, node.kwargs
+    first = tuple(a for a in args[:1] if isinstance(a, fx.Node))
+    if node.op == "placeholder":
+        return NodeInfo(Kind.INPUT)
+    if node.op == "output":
+        return NodeInfo(Kind.OUTPUT)
+    if node.op == "call_module":
+        m = modules[node.target]
+        if isinstance(m, nn.Conv2d) and _plain_forward(m, nn.Conv2d):
+            return NodeInfo(Kind.CONV, operands=first, module=m)
+        if isinstance(m, nn.BatchNorm2d) and _plain_forward(m, _BatchNorm):
+            return NodeInfo(Kind.BN, operands=first, module=m)
+        if isinstance(m, nn.ReLU):
+            return NodeInfo(Kind.ACT, "relu", first, m)
+        if isinstance(m, nn.Hardtanh) and m.min_val == 0.0 and m.max_val == 6.0:  # nn.ReLU6
+            return NodeInfo(Kind.ACT, "relu6", first, m)
+        if isinstance(m, (nn.MaxPool2d, nn.AdaptiveMaxPool2d)):
+            return NodeInfo(Kind.MAXPOOL, operands=first, module=m)
+        if isinstance(m, (nn.AvgPool2d, nn.AdaptiveAvgPool2d)):
+            return NodeInfo(Kind.AVGPOOL, operands=first, module=m)
+        if isinstance(m, nn.Linear):
+            return NodeInfo(Kind.LINEAR, operands=first, module=m)
+        if isinstance(m, nn.Flatten):
+            return NodeInfo(Kind.FLATTEN, operands=first, module=m)
+        return NodeInfo(Kind.OTHER, module=m)
+    if node.op == "call_function":
+        fn = node.target
+        if fn in _RELU_FUNCS:
+            return NodeInfo(Kind.ACT, "relu", first)
+        if fn in _RELU6_FUNCS or (fn is F.hardtanh and _is_relu6_hardtanh(args, kwargs)):
+            return NodeInfo(Kind.ACT, "relu6", first)
+        if fn in _ADD_FUNCS and _tensor_add(args, kwargs):
+            return NodeInfo(Kind.ADD, operands=(args[0], args[1]))
+        if fn is torch.cat:
+            return NodeInfo(Kind.CAT, operands=tuple(a for a in args[0] if isinstance(a, fx.Node)))
+        if fn is torch.flatten:
+            return NodeInfo(Kind.FLATTEN, operands=first)
+        return NodeInfo(Kind.OTHER)
+    if node.op == "call_method":
+        if node.target in ("relu", "relu_"):
+            return NodeInfo(Kind.ACT, "relu", first)
+        if node.target in ("add", "add_") and _tensor_add(args, kwargs):
+            return NodeInfo(Kind.ADD, operands=(args[0], args[1]))
+        if node.target == "flatten":
+            return NodeInfo(Kind.FLATTEN, operands=first)
+    return NodeInfo(Kind.OTHER)
+
+
+def _tensor_add(args: tuple, kwargs: dict) -> bool:
+    """A plain a + b of two graph values (no alpha, no out=)."""
+    return (len(args) == 2 and all(isinstance(a, fx.Node) for a in args)
+            and not kwargs and args[0] is not args[1])

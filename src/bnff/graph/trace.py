@@ -1,0 +1,129 @@
+"""torch.fx tracing with bnff's rules for leaf modules and clear errors.
+
+A submodule whose ``forward`` fx cannot trace (data-dependent control flow, unsupported Python)
+is kept as an opaque leaf and tracing is retried, so the rest of the model can still be
+restructured; the modules kept this way are reported. A model whose *own* ``forward`` cannot be
+traced raises ``TraceError`` naming the module, the source line and the ``leaf_modules=`` way out.
+"""
+
+from __future__ import annotations
+
+import traceback
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import torch.fx as fx
+from torch import nn
+
+
+class TraceError(RuntimeError):
+    """torch.fx could not trace the model; the message names the construct and the way out."""
+
+
+LeafSpec = Iterable[str | type | nn.Module]
+
+
+class _Tracer(fx.Tracer):
+    def __init__(self, leaf_names: set[str], leaf_types: tuple[type, ...], leaf_ids: set[int]) -> None:
+        super().__init__()
+        self.leaf_names, self.leaf_types, self.leaf_ids = leaf_names, leaf_types, leaf_ids
+        self.stack: list[str] = []
+        self.failed_in: str | None = None
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return (module_qualified_name in self.leaf_names or id(m) in self.leaf_ids
+                or (bool(self.leaf_types) and isinstance(m, self.leaf_types))
+                or super().is_leaf_module(m, module_qualified_name))
+
+    def call_module(self, m, forward, args, kwargs):
+        name = self.path_of_module(m)
+        self.stack.append(name)
+        try:
+            out = super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_in is None:
+                self.failed_in = name
+            raise
+        self.stack.pop()
+        return out
+
+
+@dataclass
+class Traced:
+    """Result of ``trace``: the graph module and the submodules kept opaque.
+
+    Attributes:
+        gm: the traced ``fx.GraphModule``; its submodules are the model's own objects.
+        leaves: qualified names of modules kept as leaves (user-given or untraceable).
+        untraceable: for each module made a leaf automatically, the reason fx gave.
+    """
+
+    gm: fx.GraphModule
+    leaves: list[str] = field(default_factory=list)
+    untraceable: dict[str, str] = field(default_factory=dict)
+
+
+def _user_frame(exc: BaseException) -> str:
+    """file:line of the innermost traceback frame outside torch, or ''."""
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if "/torch/" not in f.filename]
+    return f" at {frames[-1].filename}:{frames[-1].lineno} ({frames[-1].line})" if frames else ""
+
+
+def trace(model: nn.Module, leaf_modules: LeafSpec = ()) -> Traced:
+    """Trace ``model`` with torch.fx, keeping ``leaf_modules`` and untraceable submodules opaque.
+
+    Args:
+        model: any ``nn.Module``.
+        leaf_modules: qualified names ("layer1.0"), module classes, or module instances not to
+            trace into; they appear in the graph as single ``call_module`` nodes.
+    Returns:
+        ``Traced`` with the graph module and the list of leaves.
+    Raises:
+        TraceError: the model's own ``forward`` cannot be traced; the message names the construct.
+    """
+    names: set[str] = set()
+    types: list[type] = []
+    ids: set[int] = set()
+    for leaf in leaf_modules:
+        if isinstance(leaf, str):
+            names.add(leaf)
+        elif isinstance(leaf, type):
+            types.append(leaf)
+        elif isinstance(leaf, nn.Module):
+            ids.add(id(leaf))
+        else:
+            raise TypeError(f"leaf_modules entries must be names, classes or modules, got {leaf!r}")
+    known = dict(model.named_modules())
+    missing = sorted(n for n in names if n not in known)
+    if missing:
+        raise ValueError(f"leaf_modules names {missing} are not submodules of {type(model).__name__}")
+    untraceable: dict[str, str] = {}
+    for _ in range(len(known) + 1):
+        tracer = _Tracer(names, tuple(types), ids)
+        try:
+            graph = tracer.trace(model)
+        except Exception as exc:  # fx raises many types (TraceError, TypeError, NotImplementedError...)
+            where = tracer.failed_in
+            if where:  # an untraceable submodule: keep it opaque and try again
+                untraceable[where] = f"{type(exc).__name__}: {exc}".splitlines()[0]
+                names.add(where)
+                continue
+            raise TraceError(
+                f"torch.fx cannot trace the forward of {type(model).__name__}{_user_frame(exc)}: "
+                f"{type(exc).__name__}: {exc}\nMove that construct into a submodule and pass its name as "
+                f"bnff.restructure(model, leaf_modules=['name']) to keep it opaque (unfused), or make "
+                f"the forward traceable (no Python control flow on tensor values).") from exc
+        gm = fx.GraphModule(tracer.root, graph, class_name=type(model).__name__)
+        standard = fx.Tracer()
+        leaves = sorted({n.target for n in graph.nodes if n.op == "call_module"
+                         and not standard.is_leaf_module(known[n.target], n.target)})
+        return Traced(gm, leaves, untraceable)
+    raise TraceError(f"could not trace {type(model).__name__}: every retry failed")  # pragma: no cover
+
+
+def modules_of(gm: fx.GraphModule) -> dict[str, nn.Module]:
+    """Qualified name -> module for every submodule of ``gm``."""
+    return dict(gm.named_modules())
+
+
+__all__ = ["TraceError", "Traced", "trace", "modules_of"]

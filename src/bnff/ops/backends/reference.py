@@ -1,0 +1,119 @@
+"""The ``reference`` backend: the element-wise sweeps of restructured BN in plain PyTorch.
+
+This is the oracle every fast backend is tested against. Each function is one *sweep* of the
+restructured layer (one pass over a feature map); a fast backend implements the same functions
+with the same signatures in fused kernels. Feature maps are (N, C, H, W) in any memory format
+(NCHW or channels_last, preserved); per-channel vectors are (C,) in the accumulation dtype
+(``bn_math.accumulation_dtype``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from bnff.ops.bn_math import accumulation_dtype
+
+_REDUCE_DIMS = (0, 2, 3)
+
+
+def _vec(v: Tensor) -> Tensor:
+    return v.view(1, -1, 1, 1)
+
+
+def channel_stats(c: Tensor) -> tuple[Tensor, Tensor]:
+    """Step 1 of the forward, mean-variance fusion (MVF): per-channel mean and biased variance of
+    ``c`` (N, C, H, W) from a single sweep (seed 002 eq. 1, 18).
+
+    The sweep is ATen's one-pass Welford reduction (``torch.var_mean``): per-block mean and M2,
+    merged with Chan's formula, in float32 (float64 for float64 input). It is the accuracy bar for
+    every backend: the raw one-sweep var = S_xx/m - mu^2 cancels catastrophically when
+    |mean| >> std, and even on shifted data it is ~10x less accurate, which a 50-layer backward
+    amplifies into visibly worse gradients (measured against float64; DESIGN.md section 3).
+    Returns (mean, var), each (C,).
+    """
+    acc = accumulation_dtype(c.dtype)
+    var, mean = torch.var_mean(c.to(acc), _REDUCE_DIMS, correction=0)
+    return mean, var
+
+
+def _activate(z: Tensor, act: str | None) -> Tensor:
+    if act is None:
+        return z
+    if act == "relu":
+        return torch.relu(z)
+    if act == "relu6":
+        return torch.clamp(z, 0.0, 6.0)
+    raise ValueError(f"unknown activation {act!r}; expected None, 'relu' or 'relu6'")
+
+
+def apply(cs: list[Tensor], means: list[Tensor], f1s: list[Tensor], betas: list[Tensor | None],
+          residuals: list[Tensor], act: str | None, out_dtype: torch.dtype) -> Tensor:
+    """Step 2 of the forward: a = act(sum_k [F1_k * (c_k - mu_k) + beta_k] + sum_j r_j).
+
+    Seed 002 eq. 9 in centered form (see ``bn_math``), followed by the residual add (pattern (4))
+    and ReLU/ReLU6. ``cs`` are convolution outputs (N, C, H, W), ``residuals`` tensors of the same
+    shape; the sum is formed in the accumulation dtype and the result cast to ``out_dtype``.
+    """
+    acc = accumulation_dtype(*(t.dtype for t in cs + residuals), *(v.dtype for v in f1s))
+    z = None
+    for c, mu, f1, beta in zip(cs, means, f1s, betas):
+        y = (c.to(acc) - _vec(mu.to(acc))) * _vec(f1.to(acc)) + (0 if beta is None else _vec(beta.to(acc)))
+        z = y if z is None else z + y
+    for r in residuals:
+        z = r.to(acc) if z is None else z + r.to(acc)
+    return _activate(z, act).to(out_dtype)
+
+
+def activation_mask(a: Tensor, act: str | None) -> Tensor | None:
+    """1[a > 0] for ReLU (seed 002 eq. 19), 1[0 < a < 6] for ReLU6, None without activation.
+
+    ``a`` is the activation *output*; a > 0 iff its input z > 0, and 0 < a < 6 iff 0 < z < 6, so the
+    mask is PyTorch's own (threshold_backward on the result, hardtanh_backward on the input).
+    """
+    if act is None:
+        return None
+    if act == "relu":
+        return a > 0
+    if act == "relu6":
+        return (a > 0) & (a < 6)
+    raise ValueError(f"unknown activation {act!r}; expected None, 'relu' or 'relu6'")
+
+
+def grad_stats(g_a: Tensor, a: Tensor, act: str | None, cs: list[Tensor],
+               means: list[Tensor]) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+    """Step 1 of the backward: dy = g_a * act'(a) (seed 002 eq. 19/20) and, for every BN term k,
+    S1_k = sum(dy) / m and S2c_k = sum(dy * (c_k - mu_k)) / m (eq. 16, 17, centered).
+
+    Args:
+        g_a: gradient w.r.t. the activation output a, (N, C, H, W).
+        a: the activation output (saved or recomputed), same shape.
+        act: None, "relu" or "relu6".
+        cs, means: each BN term's input (N, C, H, W) and mean (C,).
+    Returns:
+        (dy in the accumulation dtype, [S1_k], [S2c_k]).
+    """
+    acc = accumulation_dtype(g_a.dtype, *(c.dtype for c in cs))
+    dy = g_a.to(acc)
+    mask = activation_mask(a, act)
+    if mask is not None:
+        dy = dy * mask
+    m = dy.numel() // dy.shape[1]
+    s1s, s2cs = [], []
+    for c, mu in zip(cs, means):
+        s1s.append(dy.sum(_REDUCE_DIMS) / m)
+        s2cs.append((dy * (c.to(acc) - _vec(mu.to(acc)))).sum(_REDUCE_DIMS) / m)
+    return dy, s1s, s2cs
+
+
+def input_grad(dy: Tensor, c: Tensor, mean: Tensor, f1: Tensor, b: Tensor | None, s1: Tensor) -> Tensor:
+    """Step 2 of the backward: dx = F1 * dy + B * (x - mu) - F1 * S1 (seed 002 eq. 12, centered).
+
+    With ``b=None`` the statistics were frozen (eval mode, running statistics): dx = F1 * dy.
+    Returns dx in ``c``'s dtype and memory format.
+    """
+    acc = dy.dtype
+    dx = dy * _vec(f1.to(acc))
+    if b is not None:
+        dx = dx + (c.to(acc) - _vec(mean.to(acc))) * _vec(b.to(acc)) - _vec((f1 * s1).to(acc))
+    return dx.to(c.dtype)

@@ -1,0 +1,101 @@
+"""Per-channel vector mathematics of restructured batch normalization.
+
+Everything here works on per-channel vectors of shape (C,), never on feature maps: these are the
+"parameter terms" that seed 002 computes between the statistics step (step 1) and the apply step
+(step 2). The element-wise sweeps that use them live in the backends (``bnff.ops.backends``).
+
+Equations (seed 002, Yang/Wang/Zhang 2022; DESIGN.md section 3):
+
+    F1 = gamma / sqrt(var + eps)                      (eq. 10)
+    F2 = beta - mu * F1                               (eq. 11, corrected)
+    F3 = 1 / (var + eps)                              (eq. 15)
+    S1 = sum(dy) / m,  S2 = sum(dy * x) / m           (eq. 16, 17)
+    B  = F1 * F3 * (mu * S1 - S2)                     (eq. 13)
+    C  = -mu * B - F1 * S1                            (eq. 14)
+    dx = F1 * dy + B * x + C                          (eq. 12)
+
+bnff evaluates eq. 9 and eq. 12 in *centered* form: x is replaced by (x - mu), which turns F2 into
+beta and C into -F1 * S1, and S2 into S2c = sum(dy * (x - mu)) / m = S2 - mu * S1. In real
+arithmetic this is the same affine map; in floating point it avoids the cancellation that the raw
+form suffers when |mu| >> sigma (F1 * x and F2 are then both huge and nearly opposite).
+So with S2c:
+
+    B = -F1 * F3 * S2c,   dx = F1 * dy + B * (x - mu) - F1 * S1
+    dgamma = m * S2c / sqrt(var + eps),   dbeta = m * S1
+
+Vectors are computed in the accumulation dtype (float32, or float64 for float64 inputs).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+def accumulation_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    """float64 if any of ``dtypes`` is float64, else float32 (bf16/fp16 inputs accumulate in fp32)."""
+    return torch.float64 if torch.float64 in dtypes else torch.float32
+
+
+def invstd(var: Tensor, eps: float) -> Tensor:
+    """1 / sqrt(var + eps), shape (C,)."""
+    return torch.rsqrt(var + eps)
+
+
+def scale(var: Tensor, gamma: Tensor | None, eps: float) -> Tensor:
+    """F1 = gamma / sqrt(var + eps) (seed 002 eq. 10); gamma=None (affine=False) means gamma = 1."""
+    inv = invstd(var, eps)
+    return inv if gamma is None else gamma.to(inv.dtype) * inv
+
+
+def shift(mean: Tensor, beta: Tensor | None, f1: Tensor) -> Tensor:
+    """F2 = beta - mu * F1 (seed 002 eq. 11 in its correct form; the seed prints beta - mu + F1).
+
+    Used by analyses and by callers that want the raw form y = F1 * x + F2; the sweeps use the
+    centered form y = F1 * (x - mu) + beta.
+    """
+    b = torch.zeros_like(f1) if beta is None else beta.to(f1.dtype)
+    return b - mean.to(f1.dtype) * f1
+
+
+def backward_coefficient(var: Tensor, f1: Tensor, s2c: Tensor, eps: float) -> Tensor:
+    """B = F1 * F3 * (mu * S1 - S2) = -F1 * S2c / (var + eps) (seed 002 eq. 13 and 15), shape (C,)."""
+    return -f1 * s2c / (var.to(f1.dtype) + eps)
+
+
+def affine_grads(var: Tensor, s1: Tensor, s2c: Tensor, m: int, eps: float) -> tuple[Tensor, Tensor]:
+    """dgamma = m * S2c / sqrt(var + eps) and dbeta = m * S1 (DESIGN.md section 3), shapes (C,)."""
+    return m * s2c * invstd(var.to(s2c.dtype), eps), m * s1
+
+
+def uses_batch_stats(bn: nn.modules.batchnorm._BatchNorm) -> bool:
+    """Whether ``bn`` normalizes with the mini-batch statistics, exactly as ``_BatchNorm.forward``
+    decides: in training mode, or in eval mode when it keeps no running statistics."""
+    return bn.training or (bn.running_mean is None and bn.running_var is None)
+
+
+@torch.no_grad()
+def update_running_stats(bn: nn.modules.batchnorm._BatchNorm, mean: Tensor, var: Tensor, m: int) -> None:
+    """Update ``running_mean``, ``running_var`` and ``num_batches_tracked`` in place, as PyTorch does.
+
+    ``running_mean = (1 - f) * running_mean + f * mean`` and the same for ``running_var`` with the
+    unbiased variance ``var * m / (m - 1)``; f is ``momentum``, or ``1 / num_batches_tracked`` when
+    ``momentum is None`` (cumulative moving average). Does nothing unless the module is in training
+    mode and tracks running statistics.
+
+    Args:
+        bn: the BatchNorm module whose buffers are updated.
+        mean, var: the mini-batch mean and biased variance, shape (C,).
+        m: values per channel in the mini-batch (N * H * W), at least 2.
+    """
+    if not (bn.training and bn.track_running_stats):
+        return
+    factor = 0.0 if bn.momentum is None else bn.momentum
+    if bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    if bn.running_mean is None:
+        return
+    rm, rv = bn.running_mean, bn.running_var
+    rm.mul_(1.0 - factor).add_(mean.to(rm.dtype), alpha=factor)
+    rv.mul_(1.0 - factor).add_((var * (m / (m - 1))).to(rv.dtype), alpha=factor)

@@ -1,0 +1,134 @@
+"""Consumers: the layer that takes a BN apply step as its pre-processing (seed 002 section 2.3).
+
+The fused operator computes ``a = act(BN(c) [+ shortcut])`` and hands ``a`` straight to its
+consumer, so ``a`` is never stored for the backward pass; in the backward it is recomputed from
+``c`` and the consumer's backward runs on it. A consumer therefore needs a backward that does
+*not* re-run its own forward when that forward is expensive: the convolution uses
+``aten.convolution_backward`` (dgrad and wgrad from the recomputed input), pooling layers are
+cheap and simply re-run under autograd.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class Consumer(Protocol):
+    """What the fused operator needs from the layer it feeds."""
+
+    def params(self) -> tuple[Tensor | None, ...]:
+        """The consumer's tensors that need gradients (weight, bias), in a fixed order."""
+
+    def forward(self, a: Tensor, params: tuple[Tensor | None, ...], amp_dtype: torch.dtype | None) -> Tensor:
+        """Run the consumer on the pre-processed input ``a``."""
+
+    def backward(self, a: Tensor, grad_out: Tensor, params: tuple[Tensor | None, ...],
+                 amp_dtype: torch.dtype | None, needs: tuple[bool, ...]) -> tuple[Tensor | None, tuple[Tensor | None, ...]]:
+        """Return (grad w.r.t. ``a``, grads w.r.t. ``params``); ``needs`` is (a, *params)."""
+
+
+def _conv_padding(conv: nn.Conv2d) -> tuple[int, int] | None:
+    """Explicit symmetric padding of ``conv``, or None when it cannot be expressed as such."""
+    if isinstance(conv.padding, str):
+        if conv.padding == "valid":
+            return (0, 0)
+        total = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size)]
+        if any(t % 2 for t in total):
+            return None
+        return (total[0] // 2, total[1] // 2)
+    return tuple(conv.padding)
+
+
+class Conv2dConsumer:
+    """A ``nn.Conv2d`` fed by the apply step; its input is recomputed, never stored.
+
+    Forward: ``out = conv2d(a, weight, bias)``; under autocast, a, weight and bias are cast to the
+    autocast dtype exactly as eager autocast does. Backward: dgrad and wgrad by
+    ``aten.convolution_backward`` on the recomputed ``a``; weight/bias grads are returned in the
+    parameters' own dtype.
+    """
+
+    def __init__(self, conv: nn.Conv2d) -> None:
+        self.conv = conv
+        self.padding = _conv_padding(conv)
+
+    def params(self) -> tuple[Tensor | None, ...]:
+        return (self.conv.weight, self.conv.bias)
+
+    def _cast(self, t: Tensor | None, amp_dtype: torch.dtype | None) -> Tensor | None:
+        return t if t is None or amp_dtype is None else t.to(amp_dtype)
+
+    def forward(self, a, params, amp_dtype):
+        weight, bias = params
+        c = self.conv
+        with torch.autocast(a.device.type, enabled=False):
+            return F.conv2d(self._cast(a, amp_dtype), self._cast(weight, amp_dtype), self._cast(bias, amp_dtype),
+                            c.stride, self.padding, c.dilation, c.groups)
+
+    def backward(self, a, grad_out, params, amp_dtype, needs):
+        weight, bias = params
+        c = self.conv
+        w = self._cast(weight, amp_dtype)
+        a = self._cast(a, amp_dtype)
+        g_a, g_w, g_b = torch.ops.aten.convolution_backward(
+            grad_out.to(w.dtype), a, w, None if bias is None else [bias.shape[0]],
+            list(c.stride), list(self.padding), list(c.dilation), False, [0, 0], c.groups,
+            [needs[0], needs[1], bias is not None and needs[2]])
+        g_w = None if g_w is None else g_w.to(weight.dtype)
+        g_b = None if g_b is None else g_b.to(bias.dtype)
+        return g_a, (g_w, g_b)
+
+
+class RecomputeConsumer:
+    """A parameter-free, cheap consumer (max-pool, average-pool): its backward re-runs it under
+    autograd on the recomputed input, so neither its input nor its indices are stored."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    def params(self) -> tuple[Tensor | None, ...]:
+        return ()
+
+    def forward(self, a, params, amp_dtype):
+        return self.module(a)
+
+    def backward(self, a, grad_out, params, amp_dtype, needs):
+        with torch.enable_grad():
+            a = a.detach().requires_grad_(True)
+            out = self.module(a)
+            (g_a,) = torch.autograd.grad(out, a, grad_out)
+        return g_a, ()
+
+
+_RECOMPUTED = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
+
+
+def unsupported_reason(module: nn.Module) -> str | None:
+    """Why ``module`` cannot take a BN apply step as pre-processing, or None if it can."""
+    if isinstance(module, nn.Conv2d):
+        if module.padding_mode != "zeros":
+            return f"consumer convolution uses padding_mode={module.padding_mode!r}"
+        if _conv_padding(module) is None:
+            return "consumer convolution uses asymmetric padding='same'"
+        return None
+    if isinstance(module, _RECOMPUTED):
+        return None
+    return f"consumer {type(module).__name__} takes no pre-processing"
+
+
+def make(module: nn.Module) -> Consumer:
+    """The consumer wrapper for ``module``.
+
+    Raises:
+        TypeError: ``module`` is not a supported consumer (see ``unsupported_reason``).
+    """
+    reason = unsupported_reason(module)
+    if reason is not None:
+        raise TypeError(reason)
+    if isinstance(module, nn.Conv2d):
+        return Conv2dConsumer(module)
+    return RecomputeConsumer(module)

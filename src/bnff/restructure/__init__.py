@@ -1,0 +1,87 @@
+"""``bnff.restructure``: rewrite a model's BatchNorm2d layers into BN fission-and-fusion form.
+
+Pipeline (data flows one way): model -> ``bnff.graph.trace`` (torch.fx) -> ``match`` (seed 002
+patterns) -> ``report.build`` -> ``rewrite`` (fused operators from ``bnff.ops``).
+"""
+
+from __future__ import annotations
+
+import torch.fx as fx
+from torch import nn
+
+from bnff.graph.trace import LeafSpec, trace
+from bnff.ops import backends
+from bnff.restructure.match import match
+from bnff.restructure.report import FusedGroup, FusionReport, UnfusedNode, build
+from bnff.restructure.rewrite import rewrite
+
+_REPORT_ATTR = "_bnff_report"
+
+
+def _adopt_module_tree(gm: fx.GraphModule, model: nn.Module) -> None:
+    """Give ``gm`` the original's own child modules and root parameters/buffers.
+
+    fx rebuilds the containers on the path to each referenced module as plain ``nn.Module``s and
+    drops unreferenced ones; adopting the original children (the very objects the graph's
+    ``call_module``/``get_attr`` paths resolve to) keeps ``model.layer1[0]``-style access, unused
+    submodules and the ``state_dict()`` keys and order exactly as in ``model``.
+    """
+    for name, child in model.named_children():
+        gm.add_module(name, child)
+    for name, p in model.named_parameters(recurse=False):
+        gm.register_parameter(name, p)
+    for name, b in model.named_buffers(recurse=False):
+        gm.register_buffer(name, b, persistent=name not in model._non_persistent_buffers_set)
+
+
+def restructure(model: nn.Module, backend: str = "reference", leaf_modules: LeafSpec = ()) -> fx.GraphModule:
+    """Return ``model`` restructured for BN fission-and-fusion training, with identical semantics.
+
+    Every BatchNorm2d fed by a convolution is split (seed 002 section 2.2; DESIGN.md section 3):
+    its statistics step (one-sweep mean and variance, running-statistics update) follows the
+    producing convolution, and its apply step, fused with a residual add and ReLU/ReLU6, becomes
+    the pre-processing of the consuming convolution or pool, whose input is then recomputed in the
+    backward instead of stored. The backward is the fused backward of seed 002 eq. 12-20.
+
+    The result is an ``fx.GraphModule`` that shares the original's Parameter and buffer objects
+    (an optimizer built before the call keeps working), has the same ``state_dict()`` keys, and
+    follows ``train()``/``eval()``, autocast and channels_last like the original. Parts that cannot
+    be fused are left as they were and listed in ``bnff.fusion_report(result)``.
+
+    Args:
+        model: the network, e.g. ``bnff.models.resnet50()``; inputs (N, C, H, W).
+        backend: sweep backend name (``bnff.ops.backends.available()``).
+        leaf_modules: submodule names, classes or instances not to trace into (kept opaque and
+            unfused); submodules fx cannot trace are kept opaque automatically.
+    Returns:
+        The restructured module.
+    Raises:
+        ValueError: unknown backend or leaf module name.
+        bnff.graph.TraceError: the model's own forward cannot be traced by torch.fx.
+    """
+    backends.get(backend)
+    traced = trace(model, leaf_modules)
+    gm = traced.gm
+    groups, unfused = match(gm)
+    opaque = {name: traced.untraceable.get(name, "given in leaf_modules") for name in traced.leaves}
+    report = build(groups, unfused, opaque, backend, dict(gm.named_modules()))
+    rewrite(gm, groups, backend)
+    _adopt_module_tree(gm, model)
+    gm.training = model.training
+    setattr(gm, _REPORT_ATTR, report)
+    return gm
+
+
+def fusion_report(model: nn.Module) -> FusionReport:
+    """The ``FusionReport`` of a module returned by ``restructure``.
+
+    Raises:
+        ValueError: ``model`` was not produced by ``bnff.restructure``.
+    """
+    report = getattr(model, _REPORT_ATTR, None)
+    if report is None:
+        raise ValueError(f"{type(model).__name__} has no fusion report: it was not returned by bnff.restructure()")
+    return report
+
+
+__all__ = ["restructure", "fusion_report", "FusionReport", "FusedGroup", "UnfusedNode"]

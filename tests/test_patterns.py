@@ -1,0 +1,172 @@
+"""Every fusion pattern of DESIGN.md section 4, in every spelling and BN configuration the issue
+lists, trained side by side with eager PyTorch on fresh random inputs (fp32: outputs <= 1e-5,
+gradients <= 1e-4 relative), plus float64 exactness and the statistics' accuracy."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import bnff
+from bnff.ops import backends, bn_statistics
+from helpers import randomize_bn, rel_err, train_side_by_side
+
+C = 8
+
+
+def _act(kind):
+    return {
+        None: lambda t: t,
+        "nn.ReLU": nn.ReLU(inplace=True),
+        "F.relu": F.relu,
+        "torch.relu": torch.relu,
+        "Tensor.relu": lambda t: t.relu(),
+        "nn.ReLU6": nn.ReLU6(inplace=True),
+        "F.relu6": F.relu6,
+    }[kind]
+
+
+class Pattern(nn.Module):
+    """conv1 -> [BN] -> [+ shortcut] -> [act] -> consumer, with every knob the patterns need."""
+
+    def __init__(self, bn=True, shortcut=None, act="nn.ReLU", add="iadd", consumer="conv",
+                 conv_bias=False, **bn_kwargs):
+        super().__init__()
+        self.conv1 = nn.Conv2d(C, C, 3, padding=1, bias=conv_bias)
+        self.bn1 = nn.BatchNorm2d(C, **bn_kwargs) if bn else None
+        self.shortcut, self.add_style = shortcut, add
+        if shortcut == "projection":
+            self.conv3 = nn.Conv2d(C, C, 1, bias=conv_bias)
+            self.bn3 = nn.BatchNorm2d(C, **bn_kwargs)
+        self.act = _act(act)
+        self.consumer = consumer
+        if consumer == "conv":
+            self.conv2 = nn.Conv2d(C, 4, 3, padding=1, stride=2, bias=conv_bias)
+        elif consumer == "maxpool":
+            self.pool = nn.MaxPool2d(3, stride=2, padding=1)
+        elif consumer == "avgpool":
+            self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(C if consumer in ("avgpool", "none") else 4 if consumer == "conv" else C, 3)
+
+    def forward(self, x):
+        out = self.conv1(x)
+        if self.bn1 is not None:
+            out = self.bn1(out)
+        if self.shortcut is not None:
+            identity = x if self.shortcut == "identity" else self.bn3(self.conv3(x))
+            if self.add_style == "iadd":
+                out += identity
+            elif self.add_style == "add":
+                out = out + identity
+            else:
+                out = torch.add(out, identity)
+        out = self.act(out)
+        if self.consumer == "conv":
+            out = self.conv2(out)
+        elif self.consumer in ("maxpool", "avgpool"):
+            out = self.pool(out)
+        else:
+            out = out.mean((2, 3), keepdim=True) + out[:, :, :1, :1]  # two users: materialized
+        return self.fc(torch.flatten(out.mean((2, 3), keepdim=True), 1))
+
+
+def _check(model, gen, n=6, hw=10, steps=3, expect_fused=None):
+    randomize_bn(model, gen)
+    fused = bnff.restructure(copy.deepcopy(model))
+    report = bnff.fusion_report(fused)
+    n_bn = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    assert len(report.fused_bns) == (n_bn if expect_fused is None else expect_fused), str(report)
+
+    def batch():
+        return torch.randn(n, C, hw, hw, generator=gen) * 2 + 0.5, torch.randint(0, 3, (n,), generator=gen)
+
+    for step, e in enumerate(train_side_by_side(model, batch, steps=steps)):
+        assert e.output <= 1e-5, (step, e)
+        assert e.input_grad <= 1e-4, (step, e)
+        assert e.param_grad <= 1e-4, (step, e)
+        assert e.buffers <= 1e-5, (step, e)
+    return report
+
+
+@pytest.mark.parametrize("act", ["nn.ReLU", "F.relu", "torch.relu", "Tensor.relu", "nn.ReLU6", "F.relu6", None])
+def test_pattern_3_and_2_every_activation_spelling(act, gen):
+    report = _check(Pattern(act=act), gen)
+    assert report.groups[0].pattern == ("(3)" if act else "(2)")
+    assert report.groups[0].consumer == "conv2"
+
+
+@pytest.mark.parametrize("add", ["iadd", "add", "torch.add"])
+@pytest.mark.parametrize("shortcut", ["identity", "projection"])
+def test_pattern_4_residual_add(shortcut, add, gen):
+    report = _check(Pattern(shortcut=shortcut, add=add), gen)
+    assert report.groups[0].pattern == ("(4)-1" if shortcut == "identity" else "(4)-2")
+    assert report.groups[0].add
+
+
+def test_pattern_1_relu_between_convolutions(gen):
+    report = _check(Pattern(bn=False, conv_bias=True), gen)
+    assert [g.pattern for g in report.groups] == ["(1)"]
+
+
+@pytest.mark.parametrize("consumer, pattern", [("maxpool", "stem"), ("avgpool", "head")])
+def test_stem_and_head_pool_consumers(consumer, pattern, gen):
+    shortcut = "identity" if consumer == "avgpool" else None
+    report = _check(Pattern(consumer=consumer, shortcut=shortcut), gen)
+    assert report.groups[0].pattern == pattern
+
+
+def test_materialized_when_output_has_two_users(gen):
+    report = _check(Pattern(consumer="none", shortcut="projection"), gen)
+    assert report.groups[0].consumer is None
+    assert "2 users" in report.groups[0].materialized_because
+
+
+@pytest.mark.parametrize("bn_kwargs", [
+    dict(momentum=0.1), dict(momentum=None), dict(affine=False), dict(track_running_stats=False),
+    dict(eps=1e-3), dict(momentum=0.3, eps=1e-3, conv_bias=True),
+], ids=lambda d: ",".join(f"{k}={v}" for k, v in d.items()))
+@pytest.mark.parametrize("shortcut", [None, "projection"])
+def test_bn_configurations(bn_kwargs, shortcut, gen):
+    _check(Pattern(shortcut=shortcut, **bn_kwargs), gen, steps=4)
+
+
+def test_eval_mode_uses_running_statistics_and_trains_through(gen):
+    model = Pattern(shortcut="projection").eval()
+    _check(model, gen)
+
+
+def test_float64_is_exact(gen):
+    """In float64 the restructured algebra must agree with eager to rounding (1e-12)."""
+    model = Pattern(shortcut="projection", act="nn.ReLU6").double()
+    randomize_bn(model, gen)
+    for e in train_side_by_side(model, lambda: (torch.randn(4, C, 6, 6, generator=gen), None), dtype=torch.float64):
+        assert max(e.output, e.input_grad, e.param_grad, e.buffers) <= 1e-12, e
+
+
+def test_one_value_per_channel_raises_like_eager(gen):
+    model = Pattern(consumer="avgpool")
+    fused = bnff.restructure(copy.deepcopy(model))
+    x = torch.randn(1, C, 1, 1, generator=gen)
+    with pytest.raises(ValueError) as eager_err:
+        model(x)
+    with pytest.raises(ValueError) as fused_err:
+        fused(x)
+    assert str(fused_err.value) == str(eager_err.value)
+
+
+@pytest.mark.parametrize("backend", backends.available())
+def test_one_sweep_variance_with_mean_1e4_times_std(backend, gen):
+    """Per-channel mean 10^4 x std: var relative error <= 1e-3 against float64."""
+    std = torch.rand(C, generator=gen) + 0.5
+    c = (torch.randn(16, C, 12, 12, generator=gen) * std.view(1, -1, 1, 1) + 1e4 * std.view(1, -1, 1, 1))
+    var64, mean64 = torch.var_mean(c.double(), (0, 2, 3), correction=0)
+    mean, var = backends.get(backend).channel_stats(c)
+    assert rel_err(var, var64) <= 1e-3
+    assert rel_err(mean, mean64) <= 1e-6
+    bn = nn.BatchNorm2d(C, momentum=None)
+    bn_statistics(c, bn, backend)
+    unbiased = var64 * c[:, 0].numel() / (c[:, 0].numel() - 1)
+    assert rel_err(bn.running_var, unbiased) <= 1e-3
+    assert int(bn.num_batches_tracked) == 1

@@ -1,0 +1,182 @@
+"""The main job: train a CNN eagerly and restructured, side by side, from the same initial weights
+on the same mini-batches, and report whether they converge together, their speed (images/s) and
+the activation bytes each keeps for backward."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+import bnff
+from bnff import models
+from bnff.data import Dataset
+from bnff.memory import SavedActivations
+
+
+@dataclass
+class TrainConfig:
+    """Settings of ``bnff train`` (see ``bnff train --help``)."""
+
+    model: str = "resnet18"
+    epochs: int = 3
+    batch_size: int = 64
+    lr: float = 0.05
+    dtype: str = "fp32"
+    backend: str = "reference"
+    seed: int = 0
+    limit_batches: int | None = None
+
+
+@dataclass
+class RunHistory:
+    """Per-epoch figures of one of the two runs."""
+
+    loss: list[float] = field(default_factory=list)
+    test_accuracy: list[float] = field(default_factory=list)
+    images_per_s: list[float] = field(default_factory=list)
+    saved_activation_bytes: int = 0
+
+
+def build_model(name: str, num_classes: int, image_size: int) -> nn.Module:
+    """A model from ``bnff.models`` with the small-input stem for images of 64 pixels or less."""
+    if name not in models.MODELS:
+        raise ValueError(f"unknown --model {name!r}; available: {sorted(models.MODELS)}")
+    return models.MODELS[name](num_classes=num_classes, small_input=image_size <= 64)
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """Write ``state`` with ``torch.save`` atomically: a temporary file in the same folder, then
+    ``os.replace``, so a crash mid-save never leaves a corrupt checkpoint at ``path``."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, amp: bool, batch: int = 256) -> float:
+    model.eval()
+    correct = 0
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+        for i in range(0, len(y), batch):
+            correct += (model(x[i:i + batch]).argmax(1) == y[i:i + batch]).sum().item()
+    model.train()
+    return correct / len(y)
+
+
+def max_param_difference(a: nn.Module, b: nn.Module) -> float:
+    """Largest absolute difference between corresponding parameters of ``a`` and ``b``."""
+    return max((pa - pb).abs().max().item() for pa, pb in zip(a.parameters(), b.parameters()))
+
+
+def train(cfg: TrainConfig, data: Dataset, out_dir: Path, log=print) -> dict:
+    """Train eager and bnff copies of ``cfg.model`` side by side; write ``out_dir``'s run files.
+
+    Returns the metrics dict also written to ``out_dir/metrics.json``.
+    """
+    if cfg.dtype not in ("fp32", "bf16"):
+        raise ValueError(f"--dtype must be fp32 or bf16, got {cfg.dtype!r}")
+    torch.manual_seed(cfg.seed)
+    image_size = data.train_x.shape[-1]
+    base = build_model(cfg.model, len(data.classes), image_size)
+    runs = {"eager": copy.deepcopy(base), "bnff": bnff.restructure(copy.deepcopy(base), backend=cfg.backend)}
+    log(bnff.fusion_report(runs["bnff"]).summary())
+    opts = {k: torch.optim.SGD(m.parameters(), lr=cfg.lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
+            for k, m in runs.items()}
+    n_batches = len(data.train_y) // cfg.batch_size
+    if cfg.limit_batches:
+        n_batches = min(n_batches, cfg.limit_batches)
+    total = max(1, cfg.epochs * n_batches)
+    scheds = {k: torch.optim.lr_scheduler.OneCycleLR(o, max_lr=cfg.lr, total_steps=total, pct_start=0.25)
+              for k, o in opts.items()}
+    hist = {k: RunHistory() for k in runs}
+    amp = cfg.dtype == "bf16"
+    gen = torch.Generator().manual_seed(cfg.seed)
+    bar = tqdm(total=total, desc="training eager + bnff", unit="step", dynamic_ncols=True)
+    for epoch in range(cfg.epochs):
+        order = torch.randperm(len(data.train_y), generator=gen)
+        losses = {k: 0.0 for k in runs}
+        seconds = {k: 0.0 for k in runs}
+        for b in range(n_batches):
+            idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
+            x, y = data.train_x[idx], data.train_y[idx]
+            for k, m in runs.items():
+                meter = SavedActivations(m) if (epoch == 0 and b == 0) else None
+                t0 = time.perf_counter()
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+                    if meter is not None:
+                        with meter:
+                            logits = m(x)
+                    else:
+                        logits = m(x)
+                    loss = F.cross_entropy(logits.float(), y)
+                opts[k].zero_grad(set_to_none=True)
+                loss.backward()
+                opts[k].step()
+                scheds[k].step()
+                seconds[k] += time.perf_counter() - t0
+                losses[k] += loss.item()
+                if meter is not None:
+                    hist[k].saved_activation_bytes = meter.bytes
+            bar.update(1)
+            bar.set_postfix(loss_eager=f"{losses['eager'] / (b + 1):.3f}", loss_bnff=f"{losses['bnff'] / (b + 1):.3f}")
+        for k, m in runs.items():
+            hist[k].loss.append(losses[k] / max(1, n_batches))
+            hist[k].test_accuracy.append(_evaluate(m, data.test_x, data.test_y, amp))
+            hist[k].images_per_s.append(n_batches * cfg.batch_size / max(seconds[k], 1e-9))
+        diff = max_param_difference(runs["eager"], runs["bnff"])
+        bar.write(f"epoch {epoch + 1}/{cfg.epochs}  "
+                  f"eager: loss {hist['eager'].loss[-1]:.4f} acc {hist['eager'].test_accuracy[-1]:.2%} "
+                  f"{hist['eager'].images_per_s[-1]:.1f} img/s | "
+                  f"bnff: loss {hist['bnff'].loss[-1]:.4f} acc {hist['bnff'].test_accuracy[-1]:.2%} "
+                  f"{hist['bnff'].images_per_s[-1]:.1f} img/s | max |param diff| {diff:.2e}")
+    bar.close()
+    e_bytes, b_bytes = hist["eager"].saved_activation_bytes, hist["bnff"].saved_activation_bytes
+    log(f"activations saved for backward (batch {cfg.batch_size}): eager {e_bytes / 2**20:.1f} MiB, "
+        f"bnff {b_bytes / 2**20:.1f} MiB ({b_bytes / max(e_bytes, 1):.1%} of eager)")
+    metrics = {
+        "config": asdict(cfg), "data": data.name, "image_size": image_size,
+        "train_images": len(data.train_y), "test_images": len(data.test_y),
+        "runs": {k: asdict(h) for k, h in hist.items()},
+        "max_param_difference": max_param_difference(runs["eager"], runs["bnff"]),
+        "fusion": bnff.fusion_report(runs["bnff"]).summary(),
+    }
+    _write_outputs(out_dir, metrics, runs["bnff"], hist)
+    log(f"run folder: {out_dir}")
+    return metrics
+
+
+def _write_outputs(out_dir: Path, metrics: dict, model: nn.Module, hist: dict[str, RunHistory]) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    save_checkpoint(out_dir / "checkpoint.pt", {"model": metrics["config"]["model"], "state_dict": model.state_dict(),
+                                                "config": metrics["config"]})
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for k, style in (("eager", "-o"), ("bnff", "--x")):
+        ax.plot(range(1, len(hist[k].loss) + 1), hist[k].loss, style, label=k)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("training loss (cross-entropy)")
+    ax.set_title(f"{metrics['config']['model']} on {metrics['data']}: eager vs bnff")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_dir / "loss.png", dpi=100)
+    plt.close(fig)

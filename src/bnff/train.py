@@ -4,6 +4,7 @@ the activation bytes each keeps for backward."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -119,10 +120,7 @@ def train(cfg: TrainConfig, data: Dataset, out_dir: Path, log=print) -> dict:
                 meter = SavedActivations(m) if (epoch == 0 and b == 0) else None
                 t0 = time.perf_counter()
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
-                    if meter is not None:
-                        with meter:
-                            logits = m(x)
-                    else:
+                    with meter or contextlib.nullcontext():
                         logits = m(x)
                     loss = F.cross_entropy(logits.float(), y)
                 opts[k].zero_grad(set_to_none=True)

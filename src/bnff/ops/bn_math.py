@@ -48,16 +48,6 @@ def scale(var: Tensor, gamma: Tensor | None, eps: float) -> Tensor:
     return inv if gamma is None else gamma.to(inv.dtype) * inv
 
 
-def shift(mean: Tensor, beta: Tensor | None, f1: Tensor) -> Tensor:
-    """F2 = beta - mu * F1 (seed 002 eq. 11 in its correct form; the seed prints beta - mu + F1).
-
-    Used by analyses and by callers that want the raw form y = F1 * x + F2; the sweeps use the
-    centered form y = F1 * (x - mu) + beta.
-    """
-    b = torch.zeros_like(f1) if beta is None else beta.to(f1.dtype)
-    return b - mean.to(f1.dtype) * f1
-
-
 def backward_coefficient(var: Tensor, f1: Tensor, s2c: Tensor, eps: float) -> Tensor:
     """B = F1 * F3 * (mu * S1 - S2) = -F1 * S2c / (var + eps) (seed 002 eq. 13 and 15), shape (C,)."""
     return -f1 * s2c / (var.to(f1.dtype) + eps)

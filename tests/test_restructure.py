@@ -138,7 +138,7 @@ def test_channels_last_fp32_trains_identically_and_keeps_layout(gen):
 
 
 class _Gelu(nn.Module):
-    """A model with parts bnff cannot fuse: GELU, a BN fed by a pool, and an untraceable block."""
+    """A model with parts bnff cannot fuse: GELU, a BN fed by GELU, and an untraceable block."""
 
     def __init__(self):
         super().__init__()
@@ -151,8 +151,8 @@ class _Gelu(nn.Module):
         self.fc = nn.Linear(8, 4)
 
     def forward(self, x):
-        x = self.pool(self.act(self.bn1(self.conv1(x))))
-        x = self.block(self.bn2(x))
+        x = self.act(self.bn1(self.conv1(x)))
+        x = self.block(self.pool(self.bn2(x)))
         x = torch.relu(self.bn3(self.conv2(x)))
         return self.fc(x.mean((2, 3)))
 

@@ -55,6 +55,8 @@ class NodeInfo:
 _RELU_FUNCS = {F.relu, torch.relu, torch.relu_, torch.nn.functional.relu_}
 _RELU6_FUNCS = {F.relu6}
 _ADD_FUNCS = {operator.add, operator.iadd, torch.add}
+_MAXPOOL_FUNCS = {F.max_pool2d, F.adaptive_max_pool2d}
+_AVGPOOL_FUNCS = {F.avg_pool2d, F.adaptive_avg_pool2d}
 
 
 def _plain_forward(m: nn.Module, base: type) -> bool:
@@ -102,6 +104,10 @@ def classify(node: fx.Node, modules: dict[str, nn.Module]) -> NodeInfo:
             return NodeInfo(Kind.ACT, "relu6", first)
         if fn in _ADD_FUNCS and _tensor_add(args, kwargs):
             return NodeInfo(Kind.ADD, operands=(args[0], args[1]))
+        if fn in _MAXPOOL_FUNCS:
+            return NodeInfo(Kind.MAXPOOL, operands=first)
+        if fn in _AVGPOOL_FUNCS:
+            return NodeInfo(Kind.AVGPOOL, operands=first)
         if fn is torch.cat:
             return NodeInfo(Kind.CAT, operands=tuple(a for a in args[0] if isinstance(a, fx.Node)))
         if fn is torch.flatten:
@@ -115,6 +121,12 @@ def classify(node: fx.Node, modules: dict[str, nn.Module]) -> NodeInfo:
         if node.target == "flatten":
             return NodeInfo(Kind.FLATTEN, operands=first)
     return NodeInfo(Kind.OTHER)
+
+
+def cat_dim(node: fx.Node) -> int | None:
+    """The ``dim`` argument of a ``torch.cat`` node (default 0), or None if it is not a constant."""
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    return dim if isinstance(dim, int) else None
 
 
 def _tensor_add(args: tuple, kwargs: dict) -> bool:

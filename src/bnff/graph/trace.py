@@ -1,6 +1,7 @@
 """torch.fx tracing with bnff's rules for leaf modules and clear errors.
 
-A submodule whose ``forward`` fx cannot trace (data-dependent control flow, unsupported Python)
+``nn.Identity`` calls are removed from the graph (they return their input). A submodule whose
+``forward`` fx cannot trace (data-dependent control flow, unsupported Python)
 is kept as an opaque leaf and tracing is retried, so the rest of the model can still be
 restructured; the modules kept this way are reported. A model whose *own* ``forward`` cannot be
 traced raises ``TraceError`` naming the module, the source line and the ``leaf_modules=`` way out.
@@ -113,12 +114,22 @@ def trace(model: nn.Module, leaf_modules: LeafSpec = ()) -> Traced:
                 f"{type(exc).__name__}: {exc}\nMove that construct into a submodule and pass its name as "
                 f"bnff.restructure(model, leaf_modules=['name']) to keep it opaque (unfused), or make "
                 f"the forward traceable (no Python control flow on tensor values).") from exc
+        _drop_identities(graph, known)
         gm = fx.GraphModule(tracer.root, graph, class_name=type(model).__name__)
         standard = fx.Tracer()
         leaves = sorted({n.target for n in graph.nodes if n.op == "call_module"
                          and not standard.is_leaf_module(known[n.target], n.target)})
         return Traced(gm, leaves, untraceable)
     raise TraceError(f"could not trace {type(model).__name__}: every retry failed")  # pragma: no cover
+
+
+def _drop_identities(graph: fx.Graph, modules: dict[str, nn.Module]) -> None:
+    """Remove ``nn.Identity`` calls (placeholders such as a small-input model's missing max-pool):
+    they return their input object, so their users can take the input directly."""
+    for node in list(graph.nodes):
+        if node.op == "call_module" and isinstance(modules.get(node.target), nn.Identity) and len(node.args) == 1:
+            node.replace_all_uses_with(node.args[0])
+            graph.erase_node(node)
 
 
 def modules_of(gm: fx.GraphModule) -> dict[str, nn.Module]:

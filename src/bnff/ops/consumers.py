@@ -10,7 +10,7 @@ cheap and simply re-run under autograd.
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Callable, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -84,10 +84,11 @@ class Conv2dConsumer:
 
 
 class RecomputeConsumer:
-    """A parameter-free, cheap consumer (max-pool, average-pool): its backward re-runs it under
-    autograd on the recomputed input, so neither its input nor its indices are stored."""
+    """A parameter-free, cheap consumer (max-pool, average-pool; a module or a ``torch.nn.functional``
+    call): its backward re-runs it under autograd on the recomputed input, so neither its input nor
+    its indices are stored."""
 
-    def __init__(self, module: nn.Module) -> None:
+    def __init__(self, module: Callable[[Tensor], Tensor]) -> None:
         self.module = module
 
     def params(self) -> tuple[Tensor | None, ...]:
@@ -106,6 +107,24 @@ class RecomputeConsumer:
 
 _RECOMPUTED = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
 
+# Functional pools a fused operator can feed, by the name used in the graph (fx graphs cannot hold
+# function objects as arguments, so a functional consumer travels as (name, args, kwargs)).
+FUNCTIONAL = {
+    "max_pool2d": F.max_pool2d,
+    "avg_pool2d": F.avg_pool2d,
+    "adaptive_avg_pool2d": F.adaptive_avg_pool2d,
+    "adaptive_max_pool2d": F.adaptive_max_pool2d,
+}
+
+FunctionalSpec = tuple[str, tuple, dict]
+
+
+def functional_name(fn: object, kwargs: dict) -> str | None:
+    """The ``FUNCTIONAL`` name of ``fn`` when called with ``kwargs``, or None if it is not a consumer."""
+    if kwargs.get("return_indices"):
+        return None
+    return next((name for name, f in FUNCTIONAL.items() if f is fn), None)
+
 
 def unsupported_reason(module: nn.Module) -> str | None:
     """Why ``module`` cannot take a BN apply step as pre-processing, or None if it can."""
@@ -120,12 +139,19 @@ def unsupported_reason(module: nn.Module) -> str | None:
     return f"consumer {type(module).__name__} takes no pre-processing"
 
 
-def make(module: nn.Module) -> Consumer:
-    """The consumer wrapper for ``module``.
+def make(module: nn.Module | FunctionalSpec) -> Consumer:
+    """The consumer wrapper for ``module``, or for a functional pool given as ``(name, args, kwargs)``
+    (``name`` in ``FUNCTIONAL``; ``args`` follow the input tensor).
 
     Raises:
         TypeError: ``module`` is not a supported consumer (see ``unsupported_reason``).
     """
+    if isinstance(module, tuple):
+        name, args, kwargs = module
+        if name not in FUNCTIONAL:
+            raise TypeError(f"functional consumer {name!r} is not one of {sorted(FUNCTIONAL)}")
+        fn = FUNCTIONAL[name]
+        return RecomputeConsumer(lambda a: fn(a, *args, **kwargs))
     reason = unsupported_reason(module)
     if reason is not None:
         raise TypeError(reason)

@@ -34,7 +34,37 @@ def _adopt_module_tree(gm: fx.GraphModule, model: nn.Module) -> None:
         gm.register_buffer(name, b, persistent=name not in model._non_persistent_buffers_set)
 
 
-def restructure(model: nn.Module, backend: str = "reference", leaf_modules: LeafSpec = ()) -> fx.GraphModule:
+class Restructured(fx.GraphModule):
+    """The module ``restructure`` returns: an ``fx.GraphModule`` running the rewritten graph.
+
+    When the model's forward branches on ``self.training`` (Inception-v3 computes its auxiliary
+    classifier only in training mode), the training and evaluation forwards trace to different
+    graphs; both are rewritten and ``train(mode)`` switches between them, so the module follows
+    ``train()``/``eval()`` exactly like the original.
+    """
+
+    def train(self, mode: bool = True) -> "Restructured":
+        super().train(mode)
+        graphs = self.__dict__.get("_bnff_graphs")
+        if graphs is not None and self.graph is not graphs[bool(mode)]:
+            self.graph = graphs[bool(mode)]  # the setter recompiles forward()
+        return self
+
+
+def _rewritten(model: nn.Module, training: bool, backend: str, leaf_modules: LeafSpec
+               ) -> tuple[fx.GraphModule, FusionReport]:
+    """Trace ``model`` in the given mode, match, report and rewrite."""
+    model.train(training)
+    traced = trace(model, leaf_modules)
+    gm = traced.gm
+    groups, unfused = match(gm)
+    opaque = {name: traced.untraceable.get(name, "given in leaf_modules") for name in traced.leaves}
+    report = build(groups, unfused, opaque, backend, dict(gm.named_modules()))
+    rewrite(gm, groups, backend)
+    return gm, report
+
+
+def restructure(model: nn.Module, backend: str = "reference", leaf_modules: LeafSpec = ()) -> Restructured:
     """Return ``model`` restructured for BN fission-and-fusion training, with identical semantics.
 
     Every BatchNorm2d fed by a convolution is split (seed 002 section 2.2; DESIGN.md section 3):
@@ -43,7 +73,7 @@ def restructure(model: nn.Module, backend: str = "reference", leaf_modules: Leaf
     the pre-processing of the consuming convolution or pool, whose input is then recomputed in the
     backward instead of stored. The backward is the fused backward of seed 002 eq. 12-20.
 
-    The result is an ``fx.GraphModule`` that shares the original's Parameter and buffer objects
+    The result is an ``fx.GraphModule`` (``Restructured``) that shares the original's Parameter and buffer objects
     (an optimizer built before the call keeps working), has the same ``state_dict()`` keys, and
     follows ``train()``/``eval()``, autocast and channels_last like the original. Parts that cannot
     be fused are left as they were and listed in ``bnff.fusion_report(result)``.
@@ -60,15 +90,22 @@ def restructure(model: nn.Module, backend: str = "reference", leaf_modules: Leaf
         bnff.graph.TraceError: the model's own forward cannot be traced by torch.fx.
     """
     backends.get(backend)
-    traced = trace(model, leaf_modules)
-    gm = traced.gm
-    groups, unfused = match(gm)
-    opaque = {name: traced.untraceable.get(name, "given in leaf_modules") for name in traced.leaves}
-    report = build(groups, unfused, opaque, backend, dict(gm.named_modules()))
-    rewrite(gm, groups, backend)
+    mode = model.training
+    try:
+        train_gm, report = _rewritten(model, True, backend, leaf_modules)
+        eval_gm, _ = _rewritten(model, False, backend, leaf_modules)
+    finally:
+        model.train(mode)
+    gm = Restructured(train_gm, train_gm.graph, class_name=type(model).__name__)
     _adopt_module_tree(gm, model)
-    gm.training = model.training
-    setattr(gm, _REPORT_ATTR, report)
+    preserved = {_REPORT_ATTR: report}  # GraphModule's deepcopy keeps these attributes
+    if eval_gm.code != train_gm.code:
+        preserved["_bnff_graphs"] = {True: train_gm.graph, False: eval_gm.graph}
+        report.mode_dependent = True
+    gm.meta["_user_preserved_attributes"] = preserved
+    for name, value in preserved.items():
+        setattr(gm, name, value)
+    gm.train(mode)
     return gm
 
 
@@ -84,4 +121,4 @@ def fusion_report(model: nn.Module) -> FusionReport:
     return report
 
 
-__all__ = ["restructure", "fusion_report", "FusionReport", "FusedGroup", "UnfusedNode"]
+__all__ = ["Restructured", "restructure", "fusion_report", "FusionReport", "FusedGroup", "UnfusedNode"]

@@ -1,21 +1,27 @@
 """Pattern matching of seed 002's connections on an fx graph (DESIGN.md section 4).
 
-A *group* is what one fused operator replaces: one or two BatchNorm2d nodes fed by convolutions
-(their statistics step joins the producing convolution), an optional residual add, an optional
-ReLU/ReLU6, and the consumer that takes the result as pre-processing:
+A *group* is what one fused operator replaces: one or two BatchNorm2d nodes (their statistics
+step joins the layers that produce their input), an optional residual add, an optional
+ReLU/ReLU6, and the consumers that take the result as pre-processing:
 
     (1)   C1 -> ReLU -> C2                       terms=[],      residuals=[C1], act
     (2)   C1 -> BN -> C2                         terms=[BN]
     (3)   C1 -> BN -> ReLU -> C2                 terms=[BN],    act
     (4)-1 C1 -> BN -> Add(x) -> ReLU -> C2       terms=[BN],    residuals=[x], add, act
     (4)-2 C1 -> BN -> Add(C3 -> BN3) -> ReLU     terms=[BN, BN3], add, act
-    stem  conv -> BN -> ReLU -> maxpool          consumer is a pool
-    head  BN -> Add -> ReLU -> avgpool           consumer is a pool
+    stem  conv -> BN -> ReLU -> maxpool          the consumer is a max-pool
+    head  BN -> [Add ->] ReLU -> avgpool         the consumer is an average pool
 
-The consumer is taken when the group's output has exactly one user and that user accepts
-pre-processing (``bnff.ops.consumers``); otherwise the output is materialized (several users,
-e.g. a block output feeding the next block's convolution and its shortcut). Every BN, ReLU and
-Add that joins no group is returned with the reason.
+A BN's input may be a concatenation along channels of several feature maps (DenseNet): the term
+then has several *sources*, each feature map's statistics are computed once by the layer that
+produced it and shared by every BN that normalizes it (inter-composite-layer fusion, ICF; seeds
+001/004). A source is a layer output: a convolution, a pool, or an earlier group's result.
+
+The result goes to its users as pre-processing when every user accepts it (``bnff.ops.consumers``)
+and applying it once per user moves fewer bytes than writing it once (``per_consumer_pays``);
+otherwise it is materialized (e.g. a block output feeding a convolution and a shortcut add, or a
+branch output feeding a concatenation). Every BN, ReLU and Add that joins no group is returned
+with the reason.
 """
 
 from __future__ import annotations
@@ -25,16 +31,25 @@ from dataclasses import dataclass, field
 import torch.fx as fx
 from torch import nn
 
-from bnff.graph.kinds import Kind, NodeInfo, classify
+from bnff.graph.kinds import Kind, NodeInfo, cat_dim, classify
 from bnff.ops import consumers
+
+_SOURCE_KINDS = (Kind.CONV, Kind.MAXPOOL, Kind.AVGPOOL)
 
 
 @dataclass
 class Term:
-    """A fused BN: the BN node and the convolution node that produces its input."""
+    """A fused BN: the BN node, the feature maps it normalizes (their channel concatenation, or
+    one map) and the ``torch.cat`` node that joined them (None for a single source)."""
 
     bn: fx.Node
-    producer: fx.Node
+    sources: list[fx.Node]
+    cat: fx.Node | None = None
+
+    @property
+    def icf(self) -> bool:
+        """Whether the statistics come from a concatenation's parts (inter-composite-layer fusion)."""
+        return self.cat is not None
 
 
 @dataclass
@@ -46,26 +61,30 @@ class Group:
     add: fx.Node | None = None
     act: fx.Node | None = None
     act_kind: str | None = None
-    consumer: fx.Node | None = None
+    consumers: list[fx.Node] = field(default_factory=list)
     materialized_because: str | None = None
 
     @property
     def output(self) -> fx.Node:
-        """The last node of the apply chain (before the consumer)."""
+        """The last node of the apply chain (before the consumers)."""
         return self.act or self.add or self.terms[0].bn
 
     def replaced(self) -> list[fx.Node]:
-        """Nodes the fused operator replaces, in graph order."""
-        nodes = [t.bn for t in self.terms] + [n for n in (self.add, self.act, self.consumer) if n is not None]
+        """Nodes the fused operator replaces, in graph order: the BNs, the concatenations only they
+        use, the add, the activation and the consumers."""
+        nodes = [t.bn for t in self.terms] + [n for n in (self.add, self.act) if n is not None] + self.consumers
+        nodes += [t.cat for t in self.terms if t.cat is not None and len(t.cat.users) == 1]
         order = {n: i for i, n in enumerate(self.output.graph.nodes)}
         return sorted(nodes, key=order.__getitem__)
 
     @property
     def pattern(self) -> str:
-        """Seed 002's name for the connection ("(1)" .. "(4)-2"), or "stem"/"head" for pool consumers."""
-        if self.consumer is not None and isinstance(self.consumer.meta.get("bnff_module"), nn.MaxPool2d):
+        """Seed 002's name for the connection ("(1)" .. "(4)-2"), or "stem"/"head" when the only
+        consumer is a max-pool / an average pool."""
+        kind = self.consumers[0].meta.get("bnff_kind") if len(self.consumers) == 1 else None
+        if kind == Kind.MAXPOOL:
             return "stem"
-        if self.consumer is not None and self.consumer.meta.get("bnff_kind") == Kind.AVGPOOL:
+        if kind == Kind.AVGPOOL:
             return "head"
         if not self.terms:
             return "(1)"
@@ -83,6 +102,28 @@ class Unfused:
     reason: str
 
 
+def per_consumer_pays(n_terms: int, n_residuals: int, n_consumers: int, act: bool) -> bool:
+    """Whether applying a group's result once per consumer moves no more bytes than materializing it.
+
+    Counted in units of one feature map (all tensors of a group have the result's shape), forward
+    plus backward, over what the two choices do differently (seed 002 section 1.2 accounting):
+
+    * once per consumer: each of the k consumers reads the r = terms + residuals tensors the result
+      is computed from, in the forward and again in the backward to recompute it: 2kr; the
+      activation mask needs the residuals once more (the BN inputs are read anyway): + residuals.
+    * materialized: computing it reads r and writes 1; each consumer reads it in the forward and
+      the backward: 2k; the mask is read from the saved result when there is a shortcut: + 1.
+
+    With one BN and no shortcut (r = 1) applying per consumer always wins (2k < 2k + 2); with a
+    shortcut or a projection (r = 2) it wins for one consumer and loses for two or more. Ties go
+    to per-consumer application, which also keeps the smaller footprint.
+    """
+    r = n_terms + n_residuals
+    per_consumer = 2 * n_consumers * r + (n_residuals if act else 0)
+    materialized = r + 1 + 2 * n_consumers + (1 if act and n_residuals else 0)
+    return per_consumer <= materialized
+
+
 class _Matcher:
     def __init__(self, gm: fx.GraphModule) -> None:
         self.modules = dict(gm.named_modules())
@@ -93,6 +134,7 @@ class _Matcher:
             n.meta["bnff_kind"] = self.info[n].kind
             n.meta["bnff_module"] = self.info[n].module
         self.taken: set[fx.Node] = set()
+        self.group_outputs: set[fx.Node] = set()
 
     def kind(self, n: object) -> Kind | None:
         return self.info[n].kind if isinstance(n, fx.Node) else None
@@ -100,52 +142,85 @@ class _Matcher:
     def sole_user(self, n: fx.Node) -> fx.Node | None:
         return next(iter(n.users)) if len(n.users) == 1 else None
 
-    def term_reason(self, bn: fx.Node) -> str | None:
-        """Why ``bn`` cannot be restructured, or None."""
+    def describe(self, n: fx.Node) -> str:
+        if n.op == "call_module":
+            return f"{self.kind(n).value} '{n.target}' ({type(self.modules[n.target]).__name__})"
+        what = getattr(n.target, "__name__", str(n.target)) if n.op in ("call_function", "call_method") else n.op
+        return f"{self.kind(n).value} '{n.name}' ({what})"
+
+    def source_reason(self, src: fx.Node) -> str | None:
+        """Why the statistics step cannot join the layer producing ``src``, or None."""
+        if self.kind(src) in _SOURCE_KINDS or src in self.group_outputs:
+            return None
+        return (f"its input comes from {self.describe(src)}, not a convolution, pool or fused group, "
+                f"so the statistics step has no producer to join")
+
+    def term(self, bn: fx.Node) -> Term | str:
+        """The BN's term, or why it cannot be restructured."""
         (src,) = self.info[bn].operands or (None,)
         if src is None:
             return "its input is not a graph value"
-        if self.kind(src) != Kind.CONV:
-            what = self.info[src].module.__class__.__name__ if self.info[src].module is not None else src.op
-            return (f"its input comes from {self.kind(src).value} '{src.name}' ({what}), not a convolution, "
-                    f"so the statistics step has no producer to join")
-        return None
+        if self.kind(src) == Kind.CAT:
+            pieces = list(self.info[src].operands)
+            if cat_dim(src) not in (1, -3) or len(pieces) != len(src.args[0]):
+                return f"its input '{src.name}' concatenates along a dimension other than channels"
+            for p in pieces:
+                reason = self.source_reason(p)
+                if reason is not None:
+                    return f"a part of its input concatenation '{src.name}': {reason}"
+            return Term(bn, pieces, src)
+        reason = self.source_reason(src)
+        return reason if reason is not None else Term(bn, [src])
 
-    def grow(self, bn: fx.Node) -> Group:
-        group = Group([Term(bn, self.info[bn].operands[0])])
-        cur = bn
+    def grow(self, term: Term) -> Group:
+        group = Group([term])
+        cur = term.bn
         user = self.sole_user(cur)
         if user is not None and self.kind(user) == Kind.ADD and user not in self.taken:
             other = next(a for a in self.info[user].operands if a is not cur)
-            if (self.kind(other) == Kind.BN and other not in self.taken and self.term_reason(other) is None
-                    and self.sole_user(other) is user):
-                group.terms.append(Term(other, self.info[other].operands[0]))
+            other_term = self.term(other) if self.kind(other) == Kind.BN and other not in self.taken else None
+            if isinstance(other_term, Term) and self.sole_user(other) is user:
+                group.terms.append(other_term)
             else:
                 group.residuals.append(other)
             group.add = cur = user
         user = self.sole_user(cur)
         if user is not None and self.kind(user) == Kind.ACT and user not in self.taken:
             group.act, group.act_kind = user, self.info[user].act
-        self.attach_consumer(group)
+        self.attach_consumers(group)
         return group
 
-    def attach_consumer(self, group: Group) -> None:
+    def consumer_reason(self, user: fx.Node, out: fx.Node) -> str | None:
+        """Why ``user`` cannot take ``out`` as its pre-processed input, or None."""
+        if user.op == "call_module":
+            reason = consumers.unsupported_reason(self.modules[user.target])
+            if reason is None and (user.args != (out,) or user.kwargs):
+                reason = f"consumer '{user.target}' takes extra arguments"
+            return reason
+        if user.op == "call_function" and consumers.functional_name(user.target, user.kwargs) is not None:
+            tensors: list[fx.Node] = []
+            fx.node.map_arg((user.args[1:], user.kwargs), tensors.append)
+            if user.args[:1] != (out,) or tensors:
+                return f"consumer '{user.name}' takes extra tensor arguments"
+            return None
+        if self.kind(user) == Kind.CAT:
+            return f"'{user.name}' concatenates it (torch.cat takes no pre-processing)"
+        return f"its user {self.describe(user)} takes no pre-processing"
+
+    def attach_consumers(self, group: Group) -> None:
         out = group.output
-        if len(out.users) != 1:
-            group.materialized_because = f"its result has {len(out.users)} users"
+        users = list(out.users)
+        reasons = [(u, self.consumer_reason(u, out)) for u in users]
+        bad = [(u, r) for u, r in reasons if r is not None]
+        if bad:
+            u, r = bad[0]
+            group.materialized_because = r if len(users) == 1 else f"its result has {len(users)} users; {r}"
             return
-        user = self.sole_user(out)
-        module = self.info[user].module
-        if user.op != "call_module" or module is None:
-            group.materialized_because = f"its user '{user.name}' is not a module"
+        if not per_consumer_pays(len(group.terms), len(group.residuals), len(users), group.act is not None):
+            group.materialized_because = (f"its result has {len(users)} users, and recomputing it for each "
+                                          f"would move more bytes than storing it once")
             return
-        reason = consumers.unsupported_reason(module)
-        if reason is None and (user.args[:1] != (out,) or len(user.args) != 1 or user.kwargs):
-            reason = f"consumer '{user.target}' takes extra arguments"
-        if reason is not None:
-            group.materialized_because = reason
-            return
-        group.consumer = user
+        group.consumers = users
 
     def run(self) -> tuple[list[Group], list[Unfused]]:
         groups: list[Group] = []
@@ -155,27 +230,33 @@ class _Matcher:
                 continue
             k = self.kind(n)
             if k == Kind.BN:
-                reason = self.term_reason(n)
-                if reason is not None:
-                    unfused.append(Unfused(n, k, reason))
+                term = self.term(n)
+                if isinstance(term, str):
+                    unfused.append(Unfused(n, k, term))
                     continue
-                group = self.grow(n)
+                group = self.grow(term)
             elif k == Kind.ACT and self.info[n].operands and self.kind(self.info[n].operands[0]) == Kind.CONV:
                 group = Group([], residuals=[self.info[n].operands[0]], act=n, act_kind=self.info[n].act)
-                self.attach_consumer(group)
-                if group.consumer is None:  # materializing relu(conv) saves nothing over eager
+                self.attach_consumers(group)
+                if not group.consumers:  # materializing relu(conv) saves nothing over eager
                     unfused.append(Unfused(n, k, f"ReLU after a convolution is fused only into a consumer, "
                                                  f"and {group.materialized_because}"))
                     continue
             else:
                 continue
             self.taken.update(group.replaced())
+            self.group_outputs.add(group.output)
             groups.append(group)
+        unfused += self.leftovers(unfused)
+        return groups, unfused
+
+    def leftovers(self, unfused: list[Unfused]) -> list[Unfused]:
+        """Every activation and add outside the groups, and norms bnff does not handle at all."""
+        out = []
+        seen = {u.node for u in unfused}
         for n in self.graph.nodes:
             k = self.kind(n)
-            if n in self.taken or k not in (Kind.ACT, Kind.ADD):
-                continue
-            if any(u.reason and u.node is n for u in unfused):
+            if n in self.taken or n in seen or k not in (Kind.ACT, Kind.ADD):
                 continue
             src = self.info[n].operands[0] if self.info[n].operands else None
             if src is None:
@@ -188,16 +269,16 @@ class _Matcher:
                           f"its input '{src.name}' is a {self.kind(src).value}, not a convolution or BN")
             else:
                 reason = "neither addend is the output of a fused BN"
-            unfused.append(Unfused(n, k, reason))
-        for n in self.graph.nodes:  # activations and norms bnff does not handle at all
+            out.append(Unfused(n, k, reason))
+        for n in self.graph.nodes:
             if n.op == "call_module" and self.kind(n) == Kind.OTHER:
                 m = self.modules[n.target]
                 if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                    unfused.append(Unfused(n, Kind.BN, f"{type(m).__name__} is not supported (only BatchNorm2d "
-                                                       f"with its standard forward)"))
+                    out.append(Unfused(n, Kind.BN, f"{type(m).__name__} is not supported (only BatchNorm2d "
+                                                   f"with its standard forward)"))
             elif n.op == "call_function" and n.target is nn.functional.batch_norm:
-                unfused.append(Unfused(n, Kind.BN, "functional batch_norm call (not a BatchNorm2d module)"))
-        return groups, unfused
+                out.append(Unfused(n, Kind.BN, "functional batch_norm call (not a BatchNorm2d module)"))
+        return out
 
 
 def match(gm: fx.GraphModule) -> tuple[list[Group], list[Unfused]]:

@@ -18,26 +18,34 @@ class FusedGroup:
 
     Attributes:
         pattern: seed 002's connection name ("(1)", "(2)", "(3)", "(4)-1", "(4)-2") or "stem"/"head".
-        bns: qualified names of the BatchNorm2d modules fused (their statistics join ``producers``).
-        producers: the convolutions whose output each BN normalizes.
+        bns: qualified names of the BatchNorm2d modules fused (their statistics join ``sources``).
+        sources: per BN, the layers producing the feature maps it normalizes (several when the
+            BN's input is a concatenation: inter-composite-layer fusion).
         add: whether a residual add is fused.
         act: "relu", "relu6" or None.
         residuals: fx names of identity-shortcut tensors added.
-        consumer: qualified name of the layer that takes the result as pre-processing, or None.
-        materialized_because: why the result is materialized instead (when ``consumer`` is None).
+        consumers: the layers that take the result as pre-processing (module names, or fx node
+            names of functional pools); empty when it is materialized.
+        materialized_because: why the result is materialized instead (when ``consumers`` is empty).
     """
 
     pattern: str
     bns: tuple[str, ...]
-    producers: tuple[str, ...]
+    sources: tuple[tuple[str, ...], ...]
     add: bool
     act: str | None
     residuals: tuple[str, ...]
-    consumer: str | None
+    consumers: tuple[str, ...]
     materialized_because: str | None
 
+    @property
+    def icf(self) -> bool:
+        """Whether a BN's statistics are gathered from several feature maps (ICF)."""
+        return any(len(s) > 1 for s in self.sources)
+
     def describe(self) -> str:
-        parts = ["BN" if len(self.bns) == 1 else f"{len(self.bns)}xBN"] if self.bns else []
+        parts = ["ICF"] if self.icf else []
+        parts += ["BN" if len(self.bns) == 1 else f"{len(self.bns)}xBN"] if self.bns else []
         parts += ["Add"] if self.add else []
         parts += [self.act.upper() if self.act == "relu6" else "ReLU"] if self.act else []
         return "+".join(parts)
@@ -61,12 +69,15 @@ class FusionReport:
         unfused: every BN, ReLU/ReLU6 and Add not fused, with the reason.
         opaque: submodules kept as untraced leaves (user-given or untraceable), name -> reason.
         backend: the sweep backend the fused operators use.
+        mode_dependent: the forward branches on ``self.training``, so training and evaluation
+            run separately rewritten graphs; the groups listed are those of the training graph.
     """
 
     groups: list[FusedGroup] = field(default_factory=list)
     unfused: list[UnfusedNode] = field(default_factory=list)
     opaque: dict[str, str] = field(default_factory=dict)
     backend: str = "reference"
+    mode_dependent: bool = False
 
     @property
     def fused_bns(self) -> list[str]:
@@ -90,8 +101,8 @@ class FusionReport:
         for col in ("pattern", "fused", "BN (statistics from producer)", "shortcut", "consumer"):
             table.add_column(col)
         for g in self.groups:
-            bns = ", ".join(f"{b} <- {p}" for b, p in zip(g.bns, g.producers))
-            consumer = g.consumer or f"materialized: {g.materialized_because}"
+            bns = ", ".join(f"{b} <- {_sources(s)}" for b, s in zip(g.bns, g.sources))
+            consumer = ", ".join(g.consumers) or f"materialized: {g.materialized_because}"
             table.add_row(g.pattern, g.describe(), bns, ", ".join(g.residuals), consumer)
         console.print(table)
         if self.unfused:
@@ -101,10 +112,17 @@ class FusionReport:
             for u in self.unfused:
                 left.add_row(u.name, u.kind, u.reason)
             console.print(left)
+        if self.mode_dependent:
+            console.print("the forward branches on self.training: training and evaluation use separately "
+                          "rewritten graphs (the groups above are the training graph's)")
         for name, why in self.opaque.items():
             console.print(f"opaque submodule {name}: {why}")
         console.print(self.summary())
         return console.export_text()
+
+
+def _sources(names: tuple[str, ...]) -> str:
+    return names[0] if len(names) == 1 else f"cat({names[0]} .. {names[-1]}: {len(names)} maps)"
 
 
 def _name(node) -> str:
@@ -119,10 +137,10 @@ def build(groups: list[Group], unfused: list[Unfused], opaque: dict[str, str], b
         report.groups.append(FusedGroup(
             pattern=g.pattern,
             bns=tuple(str(t.bn.target) for t in g.terms),
-            producers=tuple(_name(t.producer) for t in g.terms),
+            sources=tuple(tuple(_name(s) for s in t.sources) for t in g.terms),
             add=g.add is not None, act=g.act_kind,
             residuals=tuple(r.name for r in g.residuals),
-            consumer=None if g.consumer is None else str(g.consumer.target),
+            consumers=tuple(_name(c) for c in g.consumers),
             materialized_because=g.materialized_because))
     for u in unfused:
         report.unfused.append(UnfusedNode(_name(u.node), u.kind.value, u.reason))

@@ -1,48 +1,100 @@
-"""Rewrite matched groups into ``bn_statistics`` / ``bn_apply`` calls (one small graph pass).
+"""Rewrite matched groups into ``feature_statistics`` / ``bn_statistics`` / ``bn_apply`` calls.
 
-For each group:
+One small graph pass. For each group:
 
-    c = conv(x)                                  # unchanged: the producer
-    st = bn_statistics(c, bn)                    # step 1, placed right after the producer
-    out = bn_apply(((c, st, bn), ...), residuals, act, consumer)   # step 2 (+add, act, consumer)
+    c = conv(x)                                   # unchanged: the producer of a feature map
+    st_c = feature_statistics(c, (bn, ...))       # step 1, right after the producer, once per map
+    ...
+    st = bn_statistics((c, ...), (st_c, ...), bn)  # the BN's statistics: its maps' (ICF), running stats
+    out = bn_apply((((c, ...), st, bn), ...), residuals, act, (consumer, ...))   # step 2 (+add, act, consumers)
+    y_i = out[i]                                  # each consumer's output
 
 Modules are passed to the operators as ``get_attr`` nodes, so the rewritten module keeps the
 original BatchNorm2d and Conv2d objects (same parameters, buffers and ``state_dict`` keys) and the
-operators read their mode, momentum and eps at call time.
+operators read their mode, momentum and eps at call time. Functional pool consumers travel as
+``(name, args, kwargs)``.
 """
 
 from __future__ import annotations
 
+import operator
+
 import torch.fx as fx
 
-from bnff.ops import fused
+from bnff.ops import consumers, fused
 from bnff.restructure.match import Group
+
+
+class _Rewriter:
+    def __init__(self, gm: fx.GraphModule, groups: list[Group], backend: str) -> None:
+        self.graph, self.groups, self.backend = gm.graph, groups, backend
+        # A consumer is replaced by its group's output and is often the producer of a later
+        # group's BN input or shortcut: later groups look those nodes up here.
+        self.replaced_by: dict[fx.Node, fx.Node] = {}
+        self.stats: dict[fx.Node, fx.Node] = {}
+        self.bns_of_source: dict[fx.Node, list[str]] = {}
+        for g in groups:
+            for t in g.terms:
+                for s in t.sources:
+                    self.bns_of_source.setdefault(s, []).append(str(t.bn.target))
+
+    def resolve(self, n: fx.Node) -> fx.Node:
+        return self.replaced_by.get(n, n)
+
+    def attr(self, target: str, before: fx.Node) -> fx.Node:
+        """A ``get_attr`` node for the module ``target``, inserted before the node ``before``."""
+        with self.graph.inserting_before(before):
+            return self.graph.get_attr(target)
+
+    def feature_stats(self, source: fx.Node) -> fx.Node:
+        """The ``feature_statistics`` node of ``source``, created right after its producer on first use."""
+        if source not in self.stats:
+            producer = self.resolve(source)
+            with self.graph.inserting_after(producer):
+                st = self.graph.call_function(fused.feature_statistics, (producer, (), self.backend))
+            st.args = (producer, tuple(self.attr(t, st) for t in self.bns_of_source[source]), self.backend)
+            self.stats[source] = st
+        return self.stats[source]
+
+    def consumer_arg(self, node: fx.Node, before: fx.Node):
+        if node.op == "call_module":
+            return self.attr(str(node.target), before)
+        name = consumers.functional_name(node.target, node.kwargs)
+        return (name, tuple(node.args[1:]), dict(node.kwargs))
+
+    def group(self, group: Group) -> None:
+        graph, out = self.graph, group.output
+        terms = []
+        for term in group.terms:
+            stats = tuple(self.feature_stats(s) for s in term.sources)
+            sources = tuple(self.resolve(s) for s in term.sources)
+            bn = self.attr(str(term.bn.target), out)
+            with graph.inserting_before(out):
+                st = graph.call_function(fused.bn_statistics, (sources, stats, bn))
+            terms.append((sources, st, bn))
+        residuals = tuple(self.resolve(r) for r in group.residuals)
+        layers = tuple(self.consumer_arg(c, out) for c in group.consumers)
+        with graph.inserting_before(out):
+            new = graph.call_function(fused.bn_apply, (tuple(terms), residuals, group.act_kind, layers, self.backend))
+        if not group.consumers:
+            new.meta.update(out.meta)
+            out.replace_all_uses_with(new)
+            self.replaced_by[out] = new
+        cursor = new
+        for i, c in enumerate(group.consumers):
+            with graph.inserting_after(cursor):
+                cursor = graph.call_function(operator.getitem, (new, i))
+            cursor.meta.update(c.meta)
+            c.replace_all_uses_with(cursor)
+            self.replaced_by[c] = cursor
+        for node in reversed(group.replaced()):
+            graph.erase_node(node)
 
 
 def rewrite(gm: fx.GraphModule, groups: list[Group], backend: str) -> None:
     """Replace every group in ``gm.graph`` by fused operators, in place, and recompile ``gm``."""
-    graph = gm.graph
-    # A consumer convolution is replaced by its group's bn_apply node, and is often the producer of
-    # a later group's BN: later groups look their producers and residuals up here.
-    replaced_by: dict[fx.Node, fx.Node] = {}
+    r = _Rewriter(gm, groups, backend)
     for group in groups:
-        terms = []
-        for term in group.terms:
-            producer = replaced_by.get(term.producer, term.producer)
-            with graph.inserting_after(producer):
-                bn_attr = graph.get_attr(term.bn.target)
-            with graph.inserting_after(bn_attr):
-                stats = graph.call_function(fused.bn_statistics, (producer, bn_attr, backend))
-            terms.append((producer, stats, bn_attr))
-        residuals = tuple(replaced_by.get(r, r) for r in group.residuals)
-        last = group.consumer or group.output
-        with graph.inserting_before(last):
-            consumer = graph.get_attr(group.consumer.target) if group.consumer is not None else None
-            new = graph.call_function(fused.bn_apply, (tuple(terms), residuals, group.act_kind, consumer, backend))
-        new.meta.update(last.meta)
-        last.replace_all_uses_with(new)
-        replaced_by[last] = new
-        for node in reversed(group.replaced()):
-            graph.erase_node(node)
-    graph.lint()
+        r.group(group)
+    gm.graph.lint()
     gm.recompile()

@@ -4,7 +4,10 @@ This is the oracle every fast backend is tested against. Each function is one *s
 restructured layer (one pass over a feature map); a fast backend implements the same functions
 with the same signatures in fused kernels. Feature maps are (N, C, H, W) in any memory format
 (NCHW or channels_last, preserved); per-channel vectors are (C,) in the accumulation dtype
-(``bn_math.accumulation_dtype``).
+(``bn_math.accumulation_dtype``). A BN input is given as its *sources*: the feature maps whose
+concatenation along channels it normalizes (one tensor when there is no concatenation; several
+for DenseNet's inter-composite-layer fusion). The reference backend concatenates them; a fast
+backend reads them in place.
 """
 
 from __future__ import annotations
@@ -19,6 +22,11 @@ _REDUCE_DIMS = (0, 2, 3)
 
 def _vec(v: Tensor) -> Tensor:
     return v.view(1, -1, 1, 1)
+
+
+def _join(sources: list[Tensor]) -> Tensor:
+    """The BN input: the sources concatenated along channels (N, sum C_j, H, W)."""
+    return sources[0] if len(sources) == 1 else torch.cat(sources, 1)
 
 
 def channel_stats(c: Tensor) -> tuple[Tensor, Tensor]:
@@ -47,14 +55,16 @@ def _activate(z: Tensor, act: str | None) -> Tensor:
     raise ValueError(f"unknown activation {act!r}; expected None, 'relu' or 'relu6'")
 
 
-def apply(cs: list[Tensor], means: list[Tensor], f1s: list[Tensor], betas: list[Tensor | None],
+def apply(sources: list[list[Tensor]], means: list[Tensor], f1s: list[Tensor], betas: list[Tensor | None],
           residuals: list[Tensor], act: str | None, out_dtype: torch.dtype) -> Tensor:
-    """Step 2 of the forward: a = act(sum_k [F1_k * (c_k - mu_k) + beta_k] + sum_j r_j).
+    """Step 2 of the forward: a = act(sum_k [F1_k * (x_k - mu_k) + beta_k] + sum_j r_j).
 
     Seed 002 eq. 9 in centered form (see ``bn_math``), followed by the residual add (pattern (4))
-    and ReLU/ReLU6. ``cs`` are convolution outputs (N, C, H, W), ``residuals`` tensors of the same
-    shape; the sum is formed in the accumulation dtype and the result cast to ``out_dtype``.
+    and ReLU/ReLU6. ``sources[k]`` are the feature maps of BN k's input x_k (N, C, H, W once
+    concatenated), ``residuals`` tensors of the same shape; the sum is formed in the accumulation
+    dtype and the result cast to ``out_dtype``.
     """
+    cs = [_join(s) for s in sources]
     acc = accumulation_dtype(*(t.dtype for t in cs + residuals), *(v.dtype for v in f1s))
     z = None
     for c, mu, f1, beta in zip(cs, means, f1s, betas):
@@ -80,19 +90,20 @@ def activation_mask(a: Tensor, act: str | None) -> Tensor | None:
     raise ValueError(f"unknown activation {act!r}; expected None, 'relu' or 'relu6'")
 
 
-def grad_stats(g_a: Tensor, a: Tensor, act: str | None, cs: list[Tensor],
+def grad_stats(g_a: Tensor, a: Tensor | None, act: str | None, sources: list[list[Tensor]],
                means: list[Tensor]) -> tuple[Tensor, list[Tensor], list[Tensor]]:
     """Step 1 of the backward: dy = g_a * act'(a) (seed 002 eq. 19/20) and, for every BN term k,
     S1_k = sum(dy) / m and S2c_k = sum(dy * (c_k - mu_k)) / m (eq. 16, 17, centered).
 
     Args:
         g_a: gradient w.r.t. the activation output a, (N, C, H, W).
-        a: the activation output (saved or recomputed), same shape.
+        a: the activation output (saved or recomputed), same shape; unused (may be None) without act.
         act: None, "relu" or "relu6".
-        cs, means: each BN term's input (N, C, H, W) and mean (C,).
+        sources, means: each BN term's input (its feature maps, see ``apply``) and mean (C,).
     Returns:
         (dy in the accumulation dtype, [S1_k], [S2c_k]).
     """
+    cs = [_join(s) for s in sources]
     acc = accumulation_dtype(g_a.dtype, *(c.dtype for c in cs))
     dy = g_a.to(acc)
     mask = activation_mask(a, act)
@@ -106,14 +117,19 @@ def grad_stats(g_a: Tensor, a: Tensor, act: str | None, cs: list[Tensor],
     return dy, s1s, s2cs
 
 
-def input_grad(dy: Tensor, c: Tensor, mean: Tensor, f1: Tensor, b: Tensor | None, s1: Tensor) -> Tensor:
+def input_grad(dy: Tensor, sources: list[Tensor], mean: Tensor, f1: Tensor, b: Tensor | None,
+               s1: Tensor) -> list[Tensor]:
     """Step 2 of the backward: dx = F1 * dy + B * (x - mu) - F1 * S1 (seed 002 eq. 12, centered).
 
     With ``b=None`` the statistics were frozen (eval mode, running statistics): dx = F1 * dy.
-    Returns dx in ``c``'s dtype and memory format.
+    ``sources`` are the feature maps whose concatenation is x. Returns dx split back onto them,
+    each in its source's dtype.
     """
+    c = _join(sources)
     acc = dy.dtype
     dx = dy * _vec(f1.to(acc))
     if b is not None:
         dx = dx + (c.to(acc) - _vec(mean.to(acc))) * _vec(b.to(acc)) - _vec((f1 * s1).to(acc))
-    return dx.to(c.dtype)
+    if len(sources) == 1:
+        return [dx.to(c.dtype)]
+    return [d.to(s.dtype) for d, s in zip(dx.split([s.shape[1] for s in sources], 1), sources)]

@@ -36,6 +36,19 @@ def randomize_bn(model: nn.Module, gen: torch.Generator) -> None:
                     m.running_var.copy_(torch.rand(m.running_var.shape, generator=gen) + 0.5)
 
 
+def logits_and_loss(y, target: Tensor | None) -> tuple[Tensor, Tensor]:
+    """All outputs concatenated (Inception-v3 returns (logits, aux_logits) in training) and the loss:
+    cross-entropy (aux weighted 0.4, torchvision's recipe) or, without targets, mean square."""
+    outs = list(y) if isinstance(y, tuple) else [y]
+    outs = [o for o in outs if o is not None]
+    weights = [1.0] + [0.4] * (len(outs) - 1)
+    if target is None:
+        loss = sum(w * (o.double() ** 2).mean() for w, o in zip(weights, outs))
+    else:
+        loss = sum(w * nn.functional.cross_entropy(o.float(), target) for w, o in zip(weights, outs))
+    return torch.cat([o.detach().flatten(1) for o in outs], 1), loss
+
+
 @dataclass
 class StepErrors:
     """Worst relative errors of one training step, bnff vs eager."""
@@ -61,7 +74,7 @@ def train_side_by_side(model: nn.Module, make_input, steps: int = 3, lr: float =
     opts = [torch.optim.SGD(m.parameters(), lr=lr, momentum=0.9) for m in (eager, fused)]
     names = [n for n, _ in eager.named_parameters()]
     errors = []
-    for _ in range(steps):
+    for step in range(steps):
         x, target = make_input()
         x = x.to(dtype)
         if channels_last:
@@ -69,12 +82,13 @@ def train_side_by_side(model: nn.Module, make_input, steps: int = 3, lr: float =
         results = []
         for m, opt in zip((eager, fused), opts):
             xi = x.clone().requires_grad_(True)
-            with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
-                y = m(xi)
-                loss = nn.functional.cross_entropy(y.float(), target) if target is not None else (y.float() ** 2).mean()
+            with torch.random.fork_rng(), torch.autocast("cpu", dtype=autocast or torch.bfloat16,
+                                                         enabled=autocast is not None):
+                torch.manual_seed(1000 + step)  # the same dropout masks for both
+                y, loss = logits_and_loss(m(xi), target)
             opt.zero_grad()
             loss.backward()
-            results.append((y.detach(), xi.grad,
+            results.append((y, xi.grad,
                             [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in m.parameters()],
                             [b.clone() for b in m.buffers()]))
             opt.step()
@@ -94,10 +108,11 @@ def errors_vs_float64(model: nn.Module, x: Tensor, autocast: torch.dtype | None 
 
     def grads(m: nn.Module, xx: Tensor, amp: torch.dtype | None) -> list[Tensor]:
         xx = xx.clone().requires_grad_(True)
-        with torch.autocast("cpu", dtype=amp or torch.bfloat16, enabled=amp is not None):
-            y = m(xx)
-        (y.double() ** 2).mean().backward()
-        return [y.detach(), xx.grad] + [p.grad for p in m.parameters()]
+        with torch.random.fork_rng(), torch.autocast("cpu", dtype=amp or torch.bfloat16, enabled=amp is not None):
+            torch.manual_seed(1000)
+            y, loss = logits_and_loss(m(xx), None)
+        loss.backward()
+        return [y, xx.grad] + [p.grad for p in m.parameters()]
 
     ref = grads(copy.deepcopy(model).double(), x.double(), None)
     eager = grads(copy.deepcopy(model), x, autocast)

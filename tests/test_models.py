@@ -4,7 +4,9 @@ import torch
 from bnff import models
 
 # torchvision's published parameter counts (num_classes=1000).
-COUNTS = {"resnet18": 11_689_512, "resnet34": 21_797_672, "resnet50": 25_557_032, "resnet101": 44_549_160}
+COUNTS = {"resnet18": 11_689_512, "resnet34": 21_797_672, "resnet50": 25_557_032, "resnet101": 44_549_160,
+          "densenet121": 7_978_856, "densenet169": 14_149_480, "densenet201": 20_013_928,
+          "inception_v3": 27_161_264, "mobilenet_v2": 3_504_872}
 
 
 @pytest.mark.parametrize("name", sorted(COUNTS))
@@ -34,3 +36,38 @@ def test_small_input_variant(gen):
     assert y.shape == (2, 10)
     # a full-size state_dict loads into the full-size model, strict
     models.resnet18().load_state_dict(models.resnet18().state_dict(), strict=True)
+
+
+def test_other_families_state_dict_names_are_torchvision_names():
+    samples = {
+        "densenet121": {"features.conv0.weight": (64, 3, 7, 7), "features.denseblock1.denselayer1.norm1.weight": (64,),
+                        "features.denseblock3.denselayer24.conv2.weight": (32, 128, 3, 3),
+                        "features.transition2.conv.weight": (256, 512, 1, 1), "features.norm5.running_var": (1024,),
+                        "classifier.weight": (1000, 1024)},
+        "inception_v3": {"Conv2d_1a_3x3.conv.weight": (32, 3, 3, 3), "Conv2d_1a_3x3.bn.running_mean": (32,),
+                         "Mixed_6b.branch7x7_2.conv.weight": (128, 128, 1, 7), "AuxLogits.conv1.conv.weight": (768, 128, 5, 5),
+                         "AuxLogits.fc.weight": (1000, 768), "Mixed_7c.branch_pool.bn.bias": (192,), "fc.weight": (1000, 2048)},
+        "mobilenet_v2": {"features.0.0.weight": (32, 3, 3, 3), "features.1.conv.0.0.weight": (32, 1, 3, 3),
+                         "features.2.conv.1.1.running_var": (96,), "features.17.conv.2.weight": (320, 960, 1, 1),
+                         "features.18.1.weight": (1280,), "classifier.1.weight": (1000, 1280)},
+    }
+    for name, expected in samples.items():
+        sd = models.MODELS[name]().state_dict()
+        for key, shape in expected.items():
+            assert tuple(sd[key].shape) == shape, (name, key)
+
+
+@pytest.mark.parametrize("name, size", [("densenet121", 32), ("inception_v3", 32), ("mobilenet_v2", 32)])
+def test_small_input_variants_of_other_families(name, size, gen):
+    m = models.MODELS[name](num_classes=10, small_input=True).eval()
+    assert m(torch.randn(2, 3, size, size, generator=gen)).shape == (2, 10)
+    full = models.MODELS[name](num_classes=10)
+    small_keys = set(models.MODELS[name](num_classes=10, small_input=True).state_dict())
+    assert small_keys == set(full.state_dict())  # same names; only the stem's shapes may differ
+
+
+def test_inception_v3_full_size_training_outputs(gen):
+    m = models.inception_v3(num_classes=10)
+    out = m(torch.randn(2, 3, 299, 299, generator=gen))
+    assert isinstance(out, models.InceptionOutputs) and out.logits.shape == out.aux_logits.shape == (2, 10)
+    assert all(b.eps == 1e-3 for b in m.modules() if isinstance(b, torch.nn.BatchNorm2d))

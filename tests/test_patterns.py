@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import bnff
+from bnff import models
 from bnff.ops import backends, bn_statistics, feature_statistics
 from helpers import randomize_bn, rel_err, train_side_by_side
 
@@ -72,7 +73,7 @@ class Pattern(nn.Module):
         return self.fc(torch.flatten(out.mean((2, 3), keepdim=True), 1))
 
 
-def _check(model, gen, n=6, hw=10, steps=3, expect_fused=None):
+def _check(model, gen, n=6, hw=10, steps=3, expect_fused=None, channels=C):
     randomize_bn(model, gen)
     fused = bnff.restructure(copy.deepcopy(model))
     report = bnff.fusion_report(fused)
@@ -80,7 +81,7 @@ def _check(model, gen, n=6, hw=10, steps=3, expect_fused=None):
     assert len(report.fused_bns) == (n_bn if expect_fused is None else expect_fused), str(report)
 
     def batch():
-        return torch.randn(n, C, hw, hw, generator=gen) * 2 + 0.5, torch.randint(0, 3, (n,), generator=gen)
+        return torch.randn(n, channels, hw, hw, generator=gen) * 2 + 0.5, torch.randint(0, 3, (n,), generator=gen)
 
     for step, e in enumerate(train_side_by_side(model, batch, steps=steps)):
         assert e.output <= 1e-5, (step, e)
@@ -170,3 +171,97 @@ def test_one_sweep_variance_with_mean_1e4_times_std(backend, gen):
     unbiased = var64 * c[:, 0].numel() / (c[:, 0].numel() - 1)
     assert rel_err(bn.running_var, unbiased) <= 1e-3
     assert int(bn.num_batches_tracked) == 1
+
+
+# --- the connections of DenseNet, Inception-v3 and MobileNetV2 ------------------------------------
+
+
+def test_densenet_icf_block_transition_and_head(gen):
+    """A small DenseNet: every norm1 normalizes a concatenation (ICF), transitions and the head too."""
+    model = models.DenseNet(growth_rate=4, block_config=(3, 2), num_init_features=8, bn_size=2, num_classes=3,
+                            small_input=True)
+    report = _check(model, gen, channels=3, steps=1)  # 13 BNs deep: one step (whole models: test_families.py)
+    by_bn = {b: (g, s) for g in report.groups for b, s in zip(g.bns, g.sources)}
+    # layer 3 of block 1 normalizes the block input and the two earlier layers' features
+    group, sources = by_bn["features.denseblock1.denselayer3.norm1"]
+    assert len(sources) == 3 and group.icf and group.consumers == ("features.denseblock1.denselayer3.conv1",)
+    assert len(by_bn["features.transition1.norm"][1]) == 4
+    assert by_bn["features.norm5"][0].pattern == "head" and len(by_bn["features.norm5"][1]) == 3
+
+
+def test_densenet_statistics_swept_once_per_feature_map(gen, monkeypatch):
+    """ICF: each feature map's channel statistics are computed once, by a sweep over the map itself,
+    never over a concatenation, however many BNs normalize it."""
+    model = models.DenseNet(growth_rate=4, block_config=(4,), num_init_features=8, bn_size=2, num_classes=3,
+                            small_input=True)
+    fused = bnff.restructure(model)
+    swept = []
+    ref = backends.get("reference")
+    monkeypatch.setattr(ref, "channel_stats", lambda c, f=ref.channel_stats: swept.append(tuple(c.shape)) or f(c))
+    fused(torch.randn(2, 3, 6, 6, generator=gen))
+    # conv0; the block input (stem output); per layer: conv1 (for norm2) and conv2 (its new features)
+    assert len(swept) == 1 + 1 + 2 * 4
+    assert max(shape[1] for shape in swept) == 8  # no sweep over a concatenation (up to 8 + 4*4 channels)
+
+
+class InceptionLike(nn.Module):
+    """conv->BN->ReLU feeding two convolutions (Inception-v3's module E), a functional max-pool, and
+    a concatenation; a functional average pool of the block input feeding a conv->BN->ReLU."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = models.inception.BasicConv2d(C, C, kernel_size=1)
+        self.a = models.inception.BasicConv2d(C, C, kernel_size=(1, 3), padding=(0, 1))
+        self.b = models.inception.BasicConv2d(C, C, kernel_size=(3, 1), padding=(1, 0))
+        self.pool_branch = models.inception.BasicConv2d(C, C, kernel_size=1)
+        self.fc = nn.Linear(3 * C * 4, 3)
+
+    def forward(self, x):
+        x = self.stem(x)
+        y = torch.cat([self.a(x), self.b(x), self.pool_branch(F.avg_pool2d(x, kernel_size=3, stride=1, padding=1))], 1)
+        y = F.max_pool2d(y, kernel_size=3, stride=2)
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(y, 2), 1))
+
+
+def test_inception_several_consumers_pools_and_concatenation(gen):
+    report = _check(InceptionLike(), gen)
+    stem = next(g for g in report.groups if g.bns == ("stem.bn",))
+    # one BN result with two convolutions as users: applied once per consumer (ties go to it)
+    assert stem.consumers == ("a.conv", "b.conv") or set(stem.consumers) >= {"a.conv", "b.conv"}
+    branch = next(g for g in report.groups if g.bns == ("a.bn",))
+    assert branch.consumers == () and "concatenates" in branch.materialized_because
+
+
+def test_per_consumer_cost_rule():
+    """Applying per consumer pays with one BN (2k vs 2k+2 feature-map transfers), not with a
+    shortcut or a projection and two consumers (9 vs 8, 8 vs 7)."""
+    from bnff.restructure.match import per_consumer_pays
+    assert per_consumer_pays(1, 0, 2, True) and per_consumer_pays(1, 0, 4, False)
+    assert per_consumer_pays(1, 1, 1, True) and per_consumer_pays(2, 0, 1, True)
+    assert not per_consumer_pays(1, 1, 2, True) and not per_consumer_pays(2, 0, 2, True)
+
+
+class MobileNetLike(nn.Module):
+    """Stem, an inverted residual with the shortcut (linear bottleneck + add), one with stride 2, head."""
+
+    def __init__(self):
+        super().__init__()
+        mb = models.mobilenet
+        self.features = nn.Sequential(mb.Conv2dNormActivation(C, 8, stride=1), mb.InvertedResidual(8, 8, 1, 2),
+                                      mb.InvertedResidual(8, 12, 2, 2), mb.Conv2dNormActivation(12, 16, 1))
+        self.fc = nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(self.features(x), (1, 1)), 1))
+
+
+def test_mobilenet_relu6_depthwise_and_linear_bottleneck(gen):
+    report = _check(MobileNetLike(), gen)
+    patterns = [g.pattern for g in report.groups]
+    assert {g.act for g in report.groups} == {"relu6", None}
+    # a depthwise convolution consumes the expand BN's result and produces the next BN's input
+    dw = next(g for g in report.groups if g.bns == ("features.2.conv.0.1",))
+    assert dw.consumers == ("features.2.conv.1.0",) and dw.act == "relu6"
+    assert report.groups[-1].pattern == "head"  # a functional adaptive average pool
+    # the linear bottleneck: project BN + block input, no activation
+    assert any(p == "(4)-1" and g.act is None for p, g in zip(patterns, report.groups))

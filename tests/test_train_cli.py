@@ -66,3 +66,17 @@ def test_folder_loader_and_corrupt_image(tmp_path):
 def test_cli_reports_bad_data_clearly(capsys):
     assert cli.main(["train", "--data", "cifar10:/nonexistent"]) == 2
     assert "data_batch_1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("model", ["densenet121", "inception_v3", "mobilenet_v2"])
+def test_train_cli_other_families(model, tmp_path):
+    """The small-input variants train on the default digits data (Inception: with its auxiliary
+    classifier's loss); eager and bnff start together and keep fewer activation bytes."""
+    out = tmp_path / model
+    rc = cli.main(["train", "--model", model, "--epochs", "1", "--batch-size", "8", "--limit-batches", "2",
+                   "--out", str(out)])
+    assert rc == 0
+    runs = json.loads((out / "metrics.json").read_text())["runs"]
+    assert runs["bnff"]["saved_activation_bytes"] < runs["eager"]["saved_activation_bytes"]
+    assert abs(runs["bnff"]["loss"][0] - runs["eager"]["loss"][0]) < 1e-2 * runs["eager"]["loss"][0]
+    assert 0.0 <= runs["bnff"]["test_accuracy"][0] <= 1.0

@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+from bnff import models
 from bnff.data import DataError
 
 
@@ -38,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "restructured by bnff, and compare loss, accuracy, images/s and saved activations.")
     t.add_argument("--data", default="digits", help="digits (default, shipped with scikit-learn), cifar10:PATH "
                                                    "(python-pickle batches) or folder:PATH (one sub-folder per class)")
-    t.add_argument("--model", default="resnet18", help="resnet18 | resnet34 | resnet50 | resnet101")
+    t.add_argument("--model", default="resnet18", choices=sorted(models.MODELS),
+                   help="architecture (small-input variant for images of 64 pixels or less)")
     t.add_argument("--epochs", type=int, default=3)
     t.add_argument("--batch-size", type=int, default=64)
     t.add_argument("--lr", type=float, default=0.05, help="peak learning rate of the one-cycle SGD schedule")
@@ -46,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16 runs under CPU autocast")
     t.add_argument("--backend", default="reference", help="bnff sweep backend")
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--limit-batches", type=int, default=None, help="at most this many batches per epoch")
+    t.add_argument("--limit-batches", type=int, default=None, help="quick runs: at most this many training batches per epoch, and "
+                                                                    "this many batches' worth of test images")
     t.add_argument("--out", default=None, help="run folder (default runs/MODEL-TIMESTAMP)")
     t.add_argument("--json", default=None, help="also write the metrics JSON here")
     t.set_defaults(func=_train)

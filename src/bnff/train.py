@@ -55,6 +55,16 @@ def build_model(name: str, num_classes: int, image_size: int) -> nn.Module:
     return models.MODELS[name](num_classes=num_classes, small_input=image_size <= 64)
 
 
+def training_loss(output, target: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of the logits; for Inception-v3's ``(logits, aux_logits)`` in training, plus
+    0.4 x the auxiliary classifier's (torchvision's reference recipe)."""
+    if isinstance(output, tuple):
+        logits, aux = output
+        loss = F.cross_entropy(logits.float(), target)
+        return loss if aux is None else loss + 0.4 * F.cross_entropy(aux.float(), target)
+    return F.cross_entropy(output.float(), target)
+
+
 def save_checkpoint(path: Path, state: dict) -> None:
     """Write ``state`` with ``torch.save`` atomically: a temporary file in the same folder, then
     ``os.replace``, so a crash mid-save never leaves a corrupt checkpoint at ``path``."""
@@ -105,6 +115,8 @@ def train(cfg: TrainConfig, data: Dataset, out_dir: Path, log=print) -> dict:
     total = max(1, cfg.epochs * n_batches)
     scheds = {k: torch.optim.lr_scheduler.OneCycleLR(o, max_lr=cfg.lr, total_steps=total, pct_start=0.25)
               for k, o in opts.items()}
+    n_test = len(data.test_y) if not cfg.limit_batches else min(len(data.test_y), cfg.limit_batches * cfg.batch_size)
+    test_x, test_y = data.test_x[:n_test], data.test_y[:n_test]
     hist = {k: RunHistory() for k in runs}
     amp = cfg.dtype == "bf16"
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -116,13 +128,15 @@ def train(cfg: TrainConfig, data: Dataset, out_dir: Path, log=print) -> dict:
         for b in range(n_batches):
             idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
             x, y = data.train_x[idx], data.train_y[idx]
+            step_seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
             for k, m in runs.items():
                 meter = SavedActivations(m) if (epoch == 0 and b == 0) else None
                 t0 = time.perf_counter()
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+                with torch.random.fork_rng(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+                    torch.manual_seed(step_seed)  # the same dropout masks in both runs
                     with meter or contextlib.nullcontext():
-                        logits = m(x)
-                    loss = F.cross_entropy(logits.float(), y)
+                        output = m(x)
+                    loss = training_loss(output, y)
                 opts[k].zero_grad(set_to_none=True)
                 loss.backward()
                 opts[k].step()
@@ -135,7 +149,7 @@ def train(cfg: TrainConfig, data: Dataset, out_dir: Path, log=print) -> dict:
             bar.set_postfix(loss_eager=f"{losses['eager'] / (b + 1):.3f}", loss_bnff=f"{losses['bnff'] / (b + 1):.3f}")
         for k, m in runs.items():
             hist[k].loss.append(losses[k] / max(1, n_batches))
-            hist[k].test_accuracy.append(_evaluate(m, data.test_x, data.test_y, amp))
+            hist[k].test_accuracy.append(_evaluate(m, test_x, test_y, amp))
             hist[k].images_per_s.append(n_batches * cfg.batch_size / max(seconds[k], 1e-9))
         diff = max_param_difference(runs["eager"], runs["bnff"])
         bar.write(f"epoch {epoch + 1}/{cfg.epochs}  "
@@ -149,7 +163,7 @@ def train(cfg: TrainConfig, data: Dataset, out_dir: Path, log=print) -> dict:
         f"bnff {b_bytes / 2**20:.1f} MiB ({b_bytes / max(e_bytes, 1):.1%} of eager)")
     metrics = {
         "config": asdict(cfg), "data": data.name, "image_size": image_size,
-        "train_images": len(data.train_y), "test_images": len(data.test_y),
+        "train_images": len(data.train_y), "test_images": n_test,
         "runs": {k: asdict(h) for k, h in hist.items()},
         "max_param_difference": max_param_difference(runs["eager"], runs["bnff"]),
         "fusion": bnff.fusion_report(runs["bnff"]).summary(),

@@ -46,11 +46,6 @@ class Term:
     sources: list[fx.Node]
     cat: fx.Node | None = None
 
-    @property
-    def icf(self) -> bool:
-        """Whether the statistics come from a concatenation's parts (inter-composite-layer fusion)."""
-        return self.cat is not None
-
 
 @dataclass
 class Group:

@@ -146,3 +146,17 @@ def test_dense_block_activations_grow_linearly(gen):
     assert per_layer_fused[1] <= 1.03 * per_layer_fused[0], per_layer_fused  # linear (+ (C,) vectors)
     assert per_layer_eager[1] >= 1.5 * per_layer_eager[0], per_layer_eager  # quadratic
     assert fused[-1] < 0.5 * eager[-1]
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_eval_mode_matches_eager_and_skips_statistics(name, gen, monkeypatch):
+    """Eval mode normalizes with the running statistics: no statistics sweep runs, no buffer moves."""
+    model = _model(name, gen)
+    eager, fused = copy.deepcopy(model).eval(), bnff.restructure(copy.deepcopy(model)).eval()
+    swept = []
+    monkeypatch.setattr(bnff.ops.backends.get("reference"), "channel_stats", lambda c: swept.append(c))
+    x = torch.randn(2, 3, FAMILIES[name], FAMILIES[name], generator=gen)
+    before = [b.clone() for b in fused.buffers()]
+    with torch.no_grad():
+        assert rel_err(fused(x), eager(x)) <= 1e-5
+    assert not swept and all(torch.equal(a, b) for a, b in zip(before, fused.buffers()))

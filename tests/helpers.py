@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 import bnff
+from bnff.train import training_loss
 
 
 def rel_err(a: Tensor, b: Tensor, floor: float = 0.0) -> float:
@@ -38,14 +39,12 @@ def randomize_bn(model: nn.Module, gen: torch.Generator) -> None:
 
 def logits_and_loss(y, target: Tensor | None) -> tuple[Tensor, Tensor]:
     """All outputs concatenated (Inception-v3 returns (logits, aux_logits) in training) and the loss:
-    cross-entropy (aux weighted 0.4, torchvision's recipe) or, without targets, mean square."""
-    outs = list(y) if isinstance(y, tuple) else [y]
-    outs = [o for o in outs if o is not None]
-    weights = [1.0] + [0.4] * (len(outs) - 1)
+    ``bnff train``'s (cross-entropy, aux weighted 0.4) or, without targets, mean square (aux 0.4)."""
+    outs = [o for o in (y if isinstance(y, tuple) else (y,)) if o is not None]
     if target is None:
-        loss = sum(w * (o.double() ** 2).mean() for w, o in zip(weights, outs))
+        loss = sum(w * (o.double() ** 2).mean() for w, o in zip([1.0, 0.4], outs))
     else:
-        loss = sum(w * nn.functional.cross_entropy(o.float(), target) for w, o in zip(weights, outs))
+        loss = training_loss(y, target)
     return torch.cat([o.detach().flatten(1) for o in outs], 1), loss
 
 

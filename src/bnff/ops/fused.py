@@ -27,6 +27,7 @@ mask; seed 002 Table 2, patterns (4)); without a shortcut the mask is recomputed
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -135,24 +136,34 @@ class _Term:
     var: Tensor
     gamma: Tensor | None
     beta: Tensor | None
+    start: int  # index of the first source in the flat argument list
 
 
-def _unpack(spec: _Spec, flat: tuple) -> tuple[list[_Term], list[Tensor], list[tuple], int]:
+@dataclass
+class _Args:
+    """The flat argument list of ``_ApplyConsume`` split by ``_unpack``, with the offsets of its parts."""
+
+    terms: list[_Term]
+    residuals: list[Tensor]
+    params: list[tuple]  # per consumer
+    residual_start: int
+    param_start: int
+    end: int
+
+
+def _unpack(spec: _Spec, flat: tuple) -> _Args:
     """Split the flat argument list: per term (*sources, mean, var, gamma, beta), then the residuals,
-    then each consumer's parameters. Returns (terms, residuals, params per consumer, end index)."""
+    then each consumer's parameters."""
     i, terms = 0, []
     for t in spec.terms:
-        sources = list(flat[i:i + t.n_sources])
-        i += t.n_sources
-        terms.append(_Term(sources, *flat[i:i + 4]))
-        i += 4
-    residuals = list(flat[i:i + spec.n_residuals])
-    i += spec.n_residuals
-    params = []
+        terms.append(_Term(list(flat[i:i + t.n_sources]), *flat[i + t.n_sources:i + t.n_sources + 4], start=i))
+        i += t.n_sources + 4
+    residual_start, param_start = i, i + spec.n_residuals
+    i, params = param_start, []
     for n in spec.n_params:
         params.append(tuple(flat[i:i + n]))
         i += n
-    return terms, residuals, params, i
+    return _Args(terms, list(flat[residual_start:param_start]), params, residual_start, param_start, i)
 
 
 def _amp_dtype(t: Tensor) -> torch.dtype | None:
@@ -171,23 +182,21 @@ class _ApplyConsume(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, spec: _Spec, *flat):
-        terms, residuals, params, _ = _unpack(spec, flat)
+        args = _unpack(spec, flat)
+        terms, residuals = args.terms, args.residuals
         be = backends.get(spec.backend)
         f1s = [bn_math.scale(t.var, t.gamma, s.eps) for t, s in zip(terms, spec.terms)]
         dtypes = [s.dtype for t in terms for s in t.sources] + [r.dtype for r in residuals]
-        out_dtype = dtypes[0]
-        for d in dtypes[1:]:
-            out_dtype = torch.promote_types(out_dtype, d)
+        out_dtype = functools.reduce(torch.promote_types, dtypes)
         a = _apply(be, spec, terms, f1s, residuals, out_dtype)
         amp = _amp_dtype(a)
         saved = list(flat)
         if spec.consumers:
-            out = tuple(c.forward(a, p, amp) for c, p in zip(spec.consumers, params))
+            out = tuple(c.forward(a, p, amp) for c, p in zip(spec.consumers, args.params))
             kept = None
         else:
             out = a
-            r0 = sum(t.n_sources + 4 for t in spec.terms)
-            saved[r0:r0 + spec.n_residuals] = [None] * spec.n_residuals  # a is never recomputed
+            saved[args.residual_start:args.param_start] = [None] * spec.n_residuals  # a is never recomputed
             kept = a if spec.act is not None and spec.n_residuals else None
         ctx.spec, ctx.amp, ctx.out_dtype = spec, amp, out_dtype
         ctx.set_materialize_grads(False)
@@ -199,8 +208,9 @@ class _ApplyConsume(torch.autograd.Function):
     def backward(ctx, *grad_outs):
         spec = ctx.spec
         saved = ctx.saved_tensors
-        terms, residuals, params, end = _unpack(spec, saved)
-        kept = saved[end]
+        args = _unpack(spec, saved)
+        terms, residuals = args.terms, args.residuals
+        kept = saved[args.end]
         needs = ctx.needs_input_grad[1:]
         if all(g is None for g in grad_outs):
             return (None,) * (1 + len(needs))
@@ -210,8 +220,8 @@ class _ApplyConsume(torch.autograd.Function):
         if spec.consumers:
             a = _apply(be, spec, terms, f1s, residuals, ctx.out_dtype)
             g_a = None
-            i = end - sum(spec.n_params)
-            for consumer, p, g in zip(spec.consumers, params, grad_outs):
+            i = args.param_start
+            for consumer, p, g in zip(spec.consumers, args.params, grad_outs):
                 if g is None:
                     param_grads += [None] * len(p)
                 else:
@@ -226,11 +236,9 @@ class _ApplyConsume(torch.autograd.Function):
                 a = _apply(be, spec, terms, f1s, residuals, ctx.out_dtype)
         dy, s1s, s2cs = be.grad_stats(g_a, a, spec.act, [t.sources for t in terms], [t.mean for t in terms])
         grads: list[Tensor | None] = []
-        i = 0
         for k, (term, ts) in enumerate(zip(terms, spec.terms)):
-            n_src = ts.n_sources
+            i, n_src = term.start, ts.n_sources
             need_x, need_g, need_b = any(needs[i:i + n_src]), needs[i + n_src + 2], needs[i + n_src + 3]
-            i += n_src + 4
             dxs: list[Tensor | None] = [None] * n_src
             dgamma = dbeta = None
             if need_x:
@@ -242,8 +250,8 @@ class _ApplyConsume(torch.autograd.Function):
                 dgamma = dgamma.to(term.gamma.dtype) if need_g else None
                 dbeta = dbeta.to(term.beta.dtype) if need_b else None
             grads += [*dxs, None, None, dgamma, dbeta]
-        for j in range(spec.n_residuals):
-            grads.append(dy.to(ctx.out_dtype) if needs[i + j] else None)
+        for j in range(args.residual_start, args.param_start):
+            grads.append(dy.to(ctx.out_dtype) if needs[j] else None)
         grads += param_grads
         return (None, *grads)
 

@@ -27,7 +27,7 @@ from bnff.restructure.match import Group
 
 class _Rewriter:
     def __init__(self, gm: fx.GraphModule, groups: list[Group], backend: str) -> None:
-        self.graph, self.groups, self.backend = gm.graph, groups, backend
+        self.graph, self.backend = gm.graph, backend
         # A consumer is replaced by its group's output and is often the producer of a later
         # group's BN input or shortcut: later groups look those nodes up here.
         self.replaced_by: dict[fx.Node, fx.Node] = {}

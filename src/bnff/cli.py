@@ -1,4 +1,4 @@
-"""Command line: ``bnff train`` (more subcommands arrive with the traffic model and benchmarks)."""
+"""Command line: ``bnff train`` (side-by-side training) and ``bnff traffic`` (the traffic model)."""
 
 from __future__ import annotations
 
@@ -31,6 +31,44 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _traffic(args: argparse.Namespace) -> int:
+    import torch
+
+    from bnff.traffic import Assumptions, compare, patterns, published, report
+
+    a = Assumptions(onchip_bytes=args.onchip_bytes, footprint=args.footprint,
+                    count_layer_io=not args.memory_intensive_only)
+    if args.patterns:
+        table = patterns.table()
+        print(report.patterns_text(table), end="")
+        if args.json:
+            report.write_json(args.json, report.patterns_json(table))
+        return 0
+    if args.reproduce:
+        batch = args.batch or published.REPRODUCE_BATCH
+        rows = published.reproduce(batch, a)
+        print(report.reproduce_text(rows, batch), end="")
+        if args.json:
+            report.write_json(args.json, {"batch": batch, "rows": rows})
+        return 0
+    if args.model is None:
+        raise ValueError("bnff traffic needs --model M (or --patterns, or --reproduce)")
+    size = args.image_size or (299 if args.model.startswith("inception") else 224)
+    batch = args.batch or 32
+    with torch.device("meta"):
+        model = models.MODELS[args.model]()
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    analyses = compare(model, (batch, 3, size, size), dtype=dtype, assumptions=a)
+    print(report.model_text(args.model, analyses), end="")
+    if args.json:
+        report.write_json(args.json, report.model_json(args.model, analyses))
+    if args.csv:
+        report.write_csv(args.csv, analyses)
+    if args.plot:
+        report.write_plot(args.plot, args.model, analyses)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bnff", description="Batch-normalization fission and fusion for CNN training.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -53,6 +91,30 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", default=None, help="run folder (default runs/MODEL-TIMESTAMP)")
     t.add_argument("--json", default=None, help="also write the metrics JSON here")
     t.set_defaults(func=_train)
+
+    r = sub.add_parser("traffic", help="model off-chip traffic, footprint and FLOPs of training",
+                       description="Analytical model of one training step, layer by layer, for the schemes unfused "
+                                   "(every layer on its own), bnff (BN fission and fusion with library convolutions) "
+                                   "and fused (seed 002: pre/post-processing inside the convolutions). Shapes come "
+                                   "from meta tensors; nothing is computed.")
+    what = r.add_mutually_exclusive_group()
+    what.add_argument("--model", choices=sorted(models.MODELS), help="analyse this network")
+    what.add_argument("--patterns", action="store_true", help="seed 002 Tables 1-2 from the five connection patterns")
+    what.add_argument("--reproduce", action="store_true", help="our figures next to the papers' (seeds 000, 001/004)")
+    r.add_argument("--batch", type=int, default=None, help="mini-batch size (default 32)")
+    r.add_argument("--image-size", type=int, default=None, help="input height and width (default 299 for "
+                                                                 "inception_v3, else 224)")
+    r.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="activation element type")
+    r.add_argument("--onchip-bytes", type=int, default=0, help="on-chip capacity: a BN input up to this size is "
+                                                               "read once instead of twice (default 0)")
+    r.add_argument("--footprint", choices=["autograd", "all_outputs"], default="autograd",
+                   help="autograd: what each backward reads (PyTorch; default); all_outputs: every ofmap (seed 002)")
+    r.add_argument("--memory-intensive-only", action="store_true",
+                   help="leave out convolutions', linear layers' and pools' own traffic")
+    r.add_argument("--json", default=None, help="write the results as JSON here")
+    r.add_argument("--csv", default=None, help="write one row per scheme and layer here")
+    r.add_argument("--plot", default=None, help="write the per-block traffic chart here (.png, .svg, .pdf)")
+    r.set_defaults(func=_traffic)
     return parser
 
 

@@ -7,8 +7,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
-import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,6 +18,7 @@ from tqdm import tqdm
 
 import bnff
 from bnff import models
+from bnff.atomic import atomic_open
 from bnff.data import Dataset
 from bnff.memory import SavedActivations
 
@@ -66,18 +65,10 @@ def training_loss(output, target: torch.Tensor) -> torch.Tensor:
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
-    """Write ``state`` with ``torch.save`` atomically: a temporary file in the same folder, then
-    ``os.replace``, so a crash mid-save never leaves a corrupt checkpoint at ``path``."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write ``state`` with ``torch.save`` atomically (``bnff.atomic.atomic_open``), so a crash
+    mid-save never leaves a corrupt checkpoint at ``path``."""
+    with atomic_open(path, "wb") as f:
+        torch.save(state, f)
 
 
 def _evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, amp: bool, batch: int = 256) -> float:
@@ -179,7 +170,8 @@ def _write_outputs(out_dir: Path, metrics: dict, model: nn.Module, hist: dict[st
     import matplotlib.pyplot as plt
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    with atomic_open(out_dir / "metrics.json") as f:
+        json.dump(metrics, f, indent=2)
     save_checkpoint(out_dir / "checkpoint.pt", {"model": metrics["config"]["model"], "state_dict": model.state_dict(),
                                                 "config": metrics["config"]})
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -190,5 +182,6 @@ def _write_outputs(out_dir: Path, metrics: dict, model: nn.Module, hist: dict[st
     ax.set_title(f"{metrics['config']['model']} on {metrics['data']}: eager vs bnff")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out_dir / "loss.png", dpi=100)
+    with atomic_open(out_dir / "loss.png", "wb") as f:
+        fig.savefig(f, format="png", dpi=100)
     plt.close(fig)

@@ -123,6 +123,20 @@ def classify(node: fx.Node, modules: dict[str, nn.Module]) -> NodeInfo:
     return NodeInfo(Kind.OTHER)
 
 
+_INPLACE_FUNCS = {torch.relu_, torch.nn.functional.relu_, operator.iadd}
+
+
+def is_inplace(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """Whether ``node`` writes its result into its (first) input's storage: ``nn.ReLU(inplace=True)``,
+    ``nn.ReLU6(inplace=True)``, ``F.relu(x, inplace=True)``, ``relu_``, ``out += identity``."""
+    if node.op == "call_module":
+        return bool(getattr(modules.get(node.target), "inplace", False))
+    if node.op == "call_function":
+        return node.target in _INPLACE_FUNCS or bool(node.kwargs.get("inplace", False)) or (
+            node.target in (F.relu, F.relu6, F.hardtanh) and len(node.args) > 1 and node.args[-1] is True)
+    return node.op == "call_method" and isinstance(node.target, str) and node.target.endswith("_")
+
+
 def cat_dim(node: fx.Node) -> int | None:
     """The ``dim`` argument of a ``torch.cat`` node (default 0), or None if it is not a constant."""
     dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)

@@ -1,0 +1,129 @@
+"""Footprint: the bytes a training step keeps from its forward pass for its backward pass, per layer.
+
+Two policies (``Assumptions.footprint``):
+
+``autograd`` (PyTorch's rule; what ``bnff.memory.saved_activation_bytes`` measures)
+    Each layer keeps what its backward reads, each storage once; an in-place layer or a view
+    shares its input's storage. Executed on its own (``unfused``, and layers outside fused
+    groups): a convolution or linear layer keeps its input; BN its input and four per-channel
+    vectors (running mean and variance, saved mean and inverse std); ReLU its output; ReLU6
+    (hardtanh) its input, which in-place ReLU6 first copies (its output overwrites it); a
+    max-pool its input and its argmax indices; an average pool its input (a global one, computed
+    as a mean, nothing); dropout its mask; an add, a concatenation or a view nothing; any other
+    layer its inputs. A fused group (``bnff``, ``fused``) keeps its BN inputs (each feature map once,
+    never their concatenation) and two per-channel vectors per BN, its shortcuts when its
+    consumers recompute the result in the backward, and its result when that is materialized with
+    an activation and a shortcut (the mask; seed 002 Table 2 patterns (4)). Its consumers keep
+    nothing: their input is recomputed.
+``all_outputs`` (seed 002 Table 2)
+    Every ofmap a layer writes in the forward stays in off-chip memory until the backward:
+    unfused, every layer's output; fused, every output of a layer outside the groups and each
+    materialized group result (the result applied inside its consumers is never written).
+
+Bytes are charged to the layer that produced the storage (the first layer keeping it, for the
+network input).
+"""
+
+from __future__ import annotations
+
+import torch.fx as fx
+
+from bnff.graph.kinds import Kind
+from bnff.graph.layers import Layer, LayerGraph
+from bnff.restructure.match import Group
+from bnff.traffic.assumptions import Assumptions
+
+
+class _Kept:
+    def __init__(self, lg: LayerGraph, a: Assumptions) -> None:
+        self.lg, self.a = lg, a
+        self.items: dict[object, tuple[str, int]] = {}  # key -> (layer charged, bytes)
+
+    def tensor(self, node: fx.Node, saver: Layer) -> None:
+        root = self.lg.storage(node)
+        if root not in self.items:
+            owner = self.lg.by_node.get(root)
+            self.items[root] = ((owner or saver).name, self.lg.numel(root) * self.a.element_bytes)
+
+    def extra(self, saver: Layer, tag: str, nbytes: int) -> None:
+        self.items[(saver.name, tag)] = (saver.name, nbytes)
+
+    def per_layer(self) -> dict[str, int]:
+        out = {layer.name: 0 for layer in self.lg.layers}
+        for name, nbytes in self.items.values():
+            out[name] = out.get(name, 0) + nbytes
+        return out
+
+
+def _eager(kept: _Kept, layer: Layer) -> None:
+    """What ``layer`` executed on its own keeps for its backward (module docstring)."""
+    a = kept.a
+    k, ins = layer.kind, layer.inputs
+    if k in (Kind.CONV, Kind.LINEAR) or (k == Kind.AVGPOOL and not layer.global_pool):
+        kept.tensor(ins[0], layer)
+    elif k == Kind.BN:
+        kept.tensor(ins[0], layer)
+        kept.extra(layer, "vectors", 4 * layer.out_shape[1] * a.vector_bytes)
+    elif k == Kind.ACT and layer.act == "relu":
+        kept.tensor(layer.node, layer)
+    elif k == Kind.ACT and layer.inplace:  # in-place hardtanh_ keeps a copy of its input
+        kept.extra(layer, "input copy", layer.out_numel * a.element_bytes)
+    elif k == Kind.ACT:
+        kept.tensor(ins[0], layer)
+    elif k == Kind.MAXPOOL:
+        kept.tensor(ins[0], layer)
+        kept.extra(layer, "indices", layer.out_numel * a.index_bytes)
+    elif layer.dropout:
+        kept.extra(layer, "mask", layer.out_numel * a.mask_bytes)
+    elif k in (Kind.ADD, Kind.CAT, Kind.FLATTEN, Kind.AVGPOOL) or layer.view:
+        pass
+    else:
+        for i in ins:
+            kept.tensor(i, layer)
+
+
+def footprint(lg: LayerGraph, groups: list[Group], scheme: str, a: Assumptions) -> dict[str, int]:
+    """Bytes kept from the forward for the backward, per layer name (module docstring).
+
+    Args:
+        lg: the layer graph.
+        groups: fusion groups (``bnff.restructure.match``); ignored for ``unfused``.
+        scheme: "unfused", "bnff" or "fused" (both fused schemes keep the same tensors).
+        a: the assumptions; ``a.footprint`` picks the policy.
+    Returns:
+        Layer name -> bytes.
+    """
+    kept = _Kept(lg, a)
+    fused = scheme != "unfused"
+    members: set[fx.Node] = set()
+    fed: set[fx.Node] = set()  # consumers whose input a fused group recomputes
+    for g in groups if fused else ():
+        members.update(t.bn for t in g.terms)
+        members.update(n for n in (g.add, g.act) if n is not None)
+        members.update(t.cat for t in g.terms if t.cat is not None and len(t.cat.users) == 1)
+        fed.update(g.consumers)
+    if a.footprint == "all_outputs":
+        materialized = {g.output for g in groups if fused and not g.consumers}
+        for layer in lg.layers:
+            if not layer.view and (layer.node not in members or layer.node in materialized):
+                kept.items[layer.node] = (layer.name, layer.out_numel * a.element_bytes)
+        return kept.per_layer()
+    for layer in lg.layers:
+        if layer.node not in members and layer.node not in fed:
+            _eager(kept, layer)
+    for g in groups if fused else ():
+        out = lg.by_node[g.output]
+        for t in g.terms:
+            bn = lg.by_node[t.bn]
+            for s in t.sources:
+                kept.tensor(s, bn)
+            kept.extra(bn, "vectors", 2 * bn.out_shape[1] * a.vector_bytes)
+        if g.consumers:
+            for r in g.residuals:
+                kept.tensor(r, out)
+        elif g.act is not None and g.residuals:
+            kept.tensor(g.output, out)
+    return kept.per_layer()
+
+
+__all__ = ["footprint"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -47,9 +48,9 @@ def _traffic(args: argparse.Namespace) -> int:
     if args.reproduce:
         batch = args.batch or published.REPRODUCE_BATCH
         rows = published.reproduce(batch, a)
-        print(report.reproduce_text(rows, batch), end="")
+        print(report.reproduce_text(rows, batch, a), end="")
         if args.json:
-            report.write_json(args.json, {"batch": batch, "rows": rows})
+            report.write_json(args.json, {"batch": batch, "assumptions": dataclasses.asdict(a), "rows": rows})
         return 0
     if args.model is None:
         raise ValueError("bnff traffic needs --model M (or --patterns, or --reproduce)")

@@ -208,7 +208,27 @@ def _read_inputs(led: _Ledger, g: _G, field_: str, skip_first: bool) -> None:
             led.charge(layer, field_, n)
 
 
-def _group_fused(led: _Ledger, g: _G, dx_read: set[fx.Node]) -> None:
+@dataclass
+class _Seen:
+    """Feature maps already swept across groups (ICF: a map shared by several BNs is swept once)."""
+
+    stats: set[fx.Node]
+    dx: set[fx.Node]
+
+
+def _stats_once(led: _Ledger, g: _G, seen: _Seen, read: bool) -> None:
+    """Forward statistics (MVF) of each feature map not yet swept: FLOPs, and the read if ``read``."""
+    for bn, srcs, _ in g.terms:
+        for s in srcs:
+            if s not in seen.stats:
+                seen.stats.add(s)
+                n = led.lg.numel(s)
+                led.charge(bn, "flops_fp", led.a.bn_stats_flops * n)
+                if read:
+                    led.charge(bn, "fp_read", n)
+
+
+def _group_fused(led: _Ledger, g: _G, seen: _Seen) -> None:
     """Seed 002 section 2.3 (module docstring); pattern (3): 0 forward, 1 backward."""
     a, ch = led.a, led.charge
     per_consumer = g.consumers > 0
@@ -217,8 +237,7 @@ def _group_fused(led: _Ledger, g: _G, dx_read: set[fx.Node]) -> None:
         _read_inputs(led, g, "fp_read", skip_first=per_consumer or g.host)
     if not per_consumer:
         ch(g.out, "fp_write", g.a)
-    for bn, srcs, n in g.terms:
-        ch(bn, "flops_fp", a.bn_stats_flops * n)
+    _stats_once(led, g, seen, read=False)  # a post-process of the producers, on chip
     _apply_flops(led, g, "flops_fp", max(1, g.consumers))
     # backward post-process of the consumer(s): dy with the mask, S1 and S2
     if per_consumer:
@@ -238,23 +257,17 @@ def _group_fused(led: _Ledger, g: _G, dx_read: set[fx.Node]) -> None:
     for bn, srcs, n in g.terms:
         ch(bn, "flops_wgrad", a.bn_grad_stats_flops * n), ch(bn, "flops_dgrad", a.bn_dx_flops * n)
         for s in srcs:
-            if s not in dx_read:
-                dx_read.add(s)
+            if s not in seen.dx:
+                seen.dx.add(s)
                 ch(bn, "bp_pointwise", led.lg.numel(s))
 
 
-def _group_bnff(led: _Ledger, g: _G, swept: set[fx.Node]) -> None:
+def _group_bnff(led: _Ledger, g: _G, seen: _Seen) -> None:
     """bnff's own sweeps beside library convolutions (module docstring); pattern (3): 3 / 6."""
     a, ch = led.a, led.charge
     per_consumer = g.consumers > 0
     # forward: statistics once per feature map, one apply sweep writing the result
-    for bn, srcs, _ in g.terms:
-        for s in srcs:
-            n = led.lg.numel(s)
-            ch(bn, "flops_fp", a.bn_stats_flops * n)
-            if s not in swept:
-                swept.add(s)
-                ch(bn, "fp_read", n)
+    _stats_once(led, g, seen, read=True)
     _read_inputs(led, g, "fp_read", skip_first=False)
     ch(g.out, "fp_write", g.a)
     _apply_flops(led, g, "flops_fp", 1)
@@ -312,7 +325,7 @@ def account(lg: LayerGraph, groups: list[Group], scheme: str, a: Assumptions) ->
             _layer_io(led, layer)
         if layer.node not in outputs:
             _accumulate(led, layer, scheme)
-    seen: set[fx.Node] = set()
+    seen = _Seen(set(), set())
     for g in groups if scheme != "unfused" else ():
         sizes = _group_sizes(lg, g)
         (_group_fused if scheme == "fused" else _group_bnff)(led, sizes, seen)

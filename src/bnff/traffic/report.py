@@ -15,6 +15,7 @@ from rich.table import Table
 from bnff.atomic import atomic_open
 from bnff.traffic.analysis import Analysis
 from bnff.traffic.account import SCHEMES
+from bnff.traffic.assumptions import Assumptions
 from bnff.traffic.patterns import BNFF_FIELDS, FIELDS, PATTERNS, PUBLISHED
 
 MiB = 2 ** 20
@@ -146,10 +147,12 @@ def write_plot(path: str | Path, name: str, analyses: dict[str, Analysis]) -> No
     plt.close(fig)
 
 
-def reproduce_text(rows: list[dict], batch: int) -> str:
-    """The reproduction table of ``bnff traffic --reproduce``."""
-    t = Table(title=f"Whole-training off-chip traffic vs unfused: published and bnff's model (batch {batch}, fp32, "
-                    f"convolutions' own traffic counted, no on-chip reuse)")
+def reproduce_text(rows: list[dict], batch: int, a: Assumptions) -> str:
+    """The reproduction table of ``bnff traffic --reproduce`` under assumptions ``a``."""
+    reuse = f"{a.onchip_bytes:,}-byte on-chip reuse" if a.onchip_bytes else "no on-chip reuse"
+    io_ = "convolutions' own traffic counted" if a.count_layer_io else "memory-intensive layers only"
+    t = Table(title=f"Off-chip traffic of a training step vs unfused: published and bnff's model (batch {batch}, "
+                    f"{a.element_bytes}-byte elements, {io_}, {reuse})")
     for col in ("model", "source", "published", "ours: bnff", "ours: fused", "closest", "difference", "paper's setting"):
         t.add_column(col, justify="right" if col in ("published", "ours: bnff", "ours: fused", "difference") else "left")
     for r in rows:

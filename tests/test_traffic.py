@@ -171,3 +171,15 @@ def test_cli_model_outputs(tmp_path, capsys):
 def test_cli_without_what_to_analyse_says_so(capsys):
     assert cli.main(["traffic"]) == 2
     assert "--model" in capsys.readouterr().err
+
+
+def test_bf16_halves_activation_traffic():
+    """Activations and gradients shrink with the dtype; BN's per-channel vectors stay fp32."""
+    net = Pattern("(3)")
+    fp32 = analyze(net, (2, 8, 8, 8), dtype=torch.float32, scheme="unfused")
+    bf16 = analyze(net, (2, 8, 8, 8), dtype=torch.bfloat16, scheme="unfused")
+    for key in ("fp_bytes", "bp_bytes"):
+        assert 2 * bf16.memory_intensive()[key] == fp32.memory_intensive()[key] > 0
+    vectors = 4 * 8 * 4  # one BN: running mean and var, saved mean and inverse std, fp32
+    kept32, kept16 = fp32.total("footprint_bytes"), bf16.total("footprint_bytes")
+    assert 2 * (kept16 - vectors) == kept32 - vectors > 0

@@ -80,9 +80,16 @@ class _Ledger:
         self.costs: dict[str, Cost] = {layer.name: Cost() for layer in lg.layers}
 
     def charge(self, layer: Layer, field_: str, elements: int, nbytes: int | None = None) -> None:
+        """Add ``elements`` to ``layer``'s ``field_``: traffic fields count elements of ``nbytes``
+        bytes (default ``element_bytes``), FLOP fields count operations."""
         c = self.costs[layer.name]
         scale = 1 if field_.startswith("flops") else (nbytes if nbytes is not None else self.a.element_bytes)
         setattr(c, field_, getattr(c, field_) + elements * scale)
+
+    def add(self, layer: Layer, nbytes: int | None = None, **elements: int) -> None:
+        """``charge`` several fields at once: ``add(layer, fp_read=x, fp_write=y)``."""
+        for field_, n in elements.items():
+            self.charge(layer, field_, n, nbytes)
 
 
 def gradient_users(lg: LayerGraph, node: fx.Node) -> int:
@@ -95,50 +102,45 @@ def gradient_users(lg: LayerGraph, node: fx.Node) -> int:
 
 def _layer_io(led: _Ledger, layer: Layer) -> None:
     """The traffic of a layer executed on its own (every scheme, for layers outside fused groups)."""
-    lg, a = led.lg, led.a
-    ch = led.charge
+    lg, a, add = led.lg, led.a, led.add
     out = layer.out_numel
     x = lg.numel(layer.inputs[0]) if layer.inputs else 0
     k = layer.kind
     if k in (Kind.CONV, Kind.LINEAR):
-        w, wb = layer.weight_numel, a.weight_element_bytes
+        w, wb, flops = layer.weight_numel, a.weight_element_bytes, 2 * layer.macs
         dgrad = a.input_requires_grad or lg.requires_grad(layer.inputs[0])
         if a.count_layer_io:
-            ch(layer, "fp_read", x), ch(layer, "fp_read", w, wb), ch(layer, "fp_write", out)
+            add(layer, fp_read=x, fp_write=out, bp_wgrad=out + x)
+            add(layer, wb, fp_read=w, bp_wgrad=w)
             if dgrad:
-                ch(layer, "bp_dgrad", out + x), ch(layer, "bp_dgrad", w, wb)
-            ch(layer, "bp_wgrad", out + x), ch(layer, "bp_wgrad", w, wb)
-        ch(layer, "flops_fp", 2 * layer.macs)
-        ch(layer, "flops_wgrad", 2 * layer.macs)
-        if dgrad:
-            ch(layer, "flops_dgrad", 2 * layer.macs)
-    elif k == Kind.BN:
+                add(layer, bp_dgrad=out + x)
+                add(layer, wb, bp_dgrad=w)
+        add(layer, flops_fp=flops, flops_wgrad=flops, flops_dgrad=flops if dgrad else 0)
+    elif k == Kind.BN:  # seed 002 1.2.1: a second sweep unless the mini-batch stays on chip
         passes = 1 if x * a.element_bytes <= a.onchip_bytes else 2
-        ch(layer, "fp_read", passes * x), ch(layer, "fp_write", x)
-        ch(layer, "bp_pointwise", passes * 2 * x + x)
-        ch(layer, "flops_fp", (a.bn_stats_flops + a.bn_apply_flops) * x)
-        ch(layer, "flops_wgrad", a.bn_grad_stats_flops * x), ch(layer, "flops_dgrad", a.bn_dx_flops * x)
+        add(layer, fp_read=passes * x, fp_write=x, bp_pointwise=passes * 2 * x + x,
+            flops_fp=(a.bn_stats_flops + a.bn_apply_flops) * x, flops_wgrad=a.bn_grad_stats_flops * x,
+            flops_dgrad=a.bn_dx_flops * x)
     elif k == Kind.ACT:
-        ch(layer, "fp_read", x), ch(layer, "fp_write", out), ch(layer, "bp_pointwise", 3 * x)
-        ch(layer, "flops_fp", a.pointwise_flops * x), ch(layer, "flops_dgrad", a.pointwise_flops * x)
+        add(layer, fp_read=x, fp_write=out, bp_pointwise=3 * x, flops_fp=a.pointwise_flops * x,
+            flops_dgrad=a.pointwise_flops * x)
     elif k == Kind.ADD:  # its backward hands dz to both addends unchanged; the sum is at the fork
-        ch(layer, "fp_read", 2 * out), ch(layer, "fp_write", out), ch(layer, "flops_fp", a.pointwise_flops * out)
+        add(layer, fp_read=2 * out, fp_write=out, flops_fp=a.pointwise_flops * out)
     elif k in (Kind.MAXPOOL, Kind.AVGPOOL):
         if a.count_layer_io:
-            idx = out * a.index_bytes if k == Kind.MAXPOOL else 0
-            ch(layer, "fp_read", x), ch(layer, "fp_write", out), ch(layer, "fp_write", 1, idx)
-            ch(layer, "bp_pointwise", out + x), ch(layer, "bp_pointwise", 1, idx)
-        ch(layer, "flops_fp", layer.window * out), ch(layer, "flops_dgrad", layer.window * out)
+            add(layer, fp_read=x, fp_write=out, bp_pointwise=out + x)
+            if k == Kind.MAXPOOL:  # argmax indices, written in the forward, read in the backward
+                add(layer, a.index_bytes, fp_write=out, bp_pointwise=out)
+        add(layer, flops_fp=layer.window * out, flops_dgrad=layer.window * out)
     elif k == Kind.CAT:  # forward copies its parts; the backward hands out slices (views)
-        ch(layer, "fp_read", sum(lg.numel(i) for i in layer.inputs)), ch(layer, "fp_write", out)
+        add(layer, fp_read=sum(lg.numel(i) for i in layer.inputs), fp_write=out)
     elif layer.view or k == Kind.FLATTEN:
         pass
     else:  # any other layer: a pointwise pass (dropout keeps its mask)
-        ch(layer, "fp_read", sum(lg.numel(i) for i in layer.inputs)), ch(layer, "fp_write", out)
-        ch(layer, "bp_pointwise", out + x)
+        add(layer, fp_read=sum(lg.numel(i) for i in layer.inputs), fp_write=out, bp_pointwise=out + x,
+            flops_fp=a.pointwise_flops * out, flops_dgrad=a.pointwise_flops * out)
         if layer.dropout:
-            ch(layer, "fp_write", out, a.mask_bytes), ch(layer, "bp_pointwise", out, a.mask_bytes)
-        ch(layer, "flops_fp", a.pointwise_flops * out), ch(layer, "flops_dgrad", a.pointwise_flops * out)
+            add(layer, a.mask_bytes, fp_write=out, bp_pointwise=out)
 
 
 def _accumulate(led: _Ledger, layer: Layer, scheme: str) -> None:
@@ -255,7 +257,7 @@ def _group_fused(led: _Ledger, g: _G, seen: _Seen) -> None:
         ch(g.out, "flops_dgrad", a.pointwise_flops * g.a)
     # the producers' pre-process forms dx = F1*dy + B*x + C, reading each feature map once
     for bn, srcs, n in g.terms:
-        ch(bn, "flops_wgrad", a.bn_grad_stats_flops * n), ch(bn, "flops_dgrad", a.bn_dx_flops * n)
+        led.add(bn, flops_wgrad=a.bn_grad_stats_flops * n, flops_dgrad=a.bn_dx_flops * n)
         for s in srcs:
             if s not in seen.dx:
                 seen.dx.add(s)
@@ -291,8 +293,8 @@ def _group_bnff(led: _Ledger, g: _G, seen: _Seen) -> None:
         mask_again = g.r if per_consumer and g.act and g.residuals else 0
         ch(g.out, "bp_pointwise", g.a if write_dy else grads * g.a + mask_again)
         for bn, _, n in g.terms:
-            ch(bn, "bp_pointwise", 2 * n)  # read x, write dx
-            ch(bn, "flops_wgrad", a.bn_grad_stats_flops * n), ch(bn, "flops_dgrad", a.bn_dx_flops * n)
+            led.add(bn, bp_pointwise=2 * n,  # read x, write dx
+                    flops_wgrad=a.bn_grad_stats_flops * n, flops_dgrad=a.bn_dx_flops * n)
 
 
 def account(lg: LayerGraph, groups: list[Group], scheme: str, a: Assumptions) -> dict[str, Cost]:

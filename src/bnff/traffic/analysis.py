@@ -123,7 +123,9 @@ def _records(lg: LayerGraph, groups: list[Group], scheme: str, a: Assumptions) -
 
 
 def _prepare(model: nn.Module | LayerGraph, input_shape, dtype, assumptions, leaf_modules):
-    a = (assumptions or Assumptions()).with_dtype(dtype) if dtype is not None else (assumptions or Assumptions())
+    a = assumptions or Assumptions()
+    if dtype is not None:
+        a = a.with_dtype(dtype)
     lg = model if isinstance(model, LayerGraph) else build(model, input_shape, leaf_modules)
     groups, _ = match(lg.gm)
     return lg, groups, a

@@ -80,3 +80,20 @@ def test_train_cli_other_families(model, tmp_path):
     assert runs["bnff"]["saved_activation_bytes"] < runs["eager"]["saved_activation_bytes"]
     assert abs(runs["bnff"]["loss"][0] - runs["eager"]["loss"][0]) < 1e-2 * runs["eager"]["loss"][0]
     assert 0.0 <= runs["bnff"]["test_accuracy"][0] <= 1.0
+
+
+def test_bench_cli_json(tmp_path, capsys):
+    path = tmp_path / "bench.json"
+    rc = cli.main(["bench", "--model", "resnet18", "--batch", "2", "--image-size", "32", "--steps", "2",
+                   "--warmup", "1", "--dtype", "fp32", "--variants", "eager", "bnff", "conv_floor",
+                   "--json", str(path)])
+    assert rc == 0
+    assert "conv_floor" in capsys.readouterr().out
+    res = json.loads(path.read_text())
+    assert set(res["results"]) == {"eager", "bnff", "conv_floor"}
+    for r in res["results"].values():
+        assert r["step_s"] > 0 and r["images_per_s"] == pytest.approx(2 / r["step_s"])
+    assert res["results"]["conv_floor"]["step_over_floor"] == 1.0
+    assert res["ratios"]["bnff_vs_eager"] == pytest.approx(
+        res["results"]["eager"]["step_s"] / res["results"]["bnff"]["step_s"])
+    assert 0 < res["saved_bytes"]["bnff"] < res["saved_bytes"]["eager"]

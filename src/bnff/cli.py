@@ -1,4 +1,4 @@
-"""Command line: ``bnff train`` (side-by-side training) and ``bnff traffic`` (the traffic model)."""
+"""Command line: ``bnff train`` (side-by-side training), ``bnff bench`` (speed) and ``bnff traffic`` (the traffic model)."""
 
 from __future__ import annotations
 
@@ -29,6 +29,35 @@ def _train(args: argparse.Namespace) -> int:
     metrics = train(cfg, ds, out)
     if args.json:
         Path(args.json).write_text(json.dumps(metrics, indent=2))
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from bnff.bench import BenchConfig, run
+    from bnff.traffic.report import write_json
+
+    cfg = BenchConfig(model=args.model, batch=args.batch, image_size=args.image_size, dtype=args.dtype,
+                      steps=args.steps, warmup=args.warmup, variants=tuple(args.variants), backend=args.backend)
+    res = run(cfg)
+    t = Table(title=f"{cfg.model}, batch {cfg.batch}, {cfg.image_size}x{cfg.image_size}, {cfg.dtype}, "
+                    f"median of {cfg.steps} interleaved rounds")
+    for col in ("variant", "step (s)", "images/s", "step / conv floor", "saved activations (MiB)"):
+        t.add_column(col, justify="left" if col == "variant" else "right")
+    for v, r in res["results"].items():
+        saved = res["saved_bytes"].get(v)
+        t.add_row(v, f"{r['step_s']:.3f}", f"{r['images_per_s']:.1f}",
+                  "" if r["step_over_floor"] is None else f"{r['step_over_floor']:.2f}",
+                  "" if saved is None else f"{saved / 2 ** 20:,.1f}")
+    Console().print(t)
+    for k, v in res["ratios"].items():
+        print(f"{k.replace('_', ' ')}: {v:.2f}x images/s")
+    if res["compile_s"] is not None:
+        print(f"torch.compile warm-up (compile time, excluded): {res['compile_s']:.1f} s")
+    if args.json:
+        write_json(args.json, res)
     return 0
 
 
@@ -92,6 +121,23 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", default=None, help="run folder (default runs/MODEL-TIMESTAMP)")
     t.add_argument("--json", default=None, help="also write the metrics JSON here")
     t.set_defaults(func=_train)
+
+    b = sub.add_parser("bench", help="time training steps: eager, torch.compile, bnff and the conv floor",
+                       description="Time full training steps (forward, backward, SGD) of eager PyTorch, torch.compile "
+                                   "and bnff side by side in one process, interleaved after warm-up, plus the conv "
+                                   "floor (the same step's convolutions alone); median step time, images/s, "
+                                   "step / floor and saved-activation bytes.")
+    b.add_argument("--model", default="resnet50", choices=sorted(models.MODELS))
+    b.add_argument("--batch", type=int, default=16)
+    b.add_argument("--image-size", type=int, default=224)
+    b.add_argument("--dtype", choices=["fp32", "bf16"], default="bf16", help="bf16 runs under CPU autocast")
+    b.add_argument("--steps", type=int, default=10, help="timed rounds (one step of every variant each)")
+    b.add_argument("--warmup", type=int, default=2, help="untimed steps per variant first")
+    b.add_argument("--variants", nargs="+", default=["eager", "compile", "bnff", "conv_floor"],
+                   choices=["eager", "compile", "bnff", "conv_floor"])
+    b.add_argument("--backend", default="reference", help="bnff sweep backend")
+    b.add_argument("--json", default=None, help="write the results as JSON here")
+    b.set_defaults(func=_bench)
 
     r = sub.add_parser("traffic", help="model off-chip traffic, footprint and FLOPs of training",
                        description="Analytical model of one training step, layer by layer, for the schemes unfused "

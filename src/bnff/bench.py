@@ -1,0 +1,223 @@
+"""Side-by-side speed of training steps: eager, ``torch.compile``, bnff, and the conv floor (DESIGN.md section 5).
+
+In one process, on one synthetic mini-batch and the same initial weights, ``run`` times full
+training steps (forward, backward, SGD step) of each variant, interleaved round by round after
+warm-up, and reports the median step time and images/s. The *conv floor* is the same step's
+convolutions alone (forward, dgrad, wgrad) on tensors of the same shapes, dtypes and memory
+format: what a perfect fusion of everything else would approach; ``step / floor`` is the overhead.
+``torch.compile``'s compile time (its warm-up steps) is reported separately and excluded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm import tqdm
+
+import bnff
+from bnff import models
+from bnff.memory import saved_activation_bytes
+from bnff.train import training_loss
+
+VARIANTS = ("eager", "compile", "bnff", "conv_floor")
+
+
+@dataclass
+class BenchConfig:
+    """What ``run`` measures.
+
+    Attributes:
+        model: a name of ``bnff.models.MODELS``.
+        batch: mini-batch size.
+        image_size: input height and width (pixels).
+        dtype: "fp32", or "bf16" (CPU autocast to bfloat16).
+        steps: timed rounds; each round times one step of every variant.
+        warmup: untimed steps per variant before the rounds (compile's are its compile time).
+        variants: which of ``VARIANTS`` to run.
+        backend: bnff sweep backend.
+        channels_last: model and input in channels_last (the layout oneDNN convolutions prefer).
+        seed: seed of the weights and the synthetic batch.
+    """
+
+    model: str = "resnet50"
+    batch: int = 16
+    image_size: int = 224
+    dtype: str = "bf16"
+    steps: int = 10
+    warmup: int = 2
+    variants: tuple[str, ...] = VARIANTS
+    backend: str = "reference"
+    channels_last: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.model not in models.MODELS:
+            raise ValueError(f"unknown model {self.model!r}; choose one of {', '.join(sorted(models.MODELS))}")
+        if self.dtype not in ("fp32", "bf16"):
+            raise ValueError(f"dtype must be 'fp32' or 'bf16', got {self.dtype!r}")
+        unknown = [v for v in self.variants if v not in VARIANTS]
+        if unknown or not self.variants:
+            raise ValueError(f"variants must be a non-empty subset of {VARIANTS}, got {self.variants}")
+        if self.steps < 1 or self.warmup < 0 or self.batch < 1:
+            raise ValueError("steps and batch must be >= 1 and warmup >= 0")
+
+
+@dataclass(frozen=True)
+class _ConvCall:
+    """One convolution of the step: shapes and dtypes as it ran (under autocast, in its layout)."""
+
+    x_shape: tuple[int, ...]
+    w_shape: tuple[int, ...]
+    dtype: torch.dtype
+    stride: tuple[int, ...]
+    padding: tuple[int, ...]
+    dilation: tuple[int, ...]
+    groups: int
+    bias: bool
+    dgrad: bool
+
+
+def _conv_calls(model: nn.Module, x: Tensor, amp: bool) -> list[_ConvCall]:
+    """Every nn.Conv2d call of one forward of ``model`` on ``x``."""
+    calls: list[_ConvCall] = []
+
+    def hook(m: nn.Conv2d, args, out: Tensor) -> None:
+        (inp,) = args
+        if isinstance(m.padding, str):
+            raise ValueError("string padding is not supported by the conv floor")
+        calls.append(_ConvCall(tuple(inp.shape), tuple(m.weight.shape), out.dtype, m.stride, m.padding,
+                               m.dilation, m.groups, m.bias is not None, inp.requires_grad))
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, nn.Conv2d)]
+    try:
+        with torch.no_grad(), _autocast(amp):
+            x = x.clone().requires_grad_(False)
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return calls
+
+
+def _autocast(amp: bool):
+    return torch.autocast("cpu", dtype=torch.bfloat16) if amp else contextlib.nullcontext()
+
+
+def _floor_step(calls: list[_ConvCall], memory_format: torch.memory_format, gen: torch.Generator) -> Callable[[], None]:
+    """A step of only the convolutions: forward, then dgrad (where the real step needs it) and wgrad."""
+    data = []
+    for c in calls:
+        x = torch.randn(c.x_shape, generator=gen).to(c.dtype).contiguous(memory_format=memory_format)
+        w = torch.randn(c.w_shape, generator=gen).to(c.dtype).contiguous(memory_format=memory_format)
+        b = torch.zeros(c.w_shape[0], dtype=c.dtype) if c.bias else None
+        y = F.conv2d(x, w, b, c.stride, c.padding, c.dilation, c.groups)
+        gy = torch.randn(y.shape, generator=gen).to(c.dtype).contiguous(memory_format=memory_format)
+        data.append((c, x, w, b, gy))
+
+    def step() -> None:
+        with torch.no_grad():
+            for c, x, w, b, gy in data:
+                F.conv2d(x, w, b, c.stride, c.padding, c.dilation, c.groups)
+            for c, x, w, b, gy in reversed(data):
+                torch.ops.aten.convolution_backward(
+                    gy, x, w, [c.w_shape[0]] if c.bias else None, list(c.stride), list(c.padding),
+                    list(c.dilation), False, [0, 0], c.groups, [c.dgrad, True, c.bias])
+
+    return step
+
+
+def _train_step(model: nn.Module, opt: torch.optim.Optimizer, x: Tensor, y: Tensor, amp: bool) -> Callable[[], None]:
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        with _autocast(amp):
+            out = model(x)
+        training_loss(out, y).backward()
+        opt.step()
+
+    return step
+
+
+def _timed(step: Callable[[], None]) -> float:
+    t0 = time.perf_counter()
+    step()
+    return time.perf_counter() - t0
+
+
+def run(cfg: BenchConfig, progress: bool = True) -> dict:
+    """Measure ``cfg``; see the module docstring.
+
+    Returns:
+        ``{"config": {...}, "results": {variant: {"step_s", "images_per_s", "step_over_floor"}},
+        "ratios": {"bnff_vs_eager", "bnff_vs_compile"}, "compile_s": float | None,
+        "saved_bytes": {variant: int | None}}``; ``step_s`` is the median over the rounds; saved
+        bytes are ``bnff.memory``'s count (None for compile, whose saved tensors include weight casts
+        the counter cannot separate).
+    Raises:
+        ValueError: a bad configuration.
+    """
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    amp = cfg.dtype == "bf16"
+    fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    base = models.MODELS[cfg.model](num_classes=1000).train().to(memory_format=fmt)
+    x = torch.randn(cfg.batch, 3, cfg.image_size, cfg.image_size, generator=gen).contiguous(memory_format=fmt)
+    y = torch.randint(0, 1000, (cfg.batch,), generator=gen)
+
+    steps: dict[str, Callable[[], None]] = {}
+    nets: dict[str, nn.Module] = {}
+    for v in cfg.variants:
+        if v == "conv_floor":
+            steps[v] = _floor_step(_conv_calls(base, x, amp), fmt, gen)
+            continue
+        net = copy.deepcopy(base)
+        if v == "compile":
+            net = torch.compile(net)
+        elif v == "bnff":
+            net = bnff.restructure(net, backend=cfg.backend)
+        nets[v] = net
+        opt = torch.optim.SGD(net.parameters(), lr=1e-4, momentum=0.9)
+        steps[v] = _train_step(net, opt, x, y, amp)
+
+    compile_s = None
+    for v, step in steps.items():
+        t = sum(_timed(step) for _ in range(cfg.warmup))
+        if v == "compile":
+            compile_s = t
+    times: dict[str, list[float]] = {v: [] for v in steps}
+    rounds = tqdm(range(cfg.steps), desc="rounds", disable=not progress, leave=False)
+    for _ in rounds:
+        for v, step in steps.items():
+            rounds.set_postfix_str(v)
+            times[v].append(_timed(step))
+
+    results = {}
+    floor = statistics.median(times["conv_floor"]) if "conv_floor" in times else None
+    for v, ts in times.items():
+        med = statistics.median(ts)
+        results[v] = {"step_s": med, "images_per_s": cfg.batch / med,
+                      "step_over_floor": med / floor if floor else None}
+    ratios = {}
+    if "bnff" in results:
+        for other in ("eager", "compile"):
+            if other in results:
+                ratios[f"bnff_vs_{other}"] = results[other]["step_s"] / results["bnff"]["step_s"]
+    saved: dict[str, int | None] = {}
+    for v, net in nets.items():
+        if v == "compile":  # AOTAutograd saves its graph's tensors, weight casts included, which
+            saved[v] = None  # the hook-based counter cannot tell from activations
+            continue
+        with _autocast(amp):
+            saved[v] = saved_activation_bytes(net, x)
+    return {"config": asdict(cfg), "results": results, "ratios": ratios, "compile_s": compile_s,
+            "saved_bytes": saved}
+
+
+__all__ = ["BenchConfig", "VARIANTS", "run"]

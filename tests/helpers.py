@@ -5,11 +5,21 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 
+import pytest
 import torch
 from torch import Tensor, nn
 
 import bnff
+from bnff.ops import backends
 from bnff.train import training_loss
+
+
+@pytest.fixture(autouse=True, params=backends.available())
+def every_backend(request, monkeypatch):
+    """Run the test once per backend (``reference`` and the fused ``cpu`` kernels): it becomes the
+    default of ``bnff.restructure``. Import this fixture into a test module to apply it there."""
+    monkeypatch.setattr(backends, "_default", request.param)
+    return request.param
 
 
 def rel_err(a: Tensor, b: Tensor, floor: float = 0.0) -> float:
@@ -61,7 +71,7 @@ class StepErrors:
 
 
 def train_side_by_side(model: nn.Module, make_input, steps: int = 3, lr: float = 0.05,
-                       dtype: torch.dtype = torch.float32, backend: str = "reference",
+                       dtype: torch.dtype = torch.float32, backend: str | None = None,
                        autocast: torch.dtype | None = None, channels_last: bool = False) -> list[StepErrors]:
     """Train an eager copy and a restructured copy of ``model`` from the same weights on the same
     fresh random batches with SGD, and return the per-step errors of bnff against eager."""

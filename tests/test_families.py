@@ -18,6 +18,7 @@ import bnff
 from bnff import models
 from bnff.memory import saved_activation_bytes
 from helpers import errors_vs_float64, randomize_bn, rel_err, train_side_by_side
+from helpers import every_backend  # noqa: F401  (each test runs on every backend)
 
 # Small-input variants and the smallest input each handles quickly on 2 cores.
 FAMILIES = {"densenet121": 16, "inception_v3": 32, "mobilenet_v2": 16}
@@ -40,9 +41,10 @@ def test_float64_every_gradient_and_running_stat_exact(name, gen):
         assert max(e.output, e.input_grad, e.param_grad, e.buffers) <= 1e-8, e
 
 
-# Inception-v3 is ~50 BN layers deep in fp32: eager itself is ~9e-6 off float64 in its output and
-# running statistics on these inputs, so two fp32 implementations can differ by twice that.
-FP32_TOL = {"densenet121": 1e-5, "inception_v3": 2e-5, "mobilenet_v2": 1e-5}
+# Inception-v3 (~50 BN layers) and MobileNetV2 (52) are deep in fp32: eager itself is up to ~9e-6
+# (Inception) and ~5e-6 (MobileNetV2, measured over 5 inputs) off float64 in its output on these
+# inputs, so two fp32 implementations can differ by twice that.
+FP32_TOL = {"densenet121": 1e-5, "inception_v3": 2e-5, "mobilenet_v2": 2e-5}
 
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))
@@ -154,7 +156,7 @@ def test_eval_mode_matches_eager_and_skips_statistics(name, gen, monkeypatch):
     model = _model(name, gen)
     eager, fused = copy.deepcopy(model).eval(), bnff.restructure(copy.deepcopy(model)).eval()
     swept = []
-    monkeypatch.setattr(bnff.ops.backends.get("reference"), "channel_stats", lambda c: swept.append(c))
+    monkeypatch.setattr(bnff.ops.backends.get(bnff.ops.backends.default()), "channel_stats", lambda c: swept.append(c))
     x = torch.randn(2, 3, FAMILIES[name], FAMILIES[name], generator=gen)
     before = [b.clone() for b in fused.buffers()]
     with torch.no_grad():

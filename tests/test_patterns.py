@@ -13,6 +13,7 @@ import bnff
 from bnff import models
 from bnff.ops import backends, bn_statistics, feature_statistics
 from helpers import randomize_bn, rel_err, train_side_by_side
+from helpers import every_backend  # noqa: F401  (each test runs on every backend)
 
 C = 8
 
@@ -196,7 +197,7 @@ def test_densenet_statistics_swept_once_per_feature_map(gen, monkeypatch):
                             small_input=True)
     fused = bnff.restructure(model)
     swept = []
-    ref = backends.get("reference")
+    ref = backends.get(backends.default())
     monkeypatch.setattr(ref, "channel_stats", lambda c, f=ref.channel_stats: swept.append(tuple(c.shape)) or f(c))
     fused(torch.randn(2, 3, 6, 6, generator=gen))
     # conv0; the block input (stem output); per layer: conv1 (for norm2) and conv2 (its new features)

@@ -14,7 +14,7 @@ import contextlib
 import copy
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Callable
 
 import torch
@@ -25,6 +25,7 @@ from tqdm import tqdm
 import bnff
 from bnff import models
 from bnff.memory import saved_activation_bytes
+from bnff.ops import backends
 from bnff.train import training_loss
 
 VARIANTS = ("eager", "compile", "bnff", "conv_floor")
@@ -42,7 +43,7 @@ class BenchConfig:
         steps: timed rounds; each round times one step of every variant.
         warmup: untimed steps per variant before the rounds (compile's are its compile time).
         variants: which of ``VARIANTS`` to run.
-        backend: bnff sweep backend.
+        backend: bnff sweep backend (None: ``bnff.ops.backends.default()``).
         channels_last: model and input in channels_last (the layout oneDNN convolutions prefer).
         seed: seed of the weights and the synthetic batch.
     """
@@ -54,7 +55,7 @@ class BenchConfig:
     steps: int = 10
     warmup: int = 2
     variants: tuple[str, ...] = VARIANTS
-    backend: str = "reference"
+    backend: str | None = None
     channels_last: bool = True
     seed: int = 0
 
@@ -98,8 +99,7 @@ def _conv_calls(model: nn.Module, x: Tensor, amp: bool) -> list[_ConvCall]:
 
     handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, nn.Conv2d)]
     try:
-        with torch.no_grad(), _autocast(amp):
-            x = x.clone().requires_grad_(False)
+        with _autocast(amp):  # with autograd on: an input that needs a gradient marks a dgrad
             model(x)
     finally:
         for h in handles:
@@ -163,6 +163,7 @@ def run(cfg: BenchConfig, progress: bool = True) -> dict:
     Raises:
         ValueError: a bad configuration.
     """
+    cfg = replace(cfg, backend=backends.resolve(cfg.backend))
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     amp = cfg.dtype == "bf16"

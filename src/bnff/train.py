@@ -8,7 +8,7 @@ import contextlib
 import copy
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -32,7 +32,7 @@ class TrainConfig:
     batch_size: int = 64
     lr: float = 0.05
     dtype: str = "fp32"
-    backend: str = "reference"
+    backend: str | None = None
     seed: int = 0
     limit_batches: int | None = None
 
@@ -93,6 +93,7 @@ def train(cfg: TrainConfig, data: Dataset, out_dir: Path, log=print) -> dict:
     """
     if cfg.dtype not in ("fp32", "bf16"):
         raise ValueError(f"--dtype must be fp32 or bf16, got {cfg.dtype!r}")
+    cfg = replace(cfg, backend=bnff.ops.backends.resolve(cfg.backend))
     torch.manual_seed(cfg.seed)
     image_size = data.train_x.shape[-1]
     base = build_model(cfg.model, len(data.classes), image_size)

@@ -64,7 +64,7 @@ def _rewritten(model: nn.Module, training: bool, backend: str, leaf_modules: Lea
     return gm, report
 
 
-def restructure(model: nn.Module, backend: str = "reference", leaf_modules: LeafSpec = ()) -> Restructured:
+def restructure(model: nn.Module, backend: str | None = None, leaf_modules: LeafSpec = ()) -> Restructured:
     """Return ``model`` restructured for BN fission-and-fusion training, with identical semantics.
 
     Every BatchNorm2d fed by a convolution is split (seed 002 section 2.2; DESIGN.md section 3):
@@ -80,7 +80,8 @@ def restructure(model: nn.Module, backend: str = "reference", leaf_modules: Leaf
 
     Args:
         model: the network, e.g. ``bnff.models.resnet50()``; inputs (N, C, H, W).
-        backend: sweep backend name (``bnff.ops.backends.available()``).
+        backend: sweep backend name (``bnff.ops.backends.available()``); None: "cpu" (fused C++
+            kernels, built on first use) when it builds, else "reference" with one warning.
         leaf_modules: submodule names, classes or instances not to trace into (kept opaque and
             unfused); submodules fx cannot trace are kept opaque automatically.
     Returns:
@@ -89,7 +90,7 @@ def restructure(model: nn.Module, backend: str = "reference", leaf_modules: Leaf
         ValueError: unknown backend or leaf module name.
         bnff.graph.TraceError: the model's own forward cannot be traced by torch.fx.
     """
-    backends.get(backend)
+    backend = backends.resolve(backend)
     mode = model.training
     try:
         train_gm, report = _rewritten(model, True, backend, leaf_modules)

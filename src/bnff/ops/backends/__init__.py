@@ -2,16 +2,40 @@
 
 A backend is a module exposing ``channel_stats``, ``apply``, ``grad_stats`` and ``input_grad``
 with the signatures of ``bnff.ops.backends.reference``. The autograd logic (``bnff.ops.fused``)
-is written once against this seam; a fast backend only replaces the sweeps.
+is written once against this seam; a fast backend only replaces the sweeps. ``reference`` is
+plain PyTorch (the oracle); ``cpu`` is fused C++ kernels, the default when they build.
 """
 
 from __future__ import annotations
 
 from types import ModuleType
 
-from bnff.ops.backends import reference
+from bnff.ops.backends import cpu, reference
 
-_BACKENDS: dict[str, ModuleType] = {"reference": reference}
+_BACKENDS: dict[str, ModuleType] = {"reference": reference, "cpu": cpu}
+
+
+_default: str | None = None
+
+
+def default() -> str:
+    """The backend ``restructure`` uses when none is named: "cpu" when its kernels build (once
+    per process, then cached by torch), else "reference" (after one warning saying why)."""
+    global _default
+    if _default is None:
+        _default = "cpu" if cpu.available() else "reference"
+    return _default
+
+
+def resolve(name: str | None) -> str:
+    """``name``, or ``default()`` for None, checked.
+
+    Raises:
+        ValueError: ``name`` is not a known backend; the message lists the known ones.
+    """
+    name = default() if name is None else name
+    get(name)
+    return name
 
 
 def get(name: str) -> ModuleType:

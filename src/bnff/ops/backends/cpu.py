@@ -1,0 +1,140 @@
+"""The ``cpu`` backend: the sweeps of ``reference`` as fused C++ kernels (``csrc/bnff_cpu.cpp``).
+
+Each function has the signature and the mathematics of its ``bnff.ops.backends.reference``
+counterpart and makes one pass over its feature maps (channels_last or contiguous NCHW, float32 or
+bfloat16, float32 accumulation), reading a concatenation's feature maps in place. The kernels are
+built with ``torch.utils.cpp_extension`` on first use, cached by torch (``TORCH_EXTENSIONS_DIR``),
+and registered as ``torch.ops.bnff.*`` through ``torch.library`` (with fake implementations, so
+``torch.compile`` can trace around a bnff model). A call the kernels do not cover (float64, mixed
+layouts, non-contiguous tensors) runs the reference sweep; if the build fails, every call does and
+one warning says why.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from bnff.ops.backends import reference
+
+_SOURCE = Path(__file__).parent / "csrc" / "bnff_cpu.cpp"
+_ACT = {None: 0, "relu": 1, "relu6": 2}
+_state: dict[str, object] = {}
+
+
+def _build() -> None:
+    from torch.utils import cpp_extension
+
+    flags = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=fast"]
+    cpp_extension.load(name="bnff_cpu_v4", sources=[str(_SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
+                       is_python_module=False, verbose=bool(os.environ.get("BNFF_VERBOSE_BUILD")))
+    _register_fakes()
+
+
+def _register_fakes() -> None:
+    """Shape-only implementations for torch.compile / meta tensors."""
+
+    def fmt(t: Tensor) -> torch.memory_format:
+        return torch.channels_last if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) \
+            and not t.is_contiguous() else torch.contiguous_format
+
+    @torch.library.register_fake("bnff::channel_stats")
+    def _(x):
+        return x.new_empty(x.shape[1], dtype=torch.float32), x.new_empty(x.shape[1], dtype=torch.float32)
+
+    @torch.library.register_fake("bnff::apply")
+    def _(sources, n_sources, means, f1s, betas, residuals, act, out_dtype):
+        like = residuals[0] if residuals else sources[0]
+        c = sum(s.shape[1] for s in sources[:n_sources[0]]) if n_sources else like.shape[1]
+        return like.new_empty((like.shape[0], c, like.shape[2], like.shape[3]), dtype=out_dtype,
+                              memory_format=fmt(like))
+
+    @torch.library.register_fake("bnff::grad_stats")
+    def _(grad, a, act, sources, n_sources, means):
+        c = grad.shape[1]
+        vecs = [grad.new_empty(c, dtype=torch.float32) for _ in n_sources]
+        return torch.empty_like(grad), vecs, [grad.new_empty(c, dtype=torch.float32) for _ in n_sources]
+
+    @torch.library.register_fake("bnff::input_grad")
+    def _(dy, sources, mean, f1, b, s1):
+        return [torch.empty_like(s) for s in sources]
+
+
+def available() -> bool:
+    """Build (once per process; torch caches the binary) and load the kernels; False if that fails,
+    after one warning naming the reason. ``BNFF_DISABLE_CPU=1`` skips the build."""
+    if "ok" not in _state:
+        if os.environ.get("BNFF_DISABLE_CPU"):
+            _state["ok"], _state["why"] = False, "BNFF_DISABLE_CPU is set"
+        else:
+            try:
+                _build()
+                _state["ok"] = True
+            except Exception as exc:  # compiler missing, headers missing, ...
+                _state["ok"], _state["why"] = False, f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
+                warnings.warn(f"bnff: the cpu backend's kernels could not be built ({_state['why']}); "
+                              f"using the reference backend (plain PyTorch, slower). Set BNFF_VERBOSE_BUILD=1 "
+                              f"to see the compiler output.", RuntimeWarning, stacklevel=2)
+    return bool(_state["ok"])
+
+
+def _layout(t: Tensor) -> str | None:
+    if t.dim() != 4 or t.device.type != "cpu" or t.dtype not in (torch.float32, torch.bfloat16):
+        return None
+    if t.is_contiguous():
+        return "nchw" if not (t.is_contiguous(memory_format=torch.channels_last) and t.stride(1) == 1) else "nhwc"
+    return "nhwc" if t.is_contiguous(memory_format=torch.channels_last) else None
+
+
+def _fast(*tensors: Tensor | None) -> bool:
+    """The kernels cover these tensors: 4-D CPU float32/bfloat16, one layout for all."""
+    layouts = {_layout(t) for t in tensors if t is not None}
+    return len(layouts) == 1 and None not in layouts and available()
+
+
+def _f32(v: Tensor) -> Tensor:
+    return v.detach().to(torch.float32).contiguous()
+
+
+def channel_stats(c: Tensor) -> tuple[Tensor, Tensor]:
+    """``reference.channel_stats`` in one fused sweep."""
+    if not _fast(c):
+        return reference.channel_stats(c)
+    return torch.ops.bnff.channel_stats(c)
+
+
+def apply(sources: list[list[Tensor]], means: list[Tensor], f1s: list[Tensor], betas: list[Tensor | None],
+          residuals: list[Tensor], act: str | None, out_dtype: torch.dtype) -> Tensor:
+    """``reference.apply`` in one fused sweep."""
+    flat = [s for srcs in sources for s in srcs]
+    if out_dtype not in (torch.float32, torch.bfloat16) or not _fast(*flat, *residuals):
+        return reference.apply(sources, means, f1s, betas, residuals, act, out_dtype)
+    return torch.ops.bnff.apply(flat, [len(s) for s in sources], [_f32(m) for m in means], [_f32(f) for f in f1s],
+                                [torch.zeros_like(_f32(f)) if b is None else _f32(b) for b, f in zip(betas, f1s)],
+                                residuals, _ACT[act], out_dtype)
+
+
+def grad_stats(g_a: Tensor, a: Tensor | None, act: str | None, sources: list[list[Tensor]],
+               means: list[Tensor]) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+    """``reference.grad_stats`` in one fused sweep; dy keeps ``g_a``'s dtype (dz * mask is exact in it)."""
+    flat = [s for srcs in sources for s in srcs]
+    if not _fast(g_a, a if act is not None else None, *flat):
+        return reference.grad_stats(g_a, a, act, sources, means)
+    dy, s1s, s2cs = torch.ops.bnff.grad_stats(g_a, a if act is not None else None, _ACT[act], flat,
+                                              [len(s) for s in sources], [_f32(m) for m in means])
+    return dy, list(s1s), list(s2cs)
+
+
+def input_grad(dy: Tensor, sources: list[Tensor], mean: Tensor, f1: Tensor, b: Tensor | None,
+               s1: Tensor) -> list[Tensor]:
+    """``reference.input_grad`` in one fused sweep, written straight onto each source map."""
+    if not _fast(dy, *sources):
+        return reference.input_grad(dy, sources, mean, f1, b, s1)
+    return list(torch.ops.bnff.input_grad(dy, sources, _f32(mean), _f32(f1), None if b is None else _f32(b), _f32(s1)))
+
+
+__all__ = ["apply", "available", "channel_stats", "grad_stats", "input_grad"]

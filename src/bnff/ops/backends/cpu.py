@@ -96,6 +96,14 @@ def _fast(*tensors: Tensor | None) -> bool:
     return len(layouts) == 1 and None not in layouts and available()
 
 
+def _like_layout(t: Tensor | None, ref: Tensor) -> Tensor | None:
+    """``t`` in ``ref``'s layout (a copy only if it differs: e.g. the NCHW gradient an average pool
+    hands back to channels_last feature maps)."""
+    if t is None or _layout(t) == _layout(ref) or _layout(ref) is None:
+        return t
+    return t.contiguous(memory_format=torch.channels_last if _layout(ref) == "nhwc" else torch.contiguous_format)
+
+
 def _f32(v: Tensor) -> Tensor:
     return v.detach().to(torch.float32).contiguous()
 
@@ -122,6 +130,8 @@ def grad_stats(g_a: Tensor, a: Tensor | None, act: str | None, sources: list[lis
                means: list[Tensor]) -> tuple[Tensor, list[Tensor], list[Tensor]]:
     """``reference.grad_stats`` in one fused sweep; dy keeps ``g_a``'s dtype (dz * mask is exact in it)."""
     flat = [s for srcs in sources for s in srcs]
+    if flat:
+        g_a, a = _like_layout(g_a, flat[0]), _like_layout(a, flat[0])
     if not _fast(g_a, a if act is not None else None, *flat):
         return reference.grad_stats(g_a, a, act, sources, means)
     dy, s1s, s2cs = torch.ops.bnff.grad_stats(g_a, a if act is not None else None, _ACT[act], flat,
@@ -132,6 +142,7 @@ def grad_stats(g_a: Tensor, a: Tensor | None, act: str | None, sources: list[lis
 def input_grad(dy: Tensor, sources: list[Tensor], mean: Tensor, f1: Tensor, b: Tensor | None,
                s1: Tensor) -> list[Tensor]:
     """``reference.input_grad`` in one fused sweep, written straight onto each source map."""
+    dy = _like_layout(dy, sources[0])
     if not _fast(dy, *sources):
         return reference.input_grad(dy, sources, mean, f1, b, s1)
     return list(torch.ops.bnff.input_grad(dy, sources, _f32(mean), _f32(f1), None if b is None else _f32(b), _f32(s1)))

@@ -156,7 +156,7 @@ inline void masked_row(const float* g, const float* a, float* d, int64_t n, int6
 
 // ---- channel_stats ------------------------------------------------------------------------------
 // Welford/Chan: each block of rows (in cache) gives its mean and M2 = sum (x - mean_b)^2 by two
-// passes with double accumulators; blocks merge in double with Chan's formula. As accurate as ATen's
+// passes; blocks merge in double with Chan's formula. As accurate as ATen's
 // var_mean; the raw one-sweep sum x^2 / m - mu^2, even on shifted data, is ~10x worse.
 struct Moments {
   double n = 0, mean = 0, m2 = 0;
@@ -173,37 +173,41 @@ constexpr int64_t kBlock = 32;  // rows per block (channels_last)
 
 template <typename T>
 void stats_cl(const T* x, const Geo& g, double* mean, double* var) {
+  // Per block of rows (in L1/L2): its float32 mean (full-width float loop), then the sum of
+  // d = x - mean_b and of d^2 in double (centered values: nothing cancels); blocks merge in double.
   const int64_t C = g.c, rows = g.m(), nc = n_chunks(rows);
   std::vector<Moments> part(nc * C);
   at::parallel_for(0, nc, 1, [&](int64_t b, int64_t e) {
-    std::vector<float> blk(kBlock * C), mb(C);
-    std::vector<double> sum(C), m2(C);
+    std::vector<float> blk(kBlock * C), sum(C), mb(C);
+    std::vector<double> sd(C), m2(C);
     for (int64_t ch = b; ch < e; ++ch) {
       const int64_t r0 = ch * rows / nc, r1 = (ch + 1) * rows / nc;
       for (int64_t rb = r0; rb < r1; rb += kBlock) {
         const int64_t nb = std::min(r1, rb + kBlock) - rb;
-        std::fill(sum.begin(), sum.end(), 0.0);
+        std::fill(sum.begin(), sum.end(), 0.f);
+        std::fill(sd.begin(), sd.end(), 0.0);
         std::fill(m2.begin(), m2.end(), 0.0);
+        const float* xr[kBlock];
         for (int64_t i = 0; i < nb; ++i) {
-          const float* xr = row(x, (rb + i) * C, C, blk.data() + i * C);
-          if (xr != blk.data() + i * C) std::memcpy(blk.data() + i * C, xr, C * sizeof(float));
+          xr[i] = row(x, (rb + i) * C, C, blk.data() + i * C);
+          const float* p = xr[i];
 #pragma omp simd
-          for (int64_t c = 0; c < C; ++c) sum[c] += blk[i * C + c];
+          for (int64_t c = 0; c < C; ++c) sum[c] += p[c];
         }
+        const float inv = 1.f / nb;
 #pragma omp simd
-        for (int64_t c = 0; c < C; ++c) mb[c] = static_cast<float>(sum[c] / nb);
-        for (int64_t i = 0; i < nb; ++i) {
+        for (int64_t c = 0; c < C; ++c) mb[c] = sum[c] * inv;
+        for (int64_t i = 0; i < nb; ++i) {  // d = x - mb; sum d corrects mb's rounding
+          const float* p = xr[i];
 #pragma omp simd
           for (int64_t c = 0; c < C; ++c) {
-            const double d = static_cast<double>(blk[i * C + c] - mb[c]);
+            const double d = p[c] - mb[c];
+            sd[c] += d;
             m2[c] += d * d;
           }
         }
-        // M2 about the rounded block mean mb, moved to the exact one: m2 - nb (sum/nb - mb)^2
-        for (int64_t c = 0; c < C; ++c) {
-          const double m = sum[c] / nb, off = m - mb[c];
-          part[ch * C + c].merge(nb, m, std::max(0.0, m2[c] - nb * off * off));
-        }
+        for (int64_t c = 0; c < C; ++c)
+          part[ch * C + c].merge(nb, mb[c] + sd[c] / nb, std::max(0.0, m2[c] - sd[c] * sd[c] / nb));
       }
     }
   });

@@ -50,8 +50,8 @@ def _register_fakes() -> None:
     def _(sources, n_sources, means, f1s, betas, residuals, act, out_dtype):
         like = residuals[0] if residuals else sources[0]
         c = sum(s.shape[1] for s in sources[:n_sources[0]]) if n_sources else like.shape[1]
-        return like.new_empty((like.shape[0], c, like.shape[2], like.shape[3]), dtype=out_dtype,
-                              memory_format=fmt(like))
+        return torch.empty((like.shape[0], c, like.shape[2], like.shape[3]), dtype=out_dtype, device=like.device,
+                           memory_format=fmt(like))
 
     @torch.library.register_fake("bnff::grad_stats")
     def _(grad, a, act, sources, n_sources, means):

@@ -49,6 +49,13 @@ def test_sweeps_match_reference(fmt, dtype, act, gen):
                            reference.input_grad(dy_ref, [x1, x2], means[0], f1s[0], b, s1_ref[0]), [x1, x2]):
         assert d.shape == x.shape and d.dtype == x.dtype and d.is_contiguous(memory_format=fmt)
         assert rel_err(d, d_ref) <= tol
+    # one term, no shortcut: the mask recomputed from x, dy never written
+    lone = ([x1, x2], means[0], f1s[0], betas[0], dtype)
+    s1x, s2x = cpu.grad_stats_x(g, act, *lone)
+    s1x_ref, s2x_ref = reference.grad_stats_x(g, act, *lone)
+    assert rel_err(s1x, s1x_ref) <= 1e-5 and rel_err(s2x, s2x_ref) <= 1e-5
+    for d, d_ref in zip(cpu.input_grad_x(g, act, *lone, b, s1x_ref), reference.input_grad_x(g, act, *lone, b, s1x_ref)):
+        assert d.is_contiguous(memory_format=fmt) and rel_err(d, d_ref) <= tol
 
 
 def test_mixed_layouts_and_float64_are_handled(gen):

@@ -234,7 +234,16 @@ class _ApplyConsume(torch.autograd.Function):
             a = kept
             if a is None and spec.act is not None:  # the mask, recomputed from x (no shortcut)
                 a = _apply(be, spec, terms, f1s, residuals, ctx.out_dtype)
-        dy, s1s, s2cs = be.grad_stats(g_a, a, spec.act, [t.sources for t in terms], [t.mean for t in terms])
+        # one BN and no shortcut: nobody else needs dy, so neither sweep writes it; both recompute the
+        # mask from x, which they read anyway (for S2, for dx)
+        lone = len(terms) == 1 and not residuals
+        if lone:
+            del a
+            t0 = terms[0]
+            s1, s2c = be.grad_stats_x(g_a, spec.act, t0.sources, t0.mean, f1s[0], t0.beta, ctx.out_dtype)
+            dy, s1s, s2cs = None, [s1], [s2c]
+        else:
+            dy, s1s, s2cs = be.grad_stats(g_a, a, spec.act, [t.sources for t in terms], [t.mean for t in terms])
         grads: list[Tensor | None] = []
         for k, (term, ts) in enumerate(zip(terms, spec.terms)):
             i, n_src = term.start, ts.n_sources
@@ -243,7 +252,11 @@ class _ApplyConsume(torch.autograd.Function):
             dgamma = dbeta = None
             if need_x:
                 b = bn_math.backward_coefficient(term.var, f1s[k], s2cs[k], ts.eps) if ts.batch else None
-                dxs = be.input_grad(dy, term.sources, term.mean, f1s[k], b, s1s[k])
+                if lone:
+                    dxs = be.input_grad_x(g_a, spec.act, term.sources, term.mean, f1s[k], term.beta, ctx.out_dtype,
+                                          b, s1s[k])
+                else:
+                    dxs = be.input_grad(dy, term.sources, term.mean, f1s[k], b, s1s[k])
             if need_g or need_b:
                 m = term.sources[0].numel() // term.sources[0].shape[1]
                 dgamma, dbeta = bn_math.affine_grads(term.var, s1s[k], s2cs[k], m, ts.eps)

@@ -59,6 +59,15 @@ def _register_fakes() -> None:
         vecs = [grad.new_empty(c, dtype=torch.float32) for _ in n_sources]
         return torch.empty_like(grad), vecs, [grad.new_empty(c, dtype=torch.float32) for _ in n_sources]
 
+    @torch.library.register_fake("bnff::grad_stats_x")
+    def _(grad, sources, mean, f1, beta, act, out_dtype):
+        c = grad.shape[1]
+        return grad.new_empty(c, dtype=torch.float32), grad.new_empty(c, dtype=torch.float32)
+
+    @torch.library.register_fake("bnff::input_grad_x")
+    def _(grad, sources, mean, f1, beta, act, out_dtype, b, s1):
+        return [torch.empty_like(s) for s in sources]
+
     @torch.library.register_fake("bnff::input_grad")
     def _(dy, sources, mean, f1, b, s1):
         return [torch.empty_like(s) for s in sources]
@@ -139,6 +148,28 @@ def grad_stats(g_a: Tensor, a: Tensor | None, act: str | None, sources: list[lis
     return dy, list(s1s), list(s2cs)
 
 
+def grad_stats_x(g_a: Tensor, act: str | None, sources: list[Tensor], mean: Tensor, f1: Tensor,
+                 beta: Tensor | None, out_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """``reference.grad_stats_x`` in one sweep: reads g_a and x, writes nothing but S1, S2c."""
+    g_a = _like_layout(g_a, sources[0])
+    if out_dtype not in (torch.float32, torch.bfloat16) or not _fast(g_a, *sources):
+        return reference.grad_stats_x(g_a, act, sources, mean, f1, beta, out_dtype)
+    return tuple(torch.ops.bnff.grad_stats_x(g_a, sources, _f32(mean), _f32(f1),
+                                             torch.zeros_like(_f32(f1)) if beta is None else _f32(beta),
+                                             _ACT[act], out_dtype))
+
+
+def input_grad_x(g_a: Tensor, act: str | None, sources: list[Tensor], mean: Tensor, f1: Tensor,
+                 beta: Tensor | None, out_dtype: torch.dtype, b: Tensor | None, s1: Tensor) -> list[Tensor]:
+    """``reference.input_grad_x`` in one sweep: reads g_a and x, writes dx onto each source map."""
+    g_a = _like_layout(g_a, sources[0])
+    if out_dtype not in (torch.float32, torch.bfloat16) or not _fast(g_a, *sources):
+        return reference.input_grad_x(g_a, act, sources, mean, f1, beta, out_dtype, b, s1)
+    return list(torch.ops.bnff.input_grad_x(g_a, sources, _f32(mean), _f32(f1),
+                                            torch.zeros_like(_f32(f1)) if beta is None else _f32(beta), _ACT[act],
+                                            out_dtype, None if b is None else _f32(b), _f32(s1)))
+
+
 def input_grad(dy: Tensor, sources: list[Tensor], mean: Tensor, f1: Tensor, b: Tensor | None,
                s1: Tensor) -> list[Tensor]:
     """``reference.input_grad`` in one fused sweep, written straight onto each source map."""
@@ -148,4 +179,4 @@ def input_grad(dy: Tensor, sources: list[Tensor], mean: Tensor, f1: Tensor, b: T
     return list(torch.ops.bnff.input_grad(dy, sources, _f32(mean), _f32(f1), None if b is None else _f32(b), _f32(s1)))
 
 
-__all__ = ["apply", "available", "channel_stats", "grad_stats", "input_grad"]
+__all__ = ["apply", "available", "channel_stats", "grad_stats", "grad_stats_x", "input_grad", "input_grad_x"]

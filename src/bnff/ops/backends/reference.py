@@ -117,6 +117,25 @@ def grad_stats(g_a: Tensor, a: Tensor | None, act: str | None, sources: list[lis
     return dy, s1s, s2cs
 
 
+def grad_stats_x(g_a: Tensor, act: str | None, sources: list[Tensor], mean: Tensor, f1: Tensor,
+                 beta: Tensor | None, out_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """``grad_stats`` for one BN term without shortcut, the activation mask recomputed from x
+    (``apply`` in ``out_dtype``) instead of read from a saved a, and dy not returned (nobody else
+    needs it). Returns (S1, S2c), each (C,)."""
+    a = apply([sources], [mean], [f1], [beta], [], act, out_dtype)
+    _, s1s, s2cs = grad_stats(g_a, a, act, [sources], [mean])
+    return s1s[0], s2cs[0]
+
+
+def input_grad_x(g_a: Tensor, act: str | None, sources: list[Tensor], mean: Tensor, f1: Tensor,
+                 beta: Tensor | None, out_dtype: torch.dtype, b: Tensor | None, s1: Tensor) -> list[Tensor]:
+    """``input_grad`` for one BN term without shortcut, from the gradient g_a of a and the mask
+    recomputed from x (dy = g_a * act'(a) is formed on the fly, never stored)."""
+    a = apply([sources], [mean], [f1], [beta], [], act, out_dtype)
+    dy, _, _ = grad_stats(g_a, a, act, [sources], [mean])
+    return input_grad(dy, sources, mean, f1, b, s1)
+
+
 def input_grad(dy: Tensor, sources: list[Tensor], mean: Tensor, f1: Tensor, b: Tensor | None,
                s1: Tensor) -> list[Tensor]:
     """Step 2 of the backward: dx = F1 * dy + B * (x - mu) - F1 * S1 (seed 002 eq. 12, centered).

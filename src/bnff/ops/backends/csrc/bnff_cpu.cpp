@@ -7,6 +7,8 @@
 //                  of every input, one write of a
 //   grad_stats     step 1 backward: dy = g * act'(a), S1 = sum dy / m, S2c = sum dy (x - mu) / m
 //   input_grad     step 2 backward: dx = F1 dy + B (x - mu) - F1 S1, written onto each source map
+//   grad_stats_x, input_grad_x  the same two for a lone BN term without shortcut, dy never written:
+//                  each sweep recomputes the activation mask from x, which it reads anyway
 // A BN input may be several source maps (DenseNet ICF): they are read in place, never concatenated.
 // Layouts: every tensor of a call either channels_last (rows of C channels) or contiguous NCHW
 // (planes of H*W); the Python side checks and falls back to the reference otherwise.
@@ -468,6 +470,13 @@ std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>> grad_stats(
   return {dy, s1s, s2s};
 }
 
+// sums / m as a float (C,) tensor
+Tensor per_channel(const std::vector<double>& sums, const Geo& g, const Tensor& like) {
+  Tensor t = at::empty({g.c}, like.options().dtype(at::kFloat));
+  for (int64_t c = 0; c < g.c; ++c) t.data_ptr<float>()[c] = static_cast<float>(sums[c] / g.m());
+  return t;
+}
+
 // ---- input_grad ---------------------------------------------------------------------------------
 // dx_j = F1 dy + B (x_j - mu) - F1 S1 on source j's channels [off, off + C_j) (vectors offset there).
 inline void dx_row(const float* dy, const float* x, float* z, const float* f1, const float* b, const float* mu,
@@ -541,6 +550,180 @@ std::vector<Tensor> input_grad(const Tensor& dy, at::TensorList sources, const T
   return out;
 }
 
+// ---- the backward of a lone BN feeding consumers, without dy ----------------------------------------
+// For a group of one BN term and no shortcut (patterns (2), (3), DenseNet's ICF), dy = g * act'(a)
+// need not be written: both backward sweeps recompute the mask from x (which they read anyway for
+// S2 and for dx) instead of reading a and a written dy. Mode kStats reduces S1, S2c; mode kDx writes
+// dx = F1 dy + B (x - mu) - F1 S1 onto each source map.
+// Round a float row to the stored element type's precision (the mask must be the stored value's:
+// 5.99f stored as bfloat16 is 6, outside ReLU6's open interval).
+inline void round_bf16_row(float* z, int64_t n) {
+  u32a* __restrict u = reinterpret_cast<u32a*>(z);
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t v = u[i];
+    uint32_t r = ((v + 0x7FFFu + ((v >> 16) & 1u)) >> 16) << 16;
+    u[i] = ((v & 0x7FFFFFFFu) > 0x7F800000u) ? v : r;
+  }
+}
+
+enum Mode { kStats = 0, kDx = 1 };
+
+struct TermBwd {  // one BN term's per-channel vectors (C,), offset by each source's .off
+  const float *mu, *f1, *beta, *b, *k0;
+  int64_t act;
+  bool round_bf16;
+};
+
+template <typename TG>
+void term_backward_cl(const TG* gp, const std::vector<Src>& srcs, const std::vector<void*>& dxs, const TermBwd& t,
+                      const Geo& g, Mode mode, std::vector<double>& s1, std::vector<double>& s2) {
+  const int64_t C = g.c, rows = g.m();
+  const int64_t nc = mode == kStats ? n_chunks(rows) : std::min<int64_t>(rows, 8 * at::get_num_threads());
+  std::vector<double> p1(mode == kStats ? nc * C : 0, 0.0), p2(mode == kStats ? nc * C : 0, 0.0);
+  at::parallel_for(0, nc, 1, [&](int64_t b, int64_t e) {
+    std::vector<float> z(C), d(C), gb(C), xbuf(C), a1(C), a2(C), out(C);
+    std::vector<const float*> xs(srcs.size());
+    for (int64_t ch = b; ch < e; ++ch) {
+      const int64_t r0 = ch * rows / nc, r1 = (ch + 1) * rows / nc;
+      for (int64_t blk = r0; blk < r1; blk += 32) {
+        std::fill(a1.begin(), a1.end(), 0.f);
+        std::fill(a2.begin(), a2.end(), 0.f);
+        for (int64_t r = blk; r < std::min(r1, blk + 32); ++r) {
+          for (size_t j = 0; j < srcs.size(); ++j) {
+            const Src& s = srcs[j];
+            xs[j] = row(s, r * s.c, s.c, xbuf.data() + s.off);
+            const float* xr = xs[j];
+            float* zz = z.data() + s.off;
+#pragma omp simd
+            for (int64_t c = 0; c < s.c; ++c) zz[c] = (xr[c] - t.mu[s.off + c]) * t.f1[s.off + c] + t.beta[s.off + c];
+          }
+          activate_row(z.data(), C, t.act);
+          if (t.round_bf16) round_bf16_row(z.data(), C);
+          masked_row(row(gp, r * C, C, gb.data()), z.data(), d.data(), C, t.act);
+          if (mode == kStats) {
+#pragma omp simd
+            for (int64_t c = 0; c < C; ++c) a1[c] += d[c];
+            for (size_t j = 0; j < srcs.size(); ++j) {
+              const Src& s = srcs[j];
+              const float* xr = xs[j];
+#pragma omp simd
+              for (int64_t c = 0; c < s.c; ++c) a2[s.off + c] += d[s.off + c] * (xr[c] - t.mu[s.off + c]);
+            }
+          } else {
+            for (size_t j = 0; j < srcs.size(); ++j) {
+              const Src& s = srcs[j];
+              dx_row(d.data() + s.off, xs[j], out.data(), t.f1 + s.off, t.b ? t.b + s.off : nullptr, t.mu + s.off,
+                     t.k0 + s.off, s.c);
+              if (s.bf16) put(static_cast<at::BFloat16*>(dxs[j]), r * s.c, s.c, out.data());
+              else put(static_cast<float*>(dxs[j]), r * s.c, s.c, out.data());
+            }
+          }
+        }
+        if (mode == kStats) {
+          for (int64_t c = 0; c < C; ++c) {
+            p1[ch * C + c] += a1[c];
+            p2[ch * C + c] += a2[c];
+          }
+        }
+      }
+    }
+  });
+  if (mode == kStats) {
+    s1.assign(C, 0.0);
+    s2.assign(C, 0.0);
+    for (int64_t ch = 0; ch < nc; ++ch)
+      for (int64_t c = 0; c < C; ++c) {
+        s1[c] += p1[ch * C + c];
+        s2[c] += p2[ch * C + c];
+      }
+  }
+}
+
+template <typename TG>
+void term_backward_nchw(const TG* gp, const std::vector<Src>& srcs, const std::vector<void*>& dxs,
+                        const TermBwd& t, const Geo& g, Mode mode, std::vector<double>& s1, std::vector<double>& s2) {
+  const int64_t C = g.c, HW = g.hw;
+  s1.assign(C, 0.0);
+  s2.assign(C, 0.0);
+  at::parallel_for(0, C, 1, [&](int64_t b, int64_t e) {
+    std::vector<float> z(HW), d(HW), gb(HW), xb(HW), out(HW);
+    for (int64_t c = b; c < e; ++c) {
+      size_t j = 0;
+      while (c >= srcs[j].off + srcs[j].c) ++j;
+      const Src& s = srcs[j];
+      const float mu = t.mu[c], f1 = t.f1[c], beta = t.beta[c];
+      double t1 = 0, t2 = 0;
+      for (int64_t n = 0; n < g.n; ++n) {
+        const int64_t xo = (n * s.c + (c - s.off)) * HW;
+        const float* xr = row(s, xo, HW, xb.data());
+#pragma omp simd
+        for (int64_t i = 0; i < HW; ++i) z[i] = (xr[i] - mu) * f1 + beta;
+        activate_row(z.data(), HW, t.act);
+        if (t.round_bf16) round_bf16_row(z.data(), HW);
+        masked_row(row(gp, (n * C + c) * HW, HW, gb.data()), z.data(), d.data(), HW, t.act);
+        if (mode == kStats) {
+          double a1 = 0, a2 = 0;
+#pragma omp simd reduction(+ : a1, a2)
+          for (int64_t i = 0; i < HW; ++i) {
+            a1 += d[i];
+            a2 += d[i] * (xr[i] - mu);
+          }
+          t1 += a1;
+          t2 += a2;
+        } else {
+          const float B = t.b ? t.b[c] : 0.f, K = t.b ? t.k0[c] : 0.f;
+#pragma omp simd
+          for (int64_t i = 0; i < HW; ++i) out[i] = f1 * d[i] + B * (xr[i] - mu) - K;
+          if (s.bf16) put(static_cast<at::BFloat16*>(dxs[j]), xo, HW, out.data());
+          else put(static_cast<float*>(dxs[j]), xo, HW, out.data());
+        }
+      }
+      s1[c] = t1;
+      s2[c] = t2;
+    }
+  });
+}
+
+// sources, mean, F1, beta of the term; act; the applied tensor's dtype (for the mask's rounding).
+std::tuple<Tensor, Tensor> grad_stats_x(const Tensor& grad, at::TensorList sources, const Tensor& mean,
+                                        const Tensor& f1, const Tensor& beta, int64_t act, at::ScalarType out_dtype) {
+  Geo g = geo_of(grad);
+  auto terms = terms_of(sources, {static_cast<int64_t>(sources.size())});
+  TermBwd t{mean.data_ptr<float>(), f1.data_ptr<float>(), beta.data_ptr<float>(), nullptr, nullptr, act,
+            out_dtype == at::kBFloat16};
+  std::vector<double> s1, s2;
+  std::vector<void*> none;
+  typed(grad, [&](auto* gp) {
+    if (g.cl) term_backward_cl(gp, terms[0], none, t, g, kStats, s1, s2);
+    else term_backward_nchw(gp, terms[0], none, t, g, kStats, s1, s2);
+  });
+  return {per_channel(s1, g, grad), per_channel(s2, g, grad)};
+}
+
+std::vector<Tensor> input_grad_x(const Tensor& grad, at::TensorList sources, const Tensor& mean, const Tensor& f1,
+                                 const Tensor& beta, int64_t act, at::ScalarType out_dtype,
+                                 const std::optional<Tensor>& b, const Tensor& s1) {
+  Geo g = geo_of(grad);
+  auto terms = terms_of(sources, {static_cast<int64_t>(sources.size())});
+  Tensor k0 = (f1 * s1).contiguous();
+  TermBwd t{mean.data_ptr<float>(), f1.data_ptr<float>(), beta.data_ptr<float>(),
+            b ? b->data_ptr<float>() : nullptr, k0.data_ptr<float>(), act, out_dtype == at::kBFloat16};
+  auto fmt = g.cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  std::vector<Tensor> out;
+  std::vector<void*> ptrs;
+  for (const Tensor& x : sources) {
+    out.push_back(at::empty(x.sizes(), x.options(), fmt));
+    ptrs.push_back(out.back().data_ptr());
+  }
+  std::vector<double> s1d, s2d;
+  typed(grad, [&](auto* gp) {
+    if (g.cl) term_backward_cl(gp, terms[0], ptrs, t, g, kDx, s1d, s2d);
+    else term_backward_nchw(gp, terms[0], ptrs, t, g, kDx, s1d, s2d);
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(bnff, m) {
@@ -550,6 +733,10 @@ TORCH_LIBRARY(bnff, m) {
   m.def("grad_stats(Tensor grad, Tensor? a, int act, Tensor[] sources, int[] n_sources, Tensor[] means) "
         "-> (Tensor, Tensor[], Tensor[])");
   m.def("input_grad(Tensor dy, Tensor[] sources, Tensor mean, Tensor f1, Tensor? b, Tensor s1) -> Tensor[]");
+  m.def("grad_stats_x(Tensor grad, Tensor[] sources, Tensor mean, Tensor f1, Tensor beta, int act, "
+        "ScalarType out_dtype) -> (Tensor, Tensor)");
+  m.def("input_grad_x(Tensor grad, Tensor[] sources, Tensor mean, Tensor f1, Tensor beta, int act, "
+        "ScalarType out_dtype, Tensor? b, Tensor s1) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(bnff, CPU, m) {
@@ -557,4 +744,6 @@ TORCH_LIBRARY_IMPL(bnff, CPU, m) {
   m.impl("apply", &apply);
   m.impl("grad_stats", &grad_stats);
   m.impl("input_grad", &input_grad);
+  m.impl("grad_stats_x", &grad_stats_x);
+  m.impl("input_grad_x", &input_grad_x);
 }

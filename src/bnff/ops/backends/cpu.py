@@ -5,9 +5,10 @@ counterpart and makes one pass over its feature maps (channels_last or contiguou
 bfloat16, float32 accumulation), reading a concatenation's feature maps in place. The kernels are
 built with ``torch.utils.cpp_extension`` on first use, cached by torch (``TORCH_EXTENSIONS_DIR``),
 and registered as ``torch.ops.bnff.*`` through ``torch.library`` (with fake implementations, so
-``torch.compile`` can trace around a bnff model). A call the kernels do not cover (float64, mixed
-layouts, non-contiguous tensors) runs the reference sweep; if the build fails, every call does and
-one warning says why.
+``torch.compile`` can trace around a bnff model). A gradient in another layout than its feature
+maps is converted first; a call the kernels do not cover (float64, feature maps in mixed or
+non-contiguous layouts) runs the reference sweep; if the build fails, every call does and one
+warning says why.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ def _build() -> None:
     from torch.utils import cpp_extension
 
     flags = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=fast"]
-    cpp_extension.load(name="bnff_cpu_v4", sources=[str(_SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
+    cpp_extension.load(name="bnff_cpu", sources=[str(_SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
                        is_python_module=False, verbose=bool(os.environ.get("BNFF_VERBOSE_BUILD")))
     _register_fakes()
 

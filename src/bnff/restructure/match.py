@@ -64,13 +64,16 @@ class Group:
         """The last node of the apply chain (before the consumers)."""
         return self.act or self.add or self.terms[0].bn
 
+    def members(self) -> list[fx.Node]:
+        """The nodes the fused operator absorbs: the BNs, the concatenations only they use, the add
+        and the activation (not the consumers, which still run as layers)."""
+        nodes = [t.bn for t in self.terms] + [n for n in (self.add, self.act) if n is not None]
+        return nodes + [t.cat for t in self.terms if t.cat is not None and len(t.cat.users) == 1]
+
     def replaced(self) -> list[fx.Node]:
-        """Nodes the fused operator replaces, in graph order: the BNs, the concatenations only they
-        use, the add, the activation and the consumers."""
-        nodes = [t.bn for t in self.terms] + [n for n in (self.add, self.act) if n is not None] + self.consumers
-        nodes += [t.cat for t in self.terms if t.cat is not None and len(t.cat.users) == 1]
+        """Nodes the fused operator replaces, in graph order: its ``members()`` and the consumers."""
         order = {n: i for i, n in enumerate(self.output.graph.nodes)}
-        return sorted(nodes, key=order.__getitem__)
+        return sorted(self.members() + self.consumers, key=order.__getitem__)
 
     @property
     def pattern(self) -> str:

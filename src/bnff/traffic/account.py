@@ -318,9 +318,7 @@ def account(lg: LayerGraph, groups: list[Group], scheme: str, a: Assumptions) ->
     outputs: set[fx.Node] = set()
     if scheme != "unfused":
         for g in groups:
-            members.update(t.bn for t in g.terms)
-            members.update(n for n in (g.add, g.act) if n is not None)
-            members.update(t.cat for t in g.terms if t.cat is not None and len(t.cat.users) == 1)
+            members.update(g.members())
             outputs.add(g.output)
     for layer in lg.layers:
         if layer.node not in members:

@@ -98,9 +98,7 @@ def footprint(lg: LayerGraph, groups: list[Group], scheme: str, a: Assumptions) 
     members: set[fx.Node] = set()
     fed: set[fx.Node] = set()  # consumers whose input a fused group recomputes
     for g in groups if fused else ():
-        members.update(t.bn for t in g.terms)
-        members.update(n for n in (g.add, g.act) if n is not None)
-        members.update(t.cat for t in g.terms if t.cat is not None and len(t.cat.users) == 1)
+        members.update(g.members())
         fed.update(g.consumers)
     if a.footprint == "all_outputs":
         materialized = {g.output for g in groups if fused and not g.consumers}

@@ -29,19 +29,9 @@ using at::Tensor;
 typedef uint32_t __attribute__((may_alias)) u32a;
 typedef uint16_t __attribute__((may_alias)) u16a;
 
-inline float ld(const float* p, int64_t i) { return p[i]; }
-inline float ld(const at::BFloat16* p, int64_t i) {
-  uint32_t u = static_cast<uint32_t>(reinterpret_cast<const u16a*>(p)[i]) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-inline void st(float* p, int64_t i, float v) { p[i] = v; }
-inline void st(at::BFloat16* p, int64_t i, float v) {  // round to nearest even, NaN kept
-  uint32_t u;
-  std::memcpy(&u, &v, 4);
-  uint32_t r = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-  reinterpret_cast<u16a*>(p)[i] = ((u & 0x7FFFFFFFu) > 0x7F800000u) ? uint16_t(0x7FC0) : uint16_t(r);
+// float -> bfloat16 bits, rounded to nearest even; NaN stays (a quiet) NaN.
+inline uint16_t bf16_bits(uint32_t u) {
+  return ((u & 0x7FFFFFFFu) > 0x7F800000u) ? uint16_t(0x7FC0) : uint16_t((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
 }
 
 // n elements from p + i as float: the data itself for float32, else converted into buf.
@@ -59,11 +49,7 @@ inline void put(at::BFloat16* p, int64_t i, int64_t n, const float* z) {
   const u32a* __restrict s = reinterpret_cast<const u32a*>(z);
   u16a* __restrict d = reinterpret_cast<u16a*>(p) + i;
 #pragma omp simd
-  for (int64_t k = 0; k < n; ++k) {
-    uint32_t u = s[k];
-    uint32_t r = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-    d[k] = ((u & 0x7FFFFFFFu) > 0x7F800000u) ? uint16_t(0x7FC0) : uint16_t(r);
-  }
+  for (int64_t k = 0; k < n; ++k) d[k] = bf16_bits(s[k]);
 }
 
 enum Act : int64_t { kNone = 0, kRelu = 1, kRelu6 = 2 };
@@ -105,9 +91,6 @@ struct Src {
   int64_t c, off;
 };
 
-inline float ld_src(const Src& s, int64_t i) {
-  return s.bf16 ? ld(static_cast<const at::BFloat16*>(s.p), i) : ld(static_cast<const float*>(s.p), i);
-}
 inline const float* row(const Src& s, int64_t i, int64_t n, float* buf) {
   return s.bf16 ? row(static_cast<const at::BFloat16*>(s.p), i, n, buf) : row(static_cast<const float*>(s.p), i, n, buf);
 }
@@ -436,6 +419,13 @@ void grad_stats_kernel(const TG* gp, const Src* a, int64_t act, const std::vecto
   }
 }
 
+// C per-channel sums divided by m, as a float (C,) tensor.
+Tensor per_channel(const double* sums, const Geo& g, const Tensor& like) {
+  Tensor t = at::empty({g.c}, like.options().dtype(at::kFloat));
+  for (int64_t c = 0; c < g.c; ++c) t.data_ptr<float>()[c] = static_cast<float>(sums[c] / g.m());
+  return t;
+}
+
 std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>> grad_stats(
     const Tensor& grad, const std::optional<Tensor>& a, int64_t act, at::TensorList sources,
     at::IntArrayRef n_sources, at::TensorList means) {
@@ -455,26 +445,12 @@ std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>> grad_stats(
     using T = std::remove_const_t<std::remove_pointer_t<decltype(p)>>;
     grad_stats_kernel(p, as ? &*as : nullptr, act, terms, mus, g, dy.data_ptr<T>(), s1, s2);
   });
-  const double m = static_cast<double>(g.m());
-  auto fopts = grad.options().dtype(at::kFloat);
   std::vector<Tensor> s1s, s2s;
   for (size_t k = 0; k < terms.size(); ++k) {
-    Tensor t1 = at::empty({g.c}, fopts), t2 = at::empty({g.c}, fopts);
-    for (int64_t c = 0; c < g.c; ++c) {
-      t1.data_ptr<float>()[c] = static_cast<float>(s1[c] / m);
-      t2.data_ptr<float>()[c] = static_cast<float>(s2[k * g.c + c] / m);
-    }
-    s1s.push_back(t1);
-    s2s.push_back(t2);
+    s1s.push_back(per_channel(s1.data(), g, grad));
+    s2s.push_back(per_channel(s2.data() + k * g.c, g, grad));
   }
   return {dy, s1s, s2s};
-}
-
-// sums / m as a float (C,) tensor
-Tensor per_channel(const std::vector<double>& sums, const Geo& g, const Tensor& like) {
-  Tensor t = at::empty({g.c}, like.options().dtype(at::kFloat));
-  for (int64_t c = 0; c < g.c; ++c) t.data_ptr<float>()[c] = static_cast<float>(sums[c] / g.m());
-  return t;
 }
 
 // ---- input_grad ---------------------------------------------------------------------------------
@@ -560,11 +536,7 @@ std::vector<Tensor> input_grad(const Tensor& dy, at::TensorList sources, const T
 inline void round_bf16_row(float* z, int64_t n) {
   u32a* __restrict u = reinterpret_cast<u32a*>(z);
 #pragma omp simd
-  for (int64_t i = 0; i < n; ++i) {
-    uint32_t v = u[i];
-    uint32_t r = ((v + 0x7FFFu + ((v >> 16) & 1u)) >> 16) << 16;
-    u[i] = ((v & 0x7FFFFFFFu) > 0x7F800000u) ? v : r;
-  }
+  for (int64_t i = 0; i < n; ++i) u[i] = static_cast<uint32_t>(bf16_bits(u[i])) << 16;
 }
 
 enum Mode { kStats = 0, kDx = 1 };
@@ -698,7 +670,7 @@ std::tuple<Tensor, Tensor> grad_stats_x(const Tensor& grad, at::TensorList sourc
     if (g.cl) term_backward_cl(gp, terms[0], none, t, g, kStats, s1, s2);
     else term_backward_nchw(gp, terms[0], none, t, g, kStats, s1, s2);
   });
-  return {per_channel(s1, g, grad), per_channel(s2, g, grad)};
+  return {per_channel(s1.data(), g, grad), per_channel(s2.data(), g, grad)};
 }
 
 std::vector<Tensor> input_grad_x(const Tensor& grad, at::TensorList sources, const Tensor& mean, const Tensor& f1,

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from bnff import models
 from bnff.data import DataError
+from bnff.ops import backends
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -99,6 +100,11 @@ def _traffic(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_backend(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--backend", default=None, choices=backends.available(),
+                        help="bnff sweep backend (default: cpu when its kernels build, else reference)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bnff", description="Batch-normalization fission and fusion for CNN training.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -114,8 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=float, default=0.05, help="peak learning rate of the one-cycle SGD schedule")
     t.add_argument("--image-size", type=int, default=32, help="images are resized to this square size")
     t.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16 runs under CPU autocast")
-    t.add_argument("--backend", default=None, choices=["cpu", "reference"],
-                   help="bnff sweep backend (default: cpu when its kernels build, else reference)")
+    _add_backend(t)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--limit-batches", type=int, default=None, help="quick runs: at most this many training batches per epoch, and "
                                                                     "this many batches' worth of test images")
@@ -136,8 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--warmup", type=int, default=2, help="untimed steps per variant first")
     b.add_argument("--variants", nargs="+", default=["eager", "compile", "bnff", "conv_floor"],
                    choices=["eager", "compile", "bnff", "conv_floor"])
-    b.add_argument("--backend", default=None, choices=["cpu", "reference"],
-                   help="bnff sweep backend (default: cpu when its kernels build, else reference)")
+    _add_backend(b)
     b.add_argument("--json", default=None, help="write the results as JSON here")
     b.set_defaults(func=_bench)
 

@@ -217,6 +217,9 @@ class _ApplyConsume(torch.autograd.Function):
         be = backends.get(spec.backend)
         f1s = [bn_math.scale(t.var, t.gamma, s.eps) for t, s in zip(terms, spec.terms)]
         param_grads: list[Tensor | None] = []
+        # one BN and no shortcut: nobody else needs dy, so neither backward sweep writes it; both
+        # recompute the mask from x, which they read anyway (for S2, for dx)
+        lone = len(terms) == 1 and not residuals
         if spec.consumers:
             a = _apply(be, spec, terms, f1s, residuals, ctx.out_dtype)
             g_a = None
@@ -232,11 +235,8 @@ class _ApplyConsume(torch.autograd.Function):
         else:
             (g_a,) = grad_outs
             a = kept
-            if a is None and spec.act is not None:  # the mask, recomputed from x (no shortcut)
+            if a is None and spec.act is not None and not lone:  # grad_stats' mask, recomputed from x
                 a = _apply(be, spec, terms, f1s, residuals, ctx.out_dtype)
-        # one BN and no shortcut: nobody else needs dy, so neither sweep writes it; both recompute the
-        # mask from x, which they read anyway (for S2, for dx)
-        lone = len(terms) == 1 and not residuals
         if lone:
             del a
             t0 = terms[0]

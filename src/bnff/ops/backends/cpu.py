@@ -24,13 +24,14 @@ from bnff.ops.backends import reference
 
 _SOURCE = Path(__file__).parent / "csrc" / "bnff_cpu.cpp"
 _ACT = {None: 0, "relu": 1, "relu6": 2}
+_MAX_TERMS = 4  # BN terms or shortcuts of one call the kernels take (kMaxTerms); more run the reference
 _state: dict[str, object] = {}
 
 
 def _build() -> None:
     from torch.utils import cpp_extension
 
-    flags = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=fast"]
+    flags = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=fast", "-mprefer-vector-width=512"]
     cpp_extension.load(name="bnff_cpu", sources=[str(_SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
                        is_python_module=False, verbose=bool(os.environ.get("BNFF_VERBOSE_BUILD")))
     _register_fakes()
@@ -114,6 +115,14 @@ def _like_layout(t: Tensor | None, ref: Tensor) -> Tensor | None:
     return t.contiguous(memory_format=torch.channels_last if _layout(ref) == "nhwc" else torch.contiguous_format)
 
 
+def _one_dtype(maps: list[Tensor | None]) -> list[Tensor | None]:
+    """The feature maps of one call in one dtype (the kernels are compiled per dtype): float32 copies
+    of the bfloat16 ones if they are mixed (exact)."""
+    if len({t.dtype for t in maps if t is not None}) <= 1:
+        return maps
+    return [None if t is None else t.to(torch.float32) for t in maps]
+
+
 def _f32(v: Tensor) -> Tensor:
     return v.detach().to(torch.float32).contiguous()
 
@@ -129,8 +138,11 @@ def apply(sources: list[list[Tensor]], means: list[Tensor], f1s: list[Tensor], b
           residuals: list[Tensor], act: str | None, out_dtype: torch.dtype) -> Tensor:
     """``reference.apply`` in one fused sweep."""
     flat = [s for srcs in sources for s in srcs]
-    if out_dtype not in (torch.float32, torch.bfloat16) or not _fast(*flat, *residuals):
+    if out_dtype not in (torch.float32, torch.bfloat16) or not _fast(*flat, *residuals) \
+            or max(len(sources), len(residuals)) > _MAX_TERMS:
         return reference.apply(sources, means, f1s, betas, residuals, act, out_dtype)
+    maps = _one_dtype([*flat, *residuals])
+    flat, residuals = maps[:len(flat)], maps[len(flat):]
     return torch.ops.bnff.apply(flat, [len(s) for s in sources], [_f32(m) for m in means], [_f32(f) for f in f1s],
                                 [torch.zeros_like(_f32(f)) if b is None else _f32(b) for b, f in zip(betas, f1s)],
                                 residuals, _ACT[act], out_dtype)
@@ -142,8 +154,9 @@ def grad_stats(g_a: Tensor, a: Tensor | None, act: str | None, sources: list[lis
     flat = [s for srcs in sources for s in srcs]
     if flat:
         g_a, a = _like_layout(g_a, flat[0]), _like_layout(a, flat[0])
-    if not _fast(g_a, a if act is not None else None, *flat):
+    if not _fast(g_a, a if act is not None else None, *flat) or len(sources) > _MAX_TERMS:
         return reference.grad_stats(g_a, a, act, sources, means)
+    *flat, a = _one_dtype([*flat, a])
     dy, s1s, s2cs = torch.ops.bnff.grad_stats(g_a, a if act is not None else None, _ACT[act], flat,
                                               [len(s) for s in sources], [_f32(m) for m in means])
     return dy, list(s1s), list(s2cs)
@@ -155,6 +168,7 @@ def grad_stats_x(g_a: Tensor, act: str | None, sources: list[Tensor], mean: Tens
     g_a = _like_layout(g_a, sources[0])
     if out_dtype not in (torch.float32, torch.bfloat16) or not _fast(g_a, *sources):
         return reference.grad_stats_x(g_a, act, sources, mean, f1, beta, out_dtype)
+    sources = _one_dtype(sources)
     return tuple(torch.ops.bnff.grad_stats_x(g_a, sources, _f32(mean), _f32(f1),
                                              torch.zeros_like(_f32(f1)) if beta is None else _f32(beta),
                                              _ACT[act], out_dtype))
@@ -166,6 +180,7 @@ def input_grad_x(g_a: Tensor, act: str | None, sources: list[Tensor], mean: Tens
     g_a = _like_layout(g_a, sources[0])
     if out_dtype not in (torch.float32, torch.bfloat16) or not _fast(g_a, *sources):
         return reference.input_grad_x(g_a, act, sources, mean, f1, beta, out_dtype, b, s1)
+    sources = _one_dtype(sources)
     return list(torch.ops.bnff.input_grad_x(g_a, sources, _f32(mean), _f32(f1),
                                             torch.zeros_like(_f32(f1)) if beta is None else _f32(beta), _ACT[act],
                                             out_dtype, None if b is None else _f32(b), _f32(s1)))

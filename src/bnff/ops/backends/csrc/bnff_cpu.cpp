@@ -12,12 +12,17 @@
 // A BN input may be several source maps (DenseNet ICF): they are read in place, never concatenated.
 // Layouts: every tensor of a call either channels_last (rows of C channels) or contiguous NCHW
 // (planes of H*W); the Python side checks and falls back to the reference otherwise.
-// Element types: float32 or bfloat16, accumulated in float32 within blocks of rows and in double
-// across blocks (Chan-style merge; statistics on data shifted by one sample per channel).
+// Element types: float32 or bfloat16 (one type for a call's feature maps, another for its gradient),
+// accumulated in float32 within blocks of rows and in double across blocks.
+// channels_last loops run on 16-channel vectors (GCC vector extensions: AVX-512 with -march=native),
+// one 16-channel segment at a time down a block of rows, with the activation, the vector width
+// and the number of terms made compile-time constants; NCHW loops are scalar with omp simd.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
+#include <type_traits>
 #include <cstring>
 #include <vector>
 
@@ -52,6 +57,58 @@ inline void put(at::BFloat16* p, int64_t i, int64_t n, const float* z) {
   for (int64_t k = 0; k < n; ++k) d[k] = bf16_bits(s[k]);
 }
 
+
+// ---- 16-lane float vectors (channels_last hot loops) ---------------------------------------------
+// GCC vector extensions: 512-bit registers with -march=native on AVX-512, split by the compiler
+// elsewhere. A vector holds 16 consecutive channels of one row; n < 16 loads/stores a tail.
+constexpr int64_t W = 16;
+typedef float vf __attribute__((vector_size(64)));
+typedef uint32_t vu __attribute__((vector_size(64)));
+typedef uint16_t vh __attribute__((vector_size(32)));
+
+#define BNFF_INLINE inline __attribute__((always_inline))
+// full vectors are fixed-size copies (single vector moves); a tail copies n < 16 lanes.
+BNFF_INLINE vf ld(const float* p, int64_t n) {
+  vf v = {};
+  if (n == W) std::memcpy(&v, p, sizeof v);
+  else std::memcpy(&v, p, n * sizeof(float));
+  return v;
+}
+BNFF_INLINE vf ld(const at::BFloat16* p, int64_t n) {
+  vh h = {};
+  if (n == W) std::memcpy(&h, p, sizeof h);
+  else std::memcpy(&h, p, n * sizeof(uint16_t));
+  vu u = __builtin_convertvector(h, vu) << 16;
+  vf v;
+  std::memcpy(&v, &u, sizeof v);
+  return v;
+}
+BNFF_INLINE void st(float* p, vf v, int64_t n) {
+  if (n == W) std::memcpy(p, &v, sizeof v);
+  else std::memcpy(p, &v, n * sizeof(float));
+}
+// float -> bfloat16 bits per lane: bf16_bits vectorized.
+BNFF_INLINE vu bf16_lanes(vf v) {
+  vu u;
+  std::memcpy(&u, &v, sizeof u);
+  vu r = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  return (u & 0x7FFFFFFFu) > 0x7F800000u ? (vu){} + 0x7FC0u : r;
+}
+BNFF_INLINE void st(at::BFloat16* p, vf v, int64_t n) {
+  vh h = __builtin_convertvector(bf16_lanes(v), vh);
+  if (n == W) std::memcpy(p, &h, sizeof h);
+  else std::memcpy(p, &h, n * sizeof(uint16_t));
+}
+// v rounded to bfloat16 and back (the stored value's precision).
+BNFF_INLINE vf round_bf16(vf v) {
+  vu u = bf16_lanes(v) << 16;
+  vf r;
+  std::memcpy(&r, &u, sizeof r);
+  return r;
+}
+BNFF_INLINE vf splat(float s) { return (vf){} + s; }
+inline float lane(vf v, int64_t i) { return v[i]; }
+
 enum Act : int64_t { kNone = 0, kRelu = 1, kRelu6 = 2 };
 
 // A (N, C, H, W) tensor as rows x channels (channels_last) or planes (NCHW).
@@ -82,6 +139,14 @@ void typed(const Tensor& t, F&& f) {
                 t.scalar_type());
     f(reinterpret_cast<const at::BFloat16*>(t.data_ptr<at::BFloat16>()));
   }
+}
+
+// Call f with a null pointer of the feature maps' element type (float or BFloat16), for kernels
+// templated on it: every feature map of a call has one dtype (the Python side makes it so).
+template <typename F>
+void feature_typed(bool bf16, F&& f) {
+  if (bf16) f(static_cast<const at::BFloat16*>(nullptr));
+  else f(static_cast<const float*>(nullptr));
 }
 
 // A source map of a term: its data, its channel count and its offset in the term's channels.
@@ -139,6 +204,86 @@ inline void masked_row(const float* g, const float* a, float* d, int64_t n, int6
   }
 }
 
+// The same two on 16 channels. NaN: relu gives 0 (as activate_row), the mask of a NaN is 0.
+BNFF_INLINE vf activate(vf z, int64_t act) {
+  if (act == kRelu) return z > 0.f ? z : (vf){};
+  if (act == kRelu6) {
+    z = z < 0.f ? (vf){} : z;
+    return z > 6.f ? splat(6.f) : z;
+  }
+  return z;
+}
+BNFF_INLINE vf masked(vf g, vf a, int64_t act) {
+  if (act == kRelu) return a > 0.f ? g : (vf){};
+  if (act == kRelu6) return (a > 0.f) & (a < 6.f) ? g : (vf){};
+  return g;
+}
+
+// Channels [c0, c0 + n), n <= W, cut at every source boundary so that each lies in one source map
+// of every term; src[k] is that source's index in term k (a channels_last row loop visits them).
+struct Seg {
+  int64_t c0, n;
+  std::vector<int> src;
+};
+
+std::vector<Seg> segments(int64_t C, const std::vector<std::vector<Src>>& terms) {
+  std::vector<int64_t> cuts{0, C};
+  for (const auto& t : terms)
+    for (const Src& s : t) cuts.push_back(s.off);
+  std::sort(cuts.begin(), cuts.end());
+  cuts.erase(std::unique(cuts.begin(), cuts.end()), cuts.end());
+  std::vector<Seg> segs;
+  for (size_t i = 0; i + 1 < cuts.size(); ++i) {
+    for (int64_t c0 = cuts[i]; c0 < cuts[i + 1]; c0 += W) {
+      Seg sg{c0, std::min(W, cuts[i + 1] - c0), {}};
+      for (const auto& t : terms) {
+        int j = 0;
+        while (c0 >= t[j].off + t[j].c) ++j;
+        sg.src.push_back(j);
+      }
+      segs.push_back(std::move(sg));
+    }
+  }
+  return segs;
+}
+
+// f(n) with n a compile-time 16 for a full segment (its loads and stores then carry no tail test).
+template <typename F>
+BNFF_INLINE void with_width(int64_t n, F&& f) {
+  if (n == W) f(std::integral_constant<int64_t, W>{});
+  else f(n);
+}
+
+// f(act) with the activation a compile-time constant (no test per vector in the row loops).
+template <typename F>
+BNFF_INLINE void with_act(int64_t act, F&& f) {
+  if (act == kRelu) f(std::integral_constant<int64_t, kRelu>{});
+  else if (act == kRelu6) f(std::integral_constant<int64_t, kRelu6>{});
+  else f(std::integral_constant<int64_t, kNone>{});
+}
+
+// f(k) with a count of 0, 1 or 2 (BN terms, shortcuts: nearly every call) a compile-time constant.
+template <typename F>
+BNFF_INLINE void with_count(int64_t k, F&& f) {
+  if (k == 0) f(std::integral_constant<int64_t, 0>{});
+  else if (k == 1) f(std::integral_constant<int64_t, 1>{});
+  else if (k == 2) f(std::integral_constant<int64_t, 2>{});
+  else f(k);
+}
+
+// Rows [r0, r1) of chunk ch of a reduction over channels_last rows, in blocks of kBlock rows: body
+// (chunk, first row, row count) once per block; the block's rows stay in L1 across segments.
+constexpr int64_t kBlock = 32;
+template <typename F>
+void row_blocks(int64_t rows, int64_t nc, F&& body) {
+  at::parallel_for(0, nc, 1, [&](int64_t b, int64_t e) {
+    for (int64_t ch = b; ch < e; ++ch) {
+      const int64_t r0 = ch * rows / nc, r1 = (ch + 1) * rows / nc;
+      for (int64_t rb = r0; rb < r1; rb += kBlock) body(ch, rb, std::min(r1, rb + kBlock) - rb);
+    }
+  });
+}
+
 // ---- channel_stats ------------------------------------------------------------------------------
 // Welford/Chan: each block of rows (in cache) gives its mean and M2 = sum (x - mean_b)^2 by two
 // passes; blocks merge in double with Chan's formula. As accurate as ATen's
@@ -154,51 +299,50 @@ struct Moments {
   }
 };
 
-constexpr int64_t kBlock = 32;  // rows per block (channels_last)
-
 template <typename T>
 void stats_cl(const T* x, const Geo& g, double* mean, double* var) {
-  // Per block of rows (in L1/L2): its float32 mean (full-width float loop), then the sum of
-  // d = x - mean_b and of d^2 in double (centered values: nothing cancels); blocks merge in double.
+  // Per block of rows (in L1) and 16 channels: the block's float32 mean, then the sums of
+  // d = x - mean_b and d^2 (centered: nothing cancels; sum d corrects mean_b's rounding). Within a
+  // chunk, blocks add up in double around the chunk's first block mean (K): S = sum nb (mean_b - K),
+  // Q = sum M2_b + nb (mean_b - K)^2; chunks merge with Chan's formula.
   const int64_t C = g.c, rows = g.m(), nc = n_chunks(rows);
-  std::vector<Moments> part(nc * C);
-  at::parallel_for(0, nc, 1, [&](int64_t b, int64_t e) {
-    std::vector<float> blk(kBlock * C), sum(C), mb(C);
-    std::vector<double> sd(C), m2(C);
-    for (int64_t ch = b; ch < e; ++ch) {
-      const int64_t r0 = ch * rows / nc, r1 = (ch + 1) * rows / nc;
-      for (int64_t rb = r0; rb < r1; rb += kBlock) {
-        const int64_t nb = std::min(r1, rb + kBlock) - rb;
-        std::fill(sum.begin(), sum.end(), 0.f);
-        std::fill(sd.begin(), sd.end(), 0.0);
-        std::fill(m2.begin(), m2.end(), 0.0);
-        const float* xr[kBlock];
+  const auto segs = segments(C, {});
+  std::vector<double> shift(nc * C), S(nc * C, 0.0), Q(nc * C, 0.0);
+  std::vector<int64_t> count(nc, 0);
+  row_blocks(rows, nc, [&](int64_t ch, int64_t rb, int64_t nb) {
+    const bool first = count[ch] == 0;
+    for (const Seg& sg : segs) {
+      const T* p = x + rb * C + sg.c0;
+      vf mb, sd = {}, m2 = {};
+      with_width(sg.n, [&](auto w) {
+        vf sum = {};
+        for (int64_t i = 0; i < nb; ++i) sum += ld(p + i * C, w);
+        mb = sum / static_cast<float>(nb);
         for (int64_t i = 0; i < nb; ++i) {
-          xr[i] = row(x, (rb + i) * C, C, blk.data() + i * C);
-          const float* p = xr[i];
-#pragma omp simd
-          for (int64_t c = 0; c < C; ++c) sum[c] += p[c];
+          const vf d = ld(p + i * C, w) - mb;
+          sd += d;
+          m2 += d * d;
         }
-        const float inv = 1.f / nb;
-#pragma omp simd
-        for (int64_t c = 0; c < C; ++c) mb[c] = sum[c] * inv;
-        for (int64_t i = 0; i < nb; ++i) {  // d = x - mb; sum d corrects mb's rounding
-          const float* p = xr[i];
-#pragma omp simd
-          for (int64_t c = 0; c < C; ++c) {
-            const double d = p[c] - mb[c];
-            sd[c] += d;
-            m2[c] += d * d;
-          }
-        }
-        for (int64_t c = 0; c < C; ++c)
-          part[ch * C + c].merge(nb, mb[c] + sd[c] / nb, std::max(0.0, m2[c] - sd[c] * sd[c] / nb));
+      });
+      double* k = shift.data() + ch * C + sg.c0;
+      double* s1 = S.data() + ch * C + sg.c0;
+      double* q = Q.data() + ch * C + sg.c0;
+      for (int64_t c = 0; c < sg.n; ++c) {
+        const double sdc = lane(sd, c), mean_b = lane(mb, c) + sdc / nb;
+        if (first) k[c] = mean_b;
+        const double d = mean_b - k[c];
+        s1[c] += nb * d;
+        q[c] += std::max(0.0, lane(m2, c) - sdc * sdc / nb) + nb * d * d;
       }
     }
+    count[ch] += nb;
   });
   for (int64_t c = 0; c < C; ++c) {
     Moments t;
-    for (int64_t ch = 0; ch < nc; ++ch) t.merge(part[ch * C + c].n, part[ch * C + c].mean, part[ch * C + c].m2);
+    for (int64_t ch = 0; ch < nc; ++ch) {
+      const double n = count[ch], s1 = S[ch * C + c];
+      if (n > 0) t.merge(n, shift[ch * C + c] + s1 / n, std::max(0.0, Q[ch * C + c] - s1 * s1 / n));
+    }
     mean[c] = t.mean;
     var[c] = t.m2 / t.n;
   }
@@ -255,11 +399,46 @@ std::vector<TermVec> vecs_of(at::TensorList means, at::TensorList f1s, at::Tenso
   return v;
 }
 
-// z += F1 (x - mu) + beta over n channels (vectors already offset to the first channel).
-inline void affine_add(float* __restrict z, const float* __restrict x, const float* mu, const float* f1,
-                       const float* beta, int64_t n) {
-#pragma omp simd
-  for (int64_t c = 0; c < n; ++c) z[c] += (x[c] - mu[c]) * f1[c] + beta[c];
+constexpr int64_t kMaxTerms = 4;  // BN terms, or shortcuts, of one apply on the vector path
+
+template <typename TX, typename TO>
+void apply_cl(const std::vector<std::vector<Src>>& terms, const std::vector<TermVec>& vec,
+              const std::vector<Src>& residuals, int64_t act, const Geo& g, TO* out) {
+  const int64_t C = g.c, rows = g.m(), K = terms.size(), R = residuals.size();
+  TORCH_CHECK(K <= kMaxTerms && R <= kMaxTerms, "bnff cpu apply: at most ", kMaxTerms, " BN terms and shortcuts");
+  const auto segs = segments(C, terms);
+  with_act(act, [&](auto A) {
+    with_count(K, [&](auto KK) {
+      with_count(R, [&](auto RR) {
+        row_blocks(rows, n_chunks(rows), [&](int64_t, int64_t rb, int64_t nb) {
+          for (const Seg& sg : segs) {
+            const int64_t c0 = sg.c0;
+            const TX* xp[kMaxTerms];
+            const TX* rp[kMaxTerms];
+            int64_t xs[kMaxTerms];
+            vf mu[kMaxTerms], f1[kMaxTerms], be[kMaxTerms];
+            for (int64_t k = 0; k < KK; ++k) {
+              const Src& s = terms[k][sg.src[k]];
+              xp[k] = static_cast<const TX*>(s.p) + c0 - s.off;
+              xs[k] = s.c;
+              mu[k] = ld(vec[k].mu + c0, sg.n);
+              f1[k] = ld(vec[k].f1 + c0, sg.n);
+              be[k] = ld(vec[k].beta + c0, sg.n);
+            }
+            for (int64_t j = 0; j < RR; ++j) rp[j] = static_cast<const TX*>(residuals[j].p) + c0;
+            with_width(sg.n, [&](auto w) {
+              for (int64_t r = rb; r < rb + nb; ++r) {
+                vf z = {};
+                for (int64_t k = 0; k < KK; ++k) z += (ld(xp[k] + r * xs[k], w) - mu[k]) * f1[k] + be[k];
+                for (int64_t j = 0; j < RR; ++j) z += ld(rp[j] + r * C, w);
+                st(out + r * C + c0, activate(z, A), w);
+              }
+            });
+          }
+        });
+      });
+    });
+  });
 }
 
 template <typename TO>
@@ -267,25 +446,10 @@ void apply_kernel(const std::vector<std::vector<Src>>& terms, const std::vector<
                   const std::vector<Src>& residuals, int64_t act, const Geo& g, TO* out) {
   const int64_t C = g.c;
   if (g.cl) {
-    at::parallel_for(0, g.m(), 16, [&](int64_t b, int64_t e) {
-      std::vector<float> z(C), buf(C);
-      for (int64_t r = b; r < e; ++r) {
-        std::fill(z.begin(), z.end(), 0.f);
-        for (size_t k = 0; k < terms.size(); ++k) {
-          const TermVec& v = vec[k];
-          for (const Src& s : terms[k]) {
-            const float* xr = row(s, r * s.c, s.c, buf.data());
-            affine_add(z.data() + s.off, xr, v.mu + s.off, v.f1 + s.off, v.beta + s.off, s.c);
-          }
-        }
-        for (const Src& s : residuals) {
-          const float* rr = row(s, r * C, C, buf.data());
-#pragma omp simd
-          for (int64_t c = 0; c < C; ++c) z[c] += rr[c];
-        }
-        activate_row(z.data(), C, act);
-        put(out, r * C, C, z.data());
-      }
+    const bool bf16 = terms.empty() || terms[0].empty() ? residuals[0].bf16 : terms[0][0].bf16;
+    feature_typed(bf16, [&](auto* tag) {
+      using TX = std::remove_const_t<std::remove_pointer_t<decltype(tag)>>;
+      apply_cl<TX>(terms, vec, residuals, act, g, out);
     });
   } else {
     const int64_t HW = g.hw;
@@ -340,6 +504,53 @@ Tensor apply(at::TensorList sources, at::IntArrayRef n_sources, at::TensorList m
 
 // ---- grad_stats ---------------------------------------------------------------------------------
 // dy = g * act'(a) (written in g's dtype: exact); per term S1 = sum dy / m, S2c = sum dy (x - mu) / m.
+template <typename TX, typename TG>
+void grad_stats_cl(const TG* gp, const TX* a, int64_t act, const std::vector<std::vector<Src>>& terms,
+                   const std::vector<const float*>& mus, const Geo& g, TG* dy, std::vector<double>& s1,
+                   std::vector<double>& s2) {
+  const int64_t C = g.c, K = terms.size(), rows = g.m(), nc = n_chunks(rows);
+  TORCH_CHECK(K <= kMaxTerms, "bnff cpu grad_stats: at most ", kMaxTerms, " BN terms");
+  const auto segs = segments(C, terms);
+  std::vector<double> p1(nc * C, 0.0), p2(nc * K * C, 0.0);
+  row_blocks(rows, nc, [&](int64_t ch, int64_t rb, int64_t nb) {
+    for (const Seg& sg : segs) {
+      const int64_t c0 = sg.c0, n = sg.n;
+      const TX* xp[kMaxTerms];
+      int64_t xs[kMaxTerms];
+      vf mu[kMaxTerms], a2[kMaxTerms];
+      for (int64_t k = 0; k < K; ++k) {
+        const Src& s = terms[k][sg.src[k]];
+        xp[k] = static_cast<const TX*>(s.p) + c0 - s.off;
+        xs[k] = s.c;
+        mu[k] = ld(mus[k] + c0, n);
+        a2[k] = vf{};
+      }
+      vf a1 = {};
+      with_act(a ? act : kNone, [&](auto A) {
+        with_count(K, [&](auto KK) {
+          with_width(n, [&](auto w) {
+            for (int64_t r = rb; r < rb + nb; ++r) {
+              const vf gv = ld(gp + r * C + c0, w);
+              const vf d = A == kNone ? gv : masked(gv, ld(a + r * C + c0, w), A);
+              st(dy + r * C + c0, d, w);
+              a1 += d;
+              for (int64_t k = 0; k < KK; ++k) a2[k] += d * (ld(xp[k] + r * xs[k], w) - mu[k]);
+            }
+          });
+        });
+      });
+      for (int64_t c = 0; c < n; ++c) {
+        p1[ch * C + c0 + c] += lane(a1, c);
+        for (int64_t k = 0; k < K; ++k) p2[(ch * K + k) * C + c0 + c] += lane(a2[k], c);
+      }
+    }
+  });
+  for (int64_t ch = 0; ch < nc; ++ch) {
+    for (int64_t c = 0; c < C; ++c) s1[c] += p1[ch * C + c];
+    for (int64_t i = 0; i < K * C; ++i) s2[i] += p2[ch * K * C + i];
+  }
+}
+
 template <typename TG>
 void grad_stats_kernel(const TG* gp, const Src* a, int64_t act, const std::vector<std::vector<Src>>& terms,
                        const std::vector<const float*>& mus, const Geo& g, TG* dy, std::vector<double>& s1,
@@ -348,42 +559,11 @@ void grad_stats_kernel(const TG* gp, const Src* a, int64_t act, const std::vecto
   s1.assign(C, 0.0);  // dy's channel sums are the same for every term
   s2.assign(K * C, 0.0);
   if (g.cl) {
-    const int64_t rows = g.m(), nc = n_chunks(rows);
-    std::vector<double> p1(nc * C, 0.0), p2(nc * K * C, 0.0);
-    at::parallel_for(0, nc, 1, [&](int64_t b, int64_t e) {
-      std::vector<float> d(C), a1(C), a2(K * C), gb(C), ab(C), xb(C);
-      for (int64_t ch = b; ch < e; ++ch) {
-        const int64_t r0 = ch * rows / nc, r1 = (ch + 1) * rows / nc;
-        for (int64_t rb = r0; rb < r1; rb += 32) {
-          std::fill(a1.begin(), a1.end(), 0.f);
-          std::fill(a2.begin(), a2.end(), 0.f);
-          for (int64_t r = rb; r < std::min(r1, rb + 32); ++r) {
-            const int64_t base = r * C;
-            const float* gr = row(gp, base, C, gb.data());
-            masked_row(gr, a ? row(*a, base, C, ab.data()) : gr, d.data(), C, a ? act : kNone);
-            put(dy, base, C, d.data());
-#pragma omp simd
-            for (int64_t c = 0; c < C; ++c) a1[c] += d[c];
-            for (int64_t k = 0; k < K; ++k) {
-              for (const Src& s : terms[k]) {
-                const float* xr = row(s, r * s.c, s.c, xb.data());
-                const float* mu = mus[k] + s.off;
-                const float* dd = d.data() + s.off;
-                float* acc = a2.data() + k * C + s.off;
-#pragma omp simd
-                for (int64_t c = 0; c < s.c; ++c) acc[c] += dd[c] * (xr[c] - mu[c]);
-              }
-            }
-          }
-          for (int64_t c = 0; c < C; ++c) p1[ch * C + c] += a1[c];
-          for (int64_t i = 0; i < K * C; ++i) p2[ch * K * C + i] += a2[i];
-        }
-      }
+    const bool bf16 = a ? a->bf16 : (K && !terms[0].empty() ? terms[0][0].bf16 : false);
+    feature_typed(bf16, [&](auto* tag) {
+      using TX = std::remove_const_t<std::remove_pointer_t<decltype(tag)>>;
+      grad_stats_cl(gp, a ? static_cast<const TX*>(a->p) : nullptr, act, terms, mus, g, dy, s1, s2);
     });
-    for (int64_t ch = 0; ch < nc; ++ch) {
-      for (int64_t c = 0; c < C; ++c) s1[c] += p1[ch * C + c];
-      for (int64_t i = 0; i < K * C; ++i) s2[i] += p2[ch * K * C + i];
-    }
   } else {
     const int64_t HW = g.hw;
     at::parallel_for(0, C, 1, [&](int64_t b, int64_t e) {
@@ -455,28 +635,30 @@ std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>> grad_stats(
 
 // ---- input_grad ---------------------------------------------------------------------------------
 // dx_j = F1 dy + B (x_j - mu) - F1 S1 on source j's channels [off, off + C_j) (vectors offset there).
-inline void dx_row(const float* dy, const float* x, float* z, const float* f1, const float* b, const float* mu,
-                   const float* k0, int64_t n) {
-  if (b != nullptr) {
-#pragma omp simd
-    for (int64_t c = 0; c < n; ++c) z[c] = f1[c] * dy[c] + b[c] * (x[c] - mu[c]) - k0[c];
-  } else {
-#pragma omp simd
-    for (int64_t c = 0; c < n; ++c) z[c] = f1[c] * dy[c];
-  }
-}
+// F1, B, mu, F1 S1 on 16 channels (B absent without mini-batch statistics: dx = F1 dy).
+struct DxVec {
+  vf f1, b, mu, k0;
+  bool has_b;
+  DxVec(const float* f1p, const float* bp, const float* mup, const float* k0p, int64_t n)
+      : f1(ld(f1p, n)), b(bp ? ld(bp, n) : vf{}), mu(ld(mup, n)), k0(bp ? ld(k0p, n) : vf{}), has_b(bp != nullptr) {}
+};
+BNFF_INLINE vf dx_lanes(vf d, vf x, const DxVec& v) { return v.has_b ? v.f1 * d + v.b * (x - v.mu) - v.k0 : v.f1 * d; }
 
 template <typename TD, typename TX>
 void input_grad_kernel(const TD* dy, const TX* x, TX* dx, const Geo& g, int64_t C_total, int64_t off,
                        int64_t Cj, const float* f1, const float* b, const float* mu, const float* k0) {
   if (g.cl) {
-    at::parallel_for(0, g.m(), 16, [&](int64_t bb, int64_t e) {
-      std::vector<float> db(Cj), xb(Cj), z(Cj);
-      for (int64_t r = bb; r < e; ++r) {
-        const float* dr = row(dy, r * C_total + off, Cj, db.data());
-        const float* xr = b ? row(x, r * Cj, Cj, xb.data()) : nullptr;
-        dx_row(dr, xr, z.data(), f1, b, mu, k0, Cj);
-        put(dx, r * Cj, Cj, z.data());
+    const int64_t rows = g.m();
+    row_blocks(rows, std::min<int64_t>(rows, 8 * at::get_num_threads()), [&](int64_t, int64_t rb, int64_t nb) {
+      for (int64_t c0 = 0; c0 < Cj; c0 += W) {
+        const int64_t n = std::min(W, Cj - c0);
+        const DxVec v(f1 + c0, b ? b + c0 : nullptr, mu + c0, k0 + c0, n);
+        with_width(n, [&](auto w) {
+          for (int64_t r = rb; r < rb + nb; ++r) {
+            const vf d = ld(dy + r * C_total + off + c0, w);
+            st(dx + r * Cj + c0, dx_lanes(d, b ? ld(x + r * Cj + c0, w) : vf{}, v), w);
+          }
+        });
       }
     });
   } else {
@@ -547,56 +729,42 @@ struct TermBwd {  // one BN term's per-channel vectors (C,), offset by each sour
   bool round_bf16;
 };
 
-template <typename TG>
+template <typename TX, typename TG>
 void term_backward_cl(const TG* gp, const std::vector<Src>& srcs, const std::vector<void*>& dxs, const TermBwd& t,
                       const Geo& g, Mode mode, std::vector<double>& s1, std::vector<double>& s2) {
   const int64_t C = g.c, rows = g.m();
   const int64_t nc = mode == kStats ? n_chunks(rows) : std::min<int64_t>(rows, 8 * at::get_num_threads());
+  const auto segs = segments(C, {srcs});
   std::vector<double> p1(mode == kStats ? nc * C : 0, 0.0), p2(mode == kStats ? nc * C : 0, 0.0);
-  at::parallel_for(0, nc, 1, [&](int64_t b, int64_t e) {
-    std::vector<float> z(C), d(C), gb(C), xbuf(C), a1(C), a2(C), out(C);
-    std::vector<const float*> xs(srcs.size());
-    for (int64_t ch = b; ch < e; ++ch) {
-      const int64_t r0 = ch * rows / nc, r1 = (ch + 1) * rows / nc;
-      for (int64_t blk = r0; blk < r1; blk += 32) {
-        std::fill(a1.begin(), a1.end(), 0.f);
-        std::fill(a2.begin(), a2.end(), 0.f);
-        for (int64_t r = blk; r < std::min(r1, blk + 32); ++r) {
-          for (size_t j = 0; j < srcs.size(); ++j) {
-            const Src& s = srcs[j];
-            xs[j] = row(s, r * s.c, s.c, xbuf.data() + s.off);
-            const float* xr = xs[j];
-            float* zz = z.data() + s.off;
-#pragma omp simd
-            for (int64_t c = 0; c < s.c; ++c) zz[c] = (xr[c] - t.mu[s.off + c]) * t.f1[s.off + c] + t.beta[s.off + c];
-          }
-          activate_row(z.data(), C, t.act);
-          if (t.round_bf16) round_bf16_row(z.data(), C);
-          masked_row(row(gp, r * C, C, gb.data()), z.data(), d.data(), C, t.act);
-          if (mode == kStats) {
-#pragma omp simd
-            for (int64_t c = 0; c < C; ++c) a1[c] += d[c];
-            for (size_t j = 0; j < srcs.size(); ++j) {
-              const Src& s = srcs[j];
-              const float* xr = xs[j];
-#pragma omp simd
-              for (int64_t c = 0; c < s.c; ++c) a2[s.off + c] += d[s.off + c] * (xr[c] - t.mu[s.off + c]);
-            }
-          } else {
-            for (size_t j = 0; j < srcs.size(); ++j) {
-              const Src& s = srcs[j];
-              dx_row(d.data() + s.off, xs[j], out.data(), t.f1 + s.off, t.b ? t.b + s.off : nullptr, t.mu + s.off,
-                     t.k0 + s.off, s.c);
-              if (s.bf16) put(static_cast<at::BFloat16*>(dxs[j]), r * s.c, s.c, out.data());
-              else put(static_cast<float*>(dxs[j]), r * s.c, s.c, out.data());
+  row_blocks(rows, nc, [&](int64_t ch, int64_t rb, int64_t nb) {
+    for (const Seg& sg : segs) {
+      const int64_t c0 = sg.c0, n = sg.n, j = sg.src[0];
+      const Src& s = srcs[j];
+      const TX* xp = static_cast<const TX*>(s.p) + c0 - s.off;
+      TX* dxp = mode == kDx ? static_cast<TX*>(dxs[j]) + c0 - s.off : nullptr;
+      const vf mu = ld(t.mu + c0, n), f1 = ld(t.f1 + c0, n), beta = ld(t.beta + c0, n);
+      const DxVec v(t.f1 + c0, t.b ? t.b + c0 : nullptr, t.mu + c0, t.k0 ? t.k0 + c0 : nullptr, n);
+      vf a1 = {}, a2 = {};
+      with_act(t.act, [&](auto A) {
+        with_width(n, [&](auto w) {
+          for (int64_t r = rb; r < rb + nb; ++r) {
+            const vf x = ld(xp + r * s.c, w);
+            vf z = activate((x - mu) * f1 + beta, A);
+            if (t.round_bf16) z = round_bf16(z);
+            const vf d = A == kNone ? ld(gp + r * C + c0, w) : masked(ld(gp + r * C + c0, w), z, A);
+            if (mode == kStats) {
+              a1 += d;
+              a2 += d * (x - mu);
+            } else {
+              st(dxp + r * s.c, dx_lanes(d, x, v), w);
             }
           }
-        }
-        if (mode == kStats) {
-          for (int64_t c = 0; c < C; ++c) {
-            p1[ch * C + c] += a1[c];
-            p2[ch * C + c] += a2[c];
-          }
+        });
+      });
+      if (mode == kStats) {
+        for (int64_t c = 0; c < n; ++c) {
+          p1[ch * C + c0 + c] += lane(a1, c);
+          p2[ch * C + c0 + c] += lane(a2, c);
         }
       }
     }
@@ -667,7 +835,10 @@ std::tuple<Tensor, Tensor> grad_stats_x(const Tensor& grad, at::TensorList sourc
   std::vector<double> s1, s2;
   std::vector<void*> none;
   typed(grad, [&](auto* gp) {
-    if (g.cl) term_backward_cl(gp, terms[0], none, t, g, kStats, s1, s2);
+    if (g.cl) feature_typed(terms[0][0].bf16, [&](auto* tag) {
+      using TX = std::remove_const_t<std::remove_pointer_t<decltype(tag)>>;
+      term_backward_cl<TX>(gp, terms[0], none, t, g, kStats, s1, s2);
+    });
     else term_backward_nchw(gp, terms[0], none, t, g, kStats, s1, s2);
   });
   return {per_channel(s1.data(), g, grad), per_channel(s2.data(), g, grad)};
@@ -690,7 +861,10 @@ std::vector<Tensor> input_grad_x(const Tensor& grad, at::TensorList sources, con
   }
   std::vector<double> s1d, s2d;
   typed(grad, [&](auto* gp) {
-    if (g.cl) term_backward_cl(gp, terms[0], ptrs, t, g, kDx, s1d, s2d);
+    if (g.cl) feature_typed(terms[0][0].bf16, [&](auto* tag) {
+      using TX = std::remove_const_t<std::remove_pointer_t<decltype(tag)>>;
+      term_backward_cl<TX>(gp, terms[0], ptrs, t, g, kDx, s1d, s2d);
+    });
     else term_backward_nchw(gp, terms[0], ptrs, t, g, kDx, s1d, s2d);
   });
   return out;

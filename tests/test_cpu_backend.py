@@ -109,3 +109,31 @@ def test_torch_compile_runs_around_a_bnff_model(gen):
     assert rel_err(y, y_plain) <= 1e-5
     scale = max(g.abs().max().item() for g in grads_plain)  # c1's bias feeds a BN: its gradient is 0 + noise
     assert all(rel_err(a, b, floor=1e-2 * scale) <= 1e-4 for a, b in zip(grads, grads_plain))
+
+
+def test_workspace_reuses_freed_blocks_and_releases_them(gen):
+    """A large output's block goes back to the workspace when the tensor dies and the next output of
+    that size gets it (no fresh pages); the reused memory gives the same results; release frees it."""
+    if not cpu.available():
+        pytest.skip("cpu kernels not built")
+    cpu.release_workspace()
+    x = _t(gen, (4, 64, 32, 32), torch.bfloat16, torch.channels_last)  # 512 KiB: below the pool's minimum
+    big = _t(gen, (8, 64, 48, 48), torch.bfloat16, torch.channels_last)  # 2.25 MiB
+    mean, f1, beta = torch.randn(64, generator=gen), torch.rand(64, generator=gen), torch.randn(64, generator=gen)
+    a = cpu.apply([[big]], [mean], [f1], [beta], [], "relu", torch.bfloat16)
+    ptr, nbytes = a.data_ptr(), a.numel() * a.element_size()
+    assert cpu.workspace_bytes() == 0
+    del a
+    assert cpu.workspace_bytes() == nbytes
+    a2 = cpu.apply([[big]], [mean], [f1], [beta], [], "relu", torch.bfloat16)
+    assert a2.data_ptr() == ptr and cpu.workspace_bytes() == 0
+    assert a2.is_contiguous(memory_format=torch.channels_last)
+    assert rel_err(a2, reference.apply([[big]], [mean], [f1], [beta], [], "relu", torch.bfloat16)) <= 1e-2
+    small = cpu.apply([[x]], [mean], [f1], [beta], [], "relu", torch.bfloat16)
+    del small, a2
+    assert cpu.workspace_bytes() == nbytes  # the small one went back to the system allocator
+    assert cpu.release_workspace() == nbytes and cpu.workspace_bytes() == 0
+    nchw = big.contiguous()  # a pooled block in the NCHW layout
+    a3 = cpu.apply([[nchw]], [mean], [f1], [beta], [], "relu", torch.bfloat16)
+    assert a3.is_contiguous() and rel_err(a3, reference.apply([[nchw]], [mean], [f1], [beta], [], "relu",
+                                                              torch.bfloat16)) <= 1e-2

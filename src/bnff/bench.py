@@ -46,6 +46,10 @@ class BenchConfig:
         backend: bnff sweep backend (None: ``bnff.ops.backends.default()``).
         channels_last: model and input in channels_last (the layout oneDNN convolutions prefer).
         seed: seed of the weights and the synthetic batch.
+        tuned_malloc: before anything runs, tell glibc's malloc never to return memory to the system
+            nor to map large blocks anew (``tune_malloc``), so that no variant faults in fresh pages
+            for its intermediates: eager then gets what bnff's workspace gives bnff. Process-wide
+            and irreversible.
     """
 
     model: str = "resnet50"
@@ -58,6 +62,7 @@ class BenchConfig:
     backend: str | None = None
     channels_last: bool = True
     seed: int = 0
+    tuned_malloc: bool = False
 
     def __post_init__(self) -> None:
         if self.model not in models.MODELS:
@@ -134,6 +139,29 @@ def _floor_step(calls: list[_ConvCall], memory_format: torch.memory_format, gen:
     return step
 
 
+def tune_malloc() -> None:
+    """Set glibc malloc's options so freed memory stays with the process: no trimming of the heap,
+    no ``mmap`` per large block, a 1 GiB top pad (``mallopt`` M_TRIM_THRESHOLD, M_MMAP_THRESHOLD,
+    M_TOP_PAD; the same as the MALLOC_*_ environment variables). Process-wide, irreversible.
+
+    Raises:
+        RuntimeError: not glibc (no ``mallopt``), or glibc refused a value.
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError) as exc:
+        raise RuntimeError(f"tuned_malloc needs glibc's mallopt ({exc}); run without it") from None
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
+    for opt, value in ((m_trim_threshold, 2 ** 31 - 1), (m_mmap_threshold, 2 ** 31 - 1), (m_top_pad, 2 ** 30)):
+        if mallopt(opt, value) != 1:
+            raise RuntimeError(f"glibc mallopt({opt}, {value}) failed; run without tuned_malloc")
+
+
 def _train_step(model: nn.Module, opt: torch.optim.Optimizer, x: Tensor, y: Tensor, amp: bool) -> Callable[[], None]:
     def step() -> None:
         opt.zero_grad(set_to_none=True)
@@ -164,6 +192,8 @@ def run(cfg: BenchConfig, progress: bool = True) -> dict:
         ValueError: a bad configuration.
     """
     cfg = replace(cfg, backend=backends.resolve(cfg.backend))
+    if cfg.tuned_malloc:
+        tune_malloc()
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     amp = cfg.dtype == "bf16"
@@ -221,4 +251,4 @@ def run(cfg: BenchConfig, progress: bool = True) -> dict:
             "saved_bytes": saved}
 
 
-__all__ = ["BenchConfig", "VARIANTS", "run"]
+__all__ = ["BenchConfig", "VARIANTS", "run", "tune_malloc"]

@@ -41,7 +41,8 @@ def _bench(args: argparse.Namespace) -> int:
     from bnff.traffic.report import write_json
 
     cfg = BenchConfig(model=args.model, batch=args.batch, image_size=args.image_size, dtype=args.dtype,
-                      steps=args.steps, warmup=args.warmup, variants=tuple(args.variants), backend=args.backend)
+                      steps=args.steps, warmup=args.warmup, variants=tuple(args.variants), backend=args.backend,
+                      tuned_malloc=args.tuned_malloc)
     res = run(cfg)
     t = Table(title=f"{cfg.model}, batch {cfg.batch}, {cfg.image_size}x{cfg.image_size}, {cfg.dtype}, "
                     f"median of {cfg.steps} interleaved rounds")
@@ -142,6 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--variants", nargs="+", default=["eager", "compile", "bnff", "conv_floor"],
                    choices=["eager", "compile", "bnff", "conv_floor"])
     _add_backend(b)
+    b.add_argument("--tuned-malloc", action="store_true",
+                   help="keep freed memory in the process (glibc mallopt) so that no variant faults in fresh pages; "
+                        "eager then gets what bnff's workspace gives bnff")
     b.add_argument("--json", default=None, help="write the results as JSON here")
     b.set_defaults(func=_bench)
 

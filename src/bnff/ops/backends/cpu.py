@@ -8,7 +8,7 @@ and registered as ``torch.ops.bnff.*`` through ``torch.library`` (with fake impl
 ``torch.compile`` can trace around a bnff model). A gradient in another layout than its feature
 maps is converted first; a call the kernels do not cover (float64, feature maps in mixed or
 non-contiguous layouts) runs the reference sweep; if the build fails, every call does and one
-warning says why.
+warning says why. Large outputs come from a workspace of reused blocks (``workspace_bytes``).
 """
 
 from __future__ import annotations
@@ -91,6 +91,23 @@ def available() -> bool:
                               f"using the reference backend (plain PyTorch, slower). Set BNFF_VERBOSE_BUILD=1 "
                               f"to see the compiler output.", RuntimeWarning, stacklevel=2)
     return bool(_state["ok"])
+
+
+def workspace_bytes() -> int:
+    """Bytes the kernels' workspace holds now: freed large outputs (>= 1 MiB) kept for reuse.
+
+    A training step allocates the same large feature maps every step; from the system allocator
+    each would be fresh pages, faulted in and zeroed on first touch (glibc maps blocks over 32 MiB
+    anew every time). The workspace keeps freed blocks by exact size, up to ``BNFF_WORKSPACE_BYTES``
+    (default 2 GiB), so a step reuses the last one's. 0 when the kernels are not built.
+    """
+    return int(torch.ops.bnff.workspace_held()) if available() else 0
+
+
+def release_workspace() -> int:
+    """Return every block the workspace holds to the system (e.g. after training); the bytes freed.
+    Tensors still in use are not affected: their blocks are freed when they die."""
+    return int(torch.ops.bnff.workspace_release()) if available() else 0
 
 
 def _layout(t: Tensor) -> str | None:
@@ -195,4 +212,5 @@ def input_grad(dy: Tensor, sources: list[Tensor], mean: Tensor, f1: Tensor, b: T
     return list(torch.ops.bnff.input_grad(dy, sources, _f32(mean), _f32(f1), None if b is None else _f32(b), _f32(s1)))
 
 
-__all__ = ["apply", "available", "channel_stats", "grad_stats", "grad_stats_x", "input_grad", "input_grad_x"]
+__all__ = ["apply", "available", "channel_stats", "grad_stats", "grad_stats_x", "input_grad", "input_grad_x",
+           "release_workspace", "workspace_bytes"]

@@ -23,7 +23,10 @@
 
 #include <algorithm>
 #include <type_traits>
+#include <cstdlib>
 #include <cstring>
+#include <mutex>
+#include <unordered_map>
 #include <vector>
 
 namespace {
@@ -108,6 +111,92 @@ BNFF_INLINE vf round_bf16(vf v) {
 }
 BNFF_INLINE vf splat(float s) { return (vf){} + s; }
 inline float lane(vf v, int64_t i) { return v[i]; }
+
+// ---- workspace: the sweeps' large outputs reuse freed blocks ------------------------------------
+// A training step allocates the same large tensors every step (applied maps, dy, dx). From the
+// system allocator each would be fresh pages, faulted in and zeroed by the kernel on first touch
+// (glibc maps blocks over 32 MiB anew each time and trims freed heap). The pool keeps freed blocks
+// by exact size, up to a limit in bytes (BNFF_WORKSPACE_BYTES, default 2 GiB); above it, or below
+// kPoolMin bytes, blocks go back to the system.
+constexpr size_t kPoolMin = size_t(1) << 20;
+
+class Workspace {
+ public:
+  static Workspace& get() {
+    static Workspace* w = new Workspace();  // never destroyed: tensors may outlive static teardown
+    return *w;
+  }
+  void* take(size_t bytes) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      auto it = free_.find(bytes);
+      if (it != free_.end() && !it->second.empty()) {
+        void* p = it->second.back();
+        it->second.pop_back();
+        held_ -= bytes;
+        return p;
+      }
+    }
+    void* p = nullptr;
+    TORCH_CHECK(posix_memalign(&p, 64, bytes) == 0, "bnff cpu backend: out of memory allocating ", bytes, " bytes");
+    return p;
+  }
+  void give(void* p, size_t bytes) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (held_ + bytes <= limit_) {
+        free_[bytes].push_back(p);
+        held_ += bytes;
+        return;
+      }
+    }
+    std::free(p);
+  }
+  int64_t release() {  // free every held block; returns the bytes freed
+    std::lock_guard<std::mutex> lock(mu_);
+    for (auto& kv : free_)
+      for (void* p : kv.second) std::free(p);
+    free_.clear();
+    const int64_t n = held_;
+    held_ = 0;
+    return n;
+  }
+  int64_t held() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return held_;
+  }
+
+ private:
+  Workspace() {
+    const char* env = std::getenv("BNFF_WORKSPACE_BYTES");
+    limit_ = env ? static_cast<size_t>(std::strtoull(env, nullptr, 10)) : (size_t(2) << 30);
+  }
+  std::mutex mu_;
+  std::unordered_map<size_t, std::vector<void*>> free_;
+  size_t held_ = 0, limit_;
+};
+
+// An uninitialized (N, C, H, W) tensor in the given layout, from the workspace when large.
+Tensor workspace_empty(at::IntArrayRef sizes, const at::TensorOptions& opts, bool channels_last) {
+  const auto fmt = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  int64_t numel = 1;
+  for (int64_t s : sizes) numel *= s;
+  const size_t bytes = static_cast<size_t>(numel) * c10::elementSize(c10::typeMetaToScalarType(opts.dtype()));
+  if (bytes < kPoolMin) return at::empty(sizes, opts, fmt);
+  void* p = Workspace::get().take(bytes);
+  std::vector<int64_t> strides;
+  if (channels_last) {
+    strides = c10::get_channels_last_strides_2d(sizes);
+  } else {
+    auto cs = c10::contiguous_strides(sizes);
+    strides.assign(cs.begin(), cs.end());
+  }
+  return at::for_blob(p, sizes)
+      .strides(strides)
+      .deleter([bytes](void* q) { Workspace::get().give(q, bytes); })
+      .options(opts)
+      .make_tensor();
+}
 
 enum Act : int64_t { kNone = 0, kRelu = 1, kRelu6 = 2 };
 
@@ -489,8 +578,7 @@ Tensor apply(at::TensorList sources, at::IntArrayRef n_sources, at::TensorList m
   for (int64_t j = 0; j < (n_sources.empty() ? 0 : n_sources[0]); ++j) C += sources[j].size(1);
   if (sources.empty()) C = like.size(1);
   Geo g{g0.cl, g0.n, C, g0.hw};
-  auto fmt = g.cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
-  Tensor out = at::empty({g.n, C, like.size(2), like.size(3)}, like.options().dtype(out_dtype), fmt);
+  Tensor out = workspace_empty({g.n, C, like.size(2), like.size(3)}, like.options().dtype(out_dtype), g.cl);
   auto terms = terms_of(sources, n_sources);
   auto vec = vecs_of(means, f1s, betas);
   std::vector<Src> res;
@@ -610,8 +698,7 @@ std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>> grad_stats(
     const Tensor& grad, const std::optional<Tensor>& a, int64_t act, at::TensorList sources,
     at::IntArrayRef n_sources, at::TensorList means) {
   Geo g = geo_of(grad);
-  auto fmt = g.cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
-  Tensor dy = at::empty(grad.sizes(), grad.options(), fmt);
+  Tensor dy = workspace_empty(grad.sizes(), grad.options(), g.cl);
   auto terms = terms_of(sources, n_sources);
   std::vector<const float*> mus;
   for (const Tensor& m : means) mus.push_back(m.data_ptr<float>());
@@ -692,8 +779,7 @@ std::vector<Tensor> input_grad(const Tensor& dy, at::TensorList sources, const T
   int64_t off = 0;
   for (const Tensor& x : sources) {
     const int64_t Cj = x.size(1);
-    auto fmt = g.cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
-    Tensor dx = at::empty(x.sizes(), x.options(), fmt);
+    Tensor dx = workspace_empty(x.sizes(), x.options(), g.cl);
     const float* bp = b ? b->data_ptr<float>() + off : nullptr;
     typed(dy, [&](auto* dp) {
       typed(x, [&](auto* xp) {
@@ -852,11 +938,10 @@ std::vector<Tensor> input_grad_x(const Tensor& grad, at::TensorList sources, con
   Tensor k0 = (f1 * s1).contiguous();
   TermBwd t{mean.data_ptr<float>(), f1.data_ptr<float>(), beta.data_ptr<float>(),
             b ? b->data_ptr<float>() : nullptr, k0.data_ptr<float>(), act, out_dtype == at::kBFloat16};
-  auto fmt = g.cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   std::vector<Tensor> out;
   std::vector<void*> ptrs;
   for (const Tensor& x : sources) {
-    out.push_back(at::empty(x.sizes(), x.options(), fmt));
+    out.push_back(workspace_empty(x.sizes(), x.options(), g.cl));
     ptrs.push_back(out.back().data_ptr());
   }
   std::vector<double> s1d, s2d;
@@ -870,10 +955,15 @@ std::vector<Tensor> input_grad_x(const Tensor& grad, at::TensorList sources, con
   return out;
 }
 
+int64_t workspace_release() { return Workspace::get().release(); }
+int64_t workspace_held() { return Workspace::get().held(); }
+
 }  // namespace
 
 TORCH_LIBRARY(bnff, m) {
   m.def("channel_stats(Tensor x) -> (Tensor, Tensor)");
+  m.def("workspace_release() -> int", &workspace_release);
+  m.def("workspace_held() -> int", &workspace_held);
   m.def("apply(Tensor[] sources, int[] n_sources, Tensor[] means, Tensor[] f1s, Tensor[] betas, "
         "Tensor[] residuals, int act, ScalarType out_dtype) -> Tensor");
   m.def("grad_stats(Tensor grad, Tensor? a, int act, Tensor[] sources, int[] n_sources, Tensor[] means) "

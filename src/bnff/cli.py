@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from bnff import models
+from bnff.bench import VARIANTS
 from bnff.data import DataError
 from bnff.ops import backends
 
@@ -140,8 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--dtype", choices=["fp32", "bf16"], default="bf16", help="bf16 runs under CPU autocast")
     b.add_argument("--steps", type=int, default=10, help="timed rounds (one step of every variant each)")
     b.add_argument("--warmup", type=int, default=2, help="untimed steps per variant first")
-    b.add_argument("--variants", nargs="+", default=["eager", "compile", "bnff", "conv_floor"],
-                   choices=["eager", "compile", "bnff", "conv_floor"])
+    b.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     _add_backend(b)
     b.add_argument("--tuned-malloc", action="store_true",
                    help="keep freed memory in the process (glibc mallopt) so that no variant faults in fresh pages; "

@@ -360,6 +360,12 @@ BNFF_INLINE void with_count(int64_t k, F&& f) {
   else f(k);
 }
 
+// out[i] += sum over chunks of part[ch * width + i]: the per-chunk partial sums of a reduction.
+void add_chunks(const std::vector<double>& part, int64_t nc, int64_t width, double* out) {
+  for (int64_t ch = 0; ch < nc; ++ch)
+    for (int64_t i = 0; i < width; ++i) out[i] += part[ch * width + i];
+}
+
 // Rows [r0, r1) of chunk ch of a reduction over channels_last rows, in blocks of kBlock rows: body
 // (chunk, first row, row count) once per block; the block's rows stay in L1 across segments.
 constexpr int64_t kBlock = 32;
@@ -633,10 +639,8 @@ void grad_stats_cl(const TG* gp, const TX* a, int64_t act, const std::vector<std
       }
     }
   });
-  for (int64_t ch = 0; ch < nc; ++ch) {
-    for (int64_t c = 0; c < C; ++c) s1[c] += p1[ch * C + c];
-    for (int64_t i = 0; i < K * C; ++i) s2[i] += p2[ch * K * C + i];
-  }
+  add_chunks(p1, nc, C, s1.data());
+  add_chunks(p2, nc, K * C, s2.data());
 }
 
 template <typename TG>
@@ -828,8 +832,8 @@ void term_backward_cl(const TG* gp, const std::vector<Src>& srcs, const std::vec
       const Src& s = srcs[j];
       const TX* xp = static_cast<const TX*>(s.p) + c0 - s.off;
       TX* dxp = mode == kDx ? static_cast<TX*>(dxs[j]) + c0 - s.off : nullptr;
-      const vf mu = ld(t.mu + c0, n), f1 = ld(t.f1 + c0, n), beta = ld(t.beta + c0, n);
       const DxVec v(t.f1 + c0, t.b ? t.b + c0 : nullptr, t.mu + c0, t.k0 ? t.k0 + c0 : nullptr, n);
+      const vf mu = v.mu, f1 = v.f1, beta = ld(t.beta + c0, n);
       vf a1 = {}, a2 = {};
       with_act(t.act, [&](auto A) {
         with_width(n, [&](auto w) {
@@ -858,11 +862,8 @@ void term_backward_cl(const TG* gp, const std::vector<Src>& srcs, const std::vec
   if (mode == kStats) {
     s1.assign(C, 0.0);
     s2.assign(C, 0.0);
-    for (int64_t ch = 0; ch < nc; ++ch)
-      for (int64_t c = 0; c < C; ++c) {
-        s1[c] += p1[ch * C + c];
-        s2[c] += p2[ch * C + c];
-      }
+    add_chunks(p1, nc, C, s1.data());
+    add_chunks(p2, nc, C, s2.data());
   }
 }
 

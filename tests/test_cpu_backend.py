@@ -13,61 +13,158 @@ from bnff.ops.backends import cpu, reference
 from helpers import rel_err
 
 LAYOUTS = (torch.channels_last, torch.contiguous_format)
+LAYOUT_NAME = {torch.channels_last: "nhwc", torch.contiguous_format: "nchw"}
 DTYPES = (torch.float32, torch.bfloat16)
+U32 = 2.0 ** -24  # float32 unit roundoff: the sweeps accumulate in float32 (and double)
 
 
 def _t(gen, shape, dtype, fmt, scale=1.0, shift=0.0):
     return (torch.randn(shape, generator=gen) * scale + shift).to(dtype).contiguous(memory_format=fmt)
 
 
+def _d(t):
+    return t.detach().double()
+
+
+def _vec(v):
+    return _d(v).view(1, -1, 1, 1)
+
+
+def _assert_within(got, exact, bound, what):
+    """Element-wise |got - exact| <= bound, all in float64; the bound comes from the unit roundoff and
+    the reduction length (Higham's summation bound), never from a measured run."""
+    err = (_d(got) - exact).abs()
+    worst = (err - bound).argmax()
+    assert bool((err <= bound).all()), f"{what}: error {err.flatten()[worst]:.3g} > bound {bound.flatten()[worst]:.3g}"
+
+
+def _sum_bound(terms, m):
+    """(m + 2) u sum |t| / m per channel: float32 summation of m products or differences, divided by m."""
+    return (m + 2) * U32 * terms.abs().sum((0, 2, 3)) / m
+
+
 @pytest.mark.parametrize("fmt", LAYOUTS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("act", [None, "relu", "relu6"])
-def test_sweeps_match_reference(fmt, dtype, act, gen):
-    """Two BN terms, the first over a concatenation of two maps (ICF), plus a shortcut."""
+def test_sweeps_match_float64_and_run_the_kernels(fmt, dtype, act, gen):
+    """Two BN terms, the first over a concatenation of two maps (ICF), plus a shortcut. The element-wise
+    sweeps (apply, dy) equal the reference bit for bit (one definition, no contraction); reductions
+    and dx are within the float32 rounding bound of float64. Every sweep entered the C++ kernels."""
+    assert cpu.available(), cpu._state.get("why")
+    before = cpu.kernel_calls()
     n, h, w = 3, 5, 7
+    m = n * h * w
     x1, x2 = _t(gen, (n, 24, h, w), dtype, fmt, 3, 5), _t(gen, (n, 8, h, w), dtype, fmt)
     x3, r = _t(gen, (n, 32, h, w), dtype, fmt), _t(gen, (n, 32, h, w), dtype, fmt)
     sources = [[x1, x2], [x3]]
     means = [torch.randn(32, generator=gen), torch.randn(32, generator=gen)]
     f1s = [torch.rand(32, generator=gen) + 0.5, torch.rand(32, generator=gen) + 0.5]
     betas = [torch.randn(32, generator=gen) * 3, None]  # relu6 sees values on both sides of 0 and 6
-    tol = 1e-6 if dtype == torch.float32 else 1e-2  # bf16: one rounding of the output
-    for a_ref, a in zip(reference.channel_stats(x1), cpu.channel_stats(x1)):
-        assert rel_err(a, a_ref) <= 1e-6
+    mean, var = cpu.channel_stats(x1)
+    mean64, var64 = _d(x1).mean((0, 2, 3)), _d(x1).var((0, 2, 3), correction=0)
+    _assert_within(mean, mean64, _sum_bound(_d(x1), m), "mean")
+    _assert_within(var, var64, 2 * _sum_bound((_d(x1) - mean64.view(1, -1, 1, 1)) ** 2, m), "var")
     a_ref = reference.apply(sources, means, f1s, betas, [r], act, dtype)
     a = cpu.apply(sources, means, f1s, betas, [r], act, dtype)
-    assert a.is_contiguous(memory_format=fmt) and a.dtype == dtype and rel_err(a, a_ref) <= tol
+    assert a.is_contiguous(memory_format=fmt) and a.dtype == dtype and torch.equal(a, a_ref)
     g = _t(gen, (n, 32, h, w), dtype, fmt)
     dy_ref, s1_ref, s2_ref = reference.grad_stats(g, a_ref, act, sources, means)
     dy, s1, s2 = cpu.grad_stats(g, a_ref, act, sources, means)
-    assert rel_err(dy, dy_ref) == 0  # g * mask is exact in g's dtype
-    for u, v in zip(s1 + s2, s1_ref + s2_ref):
-        assert rel_err(u, v) <= 1e-5
+    assert torch.equal(dy.to(dy_ref.dtype), dy_ref)  # g * mask is exact in g's dtype
+    xs = [torch.cat([_d(x1), _d(x2)], 1), _d(x3)]
+    for k, xk in enumerate(xs):
+        _assert_within(s1[k], _d(dy).sum((0, 2, 3)) / m, _sum_bound(_d(dy), m), "S1")
+        prod = _d(dy) * (xk - _vec(means[k]))
+        _assert_within(s2[k], prod.sum((0, 2, 3)) / m, _sum_bound(prod, m), "S2c")
     b = torch.randn(32, generator=gen)
-    for d, d_ref, x in zip(cpu.input_grad(dy, [x1, x2], means[0], f1s[0], b, s1[0]),
-                           reference.input_grad(dy_ref, [x1, x2], means[0], f1s[0], b, s1_ref[0]), [x1, x2]):
+    u_out = torch.finfo(dtype).eps / 2  # the output's rounding (bf16: 2^-8)
+
+    def dx_exact(d, term):
+        f1, k0 = _vec(f1s[0]), _vec(f1s[0]) * _vec(s1[0])
+        parts = [f1 * _d(d), _vec(b) * (term - _vec(means[0])), k0.expand_as(term)]
+        exact = parts[0] + parts[1] - parts[2]
+        size = sum(p.abs() for p in parts)
+        return exact, 6 * U32 * size + u_out * (exact.abs() + 6 * U32 * size)
+
+    exact, bound = dx_exact(dy, xs[0])
+    dxs = cpu.input_grad(dy, [x1, x2], means[0], f1s[0], b, s1[0])
+    for d, x, e, bd in zip(dxs, [x1, x2], exact.split([24, 8], 1), bound.split([24, 8], 1)):
         assert d.shape == x.shape and d.dtype == x.dtype and d.is_contiguous(memory_format=fmt)
-        assert rel_err(d, d_ref) <= tol
+        _assert_within(d, e, bd, "dx")
     # one term, no shortcut: the mask recomputed from x, dy never written
     lone = ([x1, x2], means[0], f1s[0], betas[0], dtype)
     s1x, s2x = cpu.grad_stats_x(g, act, *lone)
-    s1x_ref, s2x_ref = reference.grad_stats_x(g, act, *lone)
-    assert rel_err(s1x, s1x_ref) <= 1e-5 and rel_err(s2x, s2x_ref) <= 1e-5
-    for d, d_ref in zip(cpu.input_grad_x(g, act, *lone, b, s1x_ref), reference.input_grad_x(g, act, *lone, b, s1x_ref)):
-        assert d.is_contiguous(memory_format=fmt) and rel_err(d, d_ref) <= tol
+    a_lone = reference.apply([[x1, x2]], [means[0]], [f1s[0]], [betas[0]], [], act, dtype)
+    dy_lone = _d(g) * (1.0 if act is None else _d(reference.activation_mask(a_lone, act)))
+    _assert_within(s1x, dy_lone.sum((0, 2, 3)) / m, _sum_bound(dy_lone, m), "S1 (lone)")
+    prod = dy_lone * (xs[0] - _vec(means[0]))
+    _assert_within(s2x, prod.sum((0, 2, 3)) / m, _sum_bound(prod, m), "S2c (lone)")
+    s1 = [s1x]
+    exact, bound = dx_exact(dy_lone, xs[0])
+    for d, e, bd in zip(cpu.input_grad_x(g, act, *lone, b, s1x), exact.split([24, 8], 1), bound.split([24, 8], 1)):
+        assert d.is_contiguous(memory_format=fmt)
+        _assert_within(d, e, bd, "dx (lone)")
+    ran = cpu.kernel_calls() - before
+    key = f"{LAYOUT_NAME[fmt]}/{str(dtype).removeprefix('torch.')}"
+    for sweep in ("channel_stats", "apply", "grad_stats", "input_grad", "grad_stats_x", "input_grad_x"):
+        assert ran[f"{sweep}/{key}"] >= 1, (sweep, key, ran)
+
+
+def _near_threshold(gen, shape, dtype, fmt, mean, f1, beta, thresholds):
+    """x with (x - mean) * F1 + beta within a few ulps of a threshold (0, or 0 and 6) in every element:
+    x0 = mean + (t - beta) / F1 rounded to ``dtype``, moved by -3..3 of its ulps."""
+    n, c, h, w = shape
+    t = torch.tensor(thresholds, dtype=torch.float64)[torch.randint(len(thresholds), (n, c, h, w), generator=gen)]
+    x0 = (_vec(mean) + (t - _vec(beta)) / _vec(f1)).to(dtype)
+    mantissa = {torch.float32: 23, torch.bfloat16: 7}[dtype]
+    ulp = 2.0 ** (torch.floor(torch.log2(x0.double().abs().clamp_min(1e-30))) - mantissa)
+    steps = torch.randint(-3, 4, (n, c, h, w), generator=gen).double()
+    return (x0.double() + steps * ulp).to(dtype).contiguous(memory_format=fmt)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("fmt", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("act, thresholds", [("relu", (0.0,)), ("relu6", (0.0, 6.0))])
+def test_recomputed_mask_is_bit_identical(backend, fmt, dtype, act, thresholds, gen):
+    """The backward of a lone BN recomputes the activation from x; its mask must be the one of the value
+    the forward passed on (eager's rule: ReLU a > 0, ReLU6 0 < a < 6 on the stored output), element for
+    element, on inputs placed within a few ulps of the thresholds."""
+    be = {"reference": reference, "cpu": cpu}[backend]
+    before = cpu.kernel_calls()
+    shape = (4, 20, 6, 5)
+    mean, f1 = torch.randn(20, generator=gen), torch.rand(20, generator=gen) * 3 + 0.1
+    beta = torch.randn(20, generator=gen) * 4
+    x = _near_threshold(gen, shape, dtype, fmt, mean, f1, beta, thresholds)
+    a = be.apply([[x]], [mean], [f1], [beta], [], act, dtype)
+    mask = (a > 0) if act == "relu" else (a > 0) & (a < 6)
+    assert 0 < mask.sum() < mask.numel()  # the inputs do straddle the thresholds
+    g = (torch.rand(shape, generator=gen) + 0.5).to(dtype).contiguous(memory_format=fmt)
+    dx = be.input_grad_x(g, act, [x], mean, f1, beta, dtype, None, torch.zeros(20))[0]  # dx = F1 * g * mask
+    assert torch.equal(dx != 0, mask)
+    s1, _ = be.grad_stats_x(torch.ones_like(g), act, [x], mean, f1, beta, dtype)  # S1 * m = mask count
+    assert torch.equal(torch.round(s1.double() * (shape[0] * shape[2] * shape[3])).long(), mask.sum((0, 2, 3)))
+    if backend == "cpu":
+        ran = cpu.kernel_calls() - before
+        assert all(ran[f"{sweep}/{LAYOUT_NAME[fmt]}/{str(dtype).removeprefix('torch.')}"] >= 1
+                   for sweep in ("apply", "input_grad_x", "grad_stats_x")), ran
 
 
 def test_mixed_layouts_and_float64_are_handled(gen):
     x = _t(gen, (2, 16, 4, 4), torch.float32, torch.channels_last)
     g = _t(gen, (2, 16, 4, 4), torch.float32, torch.contiguous_format)  # e.g. an average pool's gradient
     mean, f1 = torch.randn(16, generator=gen), torch.rand(16, generator=gen)
+    before, fell = cpu.kernel_calls(), cpu.fallbacks()
     dy, s1, s2 = cpu.grad_stats(g, x, "relu", [[x]], [mean])
     dy_ref, s1_ref, s2_ref = reference.grad_stats(g, x, "relu", [[x]], [mean])
-    assert rel_err(dy, dy_ref) == 0 and rel_err(s2[0], s2_ref[0]) <= 1e-5
+    assert torch.equal(dy, dy_ref)
+    prod = _d(dy) * (_d(x) - _vec(mean))
+    _assert_within(s2[0], prod.sum((0, 2, 3)) / 32, _sum_bound(prod, 32), "S2c")
+    assert (cpu.kernel_calls() - before)["grad_stats/nhwc/float32"] == 1  # converted, not fallen back
     x64 = x.double()
-    m, v = cpu.channel_stats(x64)  # float64: the reference sweep
-    assert m.dtype == torch.float64 and rel_err(v, torch.var(x64, (0, 2, 3), correction=0)) <= 1e-12
+    m, v = cpu.channel_stats(x64)  # float64: not covered, the reference sweep, counted as such
+    assert m.dtype == torch.float64 and torch.equal(v, torch.var_mean(x64, (0, 2, 3), correction=0)[0])
+    assert cpu.fallbacks() - fell == {("channel_stats", "float64"): 1}
 
 
 def test_failed_build_falls_back_with_one_warning(monkeypatch, gen):

@@ -1,11 +1,11 @@
-"""DenseNet, Inception-v3 and MobileNetV2 restructured whole: the foundation's exactness checks
-(float64 every gradient, fp32 outputs and running statistics, fp32 as accurate as eager against
-float64, bf16/channels_last), the fusion report, train/eval graphs, and dense-block memory growth.
+"""DenseNet, Inception-v3 and MobileNetV2 restructured whole: float64 exactness of every gradient,
+fp32 as close to float64 as eager (the suite's rule, ``helpers.K``), bf16/channels_last, the fusion
+report, train/eval graphs, and dense-block memory growth.
 
 fp32 gradients of whole networks are not element-wise comparable between any two implementations
 (a pre-activation within rounding of a ReLU/ReLU6 threshold flips its mask; see
-test_restructure._assert_trajectories_agree); they are pinned per connection in test_patterns.py
-(<= 1e-4) and for the whole networks in float64 (<= 1e-8).
+``helpers.assert_aggregate_as_accurate_as_eager``): they are checked summed over the network here,
+tensor by tensor per connection in test_patterns.py, and exactly in float64.
 """
 
 import copy
@@ -17,7 +17,8 @@ from torch import nn
 import bnff
 from bnff import models
 from bnff.memory import saved_activation_bytes
-from helpers import errors_vs_float64, randomize_bn, rel_err, train_side_by_side
+from helpers import (FLOAT64_BOUND, FLOOR, K, assert_aggregate_as_accurate_as_eager, assert_as_accurate_as_eager,
+                     compare_with_float64, errors_vs_float64, randomize_bn, reference_only, train_side_by_side)
 from helpers import every_backend  # noqa: F401  (each test runs on every backend)
 
 # Small-input variants and the smallest input each handles quickly on 2 cores.
@@ -34,32 +35,21 @@ def _batch(gen, hw, n=4):
     return lambda: (torch.randn(n, 3, hw, hw, generator=gen), torch.randint(0, 10, (n,), generator=gen))
 
 
+@reference_only
 @pytest.mark.parametrize("name", sorted(FAMILIES))
 def test_float64_every_gradient_and_running_stat_exact(name, gen):
     model = _model(name, gen).double()
     for e in train_side_by_side(model, _batch(gen, FAMILIES[name], n=2), steps=2, dtype=torch.float64):
-        assert max(e.output, e.input_grad, e.param_grad, e.buffers) <= 1e-8, e
-
-
-# Inception-v3 (~50 BN layers) and MobileNetV2 (52) are deep in fp32: eager itself is up to ~9e-6
-# (Inception) and ~5e-6 (MobileNetV2, measured over 5 inputs) off float64 in its output on these
-# inputs, so two fp32 implementations can differ by twice that.
-FP32_TOL = {"densenet121": 1e-5, "inception_v3": 2e-5, "mobilenet_v2": 2e-5}
-
-
-@pytest.mark.parametrize("name", sorted(FAMILIES))
-def test_fp32_outputs_and_running_stats_track_eager(name, gen):
-    for step, e in enumerate(train_side_by_side(_model(name, gen), _batch(gen, FAMILIES[name]), steps=2, lr=0.0)):
-        assert e.output <= FP32_TOL[name] and e.buffers <= FP32_TOL[name], (step, e)
+        assert max(e.output, e.input_grad, e.param_grad, e.buffers) <= FLOAT64_BOUND, e
 
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))
 def test_fp32_as_accurate_as_eager_against_float64(name, gen):
-    model = _model(name, gen)
-    eager, fused = errors_vs_float64(model, torch.randn(4, 3, FAMILIES[name], FAMILIES[name], generator=gen))
-    mid = len(eager) // 2
-    assert sorted(fused)[mid] <= 2 * sorted(eager)[mid] + 1e-6, (sorted(fused)[mid], sorted(eager)[mid])
-    assert fused[0] <= 2 * eager[0] + 1e-6  # the output
+    """Two steps (weights fixed, running statistics accumulating): outputs, input gradient and every
+    running statistic tensor by tensor, the parameter gradients summed (a ReLU6/ReLU mask element
+    within rounding of its threshold may flip in either implementation; see helpers)."""
+    steps = compare_with_float64(_model(name, gen), _batch(gen, FAMILIES[name]), steps=2)
+    assert_aggregate_as_accurate_as_eager(steps)
 
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))
@@ -70,14 +60,15 @@ def test_bf16_autocast_channels_last_tracks_eager(name, gen):
     x = torch.randn(4, 3, hw, hw, generator=gen).to(memory_format=torch.channels_last)
     eager, fused = errors_vs_float64(model, x, autocast=torch.bfloat16)
     mid = len(eager) // 2
-    assert sorted(fused)[mid] <= 1.5 * sorted(eager)[mid], (sorted(fused)[mid], sorted(eager)[mid])
-    assert fused[0] <= 2 * eager[0] + 1e-3, (fused[0], eager[0])
+    assert sorted(fused)[mid] <= K * sorted(eager)[mid], (sorted(fused)[mid], sorted(eager)[mid])
+    assert fused[0] <= K * eager[0], (fused[0], eager[0])
 
 
 def _all_bns(model):
     return sorted(n for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d))
 
 
+@reference_only  # no sweep runs: restructuring and the report only
 @pytest.mark.parametrize("name", ["densenet121", "densenet169", "densenet201", "inception_v3", "mobilenet_v2"])
 def test_every_batchnorm_fused(name):
     model = models.MODELS[name]()
@@ -85,6 +76,7 @@ def test_every_batchnorm_fused(name):
     assert sorted(report.fused_bns) == _all_bns(model) and not report.unfused, str(report)
 
 
+@reference_only  # no sweep runs: restructuring and the report only
 def test_densenet121_report_icf_groups():
     report = bnff.fusion_report(bnff.restructure(models.densenet121()))
     assert len(report.fused_bns) == 121
@@ -96,6 +88,7 @@ def test_densenet121_report_icf_groups():
     assert norm5.bns == ("features.norm5",) and len(norm5.sources[0]) == 1 + 16
 
 
+@reference_only  # no sweep runs: restructuring and the report only
 def test_inception_v3_report_consumers_and_materialized_branches():
     report = bnff.fusion_report(bnff.restructure(models.inception_v3()))
     assert len(report.fused_bns) == 96 and report.mode_dependent
@@ -107,6 +100,7 @@ def test_inception_v3_report_consumers_and_materialized_branches():
     assert [g.pattern for g in report.groups[:5]] == ["(3)", "(3)", "stem", "(3)", "stem"]
 
 
+@reference_only  # no sweep runs: restructuring and the report only
 def test_mobilenet_v2_report_patterns():
     report = bnff.fusion_report(bnff.restructure(models.mobilenet_v2()))
     acts = [g.act for g in report.groups]
@@ -125,8 +119,10 @@ def test_inception_train_and_eval_graphs_follow_the_mode(gen):
     fused.load_state_dict(eager.state_dict())
     fused.eval()
     with torch.no_grad():
-        y = fused(x)
-        assert isinstance(y, torch.Tensor) and rel_err(y, eager(x)) <= 1e-5
+        y, ref = fused(x), copy.deepcopy(eager).double()(x.double())
+        assert isinstance(y, torch.Tensor)
+        err_eager, err_fused = (eager(x).double() - ref).abs().max(), (y.double() - ref).abs().max()
+        assert err_fused <= K * err_eager + FLOOR * ref.abs().max(), (err_fused, err_eager)
     assert isinstance(copy.deepcopy(fused.train())(x), models.InceptionOutputs)
     assert isinstance(copy.deepcopy(fused).eval()(x), torch.Tensor)
 
@@ -160,5 +156,7 @@ def test_eval_mode_matches_eager_and_skips_statistics(name, gen, monkeypatch):
     x = torch.randn(2, 3, FAMILIES[name], FAMILIES[name], generator=gen)
     before = [b.clone() for b in fused.buffers()]
     with torch.no_grad():
-        assert rel_err(fused(x), eager(x)) <= 1e-5
+        ref = copy.deepcopy(model).double().eval()(x.double())
+        err_eager, err_fused = (eager(x).double() - ref).abs().max(), (fused(x).double() - ref).abs().max()
+        assert err_fused <= K * err_eager + FLOOR * ref.abs().max(), (err_fused, err_eager)
     assert not swept and all(torch.equal(a, b) for a, b in zip(before, fused.buffers()))

@@ -1,6 +1,7 @@
 """Every fusion pattern of DESIGN.md section 4, in every spelling and BN configuration the issue
-lists, trained side by side with eager PyTorch on fresh random inputs (fp32: outputs <= 1e-5,
-gradients <= 1e-4 relative), plus float64 exactness and the statistics' accuracy."""
+lists, trained on fresh random inputs and checked against float64 with the suite's rule (bnff's fp32
+error at most ``helpers.K`` times eager's, tensor by tensor), plus float64 exactness and the
+statistics' accuracy."""
 
 import copy
 
@@ -12,7 +13,8 @@ from torch import nn
 import bnff
 from bnff import models
 from bnff.ops import backends, bn_statistics, feature_statistics
-from helpers import randomize_bn, rel_err, train_side_by_side
+from helpers import (FLOOR, K, assert_as_accurate_as_eager, compare_with_float64, randomize_bn, rel_err,
+                     reference_only, train_side_by_side)
 from helpers import every_backend  # noqa: F401  (each test runs on every backend)
 
 C = 8
@@ -75,21 +77,19 @@ class Pattern(nn.Module):
 
 
 def _check(model, gen, n=6, hw=10, steps=3, expect_fused=None, channels=C):
+    """Restructure ``model``, check how many BNs were fused, and check ``steps`` training steps against
+    float64 with the suite's rule, tensor by tensor (``helpers.assert_as_accurate_as_eager``)."""
     randomize_bn(model, gen)
     fused = bnff.restructure(copy.deepcopy(model))
     report = bnff.fusion_report(fused)
     n_bn = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
     assert len(report.fused_bns) == (n_bn if expect_fused is None else expect_fused), str(report)
-
-    def batch():
-        return torch.randn(n, channels, hw, hw, generator=gen) * 2 + 0.5, torch.randint(0, 3, (n,), generator=gen)
-
-    for step, e in enumerate(train_side_by_side(model, batch, steps=steps)):
-        assert e.output <= 1e-5, (step, e)
-        assert e.input_grad <= 1e-4, (step, e)
-        assert e.param_grad <= 1e-4, (step, e)
-        assert e.buffers <= 1e-5, (step, e)
+    assert_as_accurate_as_eager(compare_with_float64(model, _batch_of(gen, n, hw, channels), steps=steps))
     return report
+
+
+def _batch_of(gen, n, hw, channels):
+    return lambda: (torch.randn(n, channels, hw, hw, generator=gen) * 2 + 0.5, torch.randint(0, 3, (n,), generator=gen))
 
 
 @pytest.mark.parametrize("act", ["nn.ReLU", "F.relu", "torch.relu", "Tensor.relu", "nn.ReLU6", "F.relu6", None])
@@ -139,12 +139,15 @@ def test_eval_mode_uses_running_statistics_and_trains_through(gen):
     _check(model, gen)
 
 
+@reference_only
 def test_float64_is_exact(gen):
-    """In float64 the restructured algebra must agree with eager to rounding (1e-12)."""
+    """In float64 the restructured algebra must agree with eager to rounding: m * eps per reduction
+    of m = 4 * 6 * 6 values, with a factor 16 for the few reductions in a row (about 5e-12)."""
     model = Pattern(shortcut="projection", act="nn.ReLU6").double()
     randomize_bn(model, gen)
+    bound = 16 * 4 * 6 * 6 * torch.finfo(torch.float64).eps
     for e in train_side_by_side(model, lambda: (torch.randn(4, C, 6, 6, generator=gen), None), dtype=torch.float64):
-        assert max(e.output, e.input_grad, e.param_grad, e.buffers) <= 1e-12, e
+        assert max(e.output, e.input_grad, e.param_grad, e.buffers) <= bound, e
 
 
 def test_one_value_per_channel_raises_like_eager(gen):
@@ -158,19 +161,27 @@ def test_one_value_per_channel_raises_like_eager(gen):
     assert str(fused_err.value) == str(eager_err.value)
 
 
-@pytest.mark.parametrize("backend", backends.available())
-def test_one_sweep_variance_with_mean_1e4_times_std(backend, gen):
-    """Per-channel mean 10^4 x std: var relative error <= 1e-3 against float64."""
+def test_one_sweep_variance_with_mean_1e4_times_std(every_backend, gen):
+    """Per-channel mean 10^4 x std: the variance (and the running variance) as close to float64 as
+    eager's own statistics (``torch.var_mean`` in fp32, what ``F.batch_norm`` computes), by the rule."""
     std = torch.rand(C, generator=gen) + 0.5
     c = (torch.randn(16, C, 12, 12, generator=gen) * std.view(1, -1, 1, 1) + 1e4 * std.view(1, -1, 1, 1))
     var64, mean64 = torch.var_mean(c.double(), (0, 2, 3), correction=0)
+    var32, mean32 = torch.var_mean(c, (0, 2, 3), correction=0)
+    backend = every_backend
     mean, var = backends.get(backend).channel_stats(c)
-    assert rel_err(var, var64) <= 1e-3
-    assert rel_err(mean, mean64) <= 1e-6
-    bn = nn.BatchNorm2d(C, momentum=None)
+
+    def within(got, eager, ref):
+        err, err_eager = (got.double() - ref).abs().max().item(), (eager.double() - ref).abs().max().item()
+        return err <= K * err_eager + FLOOR * ref.abs().max().item(), (err, err_eager)
+
+    assert within(var, var32, var64)[0], within(var, var32, var64)
+    assert within(mean, mean32, mean64)[0], within(mean, mean32, mean64)
+    bn, eager_bn = nn.BatchNorm2d(C, momentum=None), nn.BatchNorm2d(C, momentum=None)
     bn_statistics((c,), (feature_statistics(c, (bn,), backend),), bn)
+    eager_bn(c)
     unbiased = var64 * c[:, 0].numel() / (c[:, 0].numel() - 1)
-    assert rel_err(bn.running_var, unbiased) <= 1e-3
+    assert within(bn.running_var, eager_bn.running_var, unbiased)[0]
     assert int(bn.num_batches_tracked) == 1
 
 
@@ -233,6 +244,7 @@ def test_inception_several_consumers_pools_and_concatenation(gen):
     assert branch.consumers == () and "concatenates" in branch.materialized_because
 
 
+@reference_only  # no sweep runs: restructuring and the report only
 def test_per_consumer_cost_rule():
     """Applying per consumer pays with one BN (2k vs 2k+2 feature-map transfers), not with a
     shortcut or a projection and two consumers (9 vs 8, 8 vs 7)."""

@@ -12,7 +12,8 @@ import bnff
 from bnff import models
 from bnff.graph import TraceError
 from bnff.memory import saved_activation_bytes
-from helpers import errors_vs_float64, randomize_bn, rel_err, train_side_by_side
+from helpers import (FLOAT64_BOUND, FLOOR, K, assert_aggregate_as_accurate_as_eager, assert_as_accurate_as_eager,
+                     compare_with_float64, errors_vs_float64, randomize_bn, reference_only, train_side_by_side)
 from helpers import every_backend  # noqa: F401  (each test runs on every backend)
 
 
@@ -20,41 +21,31 @@ def _batch(gen, n=8, hw=32, classes=10):
     return lambda: (torch.randn(n, 3, hw, hw, generator=gen), torch.randint(0, classes, (n,), generator=gen))
 
 
-def _assert_trajectories_agree(step, e):
-    """Whole-network fp32 check of a training step.
-
-    Gradients of a whole ResNet in fp32 are not comparable element-wise between any two
-    implementations that round differently: a pre-activation within ~1e-6 of zero (about one per
-    32x32x64 layer at batch 8) lands on the other side of a ReLU, and that one mask element moves
-    a BN bias gradient, a sum of N*H*W mostly-cancelling terms, by ~1%. Eager fp32 does the same
-    against float64. So fp32 whole-model tests pin outputs and running statistics (<= 1e-5) over
-    several SGD steps; every gradient is pinned exactly by the float64 whole-model tests, and in
-    fp32 (<= 1e-4) by the per-pattern tests in test_patterns.py. SGD on such gradients makes two
-    fp32 trajectories drift apart (as eager fp32 and float64 do), so these tests hold the weights
-    fixed (lr=0) and take several steps to exercise the running-statistics updates.
-    """
-    assert e.output <= 1e-5 and e.buffers <= 1e-5, (step, e)
-
-
-def test_resnet18_small_input_trains_identically(gen):
+def test_resnet18_small_input_as_accurate_as_eager(gen):
+    """Three steps (weights fixed, running statistics accumulating) against float64: outputs and
+    running statistics tensor by tensor by the rule. Gradients of whole fp32 networks are a matter
+    of mask-flip luck in any one step (see helpers.assert_aggregate_as_accurate_as_eager): they are
+    checked over several inputs in test_resnet50_fp32_as_accurate_as_eager_against_float64, exactly in
+    float64, and per connection in test_patterns.py."""
     model = models.resnet18(num_classes=10, small_input=True)
     randomize_bn(model, gen)
-    for step, e in enumerate(train_side_by_side(model, _batch(gen), steps=3, lr=0.0)):
-        _assert_trajectories_agree(step, e)
+    assert_aggregate_as_accurate_as_eager(compare_with_float64(model, _batch(gen), steps=3), gradients=False)
 
 
+@reference_only
 def test_resnet18_float64_every_gradient_exact(gen):
     model = models.resnet18(num_classes=10, small_input=True).double()
     randomize_bn(model, gen)
     for e in train_side_by_side(model, _batch(gen, n=4), steps=2, dtype=torch.float64):
-        assert max(e.output, e.input_grad, e.param_grad, e.buffers) <= 1e-8, e
+        assert max(e.output, e.input_grad, e.param_grad, e.buffers) <= FLOAT64_BOUND, e
 
 
+@reference_only
 def test_resnet50_float64_exact(gen):
     model = models.resnet50(num_classes=10).double()
     randomize_bn(model, gen)
     for e in train_side_by_side(model, _batch(gen, n=4, hw=64), steps=2, dtype=torch.float64):
-        assert max(e.output, e.input_grad, e.param_grad, e.buffers) <= 1e-8, e
+        assert max(e.output, e.input_grad, e.param_grad, e.buffers) <= FLOAT64_BOUND, e
 
 
 def test_resnet50_fp32_as_accurate_as_eager_against_float64(gen):
@@ -63,18 +54,19 @@ def test_resnet50_fp32_as_accurate_as_eager_against_float64(gen):
     may be several times closer than the other (which pre-activations near zero land on which side
     of a ReLU is rounding luck; measured over 6 inputs, bnff's median error / eager's ranged from
     0.13 to 5.7). bnff must be as accurate as eager over several inputs: geometric mean of the
-    ratios of median tensor errors <= 2, and the outputs as close."""
+    ratios of median tensor errors <= K, and the outputs by the rule."""
     ratios = []
     for _ in range(4):
         model = models.resnet50(num_classes=10)
         randomize_bn(model, gen)
         eager, fused = errors_vs_float64(model, torch.randn(4, 3, 64, 64, generator=gen))
         mid = len(eager) // 2
-        ratios.append((sorted(fused)[mid] + 1e-9) / (sorted(eager)[mid] + 1e-9))
-        assert fused[0] <= 2 * eager[0] + 1e-6  # the output
-    assert math.exp(sum(math.log(r) for r in ratios) / len(ratios)) <= 2, ratios
+        ratios.append((sorted(fused)[mid] + FLOOR) / (sorted(eager)[mid] + FLOOR))
+        assert fused[0] <= K * eager[0] + FLOOR  # the output
+    assert math.exp(sum(math.log(r) for r in ratios) / len(ratios)) <= K, ratios
 
 
+@reference_only  # no sweep runs: restructuring and the report only
 def test_resnet50_report_fuses_all_53_bns():
     report = bnff.fusion_report(bnff.restructure(models.resnet50()))
     assert len(report.fused_bns) == 53 and not report.unfused, str(report)
@@ -84,6 +76,7 @@ def test_resnet50_report_fuses_all_53_bns():
     assert "53 of 53 BatchNorm layers fused" in str(report)
 
 
+@reference_only  # no sweep runs: restructuring and the report only
 @pytest.mark.parametrize("name", ["resnet18", "resnet34", "resnet101"])
 def test_other_resnets_fully_fused(name):
     model = models.MODELS[name]()
@@ -115,7 +108,9 @@ def test_eval_mode_matches_eager_and_freezes_running_stats(gen):
     x = torch.randn(4, 3, 32, 32, generator=gen)
     before = [b.clone() for b in fused.buffers()]
     with torch.no_grad():
-        assert rel_err(fused(x), eager(x)) <= 1e-5
+        ref = copy.deepcopy(eager).double()(x.double())
+        err_eager, err_fused = (eager(x).double() - ref).abs().max(), (fused(x).double() - ref).abs().max()
+        assert err_fused <= K * err_eager + FLOOR * ref.abs().max(), (err_fused, err_eager)
     assert all(torch.equal(a, b) for a, b in zip(before, fused.buffers()))
     fused.train()
     assert all(m.training for m in fused.modules())
@@ -127,18 +122,19 @@ def test_bf16_autocast_channels_last_tracks_eager(gen):
     x = torch.randn(8, 3, 32, 32, generator=gen).to(memory_format=torch.channels_last)
     eager, fused = errors_vs_float64(model, x, autocast=torch.bfloat16)
     # bf16 keeps 8 mantissa bits: eager bf16 is itself tens of percent off float64 in gradients;
-    # bnff bf16 must be about as close (median tensor within 1.5x, output within 2x).
+    # bnff bf16 must be as close by the rule (median tensor and output within K times eager's error).
     mid = len(eager) // 2
-    assert sorted(fused)[mid] <= 1.5 * sorted(eager)[mid], (sorted(fused)[mid], sorted(eager)[mid])
-    assert fused[0] <= 2 * eager[0] and fused[0] <= 5e-2, (fused[0], eager[0])
-    for e in train_side_by_side(model, _batch(gen), steps=2, autocast=torch.bfloat16, channels_last=True):
-        assert e.output <= 5e-2 and e.buffers <= 2e-2, e
+    assert sorted(fused)[mid] <= K * sorted(eager)[mid], (sorted(fused)[mid], sorted(eager)[mid])
+    assert fused[0] <= K * eager[0], (fused[0], eager[0])
+    steps = compare_with_float64(model, _batch(gen), steps=2, autocast=torch.bfloat16, channels_last=True)
+    for qs in steps:  # outputs and running statistics over two steps, tensor by tensor
+        assert_as_accurate_as_eager([[q for q in qs if not q.name.startswith("grad ")]])
 
 
-def test_channels_last_fp32_trains_identically_and_keeps_layout(gen):
+def test_channels_last_fp32_as_accurate_as_eager_and_keeps_layout(gen):
     model = models.resnet18(num_classes=10, small_input=True)
-    for step, e in enumerate(train_side_by_side(model, _batch(gen, n=4), steps=3, lr=0.0, channels_last=True)):
-        _assert_trajectories_agree(step, e)
+    steps = compare_with_float64(model, _batch(gen, n=4), steps=3, channels_last=True)
+    assert_aggregate_as_accurate_as_eager(steps, gradients=False)  # the forward, as the test above
     fused = bnff.restructure(copy.deepcopy(model)).to(memory_format=torch.channels_last)
     seen = []
     fused.layer2[0].downsample[0].register_forward_pre_hook(lambda m, a: seen.append(a[0]))
@@ -188,10 +184,10 @@ def test_unfusable_parts_stay_and_train_correctly(gen):
     assert set(report.fused_bns) == {"bn1", "bn3"}
     assert [g.materialized_because for g in report.groups if g.bns == ("bn1",)][0].startswith("consumer GELU")
     batch = lambda: (torch.randn(4, 3, 8, 8, generator=gen) + 0.2, torch.randint(0, 4, (4,), generator=gen))  # noqa: E731
-    for e in train_side_by_side(model, batch, steps=3):
-        assert e.output <= 1e-5 and e.param_grad <= 1e-4 and e.buffers <= 1e-5, e
+    assert_as_accurate_as_eager(compare_with_float64(model, batch, steps=3))
 
 
+@reference_only  # no sweep runs: restructuring and the report only
 def test_untraceable_model_error_names_construct_and_way_out():
     class Root(nn.Module):
         def __init__(self):
@@ -210,6 +206,7 @@ def test_untraceable_model_error_names_construct_and_way_out():
     assert "Root" in msg and "leaf_modules" in msg and "y.mean() > 0" in msg
 
 
+@reference_only  # no sweep runs: restructuring and the report only
 def test_leaf_modules_kept_opaque_and_bad_names_rejected():
     model = models.resnet18()
     report = bnff.fusion_report(bnff.restructure(model, leaf_modules=["layer1"]))

@@ -25,10 +25,11 @@ from tqdm import tqdm
 import bnff
 from bnff import models
 from bnff.memory import saved_activation_bytes
+from bnff.names import BENCH_VARIANTS
 from bnff.ops import backends
 from bnff.train import training_loss
 
-VARIANTS = ("eager", "compile", "bnff", "conv_floor")
+VARIANTS = BENCH_VARIANTS
 
 
 @dataclass

@@ -4,15 +4,25 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 import time
 from pathlib import Path
 
-from bnff import models
-from bnff.bench import VARIANTS
-from bnff.data import DataError
-from bnff.ops import backends
+from bnff.atomic import write_json
+from bnff.names import BACKEND_NAMES, BENCH_VARIANTS, MODEL_NAMES, UsageError
+
+# torch, the models and the kernels are imported inside the commands: ``bnff --help`` needs none.
+
+
+def _positive(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -30,7 +40,7 @@ def _train(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path("runs") / time.strftime(f"{args.model}-%Y%m%d-%H%M%S")
     metrics = train(cfg, ds, out)
     if args.json:
-        Path(args.json).write_text(json.dumps(metrics, indent=2))
+        write_json(args.json, metrics)
     return 0
 
 
@@ -39,7 +49,6 @@ def _bench(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from bnff.bench import BenchConfig, run
-    from bnff.traffic.report import write_json
 
     cfg = BenchConfig(model=args.model, batch=args.batch, image_size=args.image_size, dtype=args.dtype,
                       steps=args.steps, warmup=args.warmup, variants=tuple(args.variants), backend=args.backend,
@@ -67,6 +76,7 @@ def _bench(args: argparse.Namespace) -> int:
 def _traffic(args: argparse.Namespace) -> int:
     import torch
 
+    from bnff import models
     from bnff.traffic import Assumptions, compare, patterns, published, report
 
     a = Assumptions(onchip_bytes=args.onchip_bytes, footprint=args.footprint,
@@ -75,17 +85,17 @@ def _traffic(args: argparse.Namespace) -> int:
         table = patterns.table()
         print(report.patterns_text(table), end="")
         if args.json:
-            report.write_json(args.json, report.patterns_json(table))
+            write_json(args.json, report.patterns_json(table))
         return 0
     if args.reproduce:
         batch = args.batch or published.REPRODUCE_BATCH
         rows = published.reproduce(batch, a)
         print(report.reproduce_text(rows, batch, a), end="")
         if args.json:
-            report.write_json(args.json, {"batch": batch, "assumptions": dataclasses.asdict(a), "rows": rows})
+            write_json(args.json, {"batch": batch, "assumptions": dataclasses.asdict(a), "rows": rows})
         return 0
     if args.model is None:
-        raise ValueError("bnff traffic needs --model M (or --patterns, or --reproduce)")
+        raise UsageError("bnff traffic needs --model M (or --patterns, or --reproduce)")
     size = args.image_size or (299 if args.model.startswith("inception") else 224)
     batch = args.batch or 32
     with torch.device("meta"):
@@ -94,7 +104,7 @@ def _traffic(args: argparse.Namespace) -> int:
     analyses = compare(model, (batch, 3, size, size), dtype=dtype, assumptions=a)
     print(report.model_text(args.model, analyses), end="")
     if args.json:
-        report.write_json(args.json, report.model_json(args.model, analyses))
+        write_json(args.json, report.model_json(args.model, analyses))
     if args.csv:
         report.write_csv(args.csv, analyses)
     if args.plot:
@@ -103,7 +113,7 @@ def _traffic(args: argparse.Namespace) -> int:
 
 
 def _add_backend(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--backend", default=None, choices=backends.available(),
+    parser.add_argument("--backend", default=None, choices=sorted(BACKEND_NAMES),
                         help="bnff sweep backend (default: cpu when its kernels build, else reference)")
 
 
@@ -115,16 +125,16 @@ def build_parser() -> argparse.ArgumentParser:
                                    "restructured by bnff, and compare loss, accuracy, images/s and saved activations.")
     t.add_argument("--data", default="digits", help="digits (default, shipped with scikit-learn), cifar10:PATH "
                                                    "(python-pickle batches) or folder:PATH (one sub-folder per class)")
-    t.add_argument("--model", default="resnet18", choices=sorted(models.MODELS),
+    t.add_argument("--model", default="resnet18", choices=sorted(MODEL_NAMES),
                    help="architecture (small-input variant for images of 64 pixels or less)")
-    t.add_argument("--epochs", type=int, default=3)
-    t.add_argument("--batch-size", type=int, default=64)
+    t.add_argument("--epochs", type=_positive, default=3)
+    t.add_argument("--batch-size", type=_positive, default=64)
     t.add_argument("--lr", type=float, default=0.05, help="peak learning rate of the one-cycle SGD schedule")
-    t.add_argument("--image-size", type=int, default=32, help="images are resized to this square size")
+    t.add_argument("--image-size", type=_positive, default=32, help="images are resized to this square size")
     t.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16 runs under CPU autocast")
     _add_backend(t)
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--limit-batches", type=int, default=None, help="quick runs: at most this many training batches per epoch, and "
+    t.add_argument("--limit-batches", type=_positive, default=None, help="quick runs: at most this many training batches per epoch, and "
                                                                     "this many batches' worth of test images")
     t.add_argument("--out", default=None, help="run folder (default runs/MODEL-TIMESTAMP)")
     t.add_argument("--json", default=None, help="also write the metrics JSON here")
@@ -135,13 +145,13 @@ def build_parser() -> argparse.ArgumentParser:
                                    "and bnff side by side in one process, interleaved after warm-up, plus the conv "
                                    "floor (the same step's convolutions alone); median step time, images/s, "
                                    "step / floor and saved-activation bytes.")
-    b.add_argument("--model", default="resnet50", choices=sorted(models.MODELS))
-    b.add_argument("--batch", type=int, default=16)
-    b.add_argument("--image-size", type=int, default=224)
+    b.add_argument("--model", default="resnet50", choices=sorted(MODEL_NAMES))
+    b.add_argument("--batch", type=_positive, default=16)
+    b.add_argument("--image-size", type=_positive, default=224)
     b.add_argument("--dtype", choices=["fp32", "bf16"], default="bf16", help="bf16 runs under CPU autocast")
-    b.add_argument("--steps", type=int, default=10, help="timed rounds (one step of every variant each)")
+    b.add_argument("--steps", type=_positive, default=10, help="timed rounds (one step of every variant each)")
     b.add_argument("--warmup", type=int, default=2, help="untimed steps per variant first")
-    b.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    b.add_argument("--variants", nargs="+", default=list(BENCH_VARIANTS), choices=BENCH_VARIANTS)
     _add_backend(b)
     b.add_argument("--tuned-malloc", action="store_true",
                    help="keep freed memory in the process (glibc mallopt) so that no variant faults in fresh pages; "
@@ -155,11 +165,11 @@ def build_parser() -> argparse.ArgumentParser:
                                    "and fused (seed 002: pre/post-processing inside the convolutions). Shapes come "
                                    "from meta tensors; nothing is computed.")
     what = r.add_mutually_exclusive_group()
-    what.add_argument("--model", choices=sorted(models.MODELS), help="analyse this network")
+    what.add_argument("--model", choices=sorted(MODEL_NAMES), help="analyse this network")
     what.add_argument("--patterns", action="store_true", help="seed 002 Tables 1-2 from the five connection patterns")
     what.add_argument("--reproduce", action="store_true", help="our figures next to the papers' (seeds 000, 001/004)")
-    r.add_argument("--batch", type=int, default=None, help="mini-batch size (default 32)")
-    r.add_argument("--image-size", type=int, default=None, help="input height and width (default 299 for "
+    r.add_argument("--batch", type=_positive, default=None, help="mini-batch size (default 32)")
+    r.add_argument("--image-size", type=_positive, default=None, help="input height and width (default 299 for "
                                                                  "inception_v3, else 224)")
     r.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="activation element type")
     r.add_argument("--onchip-bytes", type=int, default=0, help="on-chip capacity: a BN input up to this size is "
@@ -180,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (DataError, ValueError) as exc:
+    except UsageError as exc:  # input the user can fix; anything else is a bug and keeps its traceback
         print(f"bnff: error: {exc}", file=sys.stderr)
         return 2
 

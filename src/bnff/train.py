@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -18,7 +17,7 @@ from tqdm import tqdm
 
 import bnff
 from bnff import models
-from bnff.atomic import atomic_open
+from bnff.atomic import atomic_open, write_json
 from bnff.data import Dataset
 from bnff.memory import SavedActivations
 
@@ -166,16 +165,14 @@ def train(cfg: TrainConfig, data: Dataset, out_dir: Path, log=print) -> dict:
 
 
 def _write_outputs(out_dir: Path, metrics: dict, model: nn.Module, hist: dict[str, RunHistory]) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: the caller's matplotlib backend is left alone
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    with atomic_open(out_dir / "metrics.json") as f:
-        json.dump(metrics, f, indent=2)
+    write_json(out_dir / "metrics.json", metrics)
     save_checkpoint(out_dir / "checkpoint.pt", {"model": metrics["config"]["model"], "state_dict": model.state_dict(),
                                                 "config": metrics["config"]})
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
     for k, style in (("eager", "-o"), ("bnff", "--x")):
         ax.plot(range(1, len(hist[k].loss) + 1), hist[k].loss, style, label=k)
     ax.set_xlabel("epoch")
@@ -185,4 +182,3 @@ def _write_outputs(out_dir: Path, metrics: dict, model: nn.Module, hist: dict[st
     fig.tight_layout()
     with atomic_open(out_dir / "loss.png", "wb") as f:
         fig.savefig(f, format="png", dpi=100)
-    plt.close(fig)

@@ -10,8 +10,10 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from bnff.names import UsageError
 
-class DataError(ValueError):
+
+class DataError(UsageError):
     """A data file is missing or unreadable; the message names the file."""
 
 

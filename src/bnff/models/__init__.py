@@ -1,21 +1,12 @@
 """torchvision-compatible architectures (same module names and parameter counts)."""
 
+from bnff.names import MODEL_NAMES
 from bnff.models.densenet import DenseNet, densenet121, densenet169, densenet201
 from bnff.models.inception import Inception3, InceptionOutputs, inception_v3
 from bnff.models.mobilenet import MobileNetV2, mobilenet_v2
 from bnff.models.resnet import ResNet, resnet18, resnet34, resnet50, resnet101
 
-MODELS = {
-    "resnet18": resnet18,
-    "resnet34": resnet34,
-    "resnet50": resnet50,
-    "resnet101": resnet101,
-    "densenet121": densenet121,
-    "densenet169": densenet169,
-    "densenet201": densenet201,
-    "inception_v3": inception_v3,
-    "mobilenet_v2": mobilenet_v2,
-}
+MODELS = {name: globals()[name] for name in MODEL_NAMES}
 
 __all__ = ["MODELS", "ResNet", "resnet18", "resnet34", "resnet50", "resnet101", "DenseNet", "densenet121",
            "densenet169", "densenet201", "Inception3", "InceptionOutputs", "inception_v3", "MobileNetV2",

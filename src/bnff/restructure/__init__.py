@@ -6,6 +6,9 @@ patterns) -> ``report.build`` -> ``rewrite`` (fused operators from ``bnff.ops``)
 
 from __future__ import annotations
 
+import sys
+import types
+
 import torch.fx as fx
 from torch import nn
 
@@ -121,5 +124,16 @@ def fusion_report(model: nn.Module) -> FusionReport:
         raise ValueError(f"{type(model).__name__} has no fusion report: it was not returned by bnff.restructure()")
     return report
 
+
+class _CallablePackage(types.ModuleType):
+    """``bnff.restructure`` names both this package and its main function: the package is loaded
+    lazily (``bnff.__getattr__``), and whichever binding a caller gets, ``bnff.restructure(model)``
+    calls ``restructure``."""
+
+    def __call__(self, model: nn.Module, backend: str | None = None, leaf_modules: LeafSpec = ()) -> Restructured:
+        return restructure(model, backend=backend, leaf_modules=leaf_modules)
+
+
+sys.modules[__name__].__class__ = _CallablePackage
 
 __all__ = ["Restructured", "restructure", "fusion_report", "FusionReport", "FusedGroup", "UnfusedNode"]

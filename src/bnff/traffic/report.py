@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 from collections import OrderedDict
 from dataclasses import asdict
 from pathlib import Path
@@ -12,7 +11,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from bnff.atomic import atomic_open
+from bnff.atomic import atomic_open, write_json
 from bnff.traffic.analysis import Analysis
 from bnff.traffic.account import SCHEMES
 from bnff.traffic.assumptions import Assumptions
@@ -106,12 +105,6 @@ def model_json(name: str, analyses: dict[str, Analysis]) -> dict:
             "layers": [{"scheme": s, **r.as_dict()} for s in SCHEMES for r in analyses[s].records]}
 
 
-def write_json(path: str | Path, data: dict) -> None:
-    """Write ``data`` as indented JSON, atomically."""
-    with atomic_open(path) as f:
-        f.write(json.dumps(data, indent=2) + "\n")
-
-
 def write_csv(path: str | Path, analyses: dict[str, Analysis]) -> None:
     """One row per (scheme, layer) with every ``LayerRecord`` field, atomically."""
     rows = [{"scheme": s, **r.as_dict()} for s in SCHEMES for r in analyses[s].records]
@@ -123,14 +116,12 @@ def write_csv(path: str | Path, analyses: dict[str, Analysis]) -> None:
 
 def write_plot(path: str | Path, name: str, analyses: dict[str, Analysis]) -> None:
     """Bar chart of per-block traffic, the three schemes side by side (PNG, SVG or PDF by suffix)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: the caller's matplotlib backend is left alone
 
     blocks = per_block(analyses)
     labels = list(blocks)
-    fig, ax = plt.subplots(figsize=(max(8.0, 0.28 * len(labels)), 4.5))
+    fig = Figure(figsize=(max(8.0, 0.28 * len(labels)), 4.5))
+    ax = fig.subplots()
     width = 0.27
     for i, s in enumerate(SCHEMES):
         ax.bar([x + (i - 1) * width for x in range(len(labels))], [blocks[b][s] / MiB for b in labels],
@@ -144,7 +135,6 @@ def write_plot(path: str | Path, name: str, analyses: dict[str, Analysis]) -> No
     fmt = Path(path).suffix.lstrip(".").lower() or "png"
     with atomic_open(path, "wb") as f:
         fig.savefig(f, format=fmt)
-    plt.close(fig)
 
 
 def reproduce_text(rows: list[dict], batch: int, a: Assumptions) -> str:

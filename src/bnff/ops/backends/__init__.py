@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from types import ModuleType
 
+from bnff.names import BACKEND_NAMES
 from bnff.ops.backends import cpu, reference
 
-_BACKENDS: dict[str, ModuleType] = {"reference": reference, "cpu": cpu}
+_BACKENDS: dict[str, ModuleType] = {name: {"reference": reference, "cpu": cpu}[name] for name in BACKEND_NAMES}
 
 
 _default: str | None = None

@@ -3,18 +3,26 @@
 Each function has the signature and the mathematics of its ``bnff.ops.backends.reference``
 counterpart and makes one pass over its feature maps (channels_last or contiguous NCHW, float32 or
 bfloat16, float32 accumulation), reading a concatenation's feature maps in place. The kernels are
-built with ``torch.utils.cpp_extension`` on first use, cached by torch (``TORCH_EXTENSIONS_DIR``),
-and registered as ``torch.ops.bnff.*`` through ``torch.library`` (with fake implementations, so
-``torch.compile`` can trace around a bnff model). A gradient in another layout than its feature
-maps is converted first; a call the kernels do not cover (float64, feature maps in mixed or
-non-contiguous layouts) runs the reference sweep; if the build fails, every call does and one
-warning says why. Large outputs come from a workspace of reused blocks (``workspace_bytes``).
+built with ``torch.utils.cpp_extension`` on first use for ATen's instruction-set level (``isa()``),
+one cache per level, torch version and compiler (``build_spec``), and registered as
+``torch.ops.bnff.*`` through ``torch.library`` (with fake implementations, so ``torch.compile`` can
+trace around a bnff model). A gradient in another layout than its feature maps is converted first.
+float64 is not covered: it runs the reference sweeps, as does any call in mixed or non-contiguous
+layouts; ``fallbacks()`` counts those by reason and ``kernel_calls()`` the kernels' own entries. If
+the build fails every call runs the reference and one warning says why. Large outputs come from a
+workspace of reused blocks (``workspace_bytes``).
 """
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import os
+import platform
+import subprocess
+import sys
 import warnings
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -27,13 +35,89 @@ _ACT = {None: 0, "relu": 1, "relu6": 2}
 _MAX_TERMS = 4  # BN terms or shortcuts of one call the kernels take (kMaxTerms); more run the reference
 _state: dict[str, object] = {}
 
+# Compiler flags per instruction-set level. The level is ATen's own (``isa()``), so the kernels never
+# use instructions ATen itself was told not to (``ATEN_CPU_CAPABILITY``), and a cache built for one
+# level is never loaded at another. ``-ffp-contract=off``: no fused multiply-add the source does not
+# write, so the apply step's value (and its ReLU mask) is the same in every kernel that recomputes it.
+ISA_FLAGS = {
+    "avx512": ["-march=x86-64-v4", "-mprefer-vector-width=512"],  # AVX-512 F/BW/CD/DQ/VL
+    "avx2": ["-march=x86-64-v3"],  # AVX2, FMA, BMI1/2
+    "default": [],  # the compiler's baseline for the platform
+}
+_COMMON_FLAGS = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-fast-math"]
 
-def _build() -> None:
+
+def isa() -> str:
+    """The instruction-set level the kernels are built for: "avx512", "avx2" or "default".
+
+    It follows ATen's dispatch level (``torch.backends.cpu.get_cpu_capability()``, which honours
+    ``ATEN_CPU_CAPABILITY``): on an x86-64 CPU with AVX-512 "avx512", with AVX2 "avx2"; on any other
+    CPU, or when ATen is held to a lower level, the lower one.
+    """
+    cap = torch.backends.cpu.get_cpu_capability().lower()
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return "default"
+    return cap if cap in ("avx512", "avx2") else "default"
+
+
+def _compiler_id() -> str:
+    cxx = os.environ.get("CXX", "c++")
+    try:
+        out = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return cxx
+    return f"{cxx}: {out.splitlines()[0] if out else ''}"
+
+
+def build_spec(level: str | None = None) -> tuple[str, Path, list[str]]:
+    """(extension name, build folder, compiler flags) of the kernels for ISA ``level`` (default ``isa()``).
+
+    The name and folder carry the level and a hash of the flags, the torch version and the compiler,
+    so each gets its own cache under torch's extension root (``TORCH_EXTENSIONS_DIR``, default
+    ``~/.cache/torch_extensions``); torch rebuilds within a folder when the source changes.
+
+    Raises:
+        ValueError: ``level`` is not one of ``ISA_FLAGS``.
+    """
     from torch.utils import cpp_extension
 
-    flags = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=fast", "-mprefer-vector-width=512"]
-    cpp_extension.load(name="bnff_cpu", sources=[str(_SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
-                       is_python_module=False, verbose=bool(os.environ.get("BNFF_VERBOSE_BUILD")))
+    level = isa() if level is None else level
+    if level not in ISA_FLAGS:
+        raise ValueError(f"unknown ISA level {level!r}; expected one of {sorted(ISA_FLAGS)}")
+    flags = _COMMON_FLAGS + ISA_FLAGS[level]
+    key = hashlib.sha256(repr((flags, torch.__version__, _compiler_id(), sys.version_info[:2])).encode()).hexdigest()
+    name = f"bnff_cpu_{level}_{key[:10]}"
+    return name, Path(cpp_extension.get_default_build_root()) / name, flags
+
+
+def load_extension(name: str, sources: list[str], directory: Path, flags: list[str], verbose: bool = False) -> None:
+    """Build (if needed) and load a C++ extension into ``directory``, safe against killed builds.
+
+    torch's builder guards a folder with a ``lock`` file that a build killed midway (Ctrl-C, a
+    timeout) leaves behind; every later load would then wait on it forever. Here builders first
+    take an exclusive ``flock`` on a file beside the folder (the kernel drops it when its owner
+    dies), so whoever holds it knows any ``lock`` file inside is stale and removes it.
+
+    Raises:
+        whatever ``torch.utils.cpp_extension.load`` raises (compiler missing, compile errors).
+    """
+    from torch.utils import cpp_extension
+
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory.parent / f".{directory.name}.flock", "a") as guard:
+        fcntl.flock(guard, fcntl.LOCK_EX)
+        try:
+            (directory / "lock").unlink(missing_ok=True)
+            cpp_extension.load(name=name, sources=sources, extra_cflags=flags, extra_ldflags=["-fopenmp"],
+                               build_directory=str(directory), is_python_module=False, verbose=verbose)
+        finally:
+            fcntl.flock(guard, fcntl.LOCK_UN)
+
+
+def _build() -> None:
+    name, directory, flags = build_spec()
+    load_extension(name, [str(_SOURCE)], directory, flags, verbose=bool(os.environ.get("BNFF_VERBOSE_BUILD")))
+    _state["library"] = directory
     _register_fakes()
 
 
@@ -110,6 +194,28 @@ def release_workspace() -> int:
     return int(torch.ops.bnff.workspace_release()) if available() else 0
 
 
+def kernel_calls() -> Counter:
+    """Entries into the C++ kernels so far in this process, by "sweep/layout/dtype" (layout "nhwc"
+    for channels_last, "nchw"; dtype of the sweep's feature maps). Empty when they are not built."""
+    if not _state.get("ok"):
+        return Counter()
+    keys, calls = torch.ops.bnff.kernel_calls()
+    return Counter({k: int(c) for k, c in zip(keys, calls) if c})
+
+
+def fallbacks() -> Counter:
+    """Sweeps this backend handed to the reference (plain PyTorch) so far, by (sweep, reason).
+
+    By design the kernels cover 4-D CPU tensors in float32 or bfloat16, all of a call in one layout
+    (contiguous NCHW or channels_last), with at most 4 BN terms and 4 shortcuts; float64 (reason
+    "float64") and everything else run the reference sweeps, as do all sweeps when the kernels did not
+    build ("kernels not built", after one warning)."""
+    return Counter(_fallbacks)
+
+
+_fallbacks: Counter = Counter()
+
+
 def _layout(t: Tensor) -> str | None:
     if t.dim() != 4 or t.device.type != "cpu" or t.dtype not in (torch.float32, torch.bfloat16):
         return None
@@ -118,10 +224,35 @@ def _layout(t: Tensor) -> str | None:
     return "nhwc" if t.is_contiguous(memory_format=torch.channels_last) else None
 
 
-def _fast(*tensors: Tensor | None) -> bool:
-    """The kernels cover these tensors: 4-D CPU float32/bfloat16, one layout for all."""
-    layouts = {_layout(t) for t in tensors if t is not None}
-    return len(layouts) == 1 and None not in layouts and available()
+def _uncovered(tensors: tuple[Tensor | None, ...]) -> str | None:
+    """Why the kernels do not cover these tensors, or None if they do."""
+    ts = [t for t in tensors if t is not None]
+    if any(t.dtype == torch.float64 for t in ts):
+        return "float64"
+    if any(t.dtype not in (torch.float32, torch.bfloat16) for t in ts):
+        return "dtype " + "/".join(sorted({str(t.dtype) for t in ts}))
+    layouts = {_layout(t) for t in ts}
+    if None in layouts:
+        return "not a 4-D CPU tensor in NCHW or channels_last"
+    return "mixed layouts" if len(layouts) > 1 else None
+
+
+def _kernels(sweep: str, *tensors: Tensor | None, why: str | None = None) -> bool:
+    """Whether ``sweep`` runs the kernels on ``tensors``; if not, the reason is counted (``fallbacks``).
+    ``why``: a reason the caller found (too many terms, an uncovered output dtype)."""
+    why = why or _uncovered(tensors) or (None if available() else "kernels not built")
+    if why is not None:
+        _fallbacks[(sweep, why)] += 1
+    return why is None
+
+
+def _terms_why(n: int) -> str | None:
+    return f"more than {_MAX_TERMS} BN terms or shortcuts" if n > _MAX_TERMS else None
+
+
+def _out_why(out_dtype: torch.dtype) -> str | None:
+    return None if out_dtype in (torch.float32, torch.bfloat16) else ("float64" if out_dtype == torch.float64
+                                                                       else f"output dtype {out_dtype}")
 
 
 def _like_layout(t: Tensor | None, ref: Tensor) -> Tensor | None:
@@ -146,7 +277,7 @@ def _f32(v: Tensor) -> Tensor:
 
 def channel_stats(c: Tensor) -> tuple[Tensor, Tensor]:
     """``reference.channel_stats`` in one fused sweep."""
-    if not _fast(c):
+    if not _kernels("channel_stats", c):
         return reference.channel_stats(c)
     return torch.ops.bnff.channel_stats(c)
 
@@ -155,8 +286,8 @@ def apply(sources: list[list[Tensor]], means: list[Tensor], f1s: list[Tensor], b
           residuals: list[Tensor], act: str | None, out_dtype: torch.dtype) -> Tensor:
     """``reference.apply`` in one fused sweep."""
     flat = [s for srcs in sources for s in srcs]
-    if out_dtype not in (torch.float32, torch.bfloat16) or not _fast(*flat, *residuals) \
-            or max(len(sources), len(residuals)) > _MAX_TERMS:
+    if not _kernels("apply", *flat, *residuals,
+                    why=_out_why(out_dtype) or _terms_why(max(len(sources), len(residuals)))):
         return reference.apply(sources, means, f1s, betas, residuals, act, out_dtype)
     maps = _one_dtype([*flat, *residuals])
     flat, residuals = maps[:len(flat)], maps[len(flat):]
@@ -171,7 +302,7 @@ def grad_stats(g_a: Tensor, a: Tensor | None, act: str | None, sources: list[lis
     flat = [s for srcs in sources for s in srcs]
     if flat:
         g_a, a = _like_layout(g_a, flat[0]), _like_layout(a, flat[0])
-    if not _fast(g_a, a if act is not None else None, *flat) or len(sources) > _MAX_TERMS:
+    if not _kernels("grad_stats", g_a, a if act is not None else None, *flat, why=_terms_why(len(sources))):
         return reference.grad_stats(g_a, a, act, sources, means)
     *flat, a = _one_dtype([*flat, a])
     dy, s1s, s2cs = torch.ops.bnff.grad_stats(g_a, a if act is not None else None, _ACT[act], flat,
@@ -183,7 +314,7 @@ def grad_stats_x(g_a: Tensor, act: str | None, sources: list[Tensor], mean: Tens
                  beta: Tensor | None, out_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """``reference.grad_stats_x`` in one sweep: reads g_a and x, writes nothing but S1, S2c."""
     g_a = _like_layout(g_a, sources[0])
-    if out_dtype not in (torch.float32, torch.bfloat16) or not _fast(g_a, *sources):
+    if not _kernels("grad_stats_x", g_a, *sources, why=_out_why(out_dtype)):
         return reference.grad_stats_x(g_a, act, sources, mean, f1, beta, out_dtype)
     sources = _one_dtype(sources)
     return tuple(torch.ops.bnff.grad_stats_x(g_a, sources, _f32(mean), _f32(f1),
@@ -195,7 +326,7 @@ def input_grad_x(g_a: Tensor, act: str | None, sources: list[Tensor], mean: Tens
                  beta: Tensor | None, out_dtype: torch.dtype, b: Tensor | None, s1: Tensor) -> list[Tensor]:
     """``reference.input_grad_x`` in one sweep: reads g_a and x, writes dx onto each source map."""
     g_a = _like_layout(g_a, sources[0])
-    if out_dtype not in (torch.float32, torch.bfloat16) or not _fast(g_a, *sources):
+    if not _kernels("input_grad_x", g_a, *sources, why=_out_why(out_dtype)):
         return reference.input_grad_x(g_a, act, sources, mean, f1, beta, out_dtype, b, s1)
     sources = _one_dtype(sources)
     return list(torch.ops.bnff.input_grad_x(g_a, sources, _f32(mean), _f32(f1),
@@ -207,10 +338,10 @@ def input_grad(dy: Tensor, sources: list[Tensor], mean: Tensor, f1: Tensor, b: T
                s1: Tensor) -> list[Tensor]:
     """``reference.input_grad`` in one fused sweep, written straight onto each source map."""
     dy = _like_layout(dy, sources[0])
-    if not _fast(dy, *sources):
+    if not _kernels("input_grad", dy, *sources):
         return reference.input_grad(dy, sources, mean, f1, b, s1)
     return list(torch.ops.bnff.input_grad(dy, sources, _f32(mean), _f32(f1), None if b is None else _f32(b), _f32(s1)))
 
 
-__all__ = ["apply", "available", "channel_stats", "grad_stats", "grad_stats_x", "input_grad", "input_grad_x",
-           "release_workspace", "workspace_bytes"]
+__all__ = ["ISA_FLAGS", "apply", "available", "build_spec", "channel_stats", "fallbacks", "grad_stats", "grad_stats_x",
+           "input_grad", "input_grad_x", "isa", "kernel_calls", "load_extension", "release_workspace", "workspace_bytes"]

@@ -14,7 +14,8 @@
 // (planes of H*W); the Python side checks and falls back to the reference otherwise.
 // Element types: float32 or bfloat16 (one type for a call's feature maps, another for its gradient),
 // accumulated in float32 within blocks of rows and in double across blocks.
-// channels_last loops run on 16-channel vectors (GCC vector extensions: AVX-512 with -march=native),
+// channels_last loops run on 16-channel vectors (GCC vector extensions: one AVX-512 register when built
+// for that level, two AVX2 registers at the AVX2 level; cpu.py builds one cache per level),
 // one 16-channel segment at a time down a block of rows, with the activation, the vector width
 // and the number of terms made compile-time constants; NCHW loops are scalar with omp simd.
 
@@ -22,6 +23,9 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <array>
+#include <atomic>
+#include <string>
 #include <type_traits>
 #include <cstdlib>
 #include <cstring>
@@ -62,7 +66,7 @@ inline void put(at::BFloat16* p, int64_t i, int64_t n, const float* z) {
 
 
 // ---- 16-lane float vectors (channels_last hot loops) ---------------------------------------------
-// GCC vector extensions: 512-bit registers with -march=native on AVX-512, split by the compiler
+// GCC vector extensions: 512-bit registers when built for AVX-512 (x86-64-v4), split by the compiler
 // elsewhere. A vector holds 16 consecutive channels of one row; n < 16 loads/stores a tail.
 constexpr int64_t W = 16;
 typedef float vf __attribute__((vector_size(64)));
@@ -199,6 +203,31 @@ Tensor workspace_empty(at::IntArrayRef sizes, const at::TensorOptions& opts, boo
 }
 
 enum Act : int64_t { kNone = 0, kRelu = 1, kRelu6 = 2 };
+
+// ---- kernel entries, counted per sweep, layout and element type ---------------------------------
+// Tests read them (bnff::kernel_calls) to prove that a sweep ran here and not in the reference.
+enum Sweep { kChannelStats, kApply, kGradStats, kInputGrad, kGradStatsX, kInputGradX, kSweeps };
+const char* const kSweepNames[kSweeps] = {"channel_stats", "apply", "grad_stats", "input_grad", "grad_stats_x",
+                                          "input_grad_x"};
+std::array<std::atomic<int64_t>, kSweeps * 4> g_calls{};
+
+// The call of sweep s on feature maps like t (its layout and element type).
+void count(Sweep s, const Tensor& t) {
+  const bool cl = t.is_contiguous(at::MemoryFormat::ChannelsLast) && (!t.is_contiguous() || t.stride(1) == 1);
+  g_calls[s * 4 + (cl ? 2 : 0) + (t.scalar_type() == at::kBFloat16 ? 1 : 0)].fetch_add(1, std::memory_order_relaxed);
+}
+
+// ("sweep/layout/dtype", calls) for every combination, layout "nhwc" (channels_last) or "nchw".
+std::tuple<std::vector<std::string>, std::vector<int64_t>> kernel_calls() {
+  std::vector<std::string> keys;
+  std::vector<int64_t> calls;
+  for (int s = 0; s < kSweeps; ++s)
+    for (int i = 0; i < 4; ++i) {
+      keys.push_back(std::string(kSweepNames[s]) + (i & 2 ? "/nhwc" : "/nchw") + (i & 1 ? "/bfloat16" : "/float32"));
+      calls.push_back(g_calls[s * 4 + i].load(std::memory_order_relaxed));
+    }
+  return {keys, calls};
+}
 
 // A (N, C, H, W) tensor as rows x channels (channels_last) or planes (NCHW).
 struct Geo {
@@ -472,6 +501,7 @@ void stats_nchw(const T* x, const Geo& g, double* mean, double* var) {
 
 std::tuple<Tensor, Tensor> channel_stats(const Tensor& x) {
   Geo g = geo_of(x);
+  count(kChannelStats, x);
   auto opts = x.options().dtype(at::kDouble);
   Tensor mean = at::empty({g.c}, opts), var = at::empty({g.c}, opts);
   typed(x, [&](auto* p) {
@@ -580,6 +610,7 @@ Tensor apply(at::TensorList sources, at::IntArrayRef n_sources, at::TensorList m
   TORCH_CHECK(!sources.empty() || !residuals.empty(), "bnff cpu apply: nothing to apply");
   const Tensor& like = residuals.empty() ? sources[0] : residuals[0];
   Geo g0 = geo_of(like);
+  count(kApply, sources.empty() ? like : sources[0]);
   int64_t C = 0;
   for (int64_t j = 0; j < (n_sources.empty() ? 0 : n_sources[0]); ++j) C += sources[j].size(1);
   if (sources.empty()) C = like.size(1);
@@ -702,6 +733,7 @@ std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>> grad_stats(
     const Tensor& grad, const std::optional<Tensor>& a, int64_t act, at::TensorList sources,
     at::IntArrayRef n_sources, at::TensorList means) {
   Geo g = geo_of(grad);
+  count(kGradStats, sources.empty() ? (a ? *a : grad) : sources[0]);
   Tensor dy = workspace_empty(grad.sizes(), grad.options(), g.cl);
   auto terms = terms_of(sources, n_sources);
   std::vector<const float*> mus;
@@ -778,6 +810,7 @@ void input_grad_kernel(const TD* dy, const TX* x, TX* dx, const Geo& g, int64_t 
 std::vector<Tensor> input_grad(const Tensor& dy, at::TensorList sources, const Tensor& mean, const Tensor& f1,
                                const std::optional<Tensor>& b, const Tensor& s1) {
   Geo g = geo_of(dy);
+  count(kInputGrad, sources[0]);
   Tensor k0 = (f1 * s1).contiguous();  // F1 * S1 per channel
   std::vector<Tensor> out;
   int64_t off = 0;
@@ -916,6 +949,7 @@ void term_backward_nchw(const TG* gp, const std::vector<Src>& srcs, const std::v
 std::tuple<Tensor, Tensor> grad_stats_x(const Tensor& grad, at::TensorList sources, const Tensor& mean,
                                         const Tensor& f1, const Tensor& beta, int64_t act, at::ScalarType out_dtype) {
   Geo g = geo_of(grad);
+  count(kGradStatsX, sources[0]);
   auto terms = terms_of(sources, {static_cast<int64_t>(sources.size())});
   TermBwd t{mean.data_ptr<float>(), f1.data_ptr<float>(), beta.data_ptr<float>(), nullptr, nullptr, act,
             out_dtype == at::kBFloat16};
@@ -935,6 +969,7 @@ std::vector<Tensor> input_grad_x(const Tensor& grad, at::TensorList sources, con
                                  const Tensor& beta, int64_t act, at::ScalarType out_dtype,
                                  const std::optional<Tensor>& b, const Tensor& s1) {
   Geo g = geo_of(grad);
+  count(kInputGradX, sources[0]);
   auto terms = terms_of(sources, {static_cast<int64_t>(sources.size())});
   Tensor k0 = (f1 * s1).contiguous();
   TermBwd t{mean.data_ptr<float>(), f1.data_ptr<float>(), beta.data_ptr<float>(),
@@ -965,6 +1000,7 @@ TORCH_LIBRARY(bnff, m) {
   m.def("channel_stats(Tensor x) -> (Tensor, Tensor)");
   m.def("workspace_release() -> int", &workspace_release);
   m.def("workspace_held() -> int", &workspace_held);
+  m.def("kernel_calls() -> (str[], int[])", &kernel_calls);
   m.def("apply(Tensor[] sources, int[] n_sources, Tensor[] means, Tensor[] f1s, Tensor[] betas, "
         "Tensor[] residuals, int act, ScalarType out_dtype) -> Tensor");
   m.def("grad_stats(Tensor grad, Tensor? a, int act, Tensor[] sources, int[] n_sources, Tensor[] means) "

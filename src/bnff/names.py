@@ -1,0 +1,13 @@
+"""The names the command line offers (models, backends, bench variants), importable without torch,
+so that ``bnff --help`` answers at once. The packages that implement them build their tables from
+these tuples."""
+
+MODEL_NAMES = ("resnet18", "resnet34", "resnet50", "resnet101", "densenet121", "densenet169", "densenet201",
+               "inception_v3", "mobilenet_v2")
+BACKEND_NAMES = ("cpu", "reference")
+BENCH_VARIANTS = ("eager", "compile", "bnff", "conv_floor")
+
+
+class UsageError(ValueError):
+    """Input the user can fix (a missing option, an unreadable data file): the CLI prints the message
+    and exits with status 2; any other exception is a bug and keeps its traceback."""

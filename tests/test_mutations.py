@@ -1,0 +1,62 @@
+"""The numerics checks bite: deliberately broken backwards must fail them.
+
+Each mutation breaks the reference backend's backward in a way a real bug could (a mask off by one
+element; one ReLU decision that the backward takes differently from the forward, as a fused
+multiply-add in one kernel and not in another would) and the suite's checks must raise.
+"""
+
+import copy
+
+import pytest
+import torch
+
+import bnff
+from bnff.ops.backends import reference
+from helpers import (assert_aggregate_as_accurate_as_eager, assert_as_accurate_as_eager, compare_with_float64,
+                     randomize_bn)
+from test_patterns import C, Pattern
+
+_mask = reference.activation_mask
+
+
+def _shifted(a, act):
+    """The right mask moved by one element (flat order)."""
+    m = _mask(a, act)
+    return None if m is None else torch.roll(m.flatten(), 1).view_as(m)
+
+
+def _closest_call_flipped(a, act):
+    """The mask with its closest call decided the other way: the smallest positive activation counts
+    as inactive, as if the backward's recomputed value were a few ulps lower than the forward's."""
+    m = _mask(a, act)
+    if m is None or not bool((a > 0).any()):
+        return m
+    smallest = a[a > 0].min()
+    return m & (a != smallest)
+
+
+def _pattern_steps(gen, shortcut=None):
+    model = Pattern(shortcut=shortcut)
+    randomize_bn(model, gen)
+    batch = lambda: (torch.randn(6, C, 10, 10, generator=gen) * 2 + 0.5, torch.randint(0, 3, (6,), generator=gen))  # noqa: E731
+    return compare_with_float64(model, batch, steps=1, backend="reference")
+
+
+@pytest.mark.parametrize("mutation", [_shifted, _closest_call_flipped], ids=["shifted", "closest-call"])
+@pytest.mark.parametrize("shortcut", [None, "projection"], ids=["lone BN", "with shortcut"])
+def test_per_tensor_rule_catches_a_wrong_mask(mutation, shortcut, gen, monkeypatch):
+    assert_as_accurate_as_eager(_pattern_steps(gen, shortcut))  # unmutated: passes
+    monkeypatch.setattr(reference, "activation_mask", mutation)
+    with pytest.raises(AssertionError, match="less accurate than eager"):
+        assert_as_accurate_as_eager(_pattern_steps(gen, shortcut))
+
+
+def test_whole_network_rule_catches_a_shifted_mask(gen, monkeypatch):
+    from bnff.models import resnet18
+    model = resnet18(num_classes=10, small_input=True)
+    randomize_bn(model, gen)
+    batch = lambda: (torch.randn(2, 3, 16, 16, generator=gen), torch.randint(0, 10, (2,), generator=gen))  # noqa: E731
+    monkeypatch.setattr(reference, "activation_mask", _shifted)
+    fused = bnff.restructure(copy.deepcopy(model), backend="reference")
+    with pytest.raises(AssertionError, match="median gradient error"):
+        assert_aggregate_as_accurate_as_eager(compare_with_float64(model, batch, steps=2, fused=fused))

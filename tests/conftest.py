@@ -1,9 +1,17 @@
+import os
 import sys
+import tempfile
 import zlib
 from pathlib import Path
 
-import pytest
-import torch
+# torch.compile's on-disk cache is not keyed by ATen's ISA level: code cached under
+# ATEN_CPU_CAPABILITY=avx2 and loaded at the AVX-512 level (or the other way round) gave NaNs and a
+# segmentation fault here (torch 2.13). One cache per level, set before torch._inductor is imported.
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(
+    tempfile.gettempdir(), f"torchinductor_bnff_{os.environ.get('ATEN_CPU_CAPABILITY', 'native').lower()}"))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 torch.set_num_threads(max(1, torch.get_num_threads()))

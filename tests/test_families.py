@@ -35,6 +35,7 @@ def _batch(gen, hw, n=4):
     return lambda: (torch.randn(n, 3, hw, hw, generator=gen), torch.randint(0, 10, (n,), generator=gen))
 
 
+@pytest.mark.exactness
 @reference_only
 @pytest.mark.parametrize("name", sorted(FAMILIES))
 def test_float64_every_gradient_and_running_stat_exact(name, gen):
@@ -43,6 +44,7 @@ def test_float64_every_gradient_and_running_stat_exact(name, gen):
         assert max(e.output, e.input_grad, e.param_grad, e.buffers) <= FLOAT64_BOUND, e
 
 
+@pytest.mark.exactness
 @pytest.mark.parametrize("name", sorted(FAMILIES))
 def test_fp32_as_accurate_as_eager_against_float64(name, gen):
     """Two steps (weights fixed, running statistics accumulating): outputs, input gradient and every
@@ -52,6 +54,7 @@ def test_fp32_as_accurate_as_eager_against_float64(name, gen):
     assert_aggregate_as_accurate_as_eager(steps)
 
 
+@pytest.mark.exactness
 @pytest.mark.parametrize("name", sorted(FAMILIES))
 def test_bf16_autocast_channels_last_tracks_eager(name, gen):
     """bf16 keeps 8 mantissa bits: eager bf16 is itself far off float64; bnff must be as close."""
@@ -146,6 +149,7 @@ def test_dense_block_activations_grow_linearly(gen):
     assert fused[-1] < 0.5 * eager[-1]
 
 
+@pytest.mark.exactness
 @pytest.mark.parametrize("name", sorted(FAMILIES))
 def test_eval_mode_matches_eager_and_skips_statistics(name, gen, monkeypatch):
     """Eval mode normalizes with the running statistics: no statistics sweep runs, no buffer moves."""

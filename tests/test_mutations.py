@@ -16,6 +16,8 @@ from helpers import (assert_aggregate_as_accurate_as_eager, assert_as_accurate_a
                      randomize_bn)
 from test_patterns import C, Pattern
 
+pytestmark = pytest.mark.exactness  # also run in make test's AVX2 rehearsal
+
 _mask = reference.activation_mask
 
 

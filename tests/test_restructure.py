@@ -21,6 +21,7 @@ def _batch(gen, n=8, hw=32, classes=10):
     return lambda: (torch.randn(n, 3, hw, hw, generator=gen), torch.randint(0, classes, (n,), generator=gen))
 
 
+@pytest.mark.exactness
 def test_resnet18_small_input_as_accurate_as_eager(gen):
     """Three steps (weights fixed, running statistics accumulating) against float64: outputs and
     running statistics tensor by tensor by the rule. Gradients of whole fp32 networks are a matter
@@ -48,6 +49,7 @@ def test_resnet50_float64_exact(gen):
         assert max(e.output, e.input_grad, e.param_grad, e.buffers) <= FLOAT64_BOUND, e
 
 
+@pytest.mark.exactness
 def test_resnet50_fp32_as_accurate_as_eager_against_float64(gen):
     """At 64x64 a ResNet-50's fp32 backward is ill-conditioned (layer4 BNs see 16 values per
     channel): eager itself can be ~10% off float64 there, and on one input either implementation
@@ -101,6 +103,7 @@ def test_shares_parameters_buffers_and_state_dict_keys(gen):
     fused.load_state_dict(model.state_dict(), strict=True)
 
 
+@pytest.mark.exactness
 def test_eval_mode_matches_eager_and_freezes_running_stats(gen):
     model = models.resnet18(num_classes=10, small_input=True)
     randomize_bn(model, gen)
@@ -116,6 +119,7 @@ def test_eval_mode_matches_eager_and_freezes_running_stats(gen):
     assert all(m.training for m in fused.modules())
 
 
+@pytest.mark.exactness
 def test_bf16_autocast_channels_last_tracks_eager(gen):
     model = models.resnet18(num_classes=10, small_input=True).to(memory_format=torch.channels_last)
     randomize_bn(model, gen)
@@ -131,6 +135,7 @@ def test_bf16_autocast_channels_last_tracks_eager(gen):
         assert_as_accurate_as_eager([[q for q in qs if not q.name.startswith("grad ")]])
 
 
+@pytest.mark.exactness
 def test_channels_last_fp32_as_accurate_as_eager_and_keeps_layout(gen):
     model = models.resnet18(num_classes=10, small_input=True)
     steps = compare_with_float64(model, _batch(gen, n=4), steps=3, channels_last=True)
@@ -173,6 +178,7 @@ class _DataDependent(nn.Module):
         return x
 
 
+@pytest.mark.exactness
 def test_unfusable_parts_stay_and_train_correctly(gen):
     model = _Gelu()
     fused = bnff.restructure(copy.deepcopy(model))

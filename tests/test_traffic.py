@@ -14,14 +14,25 @@ from bnff import cli
 from bnff.memory import saved_activation_bytes
 from bnff.models import MODELS, resnet50
 from bnff.traffic import SEED002, Assumptions, analyze, compare
-from bnff.traffic.patterns import FIELDS, PATTERNS, PUBLISHED, Pattern, table
+from bnff.traffic.patterns import FIELDS, PATTERNS, Pattern, table
+
+# Seed 002 (../shared/seeds/002_*.txt) Table 1 (off-chip traffic of the memory-intensive layers, FP and
+# BP) and Table 2 (off-chip memory they occupy), in units of one such layer's mini-batch input,
+# copied from the paper, not from bnff.
+SEED002_TABLES = {
+    "(1)": {"fp_unfused": 2, "fp_fused": 0, "bp_unfused": 3, "bp_fused": 0, "footprint_unfused": 1, "footprint_fused": 0},
+    "(2)": {"fp_unfused": 3, "fp_fused": 0, "bp_unfused": 5, "bp_fused": 1, "footprint_unfused": 1, "footprint_fused": 0},
+    "(3)": {"fp_unfused": 5, "fp_fused": 0, "bp_unfused": 8, "bp_fused": 1, "footprint_unfused": 2, "footprint_fused": 0},
+    "(4)-1": {"fp_unfused": 8, "fp_fused": 2, "bp_unfused": 11, "bp_fused": 3, "footprint_unfused": 3, "footprint_fused": 1},
+    "(4)-2": {"fp_unfused": 11, "fp_fused": 2, "bp_unfused": 16, "bp_fused": 5, "footprint_unfused": 4, "footprint_fused": 1},
+}
 from bnff.traffic.published import reproduce
 
 
 def test_patterns_reproduce_seed002_tables_exactly():
     computed = table()
     for p in PATTERNS:
-        assert {f: computed[p][f] for f in FIELDS} == PUBLISHED[p], p
+        assert {f: computed[p][f] for f in FIELDS} == SEED002_TABLES[p], p
 
 
 @pytest.mark.parametrize("name", PATTERNS)
@@ -134,19 +145,22 @@ def test_bad_input_is_named():
 
 def test_reproduce_rows_cover_every_published_figure():
     rows = reproduce(batch=8)
-    assert {(r["model"], r["source"]) for r in rows} == {
-        ("resnet50", "seed 000"), ("inception_v3", "seed 000"), ("densenet121", "seed 000"),
-        ("resnet50", "seeds 001/004"), ("densenet121", "seeds 001/004")}
+    # the papers' figures (DESIGN.md section 6): seed 000's traffic model, seeds 001/004's "up to about 19%"
+    assert {(r["model"], r["source"]): r["published"] for r in rows} == {
+        ("resnet50", "seed 000"): -0.33, ("inception_v3", "seed 000"): -0.22, ("densenet121", "seed 000"): -0.31,
+        ("resnet50", "seeds 001/004"): -0.19, ("densenet121", "seeds 001/004"): -0.19}
     for r in rows:  # both fused schemes cut traffic; the convolution-hosted one cuts more
         assert -1 < r["fused"] < r["bnff"] < 0
-        assert r["difference_pp"] == pytest.approx(100 * (r[r["closest"]] - r["published"]))
+        assert r["closest"] in ("bnff", "fused")
+        assert abs(r[r["closest"]] - r["published"]) <= abs(r[{"bnff": "fused", "fused": "bnff"}[r["closest"]]]
+                                                              - r["published"])
 
 
 def test_cli_patterns_json(tmp_path, capsys):
     path = tmp_path / "patterns.json"
     assert cli.main(["traffic", "--patterns", "--json", str(path)]) == 0
     assert "Seed 002 Tables 1-2" in capsys.readouterr().out
-    assert json.loads(path.read_text()) == {"patterns": PUBLISHED}
+    assert json.loads(path.read_text()) == {"patterns": SEED002_TABLES}
 
 
 def test_cli_model_outputs(tmp_path, capsys):

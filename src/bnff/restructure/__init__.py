@@ -29,6 +29,7 @@ def _adopt_module_tree(gm: fx.GraphModule, model: nn.Module) -> None:
     ``call_module``/``get_attr`` paths resolve to) keeps ``model.layer1[0]``-style access, unused
     submodules and the ``state_dict()`` keys and order exactly as in ``model``.
     """
+    gm._modules.clear()  # fx created them in graph order; the original's order fixes parameters() and state_dict()
     for name, child in model.named_children():
         gm.add_module(name, child)
     for name, p in model.named_parameters(recurse=False):

@@ -118,7 +118,14 @@ class FusionReport:
         for name, why in self.opaque.items():
             console.print(f"opaque submodule {name}: {why}")
         console.print(self.summary())
+        console.print(f"sweeps: {self.sweeps_where()}")
         return console.export_text()
+
+    def sweeps_where(self) -> str:
+        """Which dtypes and layouts run where on this report's backend (its ``COVERAGE``)."""
+        from bnff.ops import backends
+
+        return backends.get(self.backend).COVERAGE
 
 
 def _sources(names: tuple[str, ...]) -> str:

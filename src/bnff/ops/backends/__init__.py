@@ -1,6 +1,7 @@
 """Backends: interchangeable implementations of the element-wise sweeps of restructured BN.
 
-A backend is a module exposing ``channel_stats``, ``apply``, ``grad_stats``, ``input_grad``,
+A backend is a module exposing ``COVERAGE`` (which dtypes and layouts run where, for the fusion
+report), ``channel_stats``, ``apply``, ``grad_stats``, ``input_grad``,
 ``grad_stats_x`` and ``input_grad_x`` with the signatures of ``bnff.ops.backends.reference``. The autograd logic (``bnff.ops.fused``)
 is written once against this seam; a fast backend only replaces the sweeps. ``reference`` is
 plain PyTorch (the oracle); ``cpu`` is fused C++ kernels, the default when they build.

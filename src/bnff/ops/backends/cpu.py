@@ -34,6 +34,9 @@ _SOURCE = Path(__file__).parent / "csrc" / "bnff_cpu.cpp"
 _ACT = {None: 0, "relu": 1, "relu6": 2}
 _MAX_TERMS = 4  # BN terms or shortcuts of one call the kernels take (kMaxTerms); more run the reference
 _state: dict[str, object] = {}
+COVERAGE = ("float32 and bfloat16 feature maps (NCHW or channels_last) in the C++ kernels; float64, mixed "
+            "or non-contiguous layouts in the reference sweeps (bnff.ops.backends.cpu.fallbacks() counts them "
+            "by reason, kernel_calls() the kernels' own entries)")
 
 # Compiler flags per instruction-set level. The level is ATen's own (``isa()``), so the kernels never
 # use instructions ATen itself was told not to (``ATEN_CPU_CAPABILITY``), and a cache built for one
@@ -343,5 +346,5 @@ def input_grad(dy: Tensor, sources: list[Tensor], mean: Tensor, f1: Tensor, b: T
     return list(torch.ops.bnff.input_grad(dy, sources, _f32(mean), _f32(f1), None if b is None else _f32(b), _f32(s1)))
 
 
-__all__ = ["ISA_FLAGS", "apply", "available", "build_spec", "channel_stats", "fallbacks", "grad_stats", "grad_stats_x",
+__all__ = ["COVERAGE", "ISA_FLAGS", "apply", "available", "build_spec", "channel_stats", "fallbacks", "grad_stats", "grad_stats_x",
            "input_grad", "input_grad_x", "isa", "kernel_calls", "load_extension", "release_workspace", "workspace_bytes"]

@@ -18,6 +18,7 @@ from torch import Tensor
 from bnff.ops.bn_math import accumulation_dtype
 
 _REDUCE_DIMS = (0, 2, 3)
+COVERAGE = "every dtype and layout in plain PyTorch (the reference sweeps)"
 
 
 def _vec(v: Tensor) -> Tensor:

@@ -1,0 +1,136 @@
+"""Fuzzed graphs: hypothesis draws small CNNs of conv/BN/ReLU/ReLU6/GELU/add/concat/pool and checks
+that the restructured model trains like eager for a step, on both backends, by the suite's rule
+(fp32: every output, gradient and running statistic as close to float64 as eager's, ``helpers.K``),
+exactly in float64 on the reference backend, and that every BN is either fused or listed unfused.
+
+``make test`` runs ``BNFF_FUZZ_EXAMPLES`` (default 25) derandomized examples per backend; a release
+check runs more, e.g. ``BNFF_FUZZ_EXAMPLES=500 .venv/bin/python -m pytest tests/test_fuzz.py``.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import bnff
+from helpers import FLOAT64_BOUND, assert_as_accurate_as_eager, compare_with_float64, randomize_bn, train_side_by_side
+from helpers import every_backend  # noqa: F401  (each test runs on every backend)
+
+pytestmark = pytest.mark.exactness
+
+EXAMPLES = int(os.environ.get("BNFF_FUZZ_EXAMPLES", "25"))
+ACTS = {"relu": nn.ReLU, "relu6": nn.ReLU6, "gelu": nn.GELU, "none": nn.Identity}
+
+
+@dataclass(frozen=True)
+class Block:
+    """One drawn block: ``kind`` is "cbr" (conv->BN->act), "res" (two convs with BN, a shortcut add,
+    then act), "cat" (two conv->BN->act branches concatenated) or "pool" (max or average)."""
+
+    kind: str
+    out: int
+    kernel: int
+    stride: int
+    grouped: bool
+    act: str
+    bn_affine: bool
+    bn_momentum: float | None
+    projection: bool
+    pool: str
+
+
+@st.composite
+def blocks(draw) -> list[Block]:
+    n = draw(st.integers(1, 4))
+    strides = 0
+    result = []
+    for _ in range(n):
+        stride = draw(st.sampled_from([1, 2])) if strides < 2 else 1
+        strides += stride == 2
+        result.append(Block(kind=draw(st.sampled_from(["cbr", "res", "cat", "pool"])), out=2 * draw(st.integers(1, 4)),
+                            kernel=draw(st.sampled_from([1, 3])), stride=stride, grouped=draw(st.booleans()),
+                            act=draw(st.sampled_from(["relu", "relu6", "relu", "gelu", "none"])),
+                            bn_affine=draw(st.booleans()), bn_momentum=draw(st.sampled_from([0.1, None, 0.3])),
+                            projection=draw(st.booleans()), pool=draw(st.sampled_from(["max", "avg"]))))
+    return result
+
+
+class FuzzNet(nn.Module):
+    """A network built from drawn ``Block``s on 3-channel images, ending in global average pooling
+    and a linear classifier over 3 classes."""
+
+    def __init__(self, spec: list[Block]) -> None:
+        super().__init__()
+        self.spec = spec
+        self.blocks = nn.ModuleList()
+        c = 4
+        self.stem = nn.Conv2d(3, c, 3, padding=1)
+        for b in spec:
+            mods = nn.ModuleDict()
+            def conv(cin, cout, stride):
+                groups = 2 if b.grouped and cin % 2 == 0 and cout % 2 == 0 else 1
+                return nn.Conv2d(cin, cout, b.kernel, stride=stride, padding=b.kernel // 2, groups=groups, bias=False)
+
+            def bn(ch):
+                return nn.BatchNorm2d(ch, affine=b.bn_affine, momentum=b.bn_momentum)
+
+            if b.kind == "cbr":
+                mods.update(dict(conv=conv(c, b.out, b.stride), bn=bn(b.out), act=ACTS[b.act]()))
+                c = b.out
+            elif b.kind == "res":
+                mods.update(dict(conv1=conv(c, b.out, b.stride), bn1=bn(b.out), act1=ACTS[b.act](),
+                            conv2=conv(b.out, b.out, 1), bn2=bn(b.out), act=ACTS[b.act]()))
+                if b.projection or b.stride != 1 or c != b.out:
+                    mods.update(dict(proj=nn.Conv2d(c, b.out, 1, stride=b.stride, bias=False), proj_bn=bn(b.out)))
+                c = b.out
+            elif b.kind == "cat":
+                mods.update(dict(conv1=conv(c, b.out, b.stride), bn1=bn(b.out), act1=ACTS[b.act](),
+                            conv2=conv(c, b.out // 2, b.stride), bn2=bn(b.out // 2), act2=nn.ReLU()))
+                c = b.out + b.out // 2
+            else:
+                mods.update(dict(pool=nn.MaxPool2d(3, b.stride, 1) if b.pool == "max" else nn.AvgPool2d(3, b.stride, 1),
+                            conv=nn.Conv2d(c, c, 1, bias=False), bn=bn(c), act=ACTS[b.act]()))
+            self.blocks.append(mods)
+        self.fc = nn.Linear(c, 3)
+
+    def forward(self, x):
+        x = self.stem(x)
+        for b, m in zip(self.spec, self.blocks):
+            if b.kind == "cbr":
+                x = m["act"](m["bn"](m["conv"](x)))
+            elif b.kind == "res":
+                y = m["bn2"](m["conv2"](m["act1"](m["bn1"](m["conv1"](x)))))
+                x = m["act"](y + (m["proj_bn"](m["proj"](x)) if "proj" in m else x))
+            elif b.kind == "cat":
+                x = torch.cat([m["act1"](m["bn1"](m["conv1"](x))), m["act2"](m["bn2"](m["conv2"](x)))], 1)
+            else:
+                x = m["act"](m["bn"](m["conv"](m["pool"](x))))
+        return self.fc(x.mean((2, 3)))
+
+
+def _batch(gen):
+    return lambda: (torch.randn(4, 3, 8, 8, generator=gen) * 2 + 0.5, torch.randint(0, 3, (4,), generator=gen))
+
+
+@settings(max_examples=EXAMPLES, derandomize=True, database=None, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(spec=blocks(), seed=st.integers(0, 2 ** 16))
+def test_fuzzed_network_trains_like_eager(spec, seed, every_backend):
+    gen = torch.Generator().manual_seed(seed)
+    model = FuzzNet(spec)
+    randomize_bn(model, gen)
+    report = bnff.fusion_report(bnff.restructure(copy.deepcopy(model)))
+    bns = {n for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)}
+    assert set(report.fused_bns) | {u.name for u in report.unfused} >= bns, str(report)
+    assert set(report.fused_bns) <= bns
+    assert_as_accurate_as_eager(compare_with_float64(model, _batch(gen), steps=1))
+    if every_backend == "reference":
+        for e in train_side_by_side(model.double(), _batch(gen), steps=1, dtype=torch.float64):
+            assert max(e.output, e.input_grad, e.param_grad, e.buffers) <= FLOAT64_BOUND, (e, spec)

@@ -8,7 +8,6 @@ each feature map once (linear).
 """
 
 import argparse
-import json
 
 import torch
 from torch import nn
@@ -16,6 +15,7 @@ from torch import nn
 import bnff
 from bnff.memory import saved_activation_bytes
 from bnff.models.densenet import _DenseBlock
+from bnff.atomic import write_json
 
 
 def block(layers: int, in_channels: int = 128) -> nn.Module:
@@ -46,8 +46,7 @@ def main() -> None:
         rows.append(row)
         prev = row
     if a.json:
-        with open(a.json, "w") as fh:
-            json.dump(rows, fh, indent=2)
+        write_json(a.json, rows)
 
 
 if __name__ == "__main__":

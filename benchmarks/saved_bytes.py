@@ -8,13 +8,13 @@ Each model runs at its full input size (299x299 for Inception-v3, 224x224 otherw
 
 import argparse
 import copy
-import json
 
 import torch
 
 import bnff
 from bnff import models
 from bnff.memory import saved_activation_bytes
+from bnff.atomic import write_json
 
 
 def measure(name: str, batch: int, image_size: int) -> list[dict]:
@@ -48,8 +48,7 @@ def main() -> None:
         size = a.image_size or (299 if name == "inception_v3" else 224)
         rows += measure(name, a.batch, size)
     if a.json:
-        with open(a.json, "w") as f:
-            json.dump(rows, f, indent=2)
+        write_json(a.json, rows)
 
 
 if __name__ == "__main__":

@@ -168,15 +168,16 @@ def errors_vs_float64(model: nn.Module, x: Tensor, autocast: torch.dtype | None 
 
 @dataclass
 class Quantity:
-    """One compared tensor: eager's and bnff's max-abs error against float64, and float64's max-abs size."""
+    """One compared tensor: eager's and bnff's error against float64 and float64's size, as L2 norms."""
 
     name: str
     eager: float
     bnff: float
     size: float
-    scale: float = 0.0  # what the floor is relative to: the quantity's size, or for a parameter gradient
-    # the largest parameter gradient of the step (a true zero, e.g. a conv bias feeding a training-mode
-    # BN, has rounding noise for a gradient on both sides, measured against the model's gradients)
+    scale: float = 0.0  # what the floor is relative to besides the quantity's size: for a parameter
+    # gradient the largest one of the step, for a running statistic the largest one. A true zero (the
+    # gradient of a conv bias feeding a training-mode BN, the running mean of a zero-mean map) is
+    # rounding noise on both sides, measured against its kind's scale.
 
     @property
     def bound(self) -> float:
@@ -188,11 +189,14 @@ class Quantity:
 
 
 def _err(a: Tensor, ref: Tensor) -> float:
-    return (a.detach().double() - ref.detach().double()).abs().max().item() if ref.numel() else 0.0
+    """||a - ref||_2 in float64: the L2 norm, not the largest element, so that one element's luck does
+    not decide (the ratio of two implementations' largest errors is an extreme statistic)."""
+    return torch.linalg.vector_norm(a.detach().double() - ref.detach().double()).item()
 
 
 def _size(ref: Tensor) -> float:
-    return ref.detach().double().abs().max().item() if ref.numel() else 0.0
+    """||ref||_2 in float64."""
+    return torch.linalg.vector_norm(ref.detach().double()).item()
 
 
 def _run(m: nn.Module, x: Tensor, target, amp: torch.dtype | None, step: int) -> dict[str, Tensor]:
@@ -232,9 +236,9 @@ def compare_with_float64(model: nn.Module, make_input, steps: int = 1, autocast:
         f = _run(fused, x.float(), target, autocast, step)
         ints = [(a, b) for a, b in zip(eager.buffers(), fused.buffers()) if not a.is_floating_point()]
         assert all(torch.equal(a, b) for a, b in ints), "num_batches_tracked differs"
-        grad_scale = max((_size(r[k]) for k in r if k.startswith("grad ")), default=0.0)
+        scale = {kind: max((_size(r[k]) for k in r if k.startswith(kind)), default=0.0) for kind in ("grad ", "buffer ")}
         result.append([Quantity(k, _err(e[k], r[k]), _err(f[k], r[k]), _size(r[k]),
-                                grad_scale if k.startswith("grad ") else 0.0) for k in r])
+                                next((v for kind, v in scale.items() if k.startswith(kind)), 0.0)) for k in r])
     return result
 
 

@@ -15,8 +15,9 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
+import torch.nn.functional as F
 from torch import nn
 
 import bnff
@@ -119,18 +120,59 @@ def _batch(gen):
     return lambda: (torch.randn(4, 3, 8, 8, generator=gen) * 2 + 0.5, torch.randint(0, 3, (4,), generator=gen))
 
 
+def closest_calls(model: nn.Module, x: torch.Tensor) -> float:
+    """The float64 forward's closest call, relative to each layer's scale: min over ReLU/ReLU6 inputs
+    of the distance to a threshold (0, and 6 for ReLU6), and over max-pool windows of the gap between
+    the largest and second-largest value.
+
+    A value closer to a threshold than fp32 rounding (~1e-6 of the scale) is decided either way by
+    any two fp32 implementations, eager against float64 included; the gradient then differs by an
+    element's whole contribution, which no rounding bound covers. Whole networks deal with that by
+    statistics over tensors (helpers.assert_aggregate_as_accurate_as_eager); a drawn example whose
+    closest call is that close is not a test of rounding and is set aside (hypothesis ``assume``)."""
+    closest = [float("inf")]
+
+    def relative(d: torch.Tensor, z: torch.Tensor) -> float:
+        return (d.min() / z.abs().max().clamp_min(1e-300)).item()
+
+    def act_hook(mod, args):
+        z = args[0]
+        closest.append(relative(z.abs(), z))
+        if isinstance(mod, nn.ReLU6):
+            closest.append(relative((z - 6).abs(), z))
+
+    def pool_hook(mod, args):
+        z = args[0]
+        cols = F.unfold(F.pad(z, (1, 1, 1, 1), value=float("-inf")), 3, stride=mod.stride)
+        top = cols.view(z.shape[0], z.shape[1], 9, -1).topk(2, dim=2).values
+        closest.append(relative(top[:, :, 0] - top[:, :, 1], z))
+
+    ref = copy.deepcopy(model).double()
+    handles = [m.register_forward_pre_hook(act_hook) for m in ref.modules() if isinstance(m, (nn.ReLU, nn.ReLU6))]
+    handles += [m.register_forward_pre_hook(pool_hook) for m in ref.modules() if isinstance(m, nn.MaxPool2d)]
+    with torch.no_grad():
+        ref(x.double())
+    for h in handles:
+        h.remove()
+    return min(closest)
+
+
 @settings(max_examples=EXAMPLES, derandomize=True, database=None, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
+                                 HealthCheck.filter_too_much])
 @given(spec=blocks(), seed=st.integers(0, 2 ** 16))
 def test_fuzzed_network_trains_like_eager(spec, seed, every_backend):
     gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)  # the layers' initial weights: the example alone decides them
     model = FuzzNet(spec)
     randomize_bn(model, gen)
     report = bnff.fusion_report(bnff.restructure(copy.deepcopy(model)))
     bns = {n for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)}
     assert set(report.fused_bns) | {u.name for u in report.unfused} >= bns, str(report)
     assert set(report.fused_bns) <= bns
-    assert_as_accurate_as_eager(compare_with_float64(model, _batch(gen), steps=1))
-    if every_backend == "reference":
-        for e in train_side_by_side(model.double(), _batch(gen), steps=1, dtype=torch.float64):
+    x, target = _batch(gen)()
+    if every_backend == "reference":  # float64: exact whatever the closest call
+        for e in train_side_by_side(copy.deepcopy(model).double(), lambda: (x, target), steps=1, dtype=torch.float64):
             assert max(e.output, e.input_grad, e.param_grad, e.buffers) <= FLOAT64_BOUND, (e, spec)
+    assume(closest_calls(model, x) > 1e-5)
+    assert_as_accurate_as_eager(compare_with_float64(model, lambda: (x, target), steps=1))

@@ -17,8 +17,7 @@ from torch import nn
 import bnff
 from bnff import models
 from bnff.memory import saved_activation_bytes
-from helpers import (FLOAT64_BOUND, FLOOR, K, assert_aggregate_as_accurate_as_eager, assert_as_accurate_as_eager,
-                     compare_with_float64, errors_vs_float64, randomize_bn, reference_only, train_side_by_side)
+from helpers import (FLOAT64_BOUND, FLOOR, K, assert_aggregate_as_accurate_as_eager, compare_with_float64, errors_vs_float64, randomize_bn, reference_only, train_side_by_side)
 from helpers import every_backend  # noqa: F401  (each test runs on every backend)
 
 # Small-input variants and the smallest input each handles quickly on 2 cores.

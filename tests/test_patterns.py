@@ -13,8 +13,7 @@ from torch import nn
 import bnff
 from bnff import models
 from bnff.ops import backends, bn_statistics, feature_statistics
-from helpers import (FLOOR, K, assert_as_accurate_as_eager, compare_with_float64, randomize_bn, rel_err,
-                     reference_only, train_side_by_side)
+from helpers import (FLOOR, K, assert_as_accurate_as_eager, compare_with_float64, randomize_bn, reference_only, train_side_by_side)
 from helpers import every_backend  # noqa: F401  (each test runs on every backend)
 
 pytestmark = pytest.mark.exactness  # also run in make test's AVX2 rehearsal

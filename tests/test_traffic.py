@@ -197,3 +197,19 @@ def test_bf16_halves_activation_traffic():
     vectors = 4 * 8 * 4  # one BN: running mean and var, saved mean and inverse std, fp32
     kept32, kept16 = fp32.total("footprint_bytes"), bf16.total("footprint_bytes")
     assert 2 * (kept16 - vectors) == kept32 - vectors > 0
+
+
+@pytest.mark.parametrize("bn_kwargs", [dict(momentum=None), dict(affine=False), dict(track_running_stats=False),
+                                       dict(momentum=0.3, eps=1e-3)], ids=str)
+def test_analysis_takes_every_bn_configuration_restructuring_takes(bn_kwargs):
+    """Shape inference must not depend on what a BN does with its buffers (momentum=None reads
+    num_batches_tracked as a number, which a meta tensor has not). Unfused traffic of one pattern (3)
+    (conv -> BN -> ReLU -> conv) by hand: BN FP 3 + ReLU FP 2 units, BN BP 5 + ReLU BP 3 units."""
+    from test_patterns import Pattern as Connection
+
+    shape = (2, 8, 6, 6)
+    a = analyze(Connection(**bn_kwargs), shape, dtype=None, scheme="unfused",
+                assumptions=Assumptions(count_layer_io=False))
+    unit = math.prod(shape) * 4
+    mi = a.memory_intensive()
+    assert (mi["fp_bytes"] / unit, mi["bp_bytes"] / unit) == (5, 8)

@@ -127,7 +127,13 @@ def _meta_copy(model: nn.Module) -> nn.Module:
         memo[id(p)] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
     for b in model.buffers():
         memo[id(b)] = torch.empty_like(b, device="meta")
-    return copy.deepcopy(model, memo)
+    meta = copy.deepcopy(model, memo)
+    for m in meta.modules():
+        # shapes must not depend on what a BN does with its buffers: momentum=None reads
+        # num_batches_tracked as a number (1 / count), which a meta tensor does not have
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.momentum is None:
+            m.momentum = 0.0
+    return meta
 
 
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)

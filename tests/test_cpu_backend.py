@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 import warnings
+from collections import Counter
 
 import pytest
 import torch
@@ -161,11 +162,11 @@ def test_recomputed_mask_is_bit_identical(backend, fmt, dtype, act, thresholds, 
                    for sweep in ("apply", "input_grad_x", "grad_stats_x")), ran
 
 
-def test_mixed_layouts_and_float64_are_handled(gen):
+def test_mixed_layouts_and_float64_are_handled(gen, monkeypatch):
     x = _t(gen, (2, 16, 4, 4), torch.float32, torch.channels_last)
     g = _t(gen, (2, 16, 4, 4), torch.float32, torch.contiguous_format)  # e.g. an average pool's gradient
     mean = torch.randn(16, generator=gen)
-    before, fell = cpu.kernel_calls(), cpu.fallbacks()
+    before = cpu.kernel_calls()
     dy, s1, s2 = cpu.grad_stats(g, x, "relu", [[x]], [mean])
     dy_ref, s1_ref, s2_ref = reference.grad_stats(g, x, "relu", [[x]], [mean])
     assert torch.equal(dy, dy_ref)
@@ -173,9 +174,14 @@ def test_mixed_layouts_and_float64_are_handled(gen):
     _assert_within(s2[0], prod.sum((0, 2, 3)) / 32, _sum_bound(prod, 32), "S2c")
     assert (cpu.kernel_calls() - before)["grad_stats/nhwc/float32"] == 1  # converted, not fallen back
     x64 = x.double()
-    m, v = cpu.channel_stats(x64)  # float64: not covered, the reference sweep, counted as such
+    monkeypatch.setattr(cpu, "_fallbacks", Counter())  # as in a fresh process: no float64 fallback yet
+    with pytest.warns(RuntimeWarning, match="reference backend .* because of: float64"):
+        m, v = cpu.channel_stats(x64)  # float64: not covered, the reference sweep, said once and counted
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per reason
+        cpu.apply([[x64]], [mean.double()], [mean.double()], [None], [], "relu", torch.float64)
     assert m.dtype == torch.float64 and torch.equal(v, torch.var_mean(x64, (0, 2, 3), correction=0)[0])
-    assert cpu.fallbacks() - fell == {("channel_stats", "float64"): 1}
+    assert cpu.fallbacks() == {("channel_stats", "float64"): 1, ("apply", "float64"): 1}
 
 
 def test_failed_build_falls_back_with_one_warning(monkeypatch, gen):

@@ -241,10 +241,16 @@ def _uncovered(tensors: tuple[Tensor | None, ...]) -> str | None:
 
 
 def _kernels(sweep: str, *tensors: Tensor | None, why: str | None = None) -> bool:
-    """Whether ``sweep`` runs the kernels on ``tensors``; if not, the reason is counted (``fallbacks``).
+    """Whether ``sweep`` runs the kernels on ``tensors``; if not, the reason is counted (``fallbacks``)
+    and, the first time for each reason, one warning says so (a failed build has warned already).
     ``why``: a reason the caller found (too many terms, an uncovered output dtype)."""
     why = why or _uncovered(tensors) or (None if available() else "kernels not built")
     if why is not None:
+        if why != "kernels not built" and not any(reason == why for _, reason in _fallbacks):
+            warnings.warn(f"bnff: the cpu backend hands sweeps to the reference backend (plain PyTorch, slower) "
+                          f"because of: {why}. Its kernels cover 4-D float32/bfloat16 maps in NCHW or channels_last, "
+                          f"at most {_MAX_TERMS} BN terms and shortcuts. Said once per reason; "
+                          f"bnff.ops.backends.cpu.fallbacks() counts them.", RuntimeWarning, stacklevel=3)
         _fallbacks[(sweep, why)] += 1
     return why is None
 

@@ -242,6 +242,12 @@ def compare_with_float64(model: nn.Module, make_input, steps: int = 1, autocast:
     return result
 
 
+def assert_rule(got: Tensor, eager: Tensor, ref: Tensor, name: str = "tensor") -> None:
+    """One tensor by the suite's rule: ``got`` (bnff) at most ``K`` times as far from the float64
+    ``ref`` as ``eager`` is, plus ``FLOOR`` of its size (``Quantity``)."""
+    assert_as_accurate_as_eager([[Quantity(name, _err(eager, ref), _err(got, ref), _size(ref))]])
+
+
 def assert_as_accurate_as_eager(steps: list[list[Quantity]]) -> None:
     """Every quantity of every step within the suite's rule (``K``, ``FLOOR``); the message lists the
     worst offenders with eager's error, bnff's and the bound."""

@@ -14,7 +14,7 @@ from types import ModuleType
 from bnff.names import BACKEND_NAMES
 from bnff.ops.backends import cpu, reference
 
-_BACKENDS: dict[str, ModuleType] = {name: {"reference": reference, "cpu": cpu}[name] for name in BACKEND_NAMES}
+_BACKENDS: dict[str, ModuleType] = {name: globals()[name] for name in BACKEND_NAMES}
 
 
 _default: str | None = None

@@ -247,7 +247,7 @@ def test_inception_several_consumers_pools_and_concatenation(gen):
 def test_per_consumer_cost_rule():
     """Applying per consumer pays with one BN (2k vs 2k+2 feature-map transfers), not with a
     shortcut or a projection and two consumers (9 vs 8, 8 vs 7)."""
-    from bnff.restructure.match import per_consumer_pays
+    from bnff.plan.match import per_consumer_pays
     assert per_consumer_pays(1, 0, 2, True) and per_consumer_pays(1, 0, 4, False)
     assert per_consumer_pays(1, 1, 1, True) and per_consumer_pays(2, 0, 1, True)
     assert not per_consumer_pays(1, 1, 2, True) and not per_consumer_pays(2, 0, 2, True)

@@ -1,4 +1,5 @@
-"""Command line: ``bnff train`` (side-by-side training), ``bnff bench`` (speed) and ``bnff traffic`` (the traffic model)."""
+"""Command line: ``bnff train`` (side-by-side training), ``bnff bench`` (speed), ``bnff plan`` (the fusion
+plan) and ``bnff traffic`` (the traffic model)."""
 
 from __future__ import annotations
 
@@ -112,6 +113,35 @@ def _traffic(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plan(args: argparse.Namespace) -> int:
+    import io
+
+    import torch
+    from rich.console import Console
+
+    from bnff import models
+    from bnff.graph.layers import build
+    from bnff.plan import plan_graph
+    from bnff.traffic import Assumptions
+    from bnff.traffic.plan_report import plan_json, plan_table, steps_text_table
+
+    size = args.image_size or (299 if args.model.startswith("inception") else 224)
+    with torch.device("meta"):
+        model = models.MODELS[args.model]()
+    lg = build(model, (args.batch, 3, size, size))
+    plan, _, _ = plan_graph(lg.gm)
+    a = Assumptions().with_dtype({"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype])
+    console = Console(file=io.StringIO() if args.quiet else None, width=200)
+    console.print(plan_table(lg, plan, args.scheme, a))
+    if args.steps:
+        console.print(steps_text_table(plan, args.scheme))
+    for u in plan.unfused:
+        console.print(f"not fused: {u.kind} {u.node}: {u.reason}")
+    if args.json:
+        write_json(args.json, plan_json(lg, plan, a))
+    return 0
+
+
 def _add_backend(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", default=None, choices=sorted(BACKEND_NAMES),
                         help="bnff sweep backend (default: cpu when its kernels build, else reference)")
@@ -158,6 +188,20 @@ def build_parser() -> argparse.ArgumentParser:
                         "eager then gets what bnff's workspace gives bnff")
     b.add_argument("--json", default=None, help="write the results as JSON here")
     b.set_defaults(func=_bench)
+
+    p = sub.add_parser("plan", help="print a model's fusion plan: each group's steps, bytes and footprint",
+                       description="The fusion plan bnff executes and the traffic model prices: per fused group, its "
+                                   "pattern, where its result goes, the steps of the chosen execution scheme and their "
+                                   "off-chip bytes and kept bytes at the given input (shapes from meta tensors).")
+    p.add_argument("--model", required=True, choices=sorted(MODEL_NAMES))
+    p.add_argument("--batch", type=_positive, default=32)
+    p.add_argument("--image-size", type=_positive, default=None, help="default 299 for inception_v3, else 224")
+    p.add_argument("--scheme", choices=["unfused", "bnff", "fused"], default="bnff")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="activation element type")
+    p.add_argument("--steps", action="store_true", help="also list every step with the tensors it reads and writes")
+    p.add_argument("--quiet", action="store_true", help="print nothing (with --json)")
+    p.add_argument("--json", default=None, help="write the plan, with every scheme's per-group costs, as JSON here")
+    p.set_defaults(func=_plan)
 
     r = sub.add_parser("traffic", help="model off-chip traffic, footprint and FLOPs of training",
                        description="Analytical model of one training step, layer by layer, for the schemes unfused "

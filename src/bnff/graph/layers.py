@@ -7,7 +7,7 @@ shape-only tensors, nothing is allocated or computed), traces it in training mod
 
 Each tensor-producing call becomes a ``Layer`` with its kind (``bnff.graph.kinds``), its tensor
 inputs, element counts, weight count and multiply-accumulates. Analyses (``bnff.traffic``) read
-this IR and the pattern groups ``bnff.restructure.match`` finds on ``LayerGraph.gm``.
+this IR and the fusion plan ``bnff.plan`` makes of ``LayerGraph.gm``.
 """
 
 from __future__ import annotations
@@ -90,6 +90,22 @@ class LayerGraph:
         """Elements of the tensor ``node`` produces (the input placeholder included)."""
         return math.prod(_tensor_meta(node).shape)
 
+    def node(self, name: str) -> fx.Node:
+        """The node of ``gm`` called ``name`` (the names a fusion plan uses).
+
+        Raises:
+            KeyError: no such node.
+        """
+        return self._nodes[name]
+
+    def layer(self, name: str) -> Layer:
+        """The layer of the node called ``name``.
+
+        Raises:
+            KeyError: no such node, or it produces no tensor.
+        """
+        return self.by_node[self._nodes[name]]
+
     def storage(self, node: fx.Node) -> fx.Node:
         """The node whose output storage ``node``'s result lives in (in-place ops and views share it)."""
         layer = self.by_node.get(node)
@@ -104,6 +120,7 @@ class LayerGraph:
 
     def __post_init__(self) -> None:
         self.by_node = {layer.node: layer for layer in self.layers}
+        self._nodes = {n.name: n for n in self.gm.graph.nodes}
         names = [layer.name for layer in self.layers]
         if len(set(names)) != len(names):  # pragma: no cover - fx node names are unique
             raise ValueError(f"layer names are not unique: {sorted(n for n in set(names) if names.count(n) > 1)}")

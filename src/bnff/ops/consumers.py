@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from bnff.graph.consumers import FUNCTIONAL, conv_padding, unsupported_reason
+
 
 class Consumer(Protocol):
     """What the fused operator needs from the layer it feeds."""
@@ -31,18 +33,6 @@ class Consumer(Protocol):
         """Return (grad w.r.t. ``a``, grads w.r.t. ``params``); ``needs`` is (a, *params)."""
 
 
-def _conv_padding(conv: nn.Conv2d) -> tuple[int, int] | None:
-    """Explicit symmetric padding of ``conv``, or None when it cannot be expressed as such."""
-    if isinstance(conv.padding, str):
-        if conv.padding == "valid":
-            return (0, 0)
-        total = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size)]
-        if any(t % 2 for t in total):
-            return None
-        return (total[0] // 2, total[1] // 2)
-    return tuple(conv.padding)
-
-
 class Conv2dConsumer:
     """A ``nn.Conv2d`` fed by the apply step; its input is recomputed, never stored.
 
@@ -54,7 +44,7 @@ class Conv2dConsumer:
 
     def __init__(self, conv: nn.Conv2d) -> None:
         self.conv = conv
-        self.padding = _conv_padding(conv)
+        self.padding = conv_padding(conv)
 
     def params(self) -> tuple[Tensor | None, ...]:
         return (self.conv.weight, self.conv.bias)
@@ -105,38 +95,7 @@ class RecomputeConsumer:
         return g_a, ()
 
 
-_RECOMPUTED = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
-
-# Functional pools a fused operator can feed, by the name used in the graph (fx graphs cannot hold
-# function objects as arguments, so a functional consumer travels as (name, args, kwargs)).
-FUNCTIONAL = {
-    "max_pool2d": F.max_pool2d,
-    "avg_pool2d": F.avg_pool2d,
-    "adaptive_avg_pool2d": F.adaptive_avg_pool2d,
-    "adaptive_max_pool2d": F.adaptive_max_pool2d,
-}
-
 FunctionalSpec = tuple[str, tuple, dict]
-
-
-def functional_name(fn: object, kwargs: dict) -> str | None:
-    """The ``FUNCTIONAL`` name of ``fn`` when called with ``kwargs``, or None if it is not a consumer."""
-    if kwargs.get("return_indices"):
-        return None
-    return next((name for name, f in FUNCTIONAL.items() if f is fn), None)
-
-
-def unsupported_reason(module: nn.Module) -> str | None:
-    """Why ``module`` cannot take a BN apply step as pre-processing, or None if it can."""
-    if isinstance(module, nn.Conv2d):
-        if module.padding_mode != "zeros":
-            return f"consumer convolution uses padding_mode={module.padding_mode!r}"
-        if _conv_padding(module) is None:
-            return "consumer convolution uses asymmetric padding='same'"
-        return None
-    if isinstance(module, _RECOMPUTED):
-        return None
-    return f"consumer {type(module).__name__} takes no pre-processing"
 
 
 def make(module: nn.Module | FunctionalSpec) -> Consumer:

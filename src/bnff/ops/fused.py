@@ -18,11 +18,11 @@ The backward of ``bn_apply`` is the fused backward of seed 002: the consumers' d
 (summed over consumers), step 1 forms dy = dL/da * act'(a) with S1, S2 per BN (eq. 16, 17, 19,
 20), step 2 forms dx = F1 * dy + B * x + C per BN (eq. 12), split back onto the feature maps of a
 concatenation, where autograd accumulates each map's gradient from all its BNs. The same dy
-feeds every BN of a residual sum and is the shortcut's gradient. Saved for backward: the BN
-inputs (the feature maps themselves, shared by every operator that normalizes them, never their
-concatenation) and (C,) vectors; the shortcut tensors only when a consumer needs ``a``
-recomputed; the output only when it is materialized with an activation *and* a shortcut (its
-mask; seed 002 Table 2, patterns (4)); without a shortcut the mask is recomputed from x.
+feeds every BN of a residual sum and is the shortcut's gradient.
+
+Which sweeps run, in which order, what is kept for the backward, what is recomputed and whether
+dy is written are not decided here: ``bn_apply`` runs the ``bnff`` schedule of its group's plan
+(``bnff.plan.schemes.bnff``), the same steps ``bnff.traffic`` prices.
 """
 
 from __future__ import annotations
@@ -34,13 +34,14 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from bnff.ops import backends, bn_math, consumers
+from bnff.ops import backends, bn_math, consumers, record
+from bnff.plan import GroupPlan
 
 Stats = tuple[Tensor, Tensor]
 
 
 def feature_statistics(f: Tensor, bns: tuple[nn.modules.batchnorm._BatchNorm, ...],
-                       backend: str = "reference") -> Stats | None:
+                       backend: str = "reference", group: str = "") -> Stats | None:
     """Step 1 of the forward for one feature map: its per-channel mean and biased variance.
 
     One sweep over ``f`` (seed 002 eq. 1, 18: mean-variance fusion), computed once and shared by
@@ -52,6 +53,7 @@ def feature_statistics(f: Tensor, bns: tuple[nn.modules.batchnorm._BatchNorm, ..
         f: the feature map (N, C, H, W), NCHW or channels_last.
         bns: the BatchNorm2d modules that will use the statistics (read at call time).
         backend: name of the sweep backend.
+        group: the fused group whose plan carries this statistics step (for ``bnff.ops.record``).
     Returns:
         (mean, var), each (C,) in the accumulation dtype, or None.
     Raises:
@@ -61,7 +63,7 @@ def feature_statistics(f: Tensor, bns: tuple[nn.modules.batchnorm._BatchNorm, ..
         return None
     if f.dim() != 4:
         raise ValueError(f"expected 4D input (got {f.dim()}D input)")
-    with torch.no_grad():
+    with torch.no_grad(), record.scope(group, "fp"):
         return backends.get(backend).channel_stats(f)
 
 
@@ -114,56 +116,48 @@ def bn_statistics(sources: tuple[Tensor, ...], stats: tuple[Stats | None, ...],
 
 @dataclass(frozen=True)
 class _TermSpec:
+    """Where one BN's tensors sit in the flat argument list, and what its BN module says."""
+
     eps: float
     batch: bool  # normalized with mini-batch statistics (their gradient terms B, C are live)
-    n_sources: int
+    sources: slice
+    mean: int
+    var: int
+    gamma: int
+    beta: int
 
 
 @dataclass(frozen=True)
 class _Spec:
+    """One call of the fused operator: its group's plan, and the named positions of its tensors in the
+    flat argument list (per term: sources, mean, var, gamma, beta; the residuals; each consumer's
+    parameters)."""
+
+    group: GroupPlan
     terms: tuple[_TermSpec, ...]
-    n_residuals: int
-    act: str | None
+    residuals: slice
+    params: tuple[slice, ...]
     consumers: tuple[consumers.Consumer, ...]
-    n_params: tuple[int, ...]
     backend: str
 
 
-@dataclass
-class _Term:
-    sources: list[Tensor]
-    mean: Tensor
-    var: Tensor
-    gamma: Tensor | None
-    beta: Tensor | None
-    start: int  # index of the first source in the flat argument list
-
-
-@dataclass
-class _Args:
-    """The flat argument list of ``_ApplyConsume`` split by ``_unpack``, with the offsets of its parts."""
-
-    terms: list[_Term]
-    residuals: list[Tensor]
-    params: list[tuple]  # per consumer
-    residual_start: int
-    param_start: int
-    end: int
-
-
-def _unpack(spec: _Spec, flat: tuple) -> _Args:
-    """Split the flat argument list: per term (*sources, mean, var, gamma, beta), then the residuals,
-    then each consumer's parameters."""
-    i, terms = 0, []
-    for t in spec.terms:
-        terms.append(_Term(list(flat[i:i + t.n_sources]), *flat[i + t.n_sources:i + t.n_sources + 4], start=i))
-        i += t.n_sources + 4
-    residual_start, param_start = i, i + spec.n_residuals
-    i, params = param_start, []
-    for n in spec.n_params:
-        params.append(tuple(flat[i:i + n]))
-        i += n
-    return _Args(terms, list(flat[residual_start:param_start]), params, residual_start, param_start, i)
+def _spec(group: GroupPlan, terms: tuple, residuals: tuple, wrapped: tuple, backend: str) -> tuple[_Spec, list]:
+    """The ``_Spec`` and the flat argument list of a ``bn_apply`` call."""
+    flat: list[Tensor | None] = []
+    specs = []
+    for sources, (mean, var), bn in terms:
+        i, n = len(flat), len(sources)
+        flat += [*sources, mean, var, bn.weight, bn.bias]
+        specs.append(_TermSpec(bn.eps, bn_math.uses_batch_stats(bn), slice(i, i + n), i + n, i + n + 1, i + n + 2,
+                               i + n + 3))
+    res = slice(len(flat), len(flat) + len(residuals))
+    flat += list(residuals)
+    params = []
+    for w in wrapped:
+        p = w.params()
+        params.append(slice(len(flat), len(flat) + len(p)))
+        flat += list(p)
+    return _Spec(group, tuple(specs), res, tuple(params), wrapped, backend), flat
 
 
 def _amp_dtype(t: Tensor) -> torch.dtype | None:
@@ -171,108 +165,193 @@ def _amp_dtype(t: Tensor) -> torch.dtype | None:
     return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
 
 
-def _apply(be, spec: _Spec, terms: list[_Term], f1s: list[Tensor], residuals: list[Tensor],
-           out_dtype: torch.dtype) -> Tensor:
-    return be.apply([t.sources for t in terms], [t.mean for t in terms], f1s, [t.beta for t in terms],
-                    residuals, spec.act, out_dtype)
+class _Env:
+    """A call's tensors: the flat arguments by their named positions, and what the steps produce, by
+    plan name ``(node, role)`` (``bnff.plan.Ref``)."""
+
+    def __init__(self, spec: _Spec, flat: list) -> None:
+        self.spec, self.flat = spec, flat
+        self.t: dict[tuple[str, str], Tensor | None] = {}
+
+    def sources(self, k: int) -> list[Tensor]:
+        return list(self.flat[self.spec.terms[k].sources])
+
+    def all_sources(self) -> list[list[Tensor]]:
+        return [self.sources(k) for k in range(len(self.spec.terms))]
+
+    def means(self) -> list[Tensor]:
+        return [self.flat[ts.mean] for ts in self.spec.terms]
+
+    def betas(self) -> list[Tensor | None]:
+        return [self.flat[ts.beta] for ts in self.spec.terms]
+
+    def f1s(self) -> list[Tensor]:
+        return [bn_math.scale(self.flat[ts.var], self.flat[ts.gamma], ts.eps) for ts in self.spec.terms]
+
+    def apply(self, be, f1s: list[Tensor], out_dtype: torch.dtype) -> Tensor:
+        return be.apply(self.all_sources(), self.means(), f1s, self.betas(), list(self.flat[self.spec.residuals]),
+                        self.spec.group.act_kind, out_dtype)
+
+    def kept(self, ref) -> Tensor | None:
+        """The tensor the plan names ``ref`` among the flat arguments and produced values."""
+        g, spec = self.spec.group, self.spec
+        key = (ref.node, ref.role)
+        if key in self.t:
+            return self.t[key]
+        for term, ts in zip(g.terms, spec.terms):
+            if ref.role == "ofmap" and ref.node in term.sources:
+                return self.flat[ts.sources][term.sources.index(ref.node)]
+            if ref.node == term.bn and ref.role in ("mean", "var"):
+                return self.flat[ts.mean if ref.role == "mean" else ts.var]
+        if ref.role == "ofmap" and ref.node in g.residuals:
+            return self.flat[spec.residuals][g.residuals.index(ref.node)]
+        raise KeyError(f"group {g.name}: the plan keeps {ref}, which this operator does not have")
+
+    def restore(self, ref, t: Tensor) -> None:
+        """Put a kept tensor back where ``kept`` found it."""
+        g, spec = self.spec.group, self.spec
+        for term, ts in zip(g.terms, spec.terms):
+            if ref.role == "ofmap" and ref.node in term.sources:
+                self.flat[ts.sources.start + term.sources.index(ref.node)] = t
+                return
+            if ref.node == term.bn and ref.role in ("mean", "var"):
+                self.flat[ts.mean if ref.role == "mean" else ts.var] = t
+                return
+        if ref.role == "ofmap" and ref.node in g.residuals:
+            self.flat[spec.residuals.start + g.residuals.index(ref.node)] = t
+            return
+        self.t[(ref.node, ref.role)] = t
+
+
+def _param_positions(spec: _Spec) -> list[int]:
+    """Positions of gamma, beta and the consumers' parameters: saved for the backward besides the plan's keeps."""
+    return [i for ts in spec.terms for i in (ts.gamma, ts.beta)] + [i for sl in spec.params for i in range(sl.start, sl.stop)]
+
+
+_LAST_USES: dict[tuple, tuple] = {}
+
+
+def _last_uses(group: str, backward: tuple) -> tuple[tuple[tuple[str, str], ...], ...]:
+    """Per backward step, the produced tensors no later step uses (freed right after it). A consumer's
+    backward uses the result a. Memoized per schedule."""
+    key = (group, backward)
+    if key not in _LAST_USES:
+        _LAST_USES[key] = _free_after(group, backward)
+    return _LAST_USES[key]
+
+
+def _free_after(group: str, backward: tuple) -> tuple:
+    def uses(s):
+        return {(r.node, r.role) for r in s.reads} | ({(group, "ofmap")} if s.kind == "consumer_backward" else set())
+    out = []
+    for i in range(len(backward)):
+        later = set().union(*(uses(s) for s in backward[i + 1:]))
+        out.append(tuple(k for k in ((group, "ofmap"), (group, "grad")) if k not in later))
+    return tuple(out)
 
 
 class _ApplyConsume(torch.autograd.Function):
-    """Fused BN apply (+ add + activation) [+ consumers]; see the module docstring."""
+    """Fused BN apply (+ add + activation) [+ consumers]: runs its group's ``bnff`` schedule."""
 
     @staticmethod
     def forward(ctx, spec: _Spec, *flat):
-        args = _unpack(spec, flat)
-        terms, residuals = args.terms, args.residuals
+        g, sched = spec.group, spec.group.schedules["bnff"]
         be = backends.get(spec.backend)
-        f1s = [bn_math.scale(t.var, t.gamma, s.eps) for t, s in zip(terms, spec.terms)]
-        dtypes = [s.dtype for t in terms for s in t.sources] + [r.dtype for r in residuals]
-        out_dtype = functools.reduce(torch.promote_types, dtypes)
-        a = _apply(be, spec, terms, f1s, residuals, out_dtype)
-        amp = _amp_dtype(a)
-        saved = list(flat)
-        if spec.consumers:
-            out = tuple(c.forward(a, p, amp) for c, p in zip(spec.consumers, args.params))
-            kept = None
-        else:
-            out = a
-            saved[args.residual_start:args.param_start] = [None] * spec.n_residuals  # a is never recomputed
-            kept = a if spec.act is not None and spec.n_residuals else None
-        ctx.spec, ctx.amp, ctx.out_dtype = spec, amp, out_dtype
+        env = _Env(spec, list(flat))
+        f1s = env.f1s()
+        maps = [x for srcs in env.all_sources() for x in srcs] + list(flat[spec.residuals])
+        out_dtype = functools.reduce(torch.promote_types, [m.dtype for m in maps])
+        amp, outs = None, []
+        for step in sched.forward:
+            if step.kind == "apply":
+                env.t[(g.name, "ofmap")] = a = env.apply(be, f1s, out_dtype)
+                amp = _amp_dtype(a)
+            elif step.kind == "consume":
+                outs.append(spec.consumers[step.consumer].forward(a, flat[spec.params[step.consumer]], amp))
+            # the "stats" steps run in feature_statistics, right after each producer
+        ctx.spec, ctx.amp, ctx.out_dtype, ctx.n = spec, amp, out_dtype, len(flat)
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(*saved, kept)
-        return out
+        ctx.save_for_backward(*[env.kept(r) for r in sched.keeps], *[flat[i] for i in _param_positions(spec)])
+        return tuple(outs) if g.per_consumer else a
 
     @staticmethod
     @once_differentiable
     def backward(ctx, *grad_outs):
-        spec = ctx.spec
-        saved = ctx.saved_tensors
-        args = _unpack(spec, saved)
-        terms, residuals = args.terms, args.residuals
-        kept = saved[args.end]
+        with record.scope(ctx.spec.group.name, "bp"):
+            return _ApplyConsume._backward(ctx, grad_outs)
+
+    @staticmethod
+    def _backward(ctx, grad_outs: tuple) -> tuple:
+        spec: _Spec = ctx.spec
+        g, sched = spec.group, spec.group.schedules["bnff"]
         needs = ctx.needs_input_grad[1:]
-        if all(g is None for g in grad_outs):
-            return (None,) * (1 + len(needs))
+        if all(o is None for o in grad_outs):
+            return (None,) * (1 + ctx.n)
+        keeps, saved = sched.keeps, ctx.saved_tensors
+        env = _Env(spec, [None] * ctx.n)
+        for ref, t in zip(keeps, saved):
+            env.restore(ref, t)
+        for i, t in zip(_param_positions(spec), saved[len(keeps):]):
+            env.flat[i] = t
         be = backends.get(spec.backend)
-        f1s = [bn_math.scale(t.var, t.gamma, s.eps) for t, s in zip(terms, spec.terms)]
-        param_grads: list[Tensor | None] = []
-        # one BN and no shortcut: nobody else needs dy, so neither backward sweep writes it; both
-        # recompute the mask from x, which they read anyway (for S2, for dx)
-        lone = len(terms) == 1 and not residuals
-        if spec.consumers:
-            a = _apply(be, spec, terms, f1s, residuals, ctx.out_dtype)
-            g_a = None
-            i = args.param_start
-            for consumer, p, g in zip(spec.consumers, args.params, grad_outs):
-                if g is None:
-                    param_grads += [None] * len(p)
+        f1s = env.f1s()
+        a_key, g_key, dy_key = (g.name, "ofmap"), (g.name, "grad"), (g.name, "dy")
+        if not g.per_consumer:
+            env.t[g_key] = grad_outs[0]
+        grads: list[Tensor | None] = [None] * ctx.n
+        dgrads: dict[int, Tensor] = {}
+        k_terms = len(spec.terms)
+        s1s: list[Tensor | None] = [None] * k_terms
+        s2cs: list[Tensor | None] = [None] * k_terms
+        for i, step in enumerate(sched.backward):
+            k = step.term
+            if step.kind == "recompute":
+                env.t[a_key] = env.apply(be, f1s, ctx.out_dtype)
+            elif step.kind == "consumer_backward":
+                c, sl = step.consumer, spec.params[step.consumer]
+                if grad_outs[c] is not None:
+                    g_c, pg = spec.consumers[c].backward(env.t[a_key], grad_outs[c], env.flat[sl], ctx.amp,
+                                                         (True, *needs[sl]))
+                    grads[sl] = list(pg)
+                    if env.t.get(g_key) is None:
+                        env.t[g_key] = g_c
+                    else:
+                        dgrads[c] = g_c
+            elif step.kind == "grad_add":
+                g_c = dgrads.pop(step.consumer, None)
+                if g_c is not None:
+                    env.t[g_key] = env.t[g_key] + g_c
+            elif step.kind == "grad_stats_x":
+                s1s[k], s2cs[k] = be.grad_stats_x(env.t[g_key], g.act_kind, env.sources(k), env.means()[k], f1s[k],
+                                                  env.betas()[k], ctx.out_dtype)
+            elif step.kind == "grad_stats":
+                env.t[dy_key], s1s, s2cs = be.grad_stats(env.t[g_key], env.t.get(a_key) if g.act else None,
+                                                         g.act_kind, env.all_sources(), env.means())
+            elif step.kind in ("input_grad", "input_grad_x") and any(needs[spec.terms[k].sources]):
+                ts = spec.terms[k]
+                b = bn_math.backward_coefficient(env.flat[ts.var], f1s[k], s2cs[k], ts.eps) if ts.batch else None
+                if step.kind == "input_grad_x":
+                    grads[ts.sources] = be.input_grad_x(env.t[g_key], g.act_kind, env.sources(k), env.means()[k],
+                                                        f1s[k], env.betas()[k], ctx.out_dtype, b, s1s[k])
                 else:
-                    g_i, pg = consumer.backward(a, g, p, ctx.amp, (True, *needs[i:i + len(p)]))
-                    g_a = g_i if g_a is None else g_a + g_i
-                    param_grads += list(pg)
-                i += len(p)
-        else:
-            (g_a,) = grad_outs
-            a = kept
-            if a is None and spec.act is not None and not lone:  # grad_stats' mask, recomputed from x
-                a = _apply(be, spec, terms, f1s, residuals, ctx.out_dtype)
-        if lone:
-            del a
-            t0 = terms[0]
-            s1, s2c = be.grad_stats_x(g_a, spec.act, t0.sources, t0.mean, f1s[0], t0.beta, ctx.out_dtype)
-            dy, s1s, s2cs = None, [s1], [s2c]
-        else:
-            dy, s1s, s2cs = be.grad_stats(g_a, a, spec.act, [t.sources for t in terms], [t.mean for t in terms])
-        grads: list[Tensor | None] = []
-        for k, (term, ts) in enumerate(zip(terms, spec.terms)):
-            i, n_src = term.start, ts.n_sources
-            need_x, need_g, need_b = any(needs[i:i + n_src]), needs[i + n_src + 2], needs[i + n_src + 3]
-            dxs: list[Tensor | None] = [None] * n_src
-            dgamma = dbeta = None
-            if need_x:
-                b = bn_math.backward_coefficient(term.var, f1s[k], s2cs[k], ts.eps) if ts.batch else None
-                if lone:
-                    dxs = be.input_grad_x(g_a, spec.act, term.sources, term.mean, f1s[k], term.beta, ctx.out_dtype,
-                                          b, s1s[k])
-                else:
-                    dxs = be.input_grad(dy, term.sources, term.mean, f1s[k], b, s1s[k])
-            if need_g or need_b:
-                m = term.sources[0].numel() // term.sources[0].shape[1]
-                dgamma, dbeta = bn_math.affine_grads(term.var, s1s[k], s2cs[k], m, ts.eps)
-                dgamma = dgamma.to(term.gamma.dtype) if need_g else None
-                dbeta = dbeta.to(term.beta.dtype) if need_b else None
-            grads += [*dxs, None, None, dgamma, dbeta]
-        for j in range(args.residual_start, args.param_start):
-            grads.append(dy.to(ctx.out_dtype) if needs[j] else None)
-        grads += param_grads
+                    grads[ts.sources] = be.input_grad(env.t[dy_key], env.sources(k), env.means()[k], f1s[k], b, s1s[k])
+            for key in _last_uses(g.name, sched.backward)[i]:
+                env.t.pop(key, None)
+        for k, ts in enumerate(spec.terms):
+            if needs[ts.gamma] or needs[ts.beta]:
+                x0 = env.flat[ts.sources][0]
+                dgamma, dbeta = bn_math.affine_grads(env.flat[ts.var], s1s[k], s2cs[k], x0.numel() // x0.shape[1], ts.eps)
+                grads[ts.gamma] = dgamma.to(env.flat[ts.gamma].dtype) if needs[ts.gamma] else None
+                grads[ts.beta] = dbeta.to(env.flat[ts.beta].dtype) if needs[ts.beta] else None
+        for j in range(spec.residuals.start, spec.residuals.stop):
+            grads[j] = env.t[dy_key].to(ctx.out_dtype) if needs[j] else None
         return (None, *grads)
 
 
 Term = tuple[tuple[Tensor, ...], Stats, nn.modules.batchnorm._BatchNorm]
 
 
-def bn_apply(terms: tuple[Term, ...], residuals: tuple[Tensor, ...], act: str | None,
+def bn_apply(group: GroupPlan, terms: tuple[Term, ...], residuals: tuple[Tensor, ...],
              consumer_layers: tuple[nn.Module | consumers.FunctionalSpec, ...] = (),
              backend: str = "reference") -> Tensor | tuple[Tensor, ...]:
     """Step 2 of restructured BN, fused with residual add, ReLU/ReLU6 and the consuming layers.
@@ -282,12 +361,16 @@ def bn_apply(terms: tuple[Term, ...], residuals: tuple[Tensor, ...], act: str | 
     with a second BN term for a projection shortcut, pattern (4)-2), and ``x_k`` is the
     concatenation of the term's source feature maps along channels (ICF; never stored).
 
+    The steps it runs, forward and backward, and what it keeps are the ``bnff`` schedule of
+    ``group`` (``bnff.plan.schemes.bnff``); nothing here decides them.
+
     Args:
+        group: the group's plan (``bnff.plan.GroupPlan``): its terms, shortcuts, activation and
+            consumers in the order of the arguments below, and its schedules.
         terms: ``(sources_k, (mean_k, var_k), bn_k)`` per BN: the feature maps (N, C_j, H, W) whose
             channel concatenation the BN normalizes, its statistics (C,) each, and the
             BatchNorm2d module that owns gamma, beta and eps.
         residuals: identity-shortcut tensors (N, C, H, W) added before the activation.
-        act: None, "relu" or "relu6".
         consumer_layers: the layers fed by ``a``: ``nn.Conv2d`` or pooling modules, or functional
             pools as ``(name, args, kwargs)`` (``bnff.ops.consumers.FUNCTIONAL``). ``a`` is then
             recomputed in the backward, never stored. Empty: return ``a`` itself.
@@ -295,17 +378,7 @@ def bn_apply(terms: tuple[Term, ...], residuals: tuple[Tensor, ...], act: str | 
     Returns:
         The tuple of consumer outputs, or the (N, C, H, W) activation ``a`` when there is none.
     """
-    flat: list[Tensor | None] = []
-    specs = []
-    for sources, (mean, var), bn in terms:
-        specs.append(_TermSpec(eps=bn.eps, batch=bn_math.uses_batch_stats(bn), n_sources=len(sources)))
-        flat += [*sources, mean, var, bn.weight, bn.bias]
-    flat += list(residuals)
     wrapped = tuple(consumers.make(c) for c in consumer_layers)
-    n_params = []
-    for w in wrapped:
-        p = w.params()
-        flat += list(p)
-        n_params.append(len(p))
-    spec = _Spec(tuple(specs), len(residuals), act, wrapped, tuple(n_params), backend)
-    return _ApplyConsume.apply(spec, *flat)
+    spec, flat = _spec(group, terms, residuals, wrapped, backend)
+    with record.scope(group.name, "fp"):
+        return _ApplyConsume.apply(spec, *flat)

@@ -1,7 +1,8 @@
 """``bnff.restructure``: rewrite a model's BatchNorm2d layers into BN fission-and-fusion form.
 
-Pipeline (data flows one way): model -> ``bnff.graph.trace`` (torch.fx) -> ``match`` (seed 002
-patterns) -> ``report.build`` -> ``rewrite`` (fused operators from ``bnff.ops``).
+Pipeline (data flows one way): model -> ``bnff.graph.trace`` (torch.fx) -> ``bnff.plan`` (seed 002
+patterns, each group's steps) -> ``report.build`` -> ``rewrite`` (fused operators from ``bnff.ops``
+that execute the plan).
 """
 
 from __future__ import annotations
@@ -14,11 +15,12 @@ from torch import nn
 
 from bnff.graph.trace import LeafSpec, trace
 from bnff.ops import backends
-from bnff.restructure.match import match
+from bnff.plan import FusionPlan, plan_graph
 from bnff.restructure.report import FusedGroup, FusionReport, UnfusedNode, build
-from bnff.restructure.rewrite import rewrite
+from bnff.restructure.rewrite import PLANS_ATTR, rewrite
 
 _REPORT_ATTR = "_bnff_report"
+_PLAN_ATTR = "_bnff_plan"
 
 
 def _adopt_module_tree(gm: fx.GraphModule, model: nn.Module) -> None:
@@ -56,16 +58,16 @@ class Restructured(fx.GraphModule):
 
 
 def _rewritten(model: nn.Module, training: bool, backend: str, leaf_modules: LeafSpec
-               ) -> tuple[fx.GraphModule, FusionReport]:
-    """Trace ``model`` in the given mode, match, report and rewrite."""
+               ) -> tuple[fx.GraphModule, FusionReport, FusionPlan]:
+    """Trace ``model`` in the given mode, plan, report and rewrite."""
     model.train(training)
     traced = trace(model, leaf_modules)
     gm = traced.gm
-    groups, unfused = match(gm)
+    plan, groups, unfused = plan_graph(gm)
     opaque = {name: traced.untraceable.get(name, "given in leaf_modules") for name in traced.leaves}
     report = build(groups, unfused, opaque, backend, dict(gm.named_modules()))
-    rewrite(gm, groups, backend)
-    return gm, report
+    rewrite(gm, plan, groups, backend)
+    return gm, report, plan
 
 
 def restructure(model: nn.Module, backend: str | None = None, leaf_modules: LeafSpec = ()) -> Restructured:
@@ -97,14 +99,19 @@ def restructure(model: nn.Module, backend: str | None = None, leaf_modules: Leaf
     backend = backends.resolve(backend)
     mode = model.training
     try:
-        train_gm, report = _rewritten(model, True, backend, leaf_modules)
-        eval_gm, _ = _rewritten(model, False, backend, leaf_modules)
+        train_gm, report, plan = _rewritten(model, True, backend, leaf_modules)
+        eval_gm, _, _ = _rewritten(model, False, backend, leaf_modules)
     finally:
         model.train(mode)
     gm = Restructured(train_gm, train_gm.graph, class_name=type(model).__name__)
     _adopt_module_tree(gm, model)
-    preserved = {_REPORT_ATTR: report}  # GraphModule's deepcopy keeps these attributes
+    # GraphModule's deepcopy keeps these attributes
+    preserved = {_REPORT_ATTR: report, _PLAN_ATTR: plan, PLANS_ATTR: getattr(train_gm, PLANS_ATTR)}
     if eval_gm.code != train_gm.code:
+        for node in eval_gm.graph.nodes:  # its own group plans: node names differ between the two traces
+            if node.op == "get_attr" and node.target == PLANS_ATTR:
+                node.target = PLANS_ATTR + "_eval"
+        preserved[PLANS_ATTR + "_eval"] = getattr(eval_gm, PLANS_ATTR)
         preserved["_bnff_graphs"] = {True: train_gm.graph, False: eval_gm.graph}
         report.mode_dependent = True
     gm.meta["_user_preserved_attributes"] = preserved
@@ -112,6 +119,18 @@ def restructure(model: nn.Module, backend: str | None = None, leaf_modules: Leaf
         setattr(gm, name, value)
     gm.train(mode)
     return gm
+
+
+def fusion_plan(model: nn.Module) -> FusionPlan:
+    """The ``FusionPlan`` (training mode) a module returned by ``restructure`` executes.
+
+    Raises:
+        ValueError: ``model`` was not produced by ``bnff.restructure``.
+    """
+    plan = getattr(model, _PLAN_ATTR, None)
+    if plan is None:
+        raise ValueError(f"{type(model).__name__} has no fusion plan: it was not returned by bnff.restructure()")
+    return plan
 
 
 def fusion_report(model: nn.Module) -> FusionReport:
@@ -137,4 +156,4 @@ class _CallablePackage(types.ModuleType):
 
 sys.modules[__name__].__class__ = _CallablePackage
 
-__all__ = ["Restructured", "restructure", "fusion_report", "FusionReport", "FusedGroup", "UnfusedNode"]
+__all__ = ["Restructured", "restructure", "fusion_plan", "fusion_report", "FusionReport", "FusedGroup", "UnfusedNode"]

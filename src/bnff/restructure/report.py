@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.table import Table
 from torch import nn
 
-from bnff.restructure.match import Group, Unfused
+from bnff.plan.match import Group, Unfused
 
 
 @dataclass(frozen=True)

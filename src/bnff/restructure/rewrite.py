@@ -6,13 +6,15 @@ One small graph pass. For each group:
     st_c = feature_statistics(c, (bn, ...))       # step 1, right after the producer, once per map
     ...
     st = bn_statistics((c, ...), (st_c, ...), bn)  # the BN's statistics: its maps' (ICF), running stats
-    out = bn_apply((((c, ...), st, bn), ...), residuals, act, (consumer, ...))   # step 2 (+add, act, consumers)
+    gp = self._bnff_groups["<group>"]              # the group's plan (bnff.plan.GroupPlan)
+    out = bn_apply(gp, (((c, ...), st, bn), ...), residuals, (consumer, ...))   # step 2 (+add, act, consumers)
     y_i = out[i]                                  # each consumer's output
 
 Modules are passed to the operators as ``get_attr`` nodes, so the rewritten module keeps the
 original BatchNorm2d and Conv2d objects (same parameters, buffers and ``state_dict`` keys) and the
 operators read their mode, momentum and eps at call time. Functional pool consumers travel as
-``(name, args, kwargs)``.
+``(name, args, kwargs)``. The group plans live in the module's ``_bnff_groups`` attribute (group
+name -> ``GroupPlan``), which the graph reads with ``get_attr``.
 """
 
 from __future__ import annotations
@@ -21,13 +23,18 @@ import operator
 
 import torch.fx as fx
 
-from bnff.ops import consumers, fused
-from bnff.restructure.match import Group
+from bnff.graph import consumers
+from bnff.ops import fused
+from bnff.plan import FusionPlan
+from bnff.plan.match import Group
+
+PLANS_ATTR = "_bnff_groups"
 
 
 class _Rewriter:
-    def __init__(self, gm: fx.GraphModule, groups: list[Group], backend: str) -> None:
-        self.graph, self.backend = gm.graph, backend
+    def __init__(self, gm: fx.GraphModule, plan: FusionPlan, groups: list[Group], backend: str) -> None:
+        self.graph, self.backend, self.plan = gm.graph, backend, plan
+        self.owner = plan.owner_of_stats()
         # A consumer is replaced by its group's output and is often the producer of a later
         # group's BN input or shortcut: later groups look those nodes up here.
         self.replaced_by: dict[fx.Node, fx.Node] = {}
@@ -52,7 +59,8 @@ class _Rewriter:
             producer = self.resolve(source)
             with self.graph.inserting_after(producer):
                 st = self.graph.call_function(fused.feature_statistics, (producer, (), self.backend))
-            st.args = (producer, tuple(self.attr(t, st) for t in self.bns_of_source[source]), self.backend)
+            st.args = (producer, tuple(self.attr(t, st) for t in self.bns_of_source[source]), self.backend,
+                       self.owner[source.name])
             self.stats[source] = st
         return self.stats[source]
 
@@ -75,7 +83,9 @@ class _Rewriter:
         residuals = tuple(self.resolve(r) for r in group.residuals)
         layers = tuple(self.consumer_arg(c, out) for c in group.consumers)
         with graph.inserting_before(out):
-            new = graph.call_function(fused.bn_apply, (tuple(terms), residuals, group.act_kind, layers, self.backend))
+            plans = graph.create_node("get_attr", PLANS_ATTR)  # a plain attribute: get_attr() would warn
+            gp = graph.call_function(operator.getitem, (plans, out.name))
+            new = graph.call_function(fused.bn_apply, (gp, tuple(terms), residuals, layers, self.backend))
         if not group.consumers:
             new.meta.update(out.meta)
             out.replace_all_uses_with(new)
@@ -91,9 +101,14 @@ class _Rewriter:
             graph.erase_node(node)
 
 
-def rewrite(gm: fx.GraphModule, groups: list[Group], backend: str) -> None:
-    """Replace every group in ``gm.graph`` by fused operators, in place, and recompile ``gm``."""
-    r = _Rewriter(gm, groups, backend)
+def rewrite(gm: fx.GraphModule, plan: FusionPlan, groups: list[Group], backend: str) -> None:
+    """Replace every group in ``gm.graph`` by fused operators executing ``plan``, in place; store the
+    group plans in ``gm._bnff_groups`` and recompile ``gm``.
+
+    ``groups`` are the fx groups ``plan`` was made from (``bnff.plan.plan_graph``), in the same order.
+    """
+    setattr(gm, PLANS_ATTR, {g.name: g for g in plan.groups})
+    r = _Rewriter(gm, plan, groups, backend)
     for group in groups:
         r.group(group)
     gm.graph.lint()

@@ -1,7 +1,7 @@
 """``bnff.traffic``: analytical off-chip traffic, footprint and FLOP model of CNN training.
 
 Data flows one way: model -> ``bnff.graph.layers`` (fx trace + meta-tensor shapes) ->
-``bnff.restructure.match`` (the fusion groups) -> ``account`` (traffic, FLOPs) and ``footprint``
+``bnff.plan`` (the fusion plan: each group's steps per scheme) -> ``account`` (traffic, FLOPs) and ``footprint``
 -> ``Analysis`` records. ``patterns`` reproduces seed 002 Tables 1-2; ``published`` holds the
 papers' figures for ``bnff traffic --reproduce``.
 """

@@ -1,35 +1,22 @@
 """Off-chip traffic and FLOPs of one training step (forward + backward), layer by layer, per scheme.
 
-Three schemes over the same layer graph (``bnff.graph.layers``) and the same pattern groups
-(``bnff.restructure.match``, the groups ``bnff.restructure`` builds):
+The schemes and what each fused group does under them are the fusion plan's (``bnff.plan``:
+``unfused``, ``bnff``, ``fused``); this module only prices them. A group's cost is the sum of its
+schedule's steps: every feature map a step reads or writes costs its elements times
+``element_bytes``, charged to the layer the plan names (``Ref.charge``); per-channel vectors are
+not counted; a step's FLOPs are per-element counts (``Assumptions``) times the elements they run
+over. A tensor read by the step just before, in the same phase, is not read again when it fits in
+``onchip_bytes`` (the unfused BN's second sweep, seed 002 section 1.2.1).
 
-``unfused``
-    Every layer reads its inputs from and writes its output to off-chip memory (seed 002 section
-    1.2): BN reads its input twice and writes once (forward 3 units, backward 5: dy and x twice,
-    dx once), ReLU 2 / 3, Add 3 in the forward; a tensor whose gradient arrives from g users is
-    summed g-1 times in the backward (read 2, write 1 each; seed 002's "error Add", 3 units).
-``fused``
-    Seed 002 section 2.3: convolutions apply the pre-processing (BN apply, add, ReLU) to their
-    ifmap as they read it and the post-processing (BN statistics, the activation mask, S1 and
-    S2) to their ofmap / oerr as they write it, on chip. What remains off-chip is what section
-    2.3 lists: a consumer reading the BN inputs and shortcuts instead of its ifmap (all but one
-    of them are extra), a materialized result (a block output with two users) written once and
-    kept for the consumer's wgrad, the backward post-process reading x for S2 and the other
-    users' gradients, and each producer's pre-process reading x once to form dx (eq. 12).
-``bnff``
-    The same fission and fusion executed as bnff executes it on a CPU: convolutions are library
-    calls that take no pre- or post-processing, so every memory-bound step is a sweep of its own
-    at memory bandwidth (the sweeps of ``bnff.ops``):
-    forward, one statistics sweep per feature map (MVF; ICF: once per map however many BNs
-    normalize it) and one apply sweep writing the result the consumers read;
-    backward, after the consumers' dgrads, one sweep recomputing the result for the consumers'
-    wgrads while reducing S1 and S2 (writing dy when a shortcut needs it or several gradients
-    meet), then one sweep forming dx per BN.
+Layers outside fused groups cost what they cost executed on their own: convolutions, linear layers
+and pools their ifmap, ofmap, weights and dgrad/wgrad operands (``count_layer_io``), a BN,
+activation or add the plan's ``eager_steps``, a concatenation its copy, any other layer one
+pointwise pass. A tensor whose gradient arrives from g users is summed g-1 times in the backward
+(autograd: read 2, write 1 each; the ``fused`` scheme's producer pre-process reads each extra one
+once); a result applied inside its consumers is summed inside its group (the plan's ``grad_add``).
 
-Per-layer records separate FP reads and writes, BP traffic of dgrad, wgrad and the pointwise
-parts (BN, activation, add, concatenation, gradient accumulation). A fused group's traffic is
-charged to its members: reads of a BN's input and its statistics and dx work to that BN, shortcut
-reads to the add, the result's writes, gradients and mask to the group's last layer.
+Per-layer records separate FP reads and writes, BP traffic of dgrad, wgrad and the pointwise parts
+(BN, activation, add, concatenation, gradient accumulation).
 """
 
 from __future__ import annotations
@@ -40,12 +27,11 @@ import torch.fx as fx
 
 from bnff.graph.kinds import Kind
 from bnff.graph.layers import Layer, LayerGraph
-from bnff.restructure.match import Group
+from bnff.plan import FusionPlan, Schedule, eager_steps
+from bnff.plan.schemes import SCHEMES
 from bnff.traffic.assumptions import Assumptions
 
-SCHEMES = ("unfused", "bnff", "fused")
 MEMORY_INTENSIVE = (Kind.BN, Kind.ACT, Kind.ADD)
-_HOSTS = (Kind.CONV, Kind.MAXPOOL, Kind.AVGPOOL, Kind.LINEAR)
 
 
 @dataclass
@@ -116,16 +102,8 @@ def _layer_io(led: _Ledger, layer: Layer) -> None:
                 add(layer, bp_dgrad=out + x)
                 add(layer, wb, bp_dgrad=w)
         add(layer, flops_fp=flops, flops_wgrad=flops, flops_dgrad=flops if dgrad else 0)
-    elif k == Kind.BN:  # seed 002 1.2.1: a second sweep unless the mini-batch stays on chip
-        passes = 1 if x * a.element_bytes <= a.onchip_bytes else 2
-        add(layer, fp_read=passes * x, fp_write=x, bp_pointwise=passes * 2 * x + x,
-            flops_fp=(a.bn_stats_flops + a.bn_apply_flops) * x, flops_wgrad=a.bn_grad_stats_flops * x,
-            flops_dgrad=a.bn_dx_flops * x)
-    elif k == Kind.ACT:
-        add(layer, fp_read=x, fp_write=out, bp_pointwise=3 * x, flops_fp=a.pointwise_flops * x,
-            flops_dgrad=a.pointwise_flops * x)
-    elif k == Kind.ADD:  # its backward hands dz to both addends unchanged; the sum is at the fork
-        add(layer, fp_read=2 * out, fp_write=out, flops_fp=a.pointwise_flops * out)
+    elif k in MEMORY_INTENSIVE:
+        _charge(led, eager_steps(layer.node.name, k.value, tuple(i.name for i in layer.inputs)))
     elif k in (Kind.MAXPOOL, Kind.AVGPOOL):
         if a.count_layer_io:
             add(layer, fp_read=x, fp_write=out, bp_pointwise=out + x)
@@ -157,153 +135,84 @@ def _accumulate(led: _Ledger, layer: Layer, scheme: str) -> None:
     led.charge(layer, "flops_dgrad", extra * n * led.a.pointwise_flops)
 
 
-@dataclass
-class _G:
-    """One group's sizes (elements) and the layers its costs are charged to."""
-
-    terms: list[tuple[Layer, list[fx.Node], int]]  # (BN layer, source maps, elements of their concat)
-    residuals: list[tuple[Layer, int]]  # (layer charged, elements)
-    out: Layer  # the group's last layer
-    a: int  # elements of the result
-    consumers: int  # per-consumer application: number of consumers; 0 when materialized
-    users: int  # gradients arriving at a materialized result
-    host: bool  # a materialized result's user can take the pre-processing (fused scheme)
-    act: bool
-
-    @property
-    def x(self) -> int:
-        return sum(n for _, _, n in self.terms)
-
-    @property
-    def r(self) -> int:
-        return sum(n for _, n in self.residuals)
-
-    def inputs(self) -> list[tuple[Layer, int]]:
-        """(layer charged, elements) for every tensor the result is computed from, BN inputs first."""
-        return [(bn, n) for bn, _, n in self.terms] + self.residuals
+_FLOP_FIELD = {"bn_grad_stats": "flops_wgrad"}  # S1, S2 give dgamma, dbeta; the rest of a backward is dgrad
 
 
-def _group_sizes(lg: LayerGraph, g: Group) -> _G:
-    terms = [(lg.by_node[t.bn], t.sources, sum(lg.numel(s) for s in t.sources)) for t in g.terms]
-    out = lg.by_node[g.output]
-    res_layer = lg.by_node[g.add] if g.add is not None else out
-    users = [u for u in g.output.users if u in lg.by_node or u.op == "output"]
-    return _G(terms=terms, residuals=[(res_layer, lg.numel(r)) for r in g.residuals], out=out,
-              a=out.out_numel, consumers=len(g.consumers), users=len(users),
-              host=any(lg.by_node[u].kind in _HOSTS for u in users if u in lg.by_node),
-              act=g.act is not None)
+def _charge(led: _Ledger, sched: Schedule) -> None:
+    """Add the bytes and FLOPs of ``sched``'s steps to the layers the plan charges them to."""
+    for phase in (sched.forward, sched.backward):
+        _charge_steps(led, phase)
 
 
-def _apply_flops(led: _Ledger, g: _G, field_: str, times: int) -> None:
-    a = led.a
-    for bn, _, n in g.terms:
-        led.charge(bn, field_, times * a.bn_apply_flops * n)
-    for layer, n in g.residuals:
-        led.charge(layer, field_, times * a.pointwise_flops * n)
-    if g.act:
-        led.charge(g.out, field_, times * a.pointwise_flops * g.a)
+def _charge_steps(led: _Ledger, steps: tuple) -> None:
+    lg, a = led.lg, led.a
+    previous: tuple = ()
+    for step in steps:
+        fp = step.phase == "fp"
+        for ref in step.reads:
+            if ref.vector:
+                continue
+            n = lg.numel(lg.node(ref.node))
+            if ref in previous and n * a.element_bytes <= a.onchip_bytes:
+                continue  # still on chip from the step before
+            led.charge(lg.layer(ref.charge), "fp_read" if fp else "bp_pointwise", n)
+        for ref in step.writes:
+            if not ref.vector:
+                led.charge(lg.layer(ref.charge), "fp_write" if fp else "bp_pointwise", lg.numel(lg.node(ref.node)))
+        for f in step.flops:
+            per = getattr(a, f"{f.kind}_flops")
+            led.charge(lg.layer(f.over.charge), "flops_fp" if fp else _FLOP_FIELD.get(f.kind, "flops_dgrad"),
+                       per * lg.numel(lg.node(f.over.node)))
+        previous = step.reads if step.kind not in ("consume", "consumer_backward") else ()
 
 
-def _read_inputs(led: _Ledger, g: _G, field_: str, skip_first: bool) -> None:
-    for i, (layer, n) in enumerate(g.inputs()):
-        if not (skip_first and i == 0):
-            led.charge(layer, field_, n)
+@dataclass(frozen=True)
+class GroupCost:
+    """One fused group's own share of a training step under one scheme (its schedule's steps).
+
+    Attributes:
+        fp_bytes, bp_bytes: feature-map bytes its forward / backward steps read and write off chip.
+        kept_bytes: bytes its forward keeps for the backward (feature maps and (C,) vectors, each
+            counted here even when another group keeps the same map too).
+        flops: its steps' floating-point operations.
+    """
+
+    fp_bytes: int
+    bp_bytes: int
+    kept_bytes: int
+    flops: int
 
 
-@dataclass
-class _Seen:
-    """Feature maps already swept across groups (ICF: a map shared by several BNs is swept once)."""
+def group_costs(lg: LayerGraph, plan: FusionPlan, scheme: str, a: Assumptions) -> dict[str, GroupCost]:
+    """Group name -> ``GroupCost`` of every fused group of ``plan`` under ``scheme`` (what ``account``
+    charges to the groups' layers, per group).
 
-    stats: set[fx.Node]
-    dx: set[fx.Node]
-
-
-def _stats_once(led: _Ledger, g: _G, seen: _Seen, read: bool) -> None:
-    """Forward statistics (MVF) of each feature map not yet swept: FLOPs, and the read if ``read``."""
-    for bn, srcs, _ in g.terms:
-        for s in srcs:
-            if s not in seen.stats:
-                seen.stats.add(s)
-                n = led.lg.numel(s)
-                led.charge(bn, "flops_fp", led.a.bn_stats_flops * n)
-                if read:
-                    led.charge(bn, "fp_read", n)
-
-
-def _group_fused(led: _Ledger, g: _G, seen: _Seen) -> None:
-    """Seed 002 section 2.3 (module docstring); pattern (3): 0 forward, 1 backward."""
-    a, ch = led.a, led.charge
-    per_consumer = g.consumers > 0
-    # forward: the consumer reads the inputs instead of its ifmap; a materialized result is written
-    for _ in range(g.consumers if per_consumer else 1):
-        _read_inputs(led, g, "fp_read", skip_first=per_consumer or g.host)
-    if not per_consumer:
-        ch(g.out, "fp_write", g.a)
-    _stats_once(led, g, seen, read=False)  # a post-process of the producers, on chip
-    _apply_flops(led, g, "flops_fp", max(1, g.consumers))
-    # backward post-process of the consumer(s): dy with the mask, S1 and S2
-    if per_consumer:
-        for _ in range(g.consumers):  # each wgrad reads the inputs instead of the result
-            _read_inputs(led, g, "bp_pointwise", skip_first=True)
-        ch(g.out, "bp_pointwise", (g.consumers - 1) * g.a)  # the consumers' dL/da summed
-        _apply_flops(led, g, "flops_dgrad", g.consumers)
-    else:
-        for bn, _, n in g.terms:  # S2 needs x; the wgrad reads the kept result
-            ch(bn, "bp_pointwise", n)
-        ch(g.out, "bp_pointwise", (g.users - 1) * g.a)  # the other users' gradients (Scut_oerr)
-        if not g.host:  # no convolution to host it: a sweep of its own
-            ch(g.out, "bp_pointwise", g.a * (2 + g.act))
-    if g.act:
-        ch(g.out, "flops_dgrad", a.pointwise_flops * g.a)
-    # the producers' pre-process forms dx = F1*dy + B*x + C, reading each feature map once
-    for bn, srcs, n in g.terms:
-        led.add(bn, flops_wgrad=a.bn_grad_stats_flops * n, flops_dgrad=a.bn_dx_flops * n)
-        for s in srcs:
-            if s not in seen.dx:
-                seen.dx.add(s)
-                ch(bn, "bp_pointwise", led.lg.numel(s))
+    Raises:
+        ValueError: unknown scheme.
+    """
+    if scheme not in SCHEMES:
+        raise ValueError(f"unknown scheme {scheme!r}; choose one of {', '.join(SCHEMES)}")
+    out = {}
+    for g in plan.groups:
+        led = _Ledger(lg, a)
+        sched = g.schedules[scheme]
+        _charge(led, sched)
+        cs = led.costs.values()
+        kept = sum(lg.layer(r.node).out_shape[1] * a.vector_bytes if r.vector else lg.numel(lg.node(r.node)) * a.element_bytes
+                   for r in sched.keeps)
+        out[g.name] = GroupCost(fp_bytes=sum(c.fp_read + c.fp_write for c in cs),
+                                bp_bytes=sum(c.bp_dgrad + c.bp_wgrad + c.bp_pointwise for c in cs),
+                                kept_bytes=kept, flops=sum(c.flops_fp + c.flops_dgrad + c.flops_wgrad for c in cs))
+    return out
 
 
-def _group_bnff(led: _Ledger, g: _G, seen: _Seen) -> None:
-    """bnff's own sweeps beside library convolutions (module docstring); pattern (3): 3 / 6."""
-    a, ch = led.a, led.charge
-    per_consumer = g.consumers > 0
-    # forward: statistics once per feature map, one apply sweep writing the result
-    _stats_once(led, g, seen, read=True)
-    _read_inputs(led, g, "fp_read", skip_first=False)
-    ch(g.out, "fp_write", g.a)
-    _apply_flops(led, g, "flops_fp", 1)
-    # backward sweep 1: recompute the result for the consumers' wgrads, reduce S1 and S2
-    grads = g.consumers if per_consumer else g.users
-    mask_kept = not per_consumer and g.act and bool(g.residuals)  # the kept result gives the mask
-    write_dy = bool(g.residuals) or grads > 1 or (not per_consumer and g.act)
-    if per_consumer:
-        _read_inputs(led, g, "bp_pointwise", skip_first=False)
-        ch(g.out, "bp_pointwise", g.a)
-        _apply_flops(led, g, "flops_dgrad", 1)
-    elif g.terms:
-        for bn, _, n in g.terms:
-            ch(bn, "bp_pointwise", n)
-    if g.terms or write_dy:
-        ch(g.out, "bp_pointwise", grads * g.a + (g.a if mask_kept else 0) + (g.a if write_dy else 0))
-    if g.act:
-        ch(g.out, "flops_dgrad", a.pointwise_flops * g.a)
-    # backward sweep 2: dx per BN, from dy (or from the gradient and the mask again)
-    if g.terms:
-        mask_again = g.r if per_consumer and g.act and g.residuals else 0
-        ch(g.out, "bp_pointwise", g.a if write_dy else grads * g.a + mask_again)
-        for bn, _, n in g.terms:
-            led.add(bn, bp_pointwise=2 * n,  # read x, write dx
-                    flops_wgrad=a.bn_grad_stats_flops * n, flops_dgrad=a.bn_dx_flops * n)
-
-
-def account(lg: LayerGraph, groups: list[Group], scheme: str, a: Assumptions) -> dict[str, Cost]:
+def account(lg: LayerGraph, plan: FusionPlan, scheme: str, a: Assumptions) -> dict[str, Cost]:
     """Per-layer traffic and FLOPs of one training step of ``lg`` under ``scheme``.
 
     Args:
         lg: the layer graph.
-        groups: the fusion groups of ``lg.gm`` (``bnff.restructure.match``); ignored for ``unfused``.
-        scheme: "unfused", "bnff" or "fused" (module docstring).
+        plan: the fusion plan of ``lg.gm`` (``bnff.plan.plan_graph``).
+        scheme: "unfused", "bnff" or "fused" (``bnff.plan.schemes``).
         a: the assumptions.
     Returns:
         Layer name -> ``Cost``, for every layer of ``lg`` (zero for layers a scheme removes, such as
@@ -314,22 +223,17 @@ def account(lg: LayerGraph, groups: list[Group], scheme: str, a: Assumptions) ->
     if scheme not in SCHEMES:
         raise ValueError(f"unknown scheme {scheme!r}; choose one of {', '.join(SCHEMES)}")
     led = _Ledger(lg, a)
-    members: set[fx.Node] = set()
-    outputs: set[fx.Node] = set()
-    if scheme != "unfused":
-        for g in groups:
-            members.update(g.members())
-            outputs.add(g.output)
+    groups = plan.groups if scheme != "unfused" else []
+    members = {m for g in groups for m in g.members}
+    summed_inside = {g.name for g in groups if g.per_consumer}  # its consumers' gradients: grad_add steps
     for layer in lg.layers:
-        if layer.node not in members:
+        if layer.node.name not in members:
             _layer_io(led, layer)
-        if layer.node not in outputs:
+        if layer.node.name not in summed_inside:
             _accumulate(led, layer, scheme)
-    seen = _Seen(set(), set())
-    for g in groups if scheme != "unfused" else ():
-        sizes = _group_sizes(lg, g)
-        (_group_fused if scheme == "fused" else _group_bnff)(led, sizes, seen)
+    for g in groups:
+        _charge(led, g.schedules[scheme])
     return led.costs
 
 
-__all__ = ["Cost", "SCHEMES", "MEMORY_INTENSIVE", "account", "gradient_users"]
+__all__ = ["Cost", "GroupCost", "SCHEMES", "MEMORY_INTENSIVE", "account", "group_costs", "gradient_users"]

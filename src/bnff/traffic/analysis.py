@@ -9,7 +9,7 @@ from torch import nn
 
 from bnff.graph.layers import LayerGraph, build
 from bnff.graph.trace import LeafSpec
-from bnff.restructure.match import Group, match
+from bnff.plan import FusionPlan, plan_graph
 from bnff.traffic.account import MEMORY_INTENSIVE, SCHEMES, account
 from bnff.traffic.assumptions import Assumptions
 from bnff.traffic.footprint import footprint
@@ -104,13 +104,13 @@ class Analysis:
         return {k: self.total(k, kinds) for k in ("fp_bytes", "bp_bytes", "total_bytes", "footprint_bytes")}
 
 
-def _records(lg: LayerGraph, groups: list[Group], scheme: str, a: Assumptions) -> list[LayerRecord]:
-    costs = account(lg, groups, scheme, a)
-    kept = footprint(lg, groups, scheme, a)
+def _records(lg: LayerGraph, plan: FusionPlan, scheme: str, a: Assumptions) -> list[LayerRecord]:
+    costs = account(lg, plan, scheme, a)
+    kept = footprint(lg, plan, scheme, a)
     label: dict[str, str] = {}
-    for g in groups if scheme != "unfused" else ():
+    for g in plan.groups if scheme != "unfused" else ():
         for n in [t.bn for t in g.terms] + [n for n in (g.add, g.act) if n is not None]:
-            label[lg.by_node[n].name] = g.pattern
+            label[lg.layer(n).name] = g.pattern
     out = []
     for layer in lg.layers:
         c = costs[layer.name]
@@ -127,8 +127,8 @@ def _prepare(model: nn.Module | LayerGraph, input_shape, dtype, assumptions, lea
     if dtype is not None:
         a = a.with_dtype(dtype)
     lg = model if isinstance(model, LayerGraph) else build(model, input_shape, leaf_modules)
-    groups, _ = match(lg.gm)
-    return lg, groups, a
+    plan, _, _ = plan_graph(lg.gm)
+    return lg, plan, a
 
 
 def analyze(model: nn.Module | LayerGraph, input_shape: tuple[int, ...] = (), dtype: torch.dtype | None = torch.float32,
@@ -137,8 +137,8 @@ def analyze(model: nn.Module | LayerGraph, input_shape: tuple[int, ...] = (), dt
     """Model one training step of ``model`` on a mini-batch of ``input_shape``, layer by layer.
 
     Shapes come from meta tensors: nothing is computed or allocated, so ResNet-50 at batch 256
-    takes about a second. The fusion groups are those ``bnff.restructure`` builds
-    (``bnff.restructure.match``), so ``bnff`` describes exactly the restructured model.
+    takes about a second. The fusion plan is the one ``bnff.restructure`` executes
+    (``bnff.plan.plan_graph`` on the same trace), so ``bnff`` describes the restructured model.
 
     Args:
         model: an ``nn.Module`` (copied to the meta device; untouched) or a ``LayerGraph`` from
@@ -146,7 +146,7 @@ def analyze(model: nn.Module | LayerGraph, input_shape: tuple[int, ...] = (), dt
         input_shape: the input mini-batch, (N, C, H, W).
         dtype: element type of activations and gradients (sets ``assumptions.element_bytes``);
             None keeps ``assumptions.element_bytes``.
-        scheme: "unfused", "bnff" or "fused" (``bnff.traffic.account``).
+        scheme: "unfused", "bnff" or "fused" (``bnff.plan.schemes``).
         assumptions: the ``Assumptions`` (default: ``Assumptions()``).
         leaf_modules: modules not to trace into.
     Returns:
@@ -157,15 +157,15 @@ def analyze(model: nn.Module | LayerGraph, input_shape: tuple[int, ...] = (), dt
     """
     if scheme not in SCHEMES:
         raise ValueError(f"unknown scheme {scheme!r}; choose one of {', '.join(SCHEMES)}")
-    lg, groups, a = _prepare(model, input_shape, dtype, assumptions, leaf_modules)
-    return Analysis(scheme, lg.input_shape, a, _records(lg, groups, scheme, a))
+    lg, plan, a = _prepare(model, input_shape, dtype, assumptions, leaf_modules)
+    return Analysis(scheme, lg.input_shape, a, _records(lg, plan, scheme, a))
 
 
 def compare(model: nn.Module | LayerGraph, input_shape: tuple[int, ...] = (), dtype: torch.dtype | None = torch.float32,
             assumptions: Assumptions | None = None, leaf_modules: LeafSpec = ()) -> dict[str, Analysis]:
     """``analyze`` under every scheme, tracing the model once: scheme name -> ``Analysis``."""
-    lg, groups, a = _prepare(model, input_shape, dtype, assumptions, leaf_modules)
-    return {s: Analysis(s, lg.input_shape, a, _records(lg, groups, s, a)) for s in SCHEMES}
+    lg, plan, a = _prepare(model, input_shape, dtype, assumptions, leaf_modules)
+    return {s: Analysis(s, lg.input_shape, a, _records(lg, plan, s, a)) for s in SCHEMES}
 
 
 __all__ = ["Analysis", "LayerRecord", "analyze", "compare"]

@@ -21,7 +21,8 @@ Two policies (``Assumptions.footprint``):
     materialized group result (the result applied inside its consumers is never written).
 
 Bytes are charged to the layer that produced the storage (the first layer keeping it, for the
-network input).
+network input). A fused group keeps what its plan's schedule keeps (``bnff.plan``); this module
+only prices it.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import torch.fx as fx
 
 from bnff.graph.kinds import Kind
 from bnff.graph.layers import Layer, LayerGraph
-from bnff.restructure.match import Group
+from bnff.plan import FusionPlan
 from bnff.traffic.assumptions import Assumptions
 
 
@@ -82,26 +83,23 @@ def _eager(kept: _Kept, layer: Layer) -> None:
             kept.tensor(i, layer)
 
 
-def footprint(lg: LayerGraph, groups: list[Group], scheme: str, a: Assumptions) -> dict[str, int]:
+def footprint(lg: LayerGraph, plan: FusionPlan, scheme: str, a: Assumptions) -> dict[str, int]:
     """Bytes kept from the forward for the backward, per layer name (module docstring).
 
     Args:
         lg: the layer graph.
-        groups: fusion groups (``bnff.restructure.match``); ignored for ``unfused``.
-        scheme: "unfused", "bnff" or "fused" (both fused schemes keep the same tensors).
+        plan: the fusion plan of ``lg.gm`` (``bnff.plan.plan_graph``); ignored for ``unfused``.
+        scheme: "unfused", "bnff" or "fused".
         a: the assumptions; ``a.footprint`` picks the policy.
     Returns:
         Layer name -> bytes.
     """
     kept = _Kept(lg, a)
-    fused = scheme != "unfused"
-    members: set[fx.Node] = set()
-    fed: set[fx.Node] = set()  # consumers whose input a fused group recomputes
-    for g in groups if fused else ():
-        members.update(g.members())
-        fed.update(g.consumers)
+    groups = plan.groups if scheme != "unfused" else []
+    members = {lg.node(m) for g in groups for m in g.members}
+    fed = {lg.node(c) for g in groups for c in g.consumers}  # consumers whose input a group recomputes
     if a.footprint == "all_outputs":
-        materialized = {g.output for g in groups if fused and not g.consumers}
+        materialized = {lg.node(g.name) for g in groups if not g.per_consumer}
         for layer in lg.layers:
             if not layer.view and (layer.node not in members or layer.node in materialized):
                 kept.items[layer.node] = (layer.name, layer.out_numel * a.element_bytes)
@@ -109,18 +107,13 @@ def footprint(lg: LayerGraph, groups: list[Group], scheme: str, a: Assumptions) 
     for layer in lg.layers:
         if layer.node not in members and layer.node not in fed:
             _eager(kept, layer)
-    for g in groups if fused else ():
-        out = lg.by_node[g.output]
-        for t in g.terms:
-            bn = lg.by_node[t.bn]
-            for s in t.sources:
-                kept.tensor(s, bn)
-            kept.extra(bn, "vectors", 2 * bn.out_shape[1] * a.vector_bytes)
-        if g.consumers:
-            for r in g.residuals:
-                kept.tensor(r, out)
-        elif g.act is not None and g.residuals:
-            kept.tensor(g.output, out)
+    for g in groups:
+        for ref in g.schedules[scheme].keeps:
+            saver = lg.layer(ref.charge)
+            if ref.vector:
+                kept.extra(saver, f"{ref.role} {ref.node}", lg.layer(ref.node).out_shape[1] * a.vector_bytes)
+            else:
+                kept.tensor(lg.node(ref.node), saver)
     return kept.per_layer()
 
 

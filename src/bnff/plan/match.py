@@ -17,7 +17,7 @@ then has several *sources*, each feature map's statistics are computed once by t
 produced it and shared by every BN that normalizes it (inter-composite-layer fusion, ICF; seeds
 001/004). A source is a layer output: a convolution, a pool, or an earlier group's result.
 
-The result goes to its users as pre-processing when every user accepts it (``bnff.ops.consumers``)
+The result goes to its users as pre-processing when every user accepts it (``bnff.graph.consumers``)
 and applying it once per user moves fewer bytes than writing it once (``per_consumer_pays``);
 otherwise it is materialized (e.g. a block output feeding a convolution and a shortcut add, or a
 branch output feeding a concatenation). Every BN, ReLU and Add that joins no group is returned
@@ -32,7 +32,7 @@ import torch.fx as fx
 from torch import nn
 
 from bnff.graph.kinds import Kind, NodeInfo, cat_dim, classify
-from bnff.ops import consumers
+from bnff.graph import consumers
 
 _SOURCE_KINDS = (Kind.CONV, Kind.MAXPOOL, Kind.AVGPOOL)
 

@@ -1,0 +1,61 @@
+"""Which layers can take a BN apply step as their pre-processing (seed 002 section 2.3).
+
+The table that pattern matching (``bnff.plan.match``) consults and that the execution wrappers
+(``bnff.ops.consumers``) implement. A consumer must be able to run its backward on an input that
+is recomputed instead of stored: a ``Conv2d`` with zero padding expressible as explicit symmetric
+padding (its dgrad/wgrad then run on the recomputed input), or a parameter-free pool (re-run under
+autograd). Functional pools travel through graphs by name (``FUNCTIONAL``), since fx graphs cannot
+hold function objects as arguments.
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import nn
+
+RECOMPUTED_MODULES = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
+
+FUNCTIONAL = {
+    "max_pool2d": F.max_pool2d,
+    "avg_pool2d": F.avg_pool2d,
+    "adaptive_avg_pool2d": F.adaptive_avg_pool2d,
+    "adaptive_max_pool2d": F.adaptive_max_pool2d,
+}
+"""Functional pools a fused operator can feed, by the name used in the rewritten graph."""
+
+
+def conv_padding(conv: nn.Conv2d) -> tuple[int, int] | None:
+    """Explicit symmetric padding (rows, columns) of ``conv``, or None when ``padding='same'`` needs
+    an asymmetric one (an even total padding is split evenly; an odd one cannot be)."""
+    if isinstance(conv.padding, str):
+        if conv.padding == "valid":
+            return (0, 0)
+        total = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size)]
+        if any(t % 2 for t in total):
+            return None
+        return (total[0] // 2, total[1] // 2)
+    return tuple(conv.padding)
+
+
+def functional_name(fn: object, kwargs: dict) -> str | None:
+    """The ``FUNCTIONAL`` name of ``fn`` when called with ``kwargs``, or None if it is not a consumer
+    (a pool returning its indices is not: they would be an extra output)."""
+    if kwargs.get("return_indices"):
+        return None
+    return next((name for name, f in FUNCTIONAL.items() if f is fn), None)
+
+
+def unsupported_reason(module: nn.Module) -> str | None:
+    """Why ``module`` cannot take a BN apply step as pre-processing, or None if it can."""
+    if isinstance(module, nn.Conv2d):
+        if module.padding_mode != "zeros":
+            return f"consumer convolution uses padding_mode={module.padding_mode!r}"
+        if conv_padding(module) is None:
+            return "consumer convolution uses asymmetric padding='same'"
+        return None
+    if isinstance(module, RECOMPUTED_MODULES):
+        return None
+    return f"consumer {type(module).__name__} takes no pre-processing"
+
+
+__all__ = ["FUNCTIONAL", "RECOMPUTED_MODULES", "conv_padding", "functional_name", "unsupported_reason"]

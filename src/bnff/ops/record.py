@@ -1,0 +1,94 @@
+"""A debug mode that records the bytes bnff's fused operators really move, group by group.
+
+Independent of the fusion plan: a ``TorchDispatchMode`` sees every operator the fused operators
+dispatch (the ``bnff::*`` kernels of the ``cpu`` backend, and any ATen op such as a gradient sum or
+a layout conversion) with its actual input and output tensors, and ``saved_tensors_hooks`` see
+what autograd keeps. The fused operators name the group they run for (``scope``), so the bytes
+can be compared, group by group, with the plan's ``bnff`` schedule (``tests/test_plan_bytes.py``).
+
+Counted: feature maps (tensors of 4 or more dimensions); per-channel vectors are not. An operator
+reads each distinct input feature map once and writes each output once (an in-place operator's
+output is its input, written). Views move nothing. Convolutions and pools are the consumers' own
+layers (their traffic is theirs in the plan too) and are left out.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import Counter
+from collections.abc import Iterator
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+_active: list["Recorder"] = []
+_scope: list[tuple[str, str]] = []
+
+_CONSUMER_OPS = ("convolution", "pool")
+
+
+def _maps(x: object) -> list[torch.Tensor]:
+    return [t for t in tree_leaves(x) if isinstance(t, torch.Tensor) and t.dim() >= 4]
+
+
+class Recorder(TorchDispatchMode):
+    """``with Recorder() as rec:`` run a training step; then ``rec.moved[(group, phase)]`` is the
+    bytes read plus written by the group's operators in that phase ("fp", "bp"), ``rec.kept[group]``
+    the bytes of feature maps its forward saved for the backward, ``rec.ops[(group, phase)]`` the
+    operators by name."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.moved: Counter = Counter()
+        self.kept: Counter = Counter()
+        self.ops: dict[tuple[str, str], Counter] = {}
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+
+    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+        if _scope and _scope[-1][1] == "fp" and t.dim() >= 4:
+            self.kept[_scope[-1][0]] += t.numel() * t.element_size()
+        return t
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func.name()
+        if _scope and not func.is_view and not any(k in name for k in _CONSUMER_OPS) and "empty" not in name:
+            ins = list({id(t): t for t in _maps((args, kwargs))}.values())
+            outs = [t for t in _maps(out) if not any(t is i for i in ins)]
+            inplace = [t for t in _maps(out) if any(t is i for i in ins)]
+            key = _scope[-1]
+            self.moved[key] += sum(t.numel() * t.element_size() for t in ins + outs + inplace)
+            self.ops.setdefault(key, Counter())[name] += 1
+        return out
+
+    def __enter__(self) -> "Recorder":
+        _active.append(self)
+        self._hooks.__enter__()
+        return super().__enter__()
+
+    def __exit__(self, *exc) -> None:
+        super().__exit__(*exc)
+        self._hooks.__exit__(*exc)
+        _active.remove(self)
+
+
+@contextlib.contextmanager
+def scope(group: str, phase: str) -> Iterator[None]:
+    """Attribute what runs inside to ``group`` in ``phase`` while a ``Recorder`` is active (free otherwise)."""
+    if not _active:
+        yield
+        return
+    _scope.append((group, phase))
+    try:
+        yield
+    finally:
+        _scope.pop()
+
+
+def recording() -> bool:
+    """Whether a ``Recorder`` is active."""
+    return bool(_active)
+
+
+__all__ = ["Recorder", "recording", "scope"]

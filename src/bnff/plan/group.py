@@ -1,0 +1,111 @@
+"""A fused group as plain data: what it is made of, named by fx node (no shapes, no modules)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from bnff.plan.steps import Ref, Schedule
+
+
+@dataclass(frozen=True)
+class TermPlan:
+    """One BN of a group.
+
+    Attributes:
+        bn: the BN node.
+        sources: the feature maps it normalizes (their channel concatenation; one map without one).
+        cat: the ``torch.cat`` node joining them, or None.
+    """
+
+    bn: str
+    sources: tuple[str, ...]
+    cat: str | None = None
+
+
+@dataclass(frozen=True)
+class GroupPlan:
+    """One fused group (``bnff.plan.match.Group``) and its steps under every execution scheme.
+
+    Attributes:
+        name: the group's name: its last node (``output``), unique in the graph.
+        pattern: seed 002's connection ("(1)" .. "(4)-2") or "stem" / "head".
+        terms: its BNs.
+        residuals: identity-shortcut nodes added before the activation.
+        add: the add node, or None.
+        act: the activation node, or None.
+        act_kind: "relu", "relu6" or None.
+        consumers: the nodes that take the result as pre-processing (empty: the result is
+            materialized, i.e. written once and read by its users).
+        materialized_because: why the result is materialized, or None.
+        host: the ``fused`` scheme's question for a materialized result: a user (convolution,
+            pool, linear layer) can take the pre-processing.
+        owns: the feature maps whose forward statistics (and, in the ``fused`` scheme, whose dx
+            pre-processing read) this group carries: the first group in graph order that
+            normalizes them (inter-composite-layer fusion, seeds 001/004).
+        members: the nodes the fused operator absorbs (BNs, the concatenations only they read, the
+            add, the activation; not the consumers, which still run as layers).
+        schedules: scheme name -> ``Schedule``.
+    """
+
+    name: str
+    pattern: str
+    terms: tuple[TermPlan, ...]
+    residuals: tuple[str, ...] = ()
+    add: str | None = None
+    act: str | None = None
+    act_kind: str | None = None
+    consumers: tuple[str, ...] = ()
+    materialized_because: str | None = None
+    host: bool = False
+    owns: tuple[str, ...] = ()
+    members: tuple[str, ...] = ()
+    schedules: dict[str, Schedule] = field(default_factory=dict)
+
+    @property
+    def output(self) -> str:
+        """The last node of the apply chain (before the consumers)."""
+        return self.name
+
+    @property
+    def per_consumer(self) -> bool:
+        """The result is applied inside each consumer (never stored) rather than materialized."""
+        return bool(self.consumers)
+
+    @property
+    def lone(self) -> bool:
+        """One BN and no shortcut: nothing but the BN needs dy, so the backward never writes it."""
+        return len(self.terms) == 1 and not self.residuals
+
+    @property
+    def keeps_result(self) -> bool:
+        """A materialized result with an activation and a shortcut is kept: its mask cannot be
+        recomputed from the BN inputs alone (seed 002 Table 2, patterns (4))."""
+        return not self.per_consumer and self.act is not None and bool(self.residuals)
+
+    def x(self, k: int, source: str) -> Ref:
+        """Feature map ``source`` of term ``k`` (charged to that BN)."""
+        return Ref(source, "ofmap", self.terms[k].bn)
+
+    def xs(self, k: int | None = None) -> list[Ref]:
+        """Every feature map of term ``k`` (of every term when None), in order."""
+        ks = range(len(self.terms)) if k is None else (k,)
+        return [self.x(i, s) for i in ks for s in self.terms[i].sources]
+
+    def rs(self) -> list[Ref]:
+        """The shortcuts (charged to the add)."""
+        return [Ref(r, "ofmap", self.add or self.name) for r in self.residuals]
+
+    def a(self) -> Ref:
+        """The group's result a."""
+        return Ref(self.name, "ofmap", self.name)
+
+    def g_a(self) -> Ref:
+        """The gradient arriving at the result."""
+        return Ref(self.name, "grad", self.name)
+
+    def dy(self) -> Ref:
+        """The masked gradient dy, shared by every BN and shortcut of the group."""
+        return Ref(self.name, "dy", self.name)
+
+
+__all__ = ["GroupPlan", "TermPlan"]

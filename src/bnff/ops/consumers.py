@@ -76,7 +76,7 @@ class Conv2dConsumer:
 class RecomputeConsumer:
     """A parameter-free, cheap consumer (max-pool, average-pool; a module or a ``torch.nn.functional``
     call): its backward re-runs it under autograd on the recomputed input, so neither its input nor
-    its indices are stored."""
+    its indices are stored. Its input gradient is returned in the input's layout."""
 
     def __init__(self, module: Callable[[Tensor], Tensor]) -> None:
         self.module = module
@@ -92,7 +92,11 @@ class RecomputeConsumer:
             a = a.detach().requires_grad_(True)
             out = self.module(a)
             (g_a,) = torch.autograd.grad(out, a, grad_out)
-        return g_a, ()
+        # in a's layout (a global average pool's backward gives NCHW): converted once here, as this
+        # layer's own work, rather than by every sweep that reads it
+        fmt = torch.channels_last if a.is_contiguous(memory_format=torch.channels_last) and not a.is_contiguous() \
+            else torch.contiguous_format
+        return g_a.contiguous(memory_format=fmt), ()
 
 
 FunctionalSpec = tuple[str, tuple, dict]

@@ -267,7 +267,8 @@ class _ApplyConsume(torch.autograd.Function):
                 env.t[(g.name, "ofmap")] = a = env.apply(be, f1s, out_dtype)
                 amp = _amp_dtype(a)
             elif step.kind == "consume":
-                outs.append(spec.consumers[step.consumer].forward(a, flat[spec.params[step.consumer]], amp))
+                with record.consumer(g.name, step.consumer, "fp"):
+                    outs.append(spec.consumers[step.consumer].forward(a, flat[spec.params[step.consumer]], amp))
             # the "stats" steps run in feature_statistics, right after each producer
         ctx.spec, ctx.amp, ctx.out_dtype, ctx.n = spec, amp, out_dtype, len(flat)
         ctx.set_materialize_grads(False)
@@ -307,11 +308,14 @@ class _ApplyConsume(torch.autograd.Function):
             k = step.term
             if step.kind == "recompute":
                 env.t[a_key] = env.apply(be, f1s, ctx.out_dtype)
+            elif step.kind == "grad_layout":
+                env.t[g_key] = be.dense_like(env.t[g_key], env.sources(0)[0] if spec.terms else env.t[a_key])
             elif step.kind == "consumer_backward":
                 c, sl = step.consumer, spec.params[step.consumer]
                 if grad_outs[c] is not None:
-                    g_c, pg = spec.consumers[c].backward(env.t[a_key], grad_outs[c], env.flat[sl], ctx.amp,
-                                                         (True, *needs[sl]))
+                    with record.consumer(g.name, c, "bp"):
+                        g_c, pg = spec.consumers[c].backward(env.t[a_key], grad_outs[c], env.flat[sl], ctx.amp,
+                                                             (True, *needs[sl]))
                     grads[sl] = list(pg)
                     if env.t.get(g_key) is None:
                         env.t[g_key] = g_c

@@ -8,8 +8,9 @@ can be compared, group by group, with the plan's ``bnff`` schedule (``tests/test
 
 Counted: feature maps (tensors of 4 or more dimensions); per-channel vectors are not. An operator
 reads each distinct input feature map once and writes each output once (an in-place operator's
-output is its input, written). Views move nothing. Convolutions and pools are the consumers' own
-layers (their traffic is theirs in the plan too) and are left out.
+output is its input, written). Views and allocations move nothing. What a consumer (convolution,
+pool) does runs in a scope of its own (``consumer``): its traffic is its layer's, in the plan too.
+Parameters are not activations and are left out of what is kept.
 """
 
 from __future__ import annotations
@@ -25,35 +26,33 @@ from torch.utils._pytree import tree_leaves
 _active: list["Recorder"] = []
 _scope: list[tuple[str, str]] = []
 
-_CONSUMER_OPS = ("convolution", "pool")
-
-
 def _maps(x: object) -> list[torch.Tensor]:
     return [t for t in tree_leaves(x) if isinstance(t, torch.Tensor) and t.dim() >= 4]
 
 
 class Recorder(TorchDispatchMode):
-    """``with Recorder() as rec:`` run a training step; then ``rec.moved[(group, phase)]`` is the
+    """``with Recorder(model) as rec:`` run a training step; then ``rec.moved[(group, phase)]`` is the
     bytes read plus written by the group's operators in that phase ("fp", "bp"), ``rec.kept[group]``
     the bytes of feature maps its forward saved for the backward, ``rec.ops[(group, phase)]`` the
     operators by name."""
 
-    def __init__(self) -> None:
+    def __init__(self, *models: torch.nn.Module) -> None:
         super().__init__()
+        self._params = {p.untyped_storage().data_ptr() for m in models for p in m.parameters()}
         self.moved: Counter = Counter()
         self.kept: Counter = Counter()
         self.ops: dict[tuple[str, str], Counter] = {}
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
 
     def _pack(self, t: torch.Tensor) -> torch.Tensor:
-        if _scope and _scope[-1][1] == "fp" and t.dim() >= 4:
+        if _scope and _scope[-1][1] == "fp" and t.dim() >= 4 and t.untyped_storage().data_ptr() not in self._params:
             self.kept[_scope[-1][0]] += t.numel() * t.element_size()
         return t
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         name = func.name()
-        if _scope and not func.is_view and not any(k in name for k in _CONSUMER_OPS) and "empty" not in name:
+        if _scope and not func.is_view and "empty" not in name:
             ins = list({id(t): t for t in _maps((args, kwargs))}.values())
             outs = [t for t in _maps(out) if not any(t is i for i in ins)]
             inplace = [t for t in _maps(out) if any(t is i for i in ins)]
@@ -86,9 +85,14 @@ def scope(group: str, phase: str) -> Iterator[None]:
         _scope.pop()
 
 
+def consumer(group: str, index: int, phase: str):
+    """The scope of consumer ``index`` of ``group`` (kept apart from the group's own sweeps)."""
+    return scope(f"{group}/consumer{index}", phase)
+
+
 def recording() -> bool:
     """Whether a ``Recorder`` is active."""
     return bool(_active)
 
 
-__all__ = ["Recorder", "recording", "scope"]
+__all__ = ["Recorder", "consumer", "recording", "scope"]

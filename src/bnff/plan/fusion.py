@@ -81,6 +81,8 @@ def _group_plan(g: Group, owns: tuple[str, ...]) -> GroupPlan:
         act=g.act.name if g.act is not None else None, act_kind=g.act_kind,
         consumers=tuple(c.name for c in g.consumers), materialized_because=g.materialized_because,
         host=any(u.meta["bnff_kind"] in _HOSTS for u in users), owns=owns,
+        grad_slice=not g.consumers and len(users) == 1 and users[0].meta["bnff_kind"] == Kind.CAT
+        and len(users[0].args[0]) > 1,
         members=tuple(n.name for n in g.members()))
     return replace(plan, schedules={s: schemes.BUILDERS[s](plan) for s in schemes.SCHEMES})
 

@@ -39,6 +39,8 @@ class GroupPlan:
         materialized_because: why the result is materialized, or None.
         host: the ``fused`` scheme's question for a materialized result: a user (convolution,
             pool, linear layer) can take the pre-processing.
+        grad_slice: a materialized result read only by a concatenation of several maps: its gradient
+            arrives as a slice of the concatenation's gradient (not dense in any layout for N > 1).
         owns: the feature maps whose forward statistics (and, in the ``fused`` scheme, whose dx
             pre-processing read) this group carries: the first group in graph order that
             normalizes them (inter-composite-layer fusion, seeds 001/004).
@@ -57,6 +59,7 @@ class GroupPlan:
     consumers: tuple[str, ...] = ()
     materialized_because: str | None = None
     host: bool = False
+    grad_slice: bool = False
     owns: tuple[str, ...] = ()
     members: tuple[str, ...] = ()
     schedules: dict[str, Schedule] = field(default_factory=dict)

@@ -12,7 +12,8 @@ bytes and FLOPs of every schedule; the hardware models read them too.
     several BNs is swept once, by the first group), one apply sweep writing a, the consumers run.
     Kept: the BN inputs, two (C,) vectors per BN, the shortcuts when a is recomputed, a itself only
     when it is materialized with an activation and a shortcut (its mask).
-    Backward: a recomputed for the consumers' wgrads (a sweep writing it), the consumers' data
+    Backward: a gradient arriving as a slice of a concatenation's gradient made dense once, a
+    recomputed for the consumers' wgrads (a sweep writing it), the consumers' data
     gradients summed pairwise; then a lone BN (one BN, no shortcut) reduces S1, S2 and forms dx in
     two sweeps that read g_a and x and recompute the mask from x, writing no dy; any other group
     writes dy once (it is also the shortcut's gradient) and forms dx per BN from it.
@@ -110,7 +111,7 @@ def bnff(g: GroupPlan) -> Schedule:
                flops=(Flop("bn_stats", x),), term=k) for k, x in _owned(g)]
     fp.append(Step("fp", "apply", inputs, (a,), keeps=_keeps(g), flops=_apply_flops(g)))
     fp += [Step("fp", "consume", consumer=i) for i in range(len(g.consumers))]
-    bp = []
+    bp = [Step("bp", "grad_layout", (g_a,), (g_a,))] if g.grad_slice else []
     if g.per_consumer or (g.act is not None and not g.lone and not g.keeps_result):
         bp.append(Step("bp", "recompute", inputs, (a,), recomputes=(a,), flops=_apply_flops(g)))
     bp += [Step("bp", "consumer_backward", consumer=i) for i in range(len(g.consumers))]

@@ -81,6 +81,7 @@ STEP_KINDS = {
     "recompute": "a recomputed in the backward from the BN inputs and shortcuts instead of stored",
     "consumer_backward": "a consumer's dgrad and wgrad on the recomputed a; its own traffic is its layer's",
     "grad_add": "one consumer's data gradient added to g_a",
+    "grad_layout": "g_a, arriving as a channel slice of a concatenation's gradient, copied dense (the sweeps read dense maps)",
     "grad_stats": "dy = g_a * act'(a), written, with S1, S2 per BN (seed 002 eq. 16, 17, 19, 20)",
     "grad_stats_x": "S1, S2 of a lone BN, the mask recomputed from x, dy not written",
     "input_grad": "dx = F1*dy + B*(x-mu) - F1*S1 of one BN (seed 002 eq. 12), split onto its feature maps",

@@ -1,20 +1,58 @@
 """Backends: interchangeable implementations of the element-wise sweeps of restructured BN.
 
-A backend is a module exposing ``COVERAGE`` (which dtypes and layouts run where, for the fusion
-report), ``channel_stats``, ``apply``, ``grad_stats``, ``input_grad``,
-``grad_stats_x`` and ``input_grad_x`` with the signatures of ``bnff.ops.backends.reference``. The autograd logic (``bnff.ops.fused``)
-is written once against this seam; a fast backend only replaces the sweeps. ``reference`` is
-plain PyTorch (the oracle); ``cpu`` is fused C++ kernels, the default when they build.
+A backend is a module implementing the ``Backend`` protocol (the signatures and mathematics of
+``bnff.ops.backends.reference``). The autograd logic (``bnff.ops.fused``) is written once against
+this seam; a fast backend only replaces the sweeps, and hands what its kernels do not cover back to
+``reference`` in one place of its own. ``reference`` is plain PyTorch (the oracle); ``cpu`` is fused
+C++ kernels, the default when they build.
 """
 
 from __future__ import annotations
 
-from types import ModuleType
+from typing import Protocol, runtime_checkable
+
+import torch
+from torch import Tensor
 
 from bnff.names import BACKEND_NAMES
 from bnff.ops.backends import cpu, reference
 
-_BACKENDS: dict[str, ModuleType] = {name: globals()[name] for name in BACKEND_NAMES}
+
+@runtime_checkable
+class Backend(Protocol):
+    """The element-wise sweeps of restructured BN (each one pass over its feature maps).
+
+    Feature maps are (N, C, H, W), NCHW or channels_last; a BN input is given as its sources (the
+    maps its channel concatenation is made of); vectors are (C,) in the accumulation dtype. See
+    ``bnff.ops.backends.reference`` for each sweep's equation (seed 002 eq. 1, 9, 12, 16-20).
+    """
+
+    COVERAGE: str  # which dtypes and layouts run where, for the fusion report
+
+    def dense_like(self, t: Tensor, like: Tensor) -> Tensor: ...
+
+    def channel_stats(self, c: Tensor) -> tuple[Tensor, Tensor]: ...
+
+    def apply(self, sources: list[list[Tensor]], means: list[Tensor], f1s: list[Tensor], betas: list[Tensor | None],
+              residuals: list[Tensor], act: str | None, out_dtype: torch.dtype) -> Tensor: ...
+
+    def grad_stats(self, g_a: Tensor, a: Tensor | None, act: str | None, sources: list[list[Tensor]],
+                   means: list[Tensor]) -> tuple[Tensor, list[Tensor], list[Tensor]]: ...
+
+    def grad_stats_x(self, g_a: Tensor, act: str | None, sources: list[Tensor], mean: Tensor, f1: Tensor,
+                     beta: Tensor | None, out_dtype: torch.dtype) -> tuple[Tensor, Tensor]: ...
+
+    def input_grad(self, dy: Tensor, sources: list[Tensor], mean: Tensor, f1: Tensor, b: Tensor | None,
+                   s1: Tensor) -> list[Tensor]: ...
+
+    def input_grad_x(self, g_a: Tensor, act: str | None, sources: list[Tensor], mean: Tensor, f1: Tensor,
+                     beta: Tensor | None, out_dtype: torch.dtype, b: Tensor | None, s1: Tensor) -> list[Tensor]: ...
+
+
+_BACKENDS: dict[str, Backend] = {name: globals()[name] for name in BACKEND_NAMES}
+for _name, _module in _BACKENDS.items():
+    if not isinstance(_module, Backend):  # pragma: no cover - a new backend missing a sweep
+        raise TypeError(f"bnff backend {_name!r} does not implement bnff.ops.backends.Backend")
 
 
 _default: str | None = None
@@ -40,7 +78,7 @@ def resolve(name: str | None) -> str:
     return name
 
 
-def get(name: str) -> ModuleType:
+def get(name: str) -> Backend:
     """Return the backend called ``name``.
 
     Raises:

@@ -16,6 +16,7 @@ workspace of reused blocks (``workspace_bytes``).
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
 import os
 import platform
@@ -24,6 +25,7 @@ import sys
 import warnings
 from collections import Counter
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -31,8 +33,14 @@ from torch import Tensor
 from bnff.ops.backends import reference
 
 _SOURCE = Path(__file__).parent / "csrc" / "bnff_cpu.cpp"
-_ACT = {None: 0, "relu": 1, "relu6": 2}
-_MAX_TERMS = 4  # BN terms or shortcuts of one call the kernels take (kMaxTerms); more run the reference
+# Constants the kernels share with this module, defined here only and passed to the compiler as -D flags
+# (so they are part of the build cache's key).
+ACT_CODES = {None: 0, "relu": 1, "relu6": 2}  # the activation argument of apply / grad_stats / *_x
+LAYOUT_CODES = {"nchw": 0, "nhwc": 1}  # the layout argument of every sweep (``_layout`` decides it)
+MAX_TERMS = 4  # BN terms or shortcuts of one call the kernels take; more run the reference
+SHARED_DEFINES = [f"-DBNFF_ACT_NONE={ACT_CODES[None]}", f"-DBNFF_ACT_RELU={ACT_CODES['relu']}",
+                  f"-DBNFF_ACT_RELU6={ACT_CODES['relu6']}", f"-DBNFF_LAYOUT_NHWC={LAYOUT_CODES['nhwc']}",
+                  f"-DBNFF_MAX_TERMS={MAX_TERMS}"]
 _state: dict[str, object] = {}
 COVERAGE = ("float32 and bfloat16 feature maps (NCHW or channels_last) in the C++ kernels; float64, mixed "
             "or non-contiguous layouts in the reference sweeps (bnff.ops.backends.cpu.fallbacks() counts them "
@@ -87,7 +95,7 @@ def build_spec(level: str | None = None) -> tuple[str, Path, list[str]]:
     level = isa() if level is None else level
     if level not in ISA_FLAGS:
         raise ValueError(f"unknown ISA level {level!r}; expected one of {sorted(ISA_FLAGS)}")
-    flags = _COMMON_FLAGS + ISA_FLAGS[level]
+    flags = _COMMON_FLAGS + ISA_FLAGS[level] + SHARED_DEFINES
     key = hashlib.sha256(repr((flags, torch.__version__, _compiler_id(), sys.version_info[:2])).encode()).hexdigest()
     name = f"bnff_cpu_{level}_{key[:10]}"
     return name, Path(cpp_extension.get_default_build_root()) / name, flags
@@ -132,33 +140,33 @@ def _register_fakes() -> None:
             and not t.is_contiguous() else torch.contiguous_format
 
     @torch.library.register_fake("bnff::channel_stats")
-    def _(x):
+    def _(x, layout):
         return x.new_empty(x.shape[1], dtype=torch.float32), x.new_empty(x.shape[1], dtype=torch.float32)
 
     @torch.library.register_fake("bnff::apply")
-    def _(sources, n_sources, means, f1s, betas, residuals, act, out_dtype):
+    def _(sources, n_sources, means, f1s, betas, residuals, act, out_dtype, layout):
         like = residuals[0] if residuals else sources[0]
         c = sum(s.shape[1] for s in sources[:n_sources[0]]) if n_sources else like.shape[1]
         return torch.empty((like.shape[0], c, like.shape[2], like.shape[3]), dtype=out_dtype, device=like.device,
                            memory_format=fmt(like))
 
     @torch.library.register_fake("bnff::grad_stats")
-    def _(grad, a, act, sources, n_sources, means):
+    def _(grad, a, act, sources, n_sources, means, layout):
         c = grad.shape[1]
         vecs = [grad.new_empty(c, dtype=torch.float32) for _ in n_sources]
         return torch.empty_like(grad), vecs, [grad.new_empty(c, dtype=torch.float32) for _ in n_sources]
 
     @torch.library.register_fake("bnff::grad_stats_x")
-    def _(grad, sources, mean, f1, beta, act, out_dtype):
+    def _(grad, sources, mean, f1, beta, act, out_dtype, layout):
         c = grad.shape[1]
         return grad.new_empty(c, dtype=torch.float32), grad.new_empty(c, dtype=torch.float32)
 
     @torch.library.register_fake("bnff::input_grad_x")
-    def _(grad, sources, mean, f1, beta, act, out_dtype, b, s1):
+    def _(grad, sources, mean, f1, beta, act, out_dtype, b, s1, layout):
         return [torch.empty_like(s) for s in sources]
 
     @torch.library.register_fake("bnff::input_grad")
-    def _(dy, sources, mean, f1, b, s1):
+    def _(dy, sources, mean, f1, b, s1, layout):
         return [torch.empty_like(s) for s in sources]
 
 
@@ -220,6 +228,8 @@ _fallbacks: Counter = Counter()
 
 
 def _layout(t: Tensor) -> str | None:
+    """The layout the kernels read ``t`` in ("nchw" or "nhwc"), or None if they cannot. The one rule:
+    a tensor dense in both (C == 1 or H*W == 1) is "nhwc" when its channel stride is 1."""
     if t.dim() != 4 or t.device.type != "cpu" or t.dtype not in (torch.float32, torch.bfloat16):
         return None
     if t.is_contiguous():
@@ -240,23 +250,42 @@ def _uncovered(tensors: tuple[Tensor | None, ...]) -> str | None:
     return "mixed layouts" if len(layouts) > 1 else None
 
 
-def _kernels(sweep: str, *tensors: Tensor | None, why: str | None = None) -> bool:
-    """Whether ``sweep`` runs the kernels on ``tensors``; if not, the reason is counted (``fallbacks``)
-    and, the first time for each reason, one warning says so (a failed build has warned already).
+class _Uncovered(Exception):
+    """Raised by ``_require`` inside a sweep the kernels do not cover; ``_falls_back`` catches it."""
+
+
+def _require(sweep: str, *tensors: Tensor | None, why: str | None = None) -> int:
+    """The layout code of ``tensors`` if the kernels cover them; else count the reason (``fallbacks``),
+    say it once per reason (a failed build has warned already) and raise ``_Uncovered``.
     ``why``: a reason the caller found (too many terms, an uncovered output dtype)."""
     why = why or _uncovered(tensors) or (None if available() else "kernels not built")
-    if why is not None:
-        if why != "kernels not built" and not any(reason == why for _, reason in _fallbacks):
-            warnings.warn(f"bnff: the cpu backend hands sweeps to the reference backend (plain PyTorch, slower) "
-                          f"because of: {why}. Its kernels cover 4-D float32/bfloat16 maps in NCHW or channels_last, "
-                          f"at most {_MAX_TERMS} BN terms and shortcuts. Said once per reason; "
-                          f"bnff.ops.backends.cpu.fallbacks() counts them.", RuntimeWarning, stacklevel=3)
-        _fallbacks[(sweep, why)] += 1
-    return why is None
+    if why is None:
+        return LAYOUT_CODES[_layout(next(t for t in tensors if t is not None))]
+    if why != "kernels not built" and not any(reason == why for _, reason in _fallbacks):
+        warnings.warn(f"bnff: the cpu backend hands sweeps to the reference backend (plain PyTorch, slower) "
+                      f"because of: {why}. Its kernels cover 4-D float32/bfloat16 maps in NCHW or channels_last, "
+                      f"at most {MAX_TERMS} BN terms and shortcuts. Said once per reason; "
+                      f"bnff.ops.backends.cpu.fallbacks() counts them.", RuntimeWarning, stacklevel=4)
+    _fallbacks[(sweep, why)] += 1
+    raise _Uncovered(why)
+
+
+def _falls_back(sweep: Callable) -> Callable:
+    """The one fallback: a sweep whose kernels do not cover its call (``_require`` raised) runs its
+    ``reference`` namesake on the same arguments."""
+    ref = getattr(reference, sweep.__name__)
+
+    @functools.wraps(sweep)
+    def run(*args, **kwargs):
+        try:
+            return sweep(*args, **kwargs)
+        except _Uncovered:
+            return ref(*args, **kwargs)
+    return run
 
 
 def _terms_why(n: int) -> str | None:
-    return f"more than {_MAX_TERMS} BN terms or shortcuts" if n > _MAX_TERMS else None
+    return f"more than {MAX_TERMS} BN terms or shortcuts" if n > MAX_TERMS else None
 
 
 def _out_why(out_dtype: torch.dtype) -> str | None:
@@ -284,73 +313,78 @@ def _f32(v: Tensor) -> Tensor:
     return v.detach().to(torch.float32).contiguous()
 
 
+def dense_like(t: Tensor, like: Tensor) -> Tensor:
+    """``t`` in the layout of the feature map ``like`` (NCHW or channels_last), copied only if it is not
+    (a channel slice of a concatenation's gradient), so the kernels read it as it is."""
+    return _like_layout(t, like)
+
+
+@_falls_back
 def channel_stats(c: Tensor) -> tuple[Tensor, Tensor]:
     """``reference.channel_stats`` in one fused sweep."""
-    if not _kernels("channel_stats", c):
-        return reference.channel_stats(c)
-    return torch.ops.bnff.channel_stats(c)
+    return torch.ops.bnff.channel_stats(c, _require("channel_stats", c))
 
 
+@_falls_back
 def apply(sources: list[list[Tensor]], means: list[Tensor], f1s: list[Tensor], betas: list[Tensor | None],
           residuals: list[Tensor], act: str | None, out_dtype: torch.dtype) -> Tensor:
     """``reference.apply`` in one fused sweep."""
     flat = [s for srcs in sources for s in srcs]
-    if not _kernels("apply", *flat, *residuals,
-                    why=_out_why(out_dtype) or _terms_why(max(len(sources), len(residuals)))):
-        return reference.apply(sources, means, f1s, betas, residuals, act, out_dtype)
+    layout = _require("apply", *flat, *residuals, why=_out_why(out_dtype) or _terms_why(max(len(sources), len(residuals))))
     maps = _one_dtype([*flat, *residuals])
     flat, residuals = maps[:len(flat)], maps[len(flat):]
     return torch.ops.bnff.apply(flat, [len(s) for s in sources], [_f32(m) for m in means], [_f32(f) for f in f1s],
                                 [torch.zeros_like(_f32(f)) if b is None else _f32(b) for b, f in zip(betas, f1s)],
-                                residuals, _ACT[act], out_dtype)
+                                residuals, ACT_CODES[act], out_dtype, layout)
 
 
+@_falls_back
 def grad_stats(g_a: Tensor, a: Tensor | None, act: str | None, sources: list[list[Tensor]],
                means: list[Tensor]) -> tuple[Tensor, list[Tensor], list[Tensor]]:
     """``reference.grad_stats`` in one fused sweep; dy keeps ``g_a``'s dtype (dz * mask is exact in it)."""
     flat = [s for srcs in sources for s in srcs]
     if flat:
         g_a, a = _like_layout(g_a, flat[0]), _like_layout(a, flat[0])
-    if not _kernels("grad_stats", g_a, a if act is not None else None, *flat, why=_terms_why(len(sources))):
-        return reference.grad_stats(g_a, a, act, sources, means)
+    layout = _require("grad_stats", g_a, a if act is not None else None, *flat, why=_terms_why(len(sources)))
     *flat, a = _one_dtype([*flat, a])
-    dy, s1s, s2cs = torch.ops.bnff.grad_stats(g_a, a if act is not None else None, _ACT[act], flat,
-                                              [len(s) for s in sources], [_f32(m) for m in means])
+    dy, s1s, s2cs = torch.ops.bnff.grad_stats(g_a, a if act is not None else None, ACT_CODES[act], flat,
+                                              [len(s) for s in sources], [_f32(m) for m in means], layout)
     return dy, list(s1s), list(s2cs)
 
 
+@_falls_back
 def grad_stats_x(g_a: Tensor, act: str | None, sources: list[Tensor], mean: Tensor, f1: Tensor,
                  beta: Tensor | None, out_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """``reference.grad_stats_x`` in one sweep: reads g_a and x, writes nothing but S1, S2c."""
     g_a = _like_layout(g_a, sources[0])
-    if not _kernels("grad_stats_x", g_a, *sources, why=_out_why(out_dtype)):
-        return reference.grad_stats_x(g_a, act, sources, mean, f1, beta, out_dtype)
+    layout = _require("grad_stats_x", g_a, *sources, why=_out_why(out_dtype))
     sources = _one_dtype(sources)
     return tuple(torch.ops.bnff.grad_stats_x(g_a, sources, _f32(mean), _f32(f1),
                                              torch.zeros_like(_f32(f1)) if beta is None else _f32(beta),
-                                             _ACT[act], out_dtype))
+                                             ACT_CODES[act], out_dtype, layout))
 
 
+@_falls_back
 def input_grad_x(g_a: Tensor, act: str | None, sources: list[Tensor], mean: Tensor, f1: Tensor,
                  beta: Tensor | None, out_dtype: torch.dtype, b: Tensor | None, s1: Tensor) -> list[Tensor]:
     """``reference.input_grad_x`` in one sweep: reads g_a and x, writes dx onto each source map."""
     g_a = _like_layout(g_a, sources[0])
-    if not _kernels("input_grad_x", g_a, *sources, why=_out_why(out_dtype)):
-        return reference.input_grad_x(g_a, act, sources, mean, f1, beta, out_dtype, b, s1)
+    layout = _require("input_grad_x", g_a, *sources, why=_out_why(out_dtype))
     sources = _one_dtype(sources)
     return list(torch.ops.bnff.input_grad_x(g_a, sources, _f32(mean), _f32(f1),
-                                            torch.zeros_like(_f32(f1)) if beta is None else _f32(beta), _ACT[act],
-                                            out_dtype, None if b is None else _f32(b), _f32(s1)))
+                                            torch.zeros_like(_f32(f1)) if beta is None else _f32(beta), ACT_CODES[act],
+                                            out_dtype, None if b is None else _f32(b), _f32(s1), layout))
 
 
+@_falls_back
 def input_grad(dy: Tensor, sources: list[Tensor], mean: Tensor, f1: Tensor, b: Tensor | None,
                s1: Tensor) -> list[Tensor]:
     """``reference.input_grad`` in one fused sweep, written straight onto each source map."""
     dy = _like_layout(dy, sources[0])
-    if not _kernels("input_grad", dy, *sources):
-        return reference.input_grad(dy, sources, mean, f1, b, s1)
-    return list(torch.ops.bnff.input_grad(dy, sources, _f32(mean), _f32(f1), None if b is None else _f32(b), _f32(s1)))
+    layout = _require("input_grad", dy, *sources)
+    return list(torch.ops.bnff.input_grad(dy, sources, _f32(mean), _f32(f1), None if b is None else _f32(b), _f32(s1),
+                                          layout))
 
 
-__all__ = ["COVERAGE", "ISA_FLAGS", "apply", "available", "build_spec", "channel_stats", "fallbacks", "grad_stats", "grad_stats_x",
+__all__ = ["COVERAGE", "ISA_FLAGS", "apply", "available", "build_spec", "channel_stats", "dense_like", "fallbacks", "grad_stats", "grad_stats_x",
            "input_grad", "input_grad_x", "isa", "kernel_calls", "load_extension", "release_workspace", "workspace_bytes"]

@@ -30,6 +30,11 @@ def _join(sources: list[Tensor]) -> Tensor:
     return sources[0] if len(sources) == 1 else torch.cat(sources, 1)
 
 
+def dense_like(t: Tensor, like: Tensor) -> Tensor:
+    """``t`` as the sweeps need it beside the feature map ``like``: plain PyTorch takes any layout, so ``t``."""
+    return t
+
+
 def channel_stats(c: Tensor) -> tuple[Tensor, Tensor]:
     """Step 1 of the forward, mean-variance fusion (MVF): per-channel mean and biased variance of
     ``c`` (N, C, H, W) from a single sweep (seed 002 eq. 1, 18).

@@ -11,7 +11,10 @@
 //                  each sweep recomputes the activation mask from x, which it reads anyway
 // A BN input may be several source maps (DenseNet ICF): they are read in place, never concatenated.
 // Layouts: every tensor of a call either channels_last (rows of C channels) or contiguous NCHW
-// (planes of H*W); the Python side checks and falls back to the reference otherwise.
+// (planes of H*W). The Python side decides which (its rule is the only one), passes it as `layout`
+// and falls back to the reference for anything else; here it is only checked.
+// Constants shared with Python (activation codes, layout codes, the most BN terms or shortcuts of a
+// call) are defined there (bnff/ops/backends/cpu.py) and passed as -D flags at build time.
 // Element types: float32 or bfloat16 (one type for a call's feature maps, another for its gradient),
 // accumulated in float32 within blocks of rows and in double across blocks.
 // channels_last loops run on 16-channel vectors (GCC vector extensions: one AVX-512 register when built
@@ -202,7 +205,11 @@ Tensor workspace_empty(at::IntArrayRef sizes, const at::TensorOptions& opts, boo
       .make_tensor();
 }
 
-enum Act : int64_t { kNone = 0, kRelu = 1, kRelu6 = 2 };
+#if !defined(BNFF_ACT_NONE) || !defined(BNFF_ACT_RELU) || !defined(BNFF_ACT_RELU6) || !defined(BNFF_MAX_TERMS) || \
+    !defined(BNFF_LAYOUT_NHWC)
+#error "bnff_cpu.cpp is built by bnff.ops.backends.cpu, which passes the constants it shares with Python"
+#endif
+enum Act : int64_t { kNone = BNFF_ACT_NONE, kRelu = BNFF_ACT_RELU, kRelu6 = BNFF_ACT_RELU6 };
 
 // ---- kernel entries, counted per sweep, layout and element type ---------------------------------
 // Tests read them (bnff::kernel_calls) to prove that a sweep ran here and not in the reference.
@@ -211,9 +218,8 @@ const char* const kSweepNames[kSweeps] = {"channel_stats", "apply", "grad_stats"
                                           "input_grad_x"};
 std::array<std::atomic<int64_t>, kSweeps * 4> g_calls{};
 
-// The call of sweep s on feature maps like t (its layout and element type).
-void count(Sweep s, const Tensor& t) {
-  const bool cl = t.is_contiguous(at::MemoryFormat::ChannelsLast) && (!t.is_contiguous() || t.stride(1) == 1);
+// The call of sweep s in layout cl on feature maps of t's element type.
+void count(Sweep s, bool cl, const Tensor& t) {
   g_calls[s * 4 + (cl ? 2 : 0) + (t.scalar_type() == at::kBFloat16 ? 1 : 0)].fetch_add(1, std::memory_order_relaxed);
 }
 
@@ -236,14 +242,11 @@ struct Geo {
   int64_t m() const { return n * hw; }  // values per channel
 };
 
-Geo geo_of(const Tensor& t) {
+Geo geo_of(const Tensor& t, int64_t layout) {
   TORCH_CHECK(t.dim() == 4, "bnff cpu backend: expected a 4-D tensor, got ", t.dim(), "-D");
-  bool cl = t.is_contiguous(at::MemoryFormat::ChannelsLast) && !t.is_contiguous();
-  if (!cl) TORCH_CHECK(t.is_contiguous() || t.is_contiguous(at::MemoryFormat::ChannelsLast),
-                       "bnff cpu backend: tensor is neither contiguous nor channels_last");
-  // a tensor with C == 1 or H*W == 1 is both; then the two layouts coincide for our indexing only if
-  // we pick consistently: treat "both" as channels_last when its strides say so.
-  if (t.is_contiguous() && t.is_contiguous(at::MemoryFormat::ChannelsLast)) cl = t.stride(1) == 1;
+  const bool cl = layout == BNFF_LAYOUT_NHWC;
+  TORCH_CHECK(t.is_contiguous(cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous),
+              "bnff cpu backend: a tensor is not dense in the layout the caller gave (", cl ? "channels_last" : "NCHW", ")");
   return Geo{cl, t.size(0), t.size(1), t.size(2) * t.size(3)};
 }
 
@@ -499,9 +502,9 @@ void stats_nchw(const T* x, const Geo& g, double* mean, double* var) {
   });
 }
 
-std::tuple<Tensor, Tensor> channel_stats(const Tensor& x) {
-  Geo g = geo_of(x);
-  count(kChannelStats, x);
+std::tuple<Tensor, Tensor> channel_stats(const Tensor& x, int64_t layout) {
+  Geo g = geo_of(x, layout);
+  count(kChannelStats, g.cl, x);
   auto opts = x.options().dtype(at::kDouble);
   Tensor mean = at::empty({g.c}, opts), var = at::empty({g.c}, opts);
   typed(x, [&](auto* p) {
@@ -524,7 +527,7 @@ std::vector<TermVec> vecs_of(at::TensorList means, at::TensorList f1s, at::Tenso
   return v;
 }
 
-constexpr int64_t kMaxTerms = 4;  // BN terms, or shortcuts, of one apply on the vector path
+constexpr int64_t kMaxTerms = BNFF_MAX_TERMS;  // BN terms, or shortcuts, of one call on the vector path
 
 template <typename TX, typename TO>
 void apply_cl(const std::vector<std::vector<Src>>& terms, const std::vector<TermVec>& vec,
@@ -606,11 +609,11 @@ void apply_kernel(const std::vector<std::vector<Src>>& terms, const std::vector<
 }
 
 Tensor apply(at::TensorList sources, at::IntArrayRef n_sources, at::TensorList means, at::TensorList f1s,
-             at::TensorList betas, at::TensorList residuals, int64_t act, at::ScalarType out_dtype) {
+             at::TensorList betas, at::TensorList residuals, int64_t act, at::ScalarType out_dtype, int64_t layout) {
   TORCH_CHECK(!sources.empty() || !residuals.empty(), "bnff cpu apply: nothing to apply");
   const Tensor& like = residuals.empty() ? sources[0] : residuals[0];
-  Geo g0 = geo_of(like);
-  count(kApply, sources.empty() ? like : sources[0]);
+  Geo g0 = geo_of(like, layout);
+  count(kApply, g0.cl, sources.empty() ? like : sources[0]);
   int64_t C = 0;
   for (int64_t j = 0; j < (n_sources.empty() ? 0 : n_sources[0]); ++j) C += sources[j].size(1);
   if (sources.empty()) C = like.size(1);
@@ -731,9 +734,9 @@ Tensor per_channel(const double* sums, const Geo& g, const Tensor& like) {
 
 std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>> grad_stats(
     const Tensor& grad, const std::optional<Tensor>& a, int64_t act, at::TensorList sources,
-    at::IntArrayRef n_sources, at::TensorList means) {
-  Geo g = geo_of(grad);
-  count(kGradStats, sources.empty() ? (a ? *a : grad) : sources[0]);
+    at::IntArrayRef n_sources, at::TensorList means, int64_t layout) {
+  Geo g = geo_of(grad, layout);
+  count(kGradStats, g.cl, sources.empty() ? (a ? *a : grad) : sources[0]);
   Tensor dy = workspace_empty(grad.sizes(), grad.options(), g.cl);
   auto terms = terms_of(sources, n_sources);
   std::vector<const float*> mus;
@@ -808,9 +811,9 @@ void input_grad_kernel(const TD* dy, const TX* x, TX* dx, const Geo& g, int64_t 
 }
 
 std::vector<Tensor> input_grad(const Tensor& dy, at::TensorList sources, const Tensor& mean, const Tensor& f1,
-                               const std::optional<Tensor>& b, const Tensor& s1) {
-  Geo g = geo_of(dy);
-  count(kInputGrad, sources[0]);
+                               const std::optional<Tensor>& b, const Tensor& s1, int64_t layout) {
+  Geo g = geo_of(dy, layout);
+  count(kInputGrad, g.cl, sources[0]);
   Tensor k0 = (f1 * s1).contiguous();  // F1 * S1 per channel
   std::vector<Tensor> out;
   int64_t off = 0;
@@ -947,9 +950,10 @@ void term_backward_nchw(const TG* gp, const std::vector<Src>& srcs, const std::v
 
 // sources, mean, F1, beta of the term; act; the applied tensor's dtype (for the mask's rounding).
 std::tuple<Tensor, Tensor> grad_stats_x(const Tensor& grad, at::TensorList sources, const Tensor& mean,
-                                        const Tensor& f1, const Tensor& beta, int64_t act, at::ScalarType out_dtype) {
-  Geo g = geo_of(grad);
-  count(kGradStatsX, sources[0]);
+                                        const Tensor& f1, const Tensor& beta, int64_t act, at::ScalarType out_dtype,
+                                        int64_t layout) {
+  Geo g = geo_of(grad, layout);
+  count(kGradStatsX, g.cl, sources[0]);
   auto terms = terms_of(sources, {static_cast<int64_t>(sources.size())});
   TermBwd t{mean.data_ptr<float>(), f1.data_ptr<float>(), beta.data_ptr<float>(), nullptr, nullptr, act,
             out_dtype == at::kBFloat16};
@@ -967,9 +971,9 @@ std::tuple<Tensor, Tensor> grad_stats_x(const Tensor& grad, at::TensorList sourc
 
 std::vector<Tensor> input_grad_x(const Tensor& grad, at::TensorList sources, const Tensor& mean, const Tensor& f1,
                                  const Tensor& beta, int64_t act, at::ScalarType out_dtype,
-                                 const std::optional<Tensor>& b, const Tensor& s1) {
-  Geo g = geo_of(grad);
-  count(kInputGradX, sources[0]);
+                                 const std::optional<Tensor>& b, const Tensor& s1, int64_t layout) {
+  Geo g = geo_of(grad, layout);
+  count(kInputGradX, g.cl, sources[0]);
   auto terms = terms_of(sources, {static_cast<int64_t>(sources.size())});
   Tensor k0 = (f1 * s1).contiguous();
   TermBwd t{mean.data_ptr<float>(), f1.data_ptr<float>(), beta.data_ptr<float>(),
@@ -997,19 +1001,20 @@ int64_t workspace_held() { return Workspace::get().held(); }
 }  // namespace
 
 TORCH_LIBRARY(bnff, m) {
-  m.def("channel_stats(Tensor x) -> (Tensor, Tensor)");
+  m.def("channel_stats(Tensor x, int layout) -> (Tensor, Tensor)");
   m.def("workspace_release() -> int", &workspace_release);
   m.def("workspace_held() -> int", &workspace_held);
   m.def("kernel_calls() -> (str[], int[])", &kernel_calls);
   m.def("apply(Tensor[] sources, int[] n_sources, Tensor[] means, Tensor[] f1s, Tensor[] betas, "
-        "Tensor[] residuals, int act, ScalarType out_dtype) -> Tensor");
-  m.def("grad_stats(Tensor grad, Tensor? a, int act, Tensor[] sources, int[] n_sources, Tensor[] means) "
-        "-> (Tensor, Tensor[], Tensor[])");
-  m.def("input_grad(Tensor dy, Tensor[] sources, Tensor mean, Tensor f1, Tensor? b, Tensor s1) -> Tensor[]");
+        "Tensor[] residuals, int act, ScalarType out_dtype, int layout) -> Tensor");
+  m.def("grad_stats(Tensor grad, Tensor? a, int act, Tensor[] sources, int[] n_sources, Tensor[] means, "
+        "int layout) -> (Tensor, Tensor[], Tensor[])");
+  m.def("input_grad(Tensor dy, Tensor[] sources, Tensor mean, Tensor f1, Tensor? b, Tensor s1, int layout) "
+        "-> Tensor[]");
   m.def("grad_stats_x(Tensor grad, Tensor[] sources, Tensor mean, Tensor f1, Tensor beta, int act, "
-        "ScalarType out_dtype) -> (Tensor, Tensor)");
+        "ScalarType out_dtype, int layout) -> (Tensor, Tensor)");
   m.def("input_grad_x(Tensor grad, Tensor[] sources, Tensor mean, Tensor f1, Tensor beta, int act, "
-        "ScalarType out_dtype, Tensor? b, Tensor s1) -> Tensor[]");
+        "ScalarType out_dtype, Tensor? b, Tensor s1, int layout) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(bnff, CPU, m) {

@@ -10,7 +10,7 @@ Three graph-level functions replace every fused ``BatchNorm2d`` (seed 002 sectio
 * ``bn_statistics(sources, stats, bn)``: gathers one BN's statistics from the feature maps it
   normalizes (their concatenation along channels) and updates its running statistics exactly as
   PyTorch does. Runs once per forward pass; no backward ever repeats it.
-* ``bn_apply(terms, residuals, act, consumers)``: step 2, ``a = act(sum_k BN_k(x_k) + sum_j r_j)``,
+* ``bn_apply(group, terms, residuals, consumers)``: step 2, ``a = act(sum_k BN_k(x_k) + sum_j r_j)``,
   handed straight to each consumer (convolutions or pools, whose input is then recomputed in the
   backward instead of stored) or returned (materialized) when a user cannot take pre-processing.
 
@@ -192,35 +192,38 @@ class _Env:
         return be.apply(self.all_sources(), self.means(), f1s, self.betas(), list(self.flat[self.spec.residuals]),
                         self.spec.group.act_kind, out_dtype)
 
-    def kept(self, ref) -> Tensor | None:
-        """The tensor the plan names ``ref`` among the flat arguments and produced values."""
+    def position(self, ref) -> int | None:
+        """Where the tensor the plan names ``ref`` sits in the flat arguments (None: a step's product)."""
         g, spec = self.spec.group, self.spec
-        key = (ref.node, ref.role)
-        if key in self.t:
-            return self.t[key]
         for term, ts in zip(g.terms, spec.terms):
             if ref.role == "ofmap" and ref.node in term.sources:
-                return self.flat[ts.sources][term.sources.index(ref.node)]
+                return ts.sources.start + term.sources.index(ref.node)
             if ref.node == term.bn and ref.role in ("mean", "var"):
-                return self.flat[ts.mean if ref.role == "mean" else ts.var]
+                return ts.mean if ref.role == "mean" else ts.var
         if ref.role == "ofmap" and ref.node in g.residuals:
-            return self.flat[spec.residuals][g.residuals.index(ref.node)]
-        raise KeyError(f"group {g.name}: the plan keeps {ref}, which this operator does not have")
+            return spec.residuals.start + g.residuals.index(ref.node)
+        return None
+
+    def kept(self, ref) -> Tensor:
+        """The tensor the plan names ``ref``.
+
+        Raises:
+            KeyError: the plan keeps a tensor this call neither has nor produced.
+        """
+        i = self.position(ref)
+        if i is not None:
+            return self.flat[i]
+        if (ref.node, ref.role) not in self.t:
+            raise KeyError(f"group {self.spec.group.name}: the plan keeps {ref}, which this operator does not have")
+        return self.t[(ref.node, ref.role)]
 
     def restore(self, ref, t: Tensor) -> None:
         """Put a kept tensor back where ``kept`` found it."""
-        g, spec = self.spec.group, self.spec
-        for term, ts in zip(g.terms, spec.terms):
-            if ref.role == "ofmap" and ref.node in term.sources:
-                self.flat[ts.sources.start + term.sources.index(ref.node)] = t
-                return
-            if ref.node == term.bn and ref.role in ("mean", "var"):
-                self.flat[ts.mean if ref.role == "mean" else ts.var] = t
-                return
-        if ref.role == "ofmap" and ref.node in g.residuals:
-            self.flat[spec.residuals.start + g.residuals.index(ref.node)] = t
-            return
-        self.t[(ref.node, ref.role)] = t
+        i = self.position(ref)
+        if i is not None:
+            self.flat[i] = t
+        else:
+            self.t[(ref.node, ref.role)] = t
 
 
 def _param_positions(spec: _Spec) -> list[int]:
@@ -234,10 +237,10 @@ _LAST_USES: dict[tuple, tuple] = {}
 def _last_uses(group: str, backward: tuple) -> tuple[tuple[tuple[str, str], ...], ...]:
     """Per backward step, the produced tensors no later step uses (freed right after it). A consumer's
     backward uses the result a. Memoized per schedule."""
-    key = (group, backward)
-    if key not in _LAST_USES:
-        _LAST_USES[key] = _free_after(group, backward)
-    return _LAST_USES[key]
+    hit = _LAST_USES.get(id(backward))
+    if hit is None or hit[0] is not backward:  # keyed by identity: hashing the steps would cost more
+        hit = _LAST_USES[id(backward)] = (backward, _free_after(group, backward))
+    return hit[1]
 
 
 def _free_after(group: str, backward: tuple) -> tuple:

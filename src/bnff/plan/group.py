@@ -81,9 +81,10 @@ class GroupPlan:
 
     @property
     def keeps_result(self) -> bool:
-        """A materialized result with an activation and a shortcut is kept: its mask cannot be
-        recomputed from the BN inputs alone (seed 002 Table 2, patterns (4))."""
-        return not self.per_consumer and self.act is not None and bool(self.residuals)
+        """A materialized result with an activation is kept for its mask (it is written anyway, and a
+        convolution reading it keeps it for its wgrad), unless the BN is lone: then both backward
+        sweeps recompute the mask from x, which they read anyway (seed 002 Table 2, patterns (4))."""
+        return not self.per_consumer and self.act is not None and not self.lone
 
     def x(self, k: int, source: str) -> Ref:
         """Feature map ``source`` of term ``k`` (charged to that BN)."""

@@ -140,13 +140,16 @@ def fused(g: GroupPlan) -> Schedule:
     fp = []
     if _owned(g):  # the producers' post-process, on chip
         fp.append(Step("fp", "stats", flops=tuple(Flop("bn_stats", x) for _, x in _owned(g))))
-    extra = inputs[1:] if g.per_consumer or g.host else inputs  # the first input is the consumer's ifmap
+    # the first BN's input (all its feature maps: a concatenation's parts) is the consumer's ifmap;
+    # the other BN inputs and the shortcuts are read besides it
+    beyond = tuple(inputs[len(g.terms[0].sources) if g.terms else 1:])
+    extra = beyond if g.per_consumer or g.host else inputs
     for i in range(max(1, len(g.consumers))):
         fp.append(Step("fp", "apply", extra, () if g.per_consumer else (a,), keeps=_keeps(g) if i == 0 else (),
                        flops=_apply_flops(g), consumer=i if g.per_consumer else None))
     bp = []
     if g.per_consumer:  # each wgrad reads the inputs instead of the result, the consumers' dL/da summed
-        bp += [Step("bp", "recompute", inputs[1:], recomputes=(a,), flops=_apply_flops(g), consumer=i)
+        bp += [Step("bp", "recompute", beyond, recomputes=(a,), flops=_apply_flops(g), consumer=i)
                for i in range(len(g.consumers))]
         bp += [Step("bp", "grad_add", (Ref(g.name, "dgrad", g.name),), consumer=i) for i in range(1, len(g.consumers))]
         bp.append(Step("bp", "grad_stats", flops=tuple(Flop("bn_grad_stats", x) for x in g.xs()) + _mask_flops(g)))

@@ -121,16 +121,20 @@ def restructure(model: nn.Module, backend: str | None = None, leaf_modules: Leaf
     return gm
 
 
+def _attached(model: nn.Module, attr: str, what: str):
+    value = getattr(model, attr, None)
+    if value is None:
+        raise ValueError(f"{type(model).__name__} has no {what}: it was not returned by bnff.restructure()")
+    return value
+
+
 def fusion_plan(model: nn.Module) -> FusionPlan:
     """The ``FusionPlan`` (training mode) a module returned by ``restructure`` executes.
 
     Raises:
         ValueError: ``model`` was not produced by ``bnff.restructure``.
     """
-    plan = getattr(model, _PLAN_ATTR, None)
-    if plan is None:
-        raise ValueError(f"{type(model).__name__} has no fusion plan: it was not returned by bnff.restructure()")
-    return plan
+    return _attached(model, _PLAN_ATTR, "fusion plan")
 
 
 def fusion_report(model: nn.Module) -> FusionReport:
@@ -139,10 +143,7 @@ def fusion_report(model: nn.Module) -> FusionReport:
     Raises:
         ValueError: ``model`` was not produced by ``bnff.restructure``.
     """
-    report = getattr(model, _REPORT_ATTR, None)
-    if report is None:
-        raise ValueError(f"{type(model).__name__} has no fusion report: it was not returned by bnff.restructure()")
-    return report
+    return _attached(model, _REPORT_ATTR, "fusion report")
 
 
 class _CallablePackage(types.ModuleType):

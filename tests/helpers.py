@@ -281,3 +281,41 @@ def assert_aggregate_as_accurate_as_eager(steps: list[list[Quantity]], gradients
         log_ratio += math.log((rel + FLOOR) / (rel_eager + FLOOR)) / len(steps)
     if gradients:
         assert math.exp(log_ratio) <= K, f"median gradient error {math.exp(log_ratio):.3g} x eager's (geometric mean)"
+
+
+def assert_moves_what_the_plan_says(model: nn.Module, x: torch.Tensor) -> int:
+    """One training step of ``bnff.restructure(model, backend="cpu")`` on ``x`` with the byte recorder
+    on: every fused group's recorded forward, backward and kept feature-map bytes equal its plan's
+    ``bnff`` schedule priced by ``bnff.traffic`` (``x``'s element size), and the plan the analysis
+    makes of ``model`` is the one the execution runs. Returns the number of groups checked."""
+    from bnff.graph.layers import build
+    from bnff.ops.backends import cpu
+    from bnff.ops.record import Recorder
+    from bnff.plan import plan_graph
+    from bnff.traffic import Assumptions
+    from bnff.traffic.account import group_costs
+
+    fused = bnff.restructure(model, backend="cpu")
+    calls, fell = cpu.kernel_calls(), cpu.fallbacks()
+    with Recorder(model) as rec:
+        out = fused(x)
+        sum(o.float().square().mean() for o in (out if isinstance(out, tuple) else (out,))).backward()
+    assert sum((cpu.kernel_calls() - calls).values()) > 0, "the cpu kernels did not run"
+    assert not (cpu.fallbacks() - fell), f"sweeps fell back to the reference: {cpu.fallbacks() - fell}"
+    lg = build(model, tuple(x.shape))
+    plan, _, _ = plan_graph(lg.gm)
+    assert plan.as_dict() == bnff.fusion_plan(fused).as_dict(), "analysis and execution planned differently"
+    eb = x.element_size()
+    costs = group_costs(lg, plan, "bnff", Assumptions(element_bytes=eb))
+    bad = []
+    for g in plan.groups:
+        kept = sum(lg.numel(lg.node(r.node)) * eb for r in g.schedules["bnff"].keeps if not r.vector)
+        got = (rec.moved[(g.name, "fp")], rec.moved[(g.name, "bp")], rec.kept[g.name])
+        want = (costs[g.name].fp_bytes, costs[g.name].bp_bytes, kept)
+        if got != want:
+            bad.append(f"{g.name} ({g.pattern}): recorded fp/bp/kept {got}, plan {want}; ops "
+                       f"{dict(rec.ops.get((g.name, 'fp'), {}))} | {dict(rec.ops.get((g.name, 'bp'), {}))}")
+    assert not bad, "\n".join(bad)
+    ran = {k[0] for k in rec.moved if "/" not in k[0]}  # "group/consumer0", "group/user": those layers' work
+    assert ran <= {g.name for g in plan.groups}, f"sweeps ran outside the plan's groups: {ran}"
+    return len(plan.groups)

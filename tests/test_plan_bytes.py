@@ -10,22 +10,15 @@ and is exempt.
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-import bnff
 from bnff import models
-from bnff.graph.layers import build
 from bnff.ops.backends import cpu
-from bnff.ops.record import Recorder
-from bnff.plan import plan_graph
-from bnff.traffic import Assumptions
-from bnff.traffic.account import group_costs
-from helpers import randomize_bn
+from helpers import assert_moves_what_the_plan_says, randomize_bn
+from test_fuzz import EXAMPLES, FuzzNet, blocks
 
 CASES = {"resnet50": 32, "densenet121": 16, "inception_v3": 32, "mobilenet_v2": 16}
-
-
-def _loss(out):
-    return sum(o.float().square().mean() for o in (out if isinstance(out, tuple) else (out,)))
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -37,26 +30,20 @@ def test_recorded_bytes_equal_the_plan(name):
     randomize_bn(model, gen)
     hw = CASES[name]
     x = torch.randn(2, 3, hw, hw, generator=gen).to(memory_format=torch.channels_last)
-    fused = bnff.restructure(model, backend="cpu")
-    calls, fell = cpu.kernel_calls(), cpu.fallbacks()
-    with Recorder(model) as rec:
-        _loss(fused(x)).backward()
-    assert sum((cpu.kernel_calls() - calls).values()) > 0, "the cpu kernels did not run"
-    assert not (cpu.fallbacks() - fell), f"sweeps fell back to the reference: {cpu.fallbacks() - fell}"
+    assert assert_moves_what_the_plan_says(model, x) > 10
 
-    lg = build(model, tuple(x.shape))
-    plan, _, _ = plan_graph(lg.gm)
-    assert plan.as_dict() == bnff.fusion_plan(fused).as_dict(), "analysis and execution planned differently"
-    costs = group_costs(lg, plan, "bnff", Assumptions(element_bytes=4))
-    assert len(plan.groups) > 10
-    mismatches = []
-    for g in plan.groups:
-        kept = sum(lg.numel(lg.node(r.node)) * 4 for r in g.schedules["bnff"].keeps if not r.vector)
-        got = (rec.moved[(g.name, "fp")], rec.moved[(g.name, "bp")], rec.kept[g.name])
-        want = (costs[g.name].fp_bytes, costs[g.name].bp_bytes, kept)
-        if got != want:
-            mismatches.append(f"{g.name} ({g.pattern}): recorded fp/bp/kept {got}, plan {want}; ops "
-                              f"{dict(rec.ops.get((g.name, 'fp'), {}))} | {dict(rec.ops.get((g.name, 'bp'), {}))}")
-    assert not mismatches, "\n".join(mismatches)
-    scopes = {k[0] for k in rec.moved if "/consumer" not in k[0]}
-    assert scopes == {g.name for g in plan.groups}, "a group ran no sweep, or something ran outside the plan's groups"
+
+@settings(max_examples=EXAMPLES, derandomize=True, database=None, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+@given(spec=blocks(), seed=st.integers(0, 2 ** 16), channels_last=st.booleans())
+def test_fuzzed_network_moves_what_its_plan_says(spec, seed, channels_last):
+    """Random architectures (tests/test_fuzz.py), NCHW or channels_last: the same, exactly."""
+    if not cpu.available():
+        pytest.skip("the cpu backend's kernels did not build")
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model = FuzzNet(spec).to(memory_format=fmt)
+    randomize_bn(model, gen)
+    x = (torch.randn(4, 3, 8, 8, generator=gen) * 2 + 0.5).to(memory_format=fmt)
+    assert_moves_what_the_plan_says(model, x)

@@ -300,8 +300,13 @@ class _ApplyConsume(torch.autograd.Function):
         be = backends.get(spec.backend)
         f1s = env.f1s()
         a_key, g_key, dy_key = (g.name, "ofmap"), (g.name, "grad"), (g.name, "dy")
-        if not g.per_consumer:
-            env.t[g_key] = grad_outs[0]
+        if not g.per_consumer and g.grad_slice:
+            env.t[g_key] = grad_outs[0]  # the plan's grad_layout step makes it dense
+        elif not g.per_consumer:
+            # a gradient a user's backward hands over non-dense (a mean's expanded view) is made dense
+            # as that user's own work: the traffic model charges its backward for writing it
+            with record.user(g.name, "bp"):
+                env.t[g_key] = be.dense_like(grad_outs[0], env.sources(0)[0] if spec.terms else grad_outs[0])
         grads: list[Tensor | None] = [None] * ctx.n
         dgrads: dict[int, Tensor] = {}
         k_terms = len(spec.terms)
@@ -379,7 +384,7 @@ def bn_apply(group: GroupPlan, terms: tuple[Term, ...], residuals: tuple[Tensor,
             BatchNorm2d module that owns gamma, beta and eps.
         residuals: identity-shortcut tensors (N, C, H, W) added before the activation.
         consumer_layers: the layers fed by ``a``: ``nn.Conv2d`` or pooling modules, or functional
-            pools as ``(name, args, kwargs)`` (``bnff.ops.consumers.FUNCTIONAL``). ``a`` is then
+            pools as ``(name, args, kwargs)`` (``bnff.graph.consumers.FUNCTIONAL``). ``a`` is then
             recomputed in the backward, never stored. Empty: return ``a`` itself.
         backend: name of the sweep backend.
     Returns:

@@ -9,7 +9,8 @@ can be compared, group by group, with the plan's ``bnff`` schedule (``tests/test
 Counted: feature maps (tensors of 4 or more dimensions); per-channel vectors are not. An operator
 reads each distinct input feature map once and writes each output once (an in-place operator's
 output is its input, written). Views and allocations move nothing. What a consumer (convolution,
-pool) does runs in a scope of its own (``consumer``): its traffic is its layer's, in the plan too.
+pool) does runs in a scope of its own (``consumer``), and so does making a user's non-dense
+gradient dense (``user``): that traffic is those layers', in the plan too.
 Parameters are not activations and are left out of what is kept.
 """
 
@@ -85,6 +86,11 @@ def scope(group: str, phase: str) -> Iterator[None]:
         _scope.pop()
 
 
+def user(group: str, phase: str):
+    """The scope of work done for a user of ``group``'s materialized result (its layer's, in the plan)."""
+    return scope(f"{group}/user", phase)
+
+
 def consumer(group: str, index: int, phase: str):
     """The scope of consumer ``index`` of ``group`` (kept apart from the group's own sweeps)."""
     return scope(f"{group}/consumer{index}", phase)
@@ -95,4 +101,4 @@ def recording() -> bool:
     return bool(_active)
 
 
-__all__ = ["Recorder", "consumer", "recording", "scope"]
+__all__ = ["Recorder", "consumer", "recording", "scope", "user"]

@@ -101,7 +101,9 @@ class Unfused:
 
 
 def per_consumer_pays(n_terms: int, n_residuals: int, n_consumers: int, act: bool) -> bool:
-    """Whether applying a group's result once per consumer moves no more bytes than materializing it.
+    """Whether a group's result is applied once per consumer (never stored) or materialized: the
+    plan's one decision of it (``GroupPlan.consumers``), made on seed 002's ``fused`` scheme, where
+    a consumer reads the tensors the result is computed from in place of its ifmap.
 
     Counted in units of one feature map (all tensors of a group have the result's shape), forward
     plus backward, over what the two choices do differently (seed 002 section 1.2 accounting):
@@ -115,6 +117,11 @@ def per_consumer_pays(n_terms: int, n_residuals: int, n_consumers: int, act: boo
     With one BN and no shortcut (r = 1) applying per consumer always wins (2k < 2k + 2); with a
     shortcut or a projection (r = 2) it wins for one consumer and loses for two or more. Ties go
     to per-consumer application, which also keeps the smaller footprint.
+
+    The ``bnff`` scheme executes the same grouping with library convolutions; there applying per
+    consumer costs a recompute sweep in the backward (reading r, writing a: 2 units for a lone BN)
+    and saves keeping a, which is bnff's aim (what can be recomputed is not stored). The plan's
+    ``bnff`` schedules count that cost (``bnff plan``).
     """
     r = n_terms + n_residuals
     per_consumer = 2 * n_consumers * r + (n_residuals if act else 0)

@@ -1,26 +1,32 @@
-"""The README's speed table: ``bnff bench`` for the issue's three settings, each in a process of its own.
+"""The README's speed table: ``bnff bench`` for each setting in several fresh processes.
 
-    .venv/bin/python benchmarks/speed.py [--steps 10] [--json benchmarks/results/speed.json]
+    .venv/bin/python benchmarks/speed.py [--processes 3] [--steps 10] [--json benchmarks/results/speed.json]
 
-Settings: ResNet-50 batch 16 224x224 bf16 and fp32, DenseNet-121 batch 16 224x224 bf16; each times
-eager, torch.compile (compile time apart), bnff (default backend) and the conv floor, interleaved
-after warm-up (``bnff.bench``). Every setting runs twice, in fresh processes: with the default
-allocator (what a user gets: eager faults in fresh pages for its large intermediates, bnff reuses its
-workspace) and with ``--tuned-malloc`` (no variant faults: the kernels' own gain). Prints a markdown
-table; ``--json`` writes every result.
+Settings: ResNet-50 batch 16 224x224 bf16 and fp32, DenseNet-121 and MobileNetV2 batch 16 224x224
+bf16; each times eager, torch.compile (compile time apart), bnff (default backend) and the conv
+floor, interleaved after warm-up (``bnff.bench``). Every setting runs with the default allocator
+(what a user gets: eager faults in fresh pages for its large intermediates, bnff reuses its
+workspace) and with ``--tuned-malloc`` (no variant faults: the kernels' own gain), each in
+``--processes`` fresh processes, so that one process's luck (its pages, its neighbours) cannot
+decide a row: a row gives the median of the per-process ratios and their spread (min to max), and
+counts as level when the median ratio is within 2% of 1.0. Prints the CPU and a markdown table;
+``--json`` writes every process's result.
 """
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 from bnff.atomic import atomic_open
+from bnff.machine import cpu_info, describe
 
-SETTINGS = (("resnet50", "bf16"), ("resnet50", "fp32"), ("densenet121", "bf16"))
+SETTINGS = (("resnet50", "bf16"), ("resnet50", "fp32"), ("densenet121", "bf16"), ("mobilenet_v2", "bf16"))
 ALLOCATORS = ("default", "tuned-malloc")
+LEVEL = 0.02  # a median ratio within 2% of 1.0 is level
 
 
 def _bench(model: str, dtype: str, batch: int, steps: int, allocator: str) -> dict:
@@ -30,30 +36,58 @@ def _bench(model: str, dtype: str, batch: int, steps: int, allocator: str) -> di
                "--batch", str(batch), "--dtype", dtype, "--steps", str(steps), "--json", str(out)]
         if allocator == "tuned-malloc":
             cmd.append("--tuned-malloc")
-        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        done = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        if done.returncode:
+            raise SystemExit(f"bnff bench failed ({' '.join(cmd[3:])}):\n{done.stderr[-3000:]}")
         return json.loads(out.read_text())
+
+
+def _spread(values: list[float], fmt: str) -> str:
+    """Median and (min-max) of ``values``."""
+    return f"{format(statistics.median(values), fmt)} ({format(min(values), fmt)} to {format(max(values), fmt)})"
+
+
+def _verdict(ratio: float) -> str:
+    return "level" if abs(ratio - 1) <= LEVEL else ("faster" if ratio > 1 else "slower")
+
+
+def row(model: str, dtype: str, allocator: str, runs: list[dict]) -> str:
+    """One markdown row from the per-process results of a setting."""
+    def col(variant: str, key: str) -> list[float]:
+        return [r["results"][variant][key] for r in runs]
+    vs_eager = [r["ratios"]["bnff_vs_eager"] for r in runs]
+    vs_compile = [r["ratios"]["bnff_vs_compile"] for r in runs]
+    removed = [r["overhead_removed"] for r in runs if r["overhead_removed"] is not None]
+    floors = ", ".join(f"{statistics.median(col(v, 'step_over_floor')):.2f}" for v in ("eager", "compile", "bnff"))
+    return (f"| {model} | {dtype} | {allocator} | {statistics.median(col('eager', 'images_per_s')):.1f} "
+            f"| {statistics.median(col('compile', 'images_per_s')):.1f} | {statistics.median(col('bnff', 'images_per_s')):.1f} "
+            f"| {_spread(vs_eager, '.2f')}x {_verdict(statistics.median(vs_eager))} "
+            f"| {_spread(vs_compile, '.2f')}x {_verdict(statistics.median(vs_compile))} "
+            f"| {floors} | {_spread(removed, '+.0%') if removed else ''} |")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--processes", type=int, default=3, help="fresh processes per setting (default 3)")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--models", nargs="+", default=None, help="only these models' settings")
     p.add_argument("--json", default=None)
     args = p.parse_args()
-    results = []
+    print(describe(cpu_info()))
+    print(f"batch {args.batch}, 224x224, channels_last; median (min to max) of {args.processes} fresh processes, "
+          f"each the median of {args.steps} interleaved rounds; level = within {LEVEL:.0%} of 1.0\n")
     print("| model | dtype | allocator | eager img/s | compile img/s | bnff img/s | bnff / eager | bnff / compile "
-          "| step / floor: eager, compile, bnff | compile time |")
+          "| step / floor: eager, compile, bnff | overhead removed |")
     print("|---|---|---|---|---|---|---|---|---|---|")
+    results = []
     for model, dtype in SETTINGS:
+        if args.models and model not in args.models:
+            continue
         for allocator in ALLOCATORS:
-            res = _bench(model, dtype, args.batch, args.steps, allocator)
-            results.append(res)
-            r = res["results"]
-            print(f"| {model} | {dtype} | {allocator} | {r['eager']['images_per_s']:.1f} "
-                  f"| {r['compile']['images_per_s']:.1f} | {r['bnff']['images_per_s']:.1f} "
-                  f"| {res['ratios']['bnff_vs_eager']:.2f}x | {res['ratios']['bnff_vs_compile']:.2f}x "
-                  f"| {r['eager']['step_over_floor']:.2f}, {r['compile']['step_over_floor']:.2f}, "
-                  f"{r['bnff']['step_over_floor']:.2f} | {res['compile_s']:.0f} s |", flush=True)
+            runs = [_bench(model, dtype, args.batch, args.steps, allocator) for _ in range(args.processes)]
+            results.append({"model": model, "dtype": dtype, "allocator": allocator, "runs": runs})
+            print(row(model, dtype, allocator, runs), flush=True)
     if args.json:
         with atomic_open(args.json, "w") as f:
             json.dump(results, f, indent=2)

@@ -115,3 +115,14 @@ def test_plan_cli_prints_and_writes_json(tmp_path, capsys):
     assert len(costs) == len(data["groups"]) > 50
     assert all(c["fp_bytes"] > 0 and c["bp_bytes"] > 0 for c in costs.values())
     assert cli.main(["plan", "--model", "resnet18", "--scheme", "fused", "--quiet"]) == 0
+
+
+def test_naming_the_cpu_backend_in_a_fresh_process_builds_its_kernels_on_first_use():
+    """``restructure(model, backend="cpu")`` with nothing loaded yet: the first sweep loads the kernels."""
+    code = ("import torch, bnff; from bnff import models; from bnff.ops.backends import cpu; "
+            "m = models.resnet18(num_classes=10, small_input=True); "
+            "bnff.restructure(m, backend='cpu')(torch.randn(2, 3, 16, 16)).sum().backward(); "
+            "print(sum(cpu.kernel_calls().values()) > 0, sum(cpu.fallbacks().values()))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["True", "0"], out.stdout

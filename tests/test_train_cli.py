@@ -96,6 +96,13 @@ def test_bench_cli_json(tmp_path, capsys):
     for r in res["results"].values():  # timings vary by machine: only their units are checked
         assert 0 < r["step_s"] < 60 and r["images_per_s"] * r["step_s"] == pytest.approx(2)  # batch 2
     assert res["ratios"]["bnff_vs_eager"] > 0
+    r = res["results"]
+    want = (r["eager"]["step_s"] - r["bnff"]["step_s"]) / (r["eager"]["step_s"] - r["conv_floor"]["step_s"])
+    assert res["overhead_removed"] == pytest.approx(want)
+    cpuinfo = open("/proc/cpuinfo").read() if sys.platform == "linux" else ""
+    assert res["cpu"]["model"] and (not cpuinfo or res["cpu"]["model"] in cpuinfo)
+    assert all(f" {flag}" in cpuinfo for flag in res["cpu"]["isa_flags"])
+    assert res["cpu"]["aten_capability"] == torch.backends.cpu.get_cpu_capability()
     # activations kept for backward, from an independent count: ResNet-18 on a 2x3x32x32 input keeps
     # at least its input and conv1's output in eager (2*3*32*32 + 2*64*16*16 floats of 4 bytes)
     assert 4 * (2 * 3 * 32 * 32 + 2 * 64 * 16 * 16) < res["saved_bytes"]["eager"]

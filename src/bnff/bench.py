@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 import bnff
 from bnff import models
+from bnff.machine import cpu_info
 from bnff.memory import saved_activation_bytes
 from bnff.names import BENCH_VARIANTS
 from bnff.ops import backends
@@ -184,9 +185,12 @@ def run(cfg: BenchConfig, progress: bool = True) -> dict:
     """Measure ``cfg``; see the module docstring.
 
     Returns:
-        ``{"config": {...}, "results": {variant: {"step_s", "images_per_s", "step_over_floor"}},
-        "ratios": {"bnff_vs_eager", "bnff_vs_compile"}, "compile_s": float | None,
-        "saved_bytes": {variant: int | None}}``; ``step_s`` is the median over the rounds; saved
+        ``{"config": {...}, "cpu": bnff.machine.cpu_info(), "results": {variant: {"step_s",
+        "images_per_s", "step_over_floor"}}, "ratios": {"bnff_vs_eager", "bnff_vs_compile"},
+        "overhead_removed": float | None, "compile_s": float | None, "saved_bytes": {variant: int |
+        None}}``; ``step_s`` is the median over the rounds; ``overhead_removed`` is
+        (eager - bnff) / (eager - conv floor), the share of eager's time beyond its convolutions
+        that bnff removes (None without those three variants); saved
         bytes are ``bnff.memory``'s count (None for compile, whose saved tensors include weight casts
         the counter cannot separate).
     Raises:
@@ -248,8 +252,12 @@ def run(cfg: BenchConfig, progress: bool = True) -> dict:
             continue
         with _autocast(amp):
             saved[v] = saved_activation_bytes(net, x)
-    return {"config": asdict(cfg), "results": results, "ratios": ratios, "compile_s": compile_s,
-            "saved_bytes": saved}
+    removed = None
+    if {"eager", "bnff", "conv_floor"} <= set(results):
+        eager, fused = results["eager"]["step_s"], results["bnff"]["step_s"]
+        removed = (eager - fused) / (eager - floor) if eager != floor else None
+    return {"config": asdict(cfg), "cpu": cpu_info(), "results": results, "ratios": ratios,
+            "overhead_removed": removed, "compile_s": compile_s, "saved_bytes": saved}
 
 
 __all__ = ["BenchConfig", "VARIANTS", "run", "tune_malloc"]

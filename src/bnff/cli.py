@@ -50,6 +50,7 @@ def _bench(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from bnff.bench import BenchConfig, run
+    from bnff.machine import describe
 
     cfg = BenchConfig(model=args.model, batch=args.batch, image_size=args.image_size, dtype=args.dtype,
                       steps=args.steps, warmup=args.warmup, variants=tuple(args.variants), backend=args.backend,
@@ -65,8 +66,11 @@ def _bench(args: argparse.Namespace) -> int:
                   "" if r["step_over_floor"] is None else f"{r['step_over_floor']:.2f}",
                   "" if saved is None else f"{saved / 2 ** 20:,.1f}")
     Console().print(t)
+    print(describe(res["cpu"]))
     for k, v in res["ratios"].items():
         print(f"{k.replace('_', ' ')}: {v:.2f}x images/s")
+    if res["overhead_removed"] is not None:
+        print(f"overhead removed, (eager - bnff) / (eager - conv floor): {res['overhead_removed']:+.0%}")
     if res["compile_s"] is not None:
         print(f"torch.compile warm-up (compile time, excluded): {res['compile_s']:.1f} s")
     if args.json:

@@ -322,7 +322,8 @@ def dense_like(t: Tensor, like: Tensor) -> Tensor:
 @_falls_back
 def channel_stats(c: Tensor) -> tuple[Tensor, Tensor]:
     """``reference.channel_stats`` in one fused sweep."""
-    return torch.ops.bnff.channel_stats(c, _require("channel_stats", c))
+    layout = _require("channel_stats", c)  # first: it loads the kernels that torch.ops.bnff then names
+    return torch.ops.bnff.channel_stats(c, layout)
 
 
 @_falls_back

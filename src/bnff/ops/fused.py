@@ -115,11 +115,9 @@ def bn_statistics(sources: tuple[Tensor, ...], stats: tuple[Stats | None, ...],
 
 
 @dataclass(frozen=True)
-class _TermSpec:
-    """Where one BN's tensors sit in the flat argument list, and what its BN module says."""
+class _TermPos:
+    """Where one BN's tensors sit in the flat argument list."""
 
-    eps: float
-    batch: bool  # normalized with mini-batch statistics (their gradient terms B, C are live)
     sources: slice
     mean: int
     var: int
@@ -128,122 +126,64 @@ class _TermSpec:
 
 
 @dataclass(frozen=True)
-class _Spec:
-    """One call of the fused operator: its group's plan, and the named positions of its tensors in the
-    flat argument list (per term: sources, mean, var, gamma, beta; the residuals; each consumer's
-    parameters)."""
+class _Layout:
+    """A group's flat argument list by name, and where each tensor its plan keeps comes from: fixed
+    per group (and consumer parameter counts), so it is worked out once (``_layout``), not per call.
 
-    group: GroupPlan
-    terms: tuple[_TermSpec, ...]
+    Attributes:
+        terms: per BN term, its positions.
+        residuals: the shortcuts' positions.
+        params: per consumer, its parameters' positions.
+        kept_args: the flat positions of the tensors the plan keeps that are arguments.
+        kept_made: the ``(node, role)`` of those a step produces (the result a).
+        saved_params: positions of gamma, beta and the consumers' parameters, saved besides the keeps.
+        free_after: per backward step, the produced tensors no later step uses.
+    """
+
+    terms: tuple[_TermPos, ...]
     residuals: slice
     params: tuple[slice, ...]
-    consumers: tuple[consumers.Consumer, ...]
-    backend: str
+    kept_args: tuple[int, ...]
+    kept_made: tuple[tuple[str, str], ...]
+    saved_params: tuple[int, ...]
+    free_after: tuple[tuple[tuple[str, str], ...], ...]
 
 
-def _spec(group: GroupPlan, terms: tuple, residuals: tuple, wrapped: tuple, backend: str) -> tuple[_Spec, list]:
-    """The ``_Spec`` and the flat argument list of a ``bn_apply`` call."""
-    flat: list[Tensor | None] = []
-    specs = []
-    for sources, (mean, var), bn in terms:
-        i, n = len(flat), len(sources)
-        flat += [*sources, mean, var, bn.weight, bn.bias]
-        specs.append(_TermSpec(bn.eps, bn_math.uses_batch_stats(bn), slice(i, i + n), i + n, i + n + 1, i + n + 2,
-                               i + n + 3))
-    res = slice(len(flat), len(flat) + len(residuals))
-    flat += list(residuals)
-    params = []
-    for w in wrapped:
-        p = w.params()
-        params.append(slice(len(flat), len(flat) + len(p)))
-        flat += list(p)
-    return _Spec(group, tuple(specs), res, tuple(params), wrapped, backend), flat
+_LAYOUTS: dict[tuple[int, tuple[int, ...]], tuple[GroupPlan, _Layout]] = {}
 
 
-def _amp_dtype(t: Tensor) -> torch.dtype | None:
-    dev = t.device.type
-    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
-
-
-class _Env:
-    """A call's tensors: the flat arguments by their named positions, and what the steps produce, by
-    plan name ``(node, role)`` (``bnff.plan.Ref``)."""
-
-    def __init__(self, spec: _Spec, flat: list) -> None:
-        self.spec, self.flat = spec, flat
-        self.t: dict[tuple[str, str], Tensor | None] = {}
-
-    def sources(self, k: int) -> list[Tensor]:
-        return list(self.flat[self.spec.terms[k].sources])
-
-    def all_sources(self) -> list[list[Tensor]]:
-        return [self.sources(k) for k in range(len(self.spec.terms))]
-
-    def means(self) -> list[Tensor]:
-        return [self.flat[ts.mean] for ts in self.spec.terms]
-
-    def betas(self) -> list[Tensor | None]:
-        return [self.flat[ts.beta] for ts in self.spec.terms]
-
-    def f1s(self) -> list[Tensor]:
-        return [bn_math.scale(self.flat[ts.var], self.flat[ts.gamma], ts.eps) for ts in self.spec.terms]
-
-    def apply(self, be, f1s: list[Tensor], out_dtype: torch.dtype) -> Tensor:
-        return be.apply(self.all_sources(), self.means(), f1s, self.betas(), list(self.flat[self.spec.residuals]),
-                        self.spec.group.act_kind, out_dtype)
-
-    def position(self, ref) -> int | None:
-        """Where the tensor the plan names ``ref`` sits in the flat arguments (None: a step's product)."""
-        g, spec = self.spec.group, self.spec
-        for term, ts in zip(g.terms, spec.terms):
-            if ref.role == "ofmap" and ref.node in term.sources:
-                return ts.sources.start + term.sources.index(ref.node)
-            if ref.node == term.bn and ref.role in ("mean", "var"):
-                return ts.mean if ref.role == "mean" else ts.var
-        if ref.role == "ofmap" and ref.node in g.residuals:
-            return spec.residuals.start + g.residuals.index(ref.node)
-        return None
-
-    def kept(self, ref) -> Tensor:
-        """The tensor the plan names ``ref``.
-
-        Raises:
-            KeyError: the plan keeps a tensor this call neither has nor produced.
-        """
-        i = self.position(ref)
-        if i is not None:
-            return self.flat[i]
-        if (ref.node, ref.role) not in self.t:
-            raise KeyError(f"group {self.spec.group.name}: the plan keeps {ref}, which this operator does not have")
-        return self.t[(ref.node, ref.role)]
-
-    def restore(self, ref, t: Tensor) -> None:
-        """Put a kept tensor back where ``kept`` found it."""
-        i = self.position(ref)
-        if i is not None:
-            self.flat[i] = t
-        else:
-            self.t[(ref.node, ref.role)] = t
-
-
-def _param_positions(spec: _Spec) -> list[int]:
-    """Positions of gamma, beta and the consumers' parameters: saved for the backward besides the plan's keeps."""
-    return [i for ts in spec.terms for i in (ts.gamma, ts.beta)] + [i for sl in spec.params for i in range(sl.start, sl.stop)]
-
-
-_LAST_USES: dict[tuple, tuple] = {}
-
-
-def _last_uses(group: str, backward: tuple) -> tuple[tuple[tuple[str, str], ...], ...]:
-    """Per backward step, the produced tensors no later step uses (freed right after it). A consumer's
-    backward uses the result a. Memoized per schedule."""
-    hit = _LAST_USES.get(id(backward))
-    if hit is None or hit[0] is not backward:  # keyed by identity: hashing the steps would cost more
-        hit = _LAST_USES[id(backward)] = (backward, _free_after(group, backward))
+def _layout(group: GroupPlan, n_params: tuple[int, ...]) -> _Layout:
+    """The ``_Layout`` of ``group`` whose consumers take ``n_params`` parameters each (memoized by identity)."""
+    hit = _LAYOUTS.get((id(group), n_params))
+    if hit is None or hit[0] is not group:
+        hit = _LAYOUTS[(id(group), n_params)] = (group, _make_layout(group, n_params))
     return hit[1]
 
 
+def _make_layout(group: GroupPlan, n_params: tuple[int, ...]) -> _Layout:
+    terms, where, i = [], {}, 0
+    for t in group.terms:
+        n = len(t.sources)
+        terms.append(_TermPos(slice(i, i + n), i + n, i + n + 1, i + n + 2, i + n + 3))
+        where.update({(s, "ofmap"): i + j for j, s in enumerate(t.sources)})
+        where[(t.bn, "mean")], where[(t.bn, "var")] = i + n, i + n + 1
+        i += n + 4
+    residuals = slice(i, i + len(group.residuals))
+    where.update({(r, "ofmap"): i + j for j, r in enumerate(group.residuals)})
+    i = residuals.stop
+    params = []
+    for n in n_params:
+        params.append(slice(i, i + n))
+        i += n
+    sched = group.schedules["bnff"]
+    keys = [(r.node, r.role) for r in sched.keeps]
+    saved = tuple(j for tp in terms for j in (tp.gamma, tp.beta)) + tuple(j for sl in params for j in range(sl.start, sl.stop))
+    return _Layout(tuple(terms), residuals, tuple(params), tuple(where[k] for k in keys if k in where),
+                   tuple(k for k in keys if k not in where), saved, _free_after(group.name, sched.backward))
+
+
 def _free_after(group: str, backward: tuple) -> tuple:
+    """Per backward step, the produced tensors (a, g_a) no later step uses; a consumer's backward uses a."""
     def uses(s):
         return {(r.node, r.role) for r in s.reads} | ({(group, "ofmap")} if s.kind == "consumer_backward" else set())
     out = []
@@ -253,16 +193,93 @@ def _free_after(group: str, backward: tuple) -> tuple:
     return tuple(out)
 
 
+@dataclass(frozen=True)
+class _Spec:
+    """One call of the fused operator: its group's plan and layout, what its BN modules say now
+    (eps; whether mini-batch statistics are used, which makes B and C live), its consumers."""
+
+    group: GroupPlan
+    layout: _Layout
+    eps: tuple[float, ...]
+    batch: tuple[bool, ...]
+    consumers: tuple[consumers.Consumer, ...]
+    backend: str
+
+
+def _spec(group: GroupPlan, terms: tuple, residuals: tuple, wrapped: tuple, backend: str) -> tuple[_Spec, list]:
+    """The ``_Spec`` and the flat argument list of a ``bn_apply`` call."""
+    flat: list[Tensor | None] = []
+    for sources, (mean, var), bn in terms:
+        flat += [*sources, mean, var, bn.weight, bn.bias]
+    flat += list(residuals)
+    params = [w.params() for w in wrapped]
+    for p in params:
+        flat += list(p)
+    bns = [bn for _, _, bn in terms]
+    layout = _layout(group, tuple(len(p) for p in params))
+    return _Spec(group, layout, tuple(bn.eps for bn in bns), tuple(bn_math.uses_batch_stats(bn) for bn in bns),
+                 wrapped, backend), flat
+
+
+def _amp_dtype(t: Tensor) -> torch.dtype | None:
+    dev = t.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+
+
+class _Env:
+    """A call's tensors: the flat arguments by their named positions (``_Layout``), and what the steps
+    produce, by plan name ``(node, role)`` (``bnff.plan.Ref``)."""
+
+    def __init__(self, spec: _Spec, flat: list) -> None:
+        self.spec, self.lay, self.flat = spec, spec.layout, flat
+        self.t: dict[tuple[str, str], Tensor | None] = {}
+
+    def sources(self, k: int) -> list[Tensor]:
+        return self.flat[self.lay.terms[k].sources]
+
+    def all_sources(self) -> list[list[Tensor]]:
+        return [self.flat[tp.sources] for tp in self.lay.terms]
+
+    def means(self) -> list[Tensor]:
+        return [self.flat[tp.mean] for tp in self.lay.terms]
+
+    def betas(self) -> list[Tensor | None]:
+        return [self.flat[tp.beta] for tp in self.lay.terms]
+
+    def f1s(self) -> list[Tensor]:
+        return [bn_math.scale(self.flat[tp.var], self.flat[tp.gamma], eps) for tp, eps in zip(self.lay.terms, self.spec.eps)]
+
+    def apply(self, be, f1s: list[Tensor], out_dtype: torch.dtype) -> Tensor:
+        return be.apply(self.all_sources(), self.means(), f1s, self.betas(), self.flat[self.lay.residuals],
+                        self.spec.group.act_kind, out_dtype)
+
+    def saved(self) -> list[Tensor]:
+        """What the forward saves: the tensors the plan keeps (flat arguments, then produced ones), then
+        gamma, beta and the consumers' parameters."""
+        flat, lay = self.flat, self.lay
+        return [flat[i] for i in lay.kept_args] + [self.t[k] for k in lay.kept_made] + [flat[i] for i in lay.saved_params]
+
+    def restore(self, saved: tuple) -> None:
+        """Put what ``saved`` gave back in place."""
+        lay, it = self.lay, iter(saved)
+        for i in lay.kept_args:
+            self.flat[i] = next(it)
+        for k in lay.kept_made:
+            self.t[k] = next(it)
+        for i in lay.saved_params:
+            self.flat[i] = next(it)
+
+
 class _ApplyConsume(torch.autograd.Function):
     """Fused BN apply (+ add + activation) [+ consumers]: runs its group's ``bnff`` schedule."""
 
     @staticmethod
     def forward(ctx, spec: _Spec, *flat):
-        g, sched = spec.group, spec.group.schedules["bnff"]
+        g, lay, sched = spec.group, spec.layout, spec.group.schedules["bnff"]
         be = backends.get(spec.backend)
         env = _Env(spec, list(flat))
         f1s = env.f1s()
-        maps = [x for srcs in env.all_sources() for x in srcs] + list(flat[spec.residuals])
+        maps = [x for srcs in env.all_sources() for x in srcs] + env.flat[lay.residuals]
         out_dtype = functools.reduce(torch.promote_types, [m.dtype for m in maps])
         amp, outs = None, []
         for step in sched.forward:
@@ -271,11 +288,11 @@ class _ApplyConsume(torch.autograd.Function):
                 amp = _amp_dtype(a)
             elif step.kind == "consume":
                 with record.consumer(g.name, step.consumer, "fp"):
-                    outs.append(spec.consumers[step.consumer].forward(a, flat[spec.params[step.consumer]], amp))
+                    outs.append(spec.consumers[step.consumer].forward(a, flat[lay.params[step.consumer]], amp))
             # the "stats" steps run in feature_statistics, right after each producer
         ctx.spec, ctx.amp, ctx.out_dtype, ctx.n = spec, amp, out_dtype, len(flat)
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(*[env.kept(r) for r in sched.keeps], *[flat[i] for i in _param_positions(spec)])
+        ctx.save_for_backward(*env.saved())
         return tuple(outs) if g.per_consumer else a
 
     @staticmethod
@@ -287,16 +304,12 @@ class _ApplyConsume(torch.autograd.Function):
     @staticmethod
     def _backward(ctx, grad_outs: tuple) -> tuple:
         spec: _Spec = ctx.spec
-        g, sched = spec.group, spec.group.schedules["bnff"]
+        g, lay, sched = spec.group, spec.layout, spec.group.schedules["bnff"]
         needs = ctx.needs_input_grad[1:]
         if all(o is None for o in grad_outs):
             return (None,) * (1 + ctx.n)
-        keeps, saved = sched.keeps, ctx.saved_tensors
         env = _Env(spec, [None] * ctx.n)
-        for ref, t in zip(keeps, saved):
-            env.restore(ref, t)
-        for i, t in zip(_param_positions(spec), saved[len(keeps):]):
-            env.flat[i] = t
+        env.restore(ctx.saved_tensors)
         be = backends.get(spec.backend)
         f1s = env.f1s()
         a_key, g_key, dy_key = (g.name, "ofmap"), (g.name, "grad"), (g.name, "dy")
@@ -306,20 +319,19 @@ class _ApplyConsume(torch.autograd.Function):
             # a gradient a user's backward hands over non-dense (a mean's expanded view) is made dense
             # as that user's own work: the traffic model charges its backward for writing it
             with record.user(g.name, "bp"):
-                env.t[g_key] = be.dense_like(grad_outs[0], env.sources(0)[0] if spec.terms else grad_outs[0])
+                env.t[g_key] = be.dense_like(grad_outs[0], env.sources(0)[0] if lay.terms else grad_outs[0])
         grads: list[Tensor | None] = [None] * ctx.n
         dgrads: dict[int, Tensor] = {}
-        k_terms = len(spec.terms)
-        s1s: list[Tensor | None] = [None] * k_terms
-        s2cs: list[Tensor | None] = [None] * k_terms
+        s1s: list[Tensor | None] = [None] * len(lay.terms)
+        s2cs: list[Tensor | None] = [None] * len(lay.terms)
         for i, step in enumerate(sched.backward):
-            k = step.term
-            if step.kind == "recompute":
+            k, kind = step.term, step.kind
+            if kind == "recompute":
                 env.t[a_key] = env.apply(be, f1s, ctx.out_dtype)
-            elif step.kind == "grad_layout":
-                env.t[g_key] = be.dense_like(env.t[g_key], env.sources(0)[0] if spec.terms else env.t[a_key])
-            elif step.kind == "consumer_backward":
-                c, sl = step.consumer, spec.params[step.consumer]
+            elif kind == "grad_layout":
+                env.t[g_key] = be.dense_like(env.t[g_key], env.sources(0)[0] if lay.terms else env.t[a_key])
+            elif kind == "consumer_backward":
+                c, sl = step.consumer, lay.params[step.consumer]
                 if grad_outs[c] is not None:
                     with record.consumer(g.name, c, "bp"):
                         g_c, pg = spec.consumers[c].backward(env.t[a_key], grad_outs[c], env.flat[sl], ctx.amp,
@@ -329,33 +341,34 @@ class _ApplyConsume(torch.autograd.Function):
                         env.t[g_key] = g_c
                     else:
                         dgrads[c] = g_c
-            elif step.kind == "grad_add":
+            elif kind == "grad_add":
                 g_c = dgrads.pop(step.consumer, None)
                 if g_c is not None:
                     env.t[g_key] = env.t[g_key] + g_c
-            elif step.kind == "grad_stats_x":
-                s1s[k], s2cs[k] = be.grad_stats_x(env.t[g_key], g.act_kind, env.sources(k), env.means()[k], f1s[k],
-                                                  env.betas()[k], ctx.out_dtype)
-            elif step.kind == "grad_stats":
+            elif kind == "grad_stats_x":
+                s1s[k], s2cs[k] = be.grad_stats_x(env.t[g_key], g.act_kind, env.sources(k), env.flat[lay.terms[k].mean],
+                                                  f1s[k], env.flat[lay.terms[k].beta], ctx.out_dtype)
+            elif kind == "grad_stats":
                 env.t[dy_key], s1s, s2cs = be.grad_stats(env.t[g_key], env.t.get(a_key) if g.act else None,
                                                          g.act_kind, env.all_sources(), env.means())
-            elif step.kind in ("input_grad", "input_grad_x") and any(needs[spec.terms[k].sources]):
-                ts = spec.terms[k]
-                b = bn_math.backward_coefficient(env.flat[ts.var], f1s[k], s2cs[k], ts.eps) if ts.batch else None
-                if step.kind == "input_grad_x":
-                    grads[ts.sources] = be.input_grad_x(env.t[g_key], g.act_kind, env.sources(k), env.means()[k],
-                                                        f1s[k], env.betas()[k], ctx.out_dtype, b, s1s[k])
+            elif kind in ("input_grad", "input_grad_x") and any(needs[lay.terms[k].sources]):
+                tp = lay.terms[k]
+                b = bn_math.backward_coefficient(env.flat[tp.var], f1s[k], s2cs[k], spec.eps[k]) if spec.batch[k] else None
+                if kind == "input_grad_x":
+                    grads[tp.sources] = be.input_grad_x(env.t[g_key], g.act_kind, env.sources(k), env.flat[tp.mean],
+                                                        f1s[k], env.flat[tp.beta], ctx.out_dtype, b, s1s[k])
                 else:
-                    grads[ts.sources] = be.input_grad(env.t[dy_key], env.sources(k), env.means()[k], f1s[k], b, s1s[k])
-            for key in _last_uses(g.name, sched.backward)[i]:
+                    grads[tp.sources] = be.input_grad(env.t[dy_key], env.sources(k), env.flat[tp.mean], f1s[k], b, s1s[k])
+            for key in lay.free_after[i]:
                 env.t.pop(key, None)
-        for k, ts in enumerate(spec.terms):
-            if needs[ts.gamma] or needs[ts.beta]:
-                x0 = env.flat[ts.sources][0]
-                dgamma, dbeta = bn_math.affine_grads(env.flat[ts.var], s1s[k], s2cs[k], x0.numel() // x0.shape[1], ts.eps)
-                grads[ts.gamma] = dgamma.to(env.flat[ts.gamma].dtype) if needs[ts.gamma] else None
-                grads[ts.beta] = dbeta.to(env.flat[ts.beta].dtype) if needs[ts.beta] else None
-        for j in range(spec.residuals.start, spec.residuals.stop):
+        for k, tp in enumerate(lay.terms):
+            if needs[tp.gamma] or needs[tp.beta]:
+                x0 = env.flat[tp.sources.start]
+                dgamma, dbeta = bn_math.affine_grads(env.flat[tp.var], s1s[k], s2cs[k], x0.numel() // x0.shape[1],
+                                                     spec.eps[k])
+                grads[tp.gamma] = dgamma.to(env.flat[tp.gamma].dtype) if needs[tp.gamma] else None
+                grads[tp.beta] = dbeta.to(env.flat[tp.beta].dtype) if needs[tp.beta] else None
+        for j in range(lay.residuals.start, lay.residuals.stop):
             grads[j] = env.t[dy_key].to(ctx.out_dtype) if needs[j] else None
         return (None, *grads)
 

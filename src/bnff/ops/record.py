@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 from collections import Counter
-from collections.abc import Iterator
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -73,17 +72,24 @@ class Recorder(TorchDispatchMode):
         _active.remove(self)
 
 
-@contextlib.contextmanager
-def scope(group: str, phase: str) -> Iterator[None]:
-    """Attribute what runs inside to ``group`` in ``phase`` while a ``Recorder`` is active (free otherwise)."""
-    if not _active:
-        yield
-        return
-    _scope.append((group, phase))
-    try:
-        yield
-    finally:
+class _Scope:
+    def __init__(self, key: tuple[str, str]) -> None:
+        self.key = key
+
+    def __enter__(self) -> None:
+        _scope.append(self.key)
+
+    def __exit__(self, *exc) -> None:
         _scope.pop()
+
+
+_OFF = contextlib.nullcontext()
+
+
+def scope(group: str, phase: str):
+    """Attribute what runs inside to ``group`` in ``phase`` while a ``Recorder`` is active (a shared
+    no-op context otherwise: the fused operators call this on every step)."""
+    return _Scope((group, phase)) if _active else _OFF
 
 
 def user(group: str, phase: str):

@@ -237,17 +237,17 @@ def _layout(t: Tensor) -> str | None:
     return "nhwc" if t.is_contiguous(memory_format=torch.channels_last) else None
 
 
-def _uncovered(tensors: tuple[Tensor | None, ...]) -> str | None:
-    """Why the kernels do not cover these tensors, or None if they do."""
+def _uncovered(tensors: tuple[Tensor | None, ...]) -> tuple[str | None, str | None]:
+    """(why the kernels do not cover these tensors or None if they do, their common layout)."""
     ts = [t for t in tensors if t is not None]
     if any(t.dtype == torch.float64 for t in ts):
-        return "float64"
+        return "float64", None
     if any(t.dtype not in (torch.float32, torch.bfloat16) for t in ts):
-        return "dtype " + "/".join(sorted({str(t.dtype) for t in ts}))
+        return "dtype " + "/".join(sorted({str(t.dtype) for t in ts})), None
     layouts = {_layout(t) for t in ts}
     if None in layouts:
-        return "not a 4-D CPU tensor in NCHW or channels_last"
-    return "mixed layouts" if len(layouts) > 1 else None
+        return "not a 4-D CPU tensor in NCHW or channels_last", None
+    return ("mixed layouts", None) if len(layouts) > 1 else (None, layouts.pop())
 
 
 class _Uncovered(Exception):
@@ -258,9 +258,10 @@ def _require(sweep: str, *tensors: Tensor | None, why: str | None = None) -> int
     """The layout code of ``tensors`` if the kernels cover them; else count the reason (``fallbacks``),
     say it once per reason (a failed build has warned already) and raise ``_Uncovered``.
     ``why``: a reason the caller found (too many terms, an uncovered output dtype)."""
-    why = why or _uncovered(tensors) or (None if available() else "kernels not built")
+    found, layout = _uncovered(tensors)
+    why = why or found or (None if available() else "kernels not built")
     if why is None:
-        return LAYOUT_CODES[_layout(next(t for t in tensors if t is not None))]
+        return LAYOUT_CODES[layout]
     if why != "kernels not built" and not any(reason == why for _, reason in _fallbacks):
         warnings.warn(f"bnff: the cpu backend hands sweeps to the reference backend (plain PyTorch, slower) "
                       f"because of: {why}. Its kernels cover 4-D float32/bfloat16 maps in NCHW or channels_last, "

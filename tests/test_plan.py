@@ -56,6 +56,9 @@ def test_plan_is_plain_data_and_json():
     data = json.loads(plan.to_json())
     assert [g["name"] for g in data["groups"]] == [g.output.name for g in groups]
     by_name = {g["name"]: g for g in data["groups"]}
+    assert plan.group("layer1_0_relu").consumers == ("layer1_0_conv2",)
+    with pytest.raises(KeyError, match="no fused group 'layer1_0_conv2'"):
+        plan.group("layer1_0_conv2")
     assert all(set(g["schedules"]) == {"unfused", "bnff", "fused"} for g in data["groups"])
 
     def kinds(name):

@@ -102,9 +102,4 @@ def consumer(group: str, index: int, phase: str):
     return scope(f"{group}/consumer{index}", phase)
 
 
-def recording() -> bool:
-    """Whether a ``Recorder`` is active."""
-    return bool(_active)
-
-
-__all__ = ["Recorder", "consumer", "recording", "scope", "user"]
+__all__ = ["Recorder", "consumer", "scope", "user"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from rich.table import Table
 
 from bnff.graph.layers import LayerGraph
-from bnff.plan import FusionPlan, steps_table
+from bnff.plan import SCHEMES, FusionPlan, steps_table
 from bnff.traffic.account import GroupCost, group_costs
 from bnff.traffic.assumptions import Assumptions
 
@@ -53,8 +53,6 @@ def steps_text_table(plan: FusionPlan, scheme: str) -> Table:
 
 def plan_json(lg: LayerGraph, plan: FusionPlan, a: Assumptions) -> dict:
     """The plan (``FusionPlan.as_dict``) with every group's bytes and FLOPs per scheme at ``lg``'s input."""
-    from bnff.plan import SCHEMES
-
     out = plan.as_dict()
     out["input_shape"] = list(lg.input_shape)
     out["element_bytes"] = a.element_bytes

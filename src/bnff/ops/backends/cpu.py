@@ -136,8 +136,7 @@ def _register_fakes() -> None:
     """Shape-only implementations for torch.compile / meta tensors."""
 
     def fmt(t: Tensor) -> torch.memory_format:
-        return torch.channels_last if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) \
-            and not t.is_contiguous() else torch.contiguous_format
+        return torch.channels_last if t.dim() == 4 and _nhwc(t) else torch.contiguous_format
 
     @torch.library.register_fake("bnff::channel_stats")
     def _(x, layout):
@@ -227,14 +226,19 @@ def fallbacks() -> Counter:
 _fallbacks: Counter = Counter()
 
 
+def _nhwc(t: Tensor) -> bool:
+    """The layout rule, written once: a 4-D tensor is read as channels_last when it is dense in that
+    format and, if it is dense in both (C == 1 or H*W == 1), when its channel stride is 1."""
+    return t.is_contiguous(memory_format=torch.channels_last) and (not t.is_contiguous() or t.stride(1) == 1)
+
+
 def _layout(t: Tensor) -> str | None:
-    """The layout the kernels read ``t`` in ("nchw" or "nhwc"), or None if they cannot. The one rule:
-    a tensor dense in both (C == 1 or H*W == 1) is "nhwc" when its channel stride is 1."""
+    """The layout the kernels read ``t`` in ("nchw" or "nhwc", by ``_nhwc``), or None if they cannot."""
     if t.dim() != 4 or t.device.type != "cpu" or t.dtype not in (torch.float32, torch.bfloat16):
         return None
-    if t.is_contiguous():
-        return "nchw" if not (t.is_contiguous(memory_format=torch.channels_last) and t.stride(1) == 1) else "nhwc"
-    return "nhwc" if t.is_contiguous(memory_format=torch.channels_last) else None
+    if _nhwc(t):
+        return "nhwc"
+    return "nchw" if t.is_contiguous() else None
 
 
 def _uncovered(tensors: tuple[Tensor | None, ...]) -> tuple[str | None, str | None]:

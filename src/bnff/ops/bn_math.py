@@ -37,6 +37,11 @@ def accumulation_dtype(*dtypes: torch.dtype) -> torch.dtype:
     return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
+def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t`` in ``dtype``, without a dispatch when it is already (these run per layer per step)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def invstd(var: Tensor, eps: float) -> Tensor:
     """1 / sqrt(var + eps), shape (C,)."""
     return torch.rsqrt(var + eps)
@@ -45,17 +50,17 @@ def invstd(var: Tensor, eps: float) -> Tensor:
 def scale(var: Tensor, gamma: Tensor | None, eps: float) -> Tensor:
     """F1 = gamma / sqrt(var + eps) (seed 002 eq. 10); gamma=None (affine=False) means gamma = 1."""
     inv = invstd(var, eps)
-    return inv if gamma is None else gamma.to(inv.dtype) * inv
+    return inv if gamma is None else _as(gamma, inv.dtype) * inv
 
 
 def backward_coefficient(var: Tensor, f1: Tensor, s2c: Tensor, eps: float) -> Tensor:
     """B = F1 * F3 * (mu * S1 - S2) = -F1 * S2c / (var + eps) (seed 002 eq. 13 and 15), shape (C,)."""
-    return -f1 * s2c / (var.to(f1.dtype) + eps)
+    return f1 * s2c / (-eps - _as(var, f1.dtype))
 
 
 def affine_grads(var: Tensor, s1: Tensor, s2c: Tensor, m: int, eps: float) -> tuple[Tensor, Tensor]:
     """dgamma = m * S2c / sqrt(var + eps) and dbeta = m * S1 (DESIGN.md section 3), shapes (C,)."""
-    return m * s2c * invstd(var.to(s2c.dtype), eps), m * s1
+    return s2c * m * invstd(_as(var, s2c.dtype), eps), s1 * m
 
 
 def uses_batch_stats(bn: nn.modules.batchnorm._BatchNorm) -> bool:
@@ -87,5 +92,5 @@ def update_running_stats(bn: nn.modules.batchnorm._BatchNorm, mean: Tensor, var:
     if bn.running_mean is None:
         return
     rm, rv = bn.running_mean, bn.running_var
-    rm.mul_(1.0 - factor).add_(mean.to(rm.dtype), alpha=factor)
-    rv.mul_(1.0 - factor).add_((var * (m / (m - 1))).to(rv.dtype), alpha=factor)
+    rm.mul_(1.0 - factor).add_(_as(mean, rm.dtype), alpha=factor)
+    rv.mul_(1.0 - factor).add_(_as(var * (m / (m - 1)), rv.dtype), alpha=factor)

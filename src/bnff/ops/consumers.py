@@ -22,8 +22,9 @@ from bnff.graph.consumers import FUNCTIONAL, conv_padding, unsupported_reason
 class Consumer(Protocol):
     """What the fused operator needs from the layer it feeds."""
 
-    def params(self) -> tuple[Tensor | None, ...]:
-        """The consumer's tensors that need gradients (weight, bias), in a fixed order."""
+    def params(self, amp_dtype: torch.dtype | None) -> tuple[Tensor | None, ...]:
+        """The consumer's tensors that need gradients (weight, bias), in a fixed order, as its forward
+        uses them under autocast to ``amp_dtype`` (None: autocast off)."""
 
     def forward(self, a: Tensor, params: tuple[Tensor | None, ...], amp_dtype: torch.dtype | None) -> Tensor:
         """Run the consumer on the pre-processed input ``a``."""
@@ -33,43 +34,53 @@ class Consumer(Protocol):
         """Return (grad w.r.t. ``a``, grads w.r.t. ``params``); ``needs`` is (a, *params)."""
 
 
+def autocast_dtype(t: Tensor) -> torch.dtype | None:
+    """The dtype autocast runs lower-precision ops in on ``t``'s device, or None when it is off."""
+    dev = t.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+
+
+def _cast(t: Tensor | None, amp_dtype: torch.dtype | None) -> Tensor | None:
+    """``t`` as autocast hands it to a lower-precision op: floating tensors other than float64 in
+    ``amp_dtype`` (a graph op, so gradients flow back to ``t`` in its own dtype), the rest as they are."""
+    if t is None or amp_dtype is None or t.dtype == amp_dtype or not t.is_floating_point() or t.dtype == torch.float64:
+        return t
+    return t.to(amp_dtype)
+
+
 class Conv2dConsumer:
     """A ``nn.Conv2d`` fed by the apply step; its input is recomputed, never stored.
 
-    Forward: ``out = conv2d(a, weight, bias)``; under autocast, a, weight and bias are cast to the
-    autocast dtype exactly as eager autocast does. Backward: dgrad and wgrad by
-    ``aten.convolution_backward`` on the recomputed ``a``; weight/bias grads are returned in the
-    parameters' own dtype.
+    Forward: ``out = conv2d(a, weight, bias)``. Under autocast, weight and bias come cast to the
+    autocast dtype by ``params`` outside the fused operator, as eager autocast casts them (one copy
+    per forward, whose gradient autograd turns back into the parameters' dtype; the backward uses
+    the same copy), and ``a`` is cast likewise. Backward: dgrad and wgrad by
+    ``aten.convolution_backward`` on the recomputed ``a``.
     """
 
     def __init__(self, conv: nn.Conv2d) -> None:
         self.conv = conv
         self.padding = conv_padding(conv)
 
-    def params(self) -> tuple[Tensor | None, ...]:
-        return (self.conv.weight, self.conv.bias)
-
-    def _cast(self, t: Tensor | None, amp_dtype: torch.dtype | None) -> Tensor | None:
-        return t if t is None or amp_dtype is None else t.to(amp_dtype)
+    def params(self, amp_dtype):
+        return (_cast(self.conv.weight, amp_dtype), _cast(self.conv.bias, amp_dtype))
 
     def forward(self, a, params, amp_dtype):
         weight, bias = params
         c = self.conv
         with torch.autocast(a.device.type, enabled=False):
-            return F.conv2d(self._cast(a, amp_dtype), self._cast(weight, amp_dtype), self._cast(bias, amp_dtype),
-                            c.stride, self.padding, c.dilation, c.groups)
+            return F.conv2d(_cast(a, amp_dtype), weight, bias, c.stride, self.padding, c.dilation, c.groups)
 
     def backward(self, a, grad_out, params, amp_dtype, needs):
         weight, bias = params
         c = self.conv
-        w = self._cast(weight, amp_dtype)
-        a = self._cast(a, amp_dtype)
+        a = _cast(a, amp_dtype)
         g_a, g_w, g_b = torch.ops.aten.convolution_backward(
-            grad_out.to(w.dtype), a, w, None if bias is None else [bias.shape[0]],
-            list(c.stride), list(self.padding), list(c.dilation), False, [0, 0], c.groups,
-            [needs[0], needs[1], bias is not None and needs[2]])
-        g_w = None if g_w is None else g_w.to(weight.dtype)
-        g_b = None if g_b is None else g_b.to(bias.dtype)
+            grad_out if grad_out.dtype == weight.dtype else grad_out.to(weight.dtype), a, weight,
+            None if bias is None else [bias.shape[0]], list(c.stride), list(self.padding), list(c.dilation), False,
+            [0, 0], c.groups, [needs[0], needs[1], bias is not None and needs[2]])
+        g_w = g_w if g_w is None or g_w.dtype == weight.dtype else g_w.to(weight.dtype)
+        g_b = g_b if g_b is None or g_b.dtype == bias.dtype else g_b.to(bias.dtype)
         return g_a, (g_w, g_b)
 
 
@@ -81,7 +92,7 @@ class RecomputeConsumer:
     def __init__(self, module: Callable[[Tensor], Tensor]) -> None:
         self.module = module
 
-    def params(self) -> tuple[Tensor | None, ...]:
+    def params(self, amp_dtype):
         return ()
 
     def forward(self, a, params, amp_dtype):

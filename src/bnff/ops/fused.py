@@ -212,18 +212,14 @@ def _spec(group: GroupPlan, terms: tuple, residuals: tuple, wrapped: tuple, back
     for sources, (mean, var), bn in terms:
         flat += [*sources, mean, var, bn.weight, bn.bias]
     flat += list(residuals)
-    params = [w.params() for w in wrapped]
+    like = (residuals or terms[0][0])[0]
+    params = [w.params(consumers.autocast_dtype(like)) for w in wrapped]
     for p in params:
         flat += list(p)
     bns = [bn for _, _, bn in terms]
     layout = _layout(group, tuple(len(p) for p in params))
     return _Spec(group, layout, tuple(bn.eps for bn in bns), tuple(bn_math.uses_batch_stats(bn) for bn in bns),
                  wrapped, backend), flat
-
-
-def _amp_dtype(t: Tensor) -> torch.dtype | None:
-    dev = t.device.type
-    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
 
 
 class _Env:
@@ -285,7 +281,7 @@ class _ApplyConsume(torch.autograd.Function):
         for step in sched.forward:
             if step.kind == "apply":
                 env.t[(g.name, "ofmap")] = a = env.apply(be, f1s, out_dtype)
-                amp = _amp_dtype(a)
+                amp = consumers.autocast_dtype(a)
             elif step.kind == "consume":
                 with record.consumer(g.name, step.consumer, "fp"):
                     outs.append(spec.consumers[step.consumer].forward(a, flat[lay.params[step.consumer]], amp))
@@ -366,10 +362,10 @@ class _ApplyConsume(torch.autograd.Function):
                 x0 = env.flat[tp.sources.start]
                 dgamma, dbeta = bn_math.affine_grads(env.flat[tp.var], s1s[k], s2cs[k], x0.numel() // x0.shape[1],
                                                      spec.eps[k])
-                grads[tp.gamma] = dgamma.to(env.flat[tp.gamma].dtype) if needs[tp.gamma] else None
-                grads[tp.beta] = dbeta.to(env.flat[tp.beta].dtype) if needs[tp.beta] else None
+                grads[tp.gamma] = bn_math._as(dgamma, env.flat[tp.gamma].dtype) if needs[tp.gamma] else None
+                grads[tp.beta] = bn_math._as(dbeta, env.flat[tp.beta].dtype) if needs[tp.beta] else None
         for j in range(lay.residuals.start, lay.residuals.stop):
-            grads[j] = env.t[dy_key].to(ctx.out_dtype) if needs[j] else None
+            grads[j] = bn_math._as(env.t[dy_key], ctx.out_dtype) if needs[j] else None
         return (None, *grads)
 
 

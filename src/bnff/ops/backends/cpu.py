@@ -51,6 +51,9 @@ COVERAGE = ("float32 and bfloat16 feature maps (NCHW or channels_last) in the C+
 # level is never loaded at another. ``-ffp-contract=off``: no fused multiply-add the source does not
 # write, so the apply step's value (and its ReLU mask) is the same in every kernel that recomputes it.
 ISA_FLAGS = {
+    # AVX-512 and the bfloat16 conversion instruction (Zen 4, Sapphire Rapids): stores of bfloat16 maps
+    # take one VCVTNEPS2BF16 per vector instead of an eight-instruction rounding sequence
+    "avx512_bf16": ["-march=x86-64-v4", "-mavx512bf16", "-mprefer-vector-width=512"],
     "avx512": ["-march=x86-64-v4", "-mprefer-vector-width=512"],  # AVX-512 F/BW/CD/DQ/VL
     "avx2": ["-march=x86-64-v3"],  # AVX2, FMA, BMI1/2
     "default": [],  # the compiler's baseline for the platform
@@ -59,15 +62,20 @@ _COMMON_FLAGS = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-fast-math"]
 
 
 def isa() -> str:
-    """The instruction-set level the kernels are built for: "avx512", "avx2" or "default".
+    """The instruction-set level the kernels are built for: "avx512_bf16", "avx512", "avx2" or "default".
 
     It follows ATen's dispatch level (``torch.backends.cpu.get_cpu_capability()``, which honours
-    ``ATEN_CPU_CAPABILITY``): on an x86-64 CPU with AVX-512 "avx512", with AVX2 "avx2"; on any other
+    ``ATEN_CPU_CAPABILITY``): on an x86-64 CPU with AVX-512 "avx512", or "avx512_bf16" when the CPU
+    also lists the ``avx512_bf16`` flag (``bnff.machine.cpu_info``); with AVX2 "avx2"; on any other
     CPU, or when ATen is held to a lower level, the lower one.
     """
+    from bnff.machine import cpu_info
+
     cap = torch.backends.cpu.get_cpu_capability().lower()
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return "default"
+    if cap == "avx512" and "avx512_bf16" in cpu_info()["isa_flags"]:
+        return "avx512_bf16"
     return cap if cap in ("avx512", "avx2") else "default"
 
 
@@ -232,9 +240,12 @@ def _nhwc(t: Tensor) -> bool:
     return t.is_contiguous(memory_format=torch.channels_last) and (not t.is_contiguous() or t.stride(1) == 1)
 
 
+_COVERED_DTYPES = (torch.float32, torch.bfloat16)
+
+
 def _layout(t: Tensor) -> str | None:
     """The layout the kernels read ``t`` in ("nchw" or "nhwc", by ``_nhwc``), or None if they cannot."""
-    if t.dim() != 4 or t.device.type != "cpu" or t.dtype not in (torch.float32, torch.bfloat16):
+    if t.dim() != 4 or t.dtype not in _COVERED_DTYPES or not t.is_cpu:
         return None
     if _nhwc(t):
         return "nhwc"
@@ -244,10 +255,11 @@ def _layout(t: Tensor) -> str | None:
 def _uncovered(tensors: tuple[Tensor | None, ...]) -> tuple[str | None, str | None]:
     """(why the kernels do not cover these tensors or None if they do, their common layout)."""
     ts = [t for t in tensors if t is not None]
-    if any(t.dtype == torch.float64 for t in ts):
+    dtypes = {t.dtype for t in ts}
+    if torch.float64 in dtypes:
         return "float64", None
-    if any(t.dtype not in (torch.float32, torch.bfloat16) for t in ts):
-        return "dtype " + "/".join(sorted({str(t.dtype) for t in ts})), None
+    if not dtypes.issubset(_COVERED_DTYPES):
+        return "dtype " + "/".join(sorted(str(d) for d in dtypes)), None
     layouts = {_layout(t) for t in ts}
     if None in layouts:
         return "not a 4-D CPU tensor in NCHW or channels_last", None
@@ -315,7 +327,9 @@ def _one_dtype(maps: list[Tensor | None]) -> list[Tensor | None]:
 
 
 def _f32(v: Tensor) -> Tensor:
-    return v.detach().to(torch.float32).contiguous()
+    """A per-channel vector as the kernels read it: contiguous float32 (a copy only if it is not;
+    the sweeps run without autograd, so it need not be detached)."""
+    return v if v.dtype == torch.float32 and v.is_contiguous() else v.detach().to(torch.float32).contiguous()
 
 
 def dense_like(t: Tensor, like: Tensor) -> Tensor:

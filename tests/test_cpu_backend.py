@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 import bnff
+from bnff.machine import cpu_info
 from bnff.ops.backends import cpu, reference
 from helpers import assert_rule
 
@@ -263,9 +264,10 @@ def test_workspace_reuses_freed_blocks_and_releases_them(gen):
 def test_each_isa_level_gets_its_own_cache_and_follows_aten():
     """Two ISA levels: two names, two folders, their own -march; the level follows ATen's (here held
     to AVX2 by ATEN_CPU_CAPABILITY in a fresh interpreter, as the rehearsal run does)."""
-    specs = {level: cpu.build_spec(level) for level in ("avx512", "avx2", "default")}
-    assert len({s[0] for s in specs.values()}) == len({s[1] for s in specs.values()}) == 3
+    specs = {level: cpu.build_spec(level) for level in ("avx512_bf16", "avx512", "avx2", "default")}
+    assert len({s[0] for s in specs.values()}) == len({s[1] for s in specs.values()}) == 4
     assert "-march=x86-64-v4" in specs["avx512"][2] and "-march=x86-64-v3" in specs["avx2"][2]
+    assert "-mavx512bf16" in specs["avx512_bf16"][2] and "-mavx512bf16" not in specs["avx512"][2]
     assert not any(f.startswith("-march") for f in specs["default"][2])
     assert all("-ffp-contract=off" in s[2] for s in specs.values())
     with pytest.raises(ValueError, match="unknown ISA level"):
@@ -273,8 +275,11 @@ def test_each_isa_level_gets_its_own_cache_and_follows_aten():
     code = "from bnff.ops.backends import cpu; print(cpu.isa(), cpu.build_spec()[1])"
     out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "ATEN_CPU_CAPABILITY": "avx2"},
                          capture_output=True, text=True, check=True).stdout.split()
-    if platform.machine() == "x86_64" and cpu.isa() in ("avx2", "avx512"):
+    if platform.machine() == "x86_64" and cpu.isa() in ("avx2", "avx512", "avx512_bf16"):
         assert out == ["avx2", str(specs["avx2"][1])]
+    flags = cpu_info()["isa_flags"]
+    if cpu.isa().startswith("avx512"):  # the bf16 conversion instruction only where the CPU lists it
+        assert (cpu.isa() == "avx512_bf16") == ("avx512_bf16" in flags)
     assert cpu.available() and cpu._state["library"] == cpu.build_spec()[1]  # this process loaded its own level
 
 

@@ -92,5 +92,6 @@ def update_running_stats(bn: nn.modules.batchnorm._BatchNorm, mean: Tensor, var:
     if bn.running_mean is None:
         return
     rm, rv = bn.running_mean, bn.running_var
-    rm.mul_(1.0 - factor).add_(_as(mean, rm.dtype), alpha=factor)
-    rv.mul_(1.0 - factor).add_(_as(var * (m / (m - 1)), rv.dtype), alpha=factor)
+    # both buffers in one multi-tensor op each (the same element-wise arithmetic as two mul_/add_ pairs)
+    torch._foreach_mul_([rm, rv], 1.0 - factor)
+    torch._foreach_add_([rm, rv], [_as(mean, rm.dtype), _as(var * (m / (m - 1)), rv.dtype)], alpha=factor)

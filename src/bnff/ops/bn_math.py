@@ -55,7 +55,7 @@ def scale(var: Tensor, gamma: Tensor | None, eps: float) -> Tensor:
 
 def backward_coefficient(var: Tensor, f1: Tensor, s2c: Tensor, eps: float) -> Tensor:
     """B = F1 * F3 * (mu * S1 - S2) = -F1 * S2c / (var + eps) (seed 002 eq. 13 and 15), shape (C,)."""
-    return f1 * s2c / (-eps - _as(var, f1.dtype))
+    return -f1 * s2c / (_as(var, f1.dtype) + eps)
 
 
 def affine_grads(var: Tensor, s1: Tensor, s2c: Tensor, m: int, eps: float) -> tuple[Tensor, Tensor]:

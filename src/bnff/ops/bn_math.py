@@ -37,8 +37,9 @@ def accumulation_dtype(*dtypes: torch.dtype) -> torch.dtype:
     return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
-def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
-    """``t`` in ``dtype``, without a dispatch when it is already (these run per layer per step)."""
+def as_dtype(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t`` in ``dtype``, without a dispatch when it is already (the fused operator's per-call tensors:
+    a no-op ``.to`` still costs a dispatch, per layer per step)."""
     return t if t.dtype == dtype else t.to(dtype)
 
 
@@ -50,17 +51,17 @@ def invstd(var: Tensor, eps: float) -> Tensor:
 def scale(var: Tensor, gamma: Tensor | None, eps: float) -> Tensor:
     """F1 = gamma / sqrt(var + eps) (seed 002 eq. 10); gamma=None (affine=False) means gamma = 1."""
     inv = invstd(var, eps)
-    return inv if gamma is None else _as(gamma, inv.dtype) * inv
+    return inv if gamma is None else as_dtype(gamma, inv.dtype) * inv
 
 
 def backward_coefficient(var: Tensor, f1: Tensor, s2c: Tensor, eps: float) -> Tensor:
     """B = F1 * F3 * (mu * S1 - S2) = -F1 * S2c / (var + eps) (seed 002 eq. 13 and 15), shape (C,)."""
-    return -f1 * s2c / (_as(var, f1.dtype) + eps)
+    return -f1 * s2c / (as_dtype(var, f1.dtype) + eps)
 
 
 def affine_grads(var: Tensor, s1: Tensor, s2c: Tensor, m: int, eps: float) -> tuple[Tensor, Tensor]:
     """dgamma = m * S2c / sqrt(var + eps) and dbeta = m * S1 (DESIGN.md section 3), shapes (C,)."""
-    return s2c * m * invstd(_as(var, s2c.dtype), eps), s1 * m
+    return s2c * m * invstd(as_dtype(var, s2c.dtype), eps), s1 * m
 
 
 def uses_batch_stats(bn: nn.modules.batchnorm._BatchNorm) -> bool:
@@ -94,4 +95,4 @@ def update_running_stats(bn: nn.modules.batchnorm._BatchNorm, mean: Tensor, var:
     rm, rv = bn.running_mean, bn.running_var
     # both buffers in one multi-tensor op each (the same element-wise arithmetic as two mul_/add_ pairs)
     torch._foreach_mul_([rm, rv], 1.0 - factor)
-    torch._foreach_add_([rm, rv], [_as(mean, rm.dtype), _as(var * (m / (m - 1)), rv.dtype)], alpha=factor)
+    torch._foreach_add_([rm, rv], [as_dtype(mean, rm.dtype), as_dtype(var * (m / (m - 1)), rv.dtype)], alpha=factor)

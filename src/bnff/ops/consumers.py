@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bnff.graph.consumers import FUNCTIONAL, conv_padding, unsupported_reason
+from bnff.ops.bn_math import as_dtype
 
 
 class Consumer(Protocol):
@@ -76,12 +77,11 @@ class Conv2dConsumer:
         c = self.conv
         a = _cast(a, amp_dtype)
         g_a, g_w, g_b = torch.ops.aten.convolution_backward(
-            grad_out if grad_out.dtype == weight.dtype else grad_out.to(weight.dtype), a, weight,
+            as_dtype(grad_out, weight.dtype), a, weight,
             None if bias is None else [bias.shape[0]], list(c.stride), list(self.padding), list(c.dilation), False,
             [0, 0], c.groups, [needs[0], needs[1], bias is not None and needs[2]])
-        g_w = g_w if g_w is None or g_w.dtype == weight.dtype else g_w.to(weight.dtype)
-        g_b = g_b if g_b is None or g_b.dtype == bias.dtype else g_b.to(bias.dtype)
-        return g_a, (g_w, g_b)
+        g_w = None if g_w is None else as_dtype(g_w, weight.dtype)
+        return g_a, (g_w, None if g_b is None else as_dtype(g_b, bias.dtype))
 
 
 class RecomputeConsumer:

@@ -362,10 +362,10 @@ class _ApplyConsume(torch.autograd.Function):
                 x0 = env.flat[tp.sources.start]
                 dgamma, dbeta = bn_math.affine_grads(env.flat[tp.var], s1s[k], s2cs[k], x0.numel() // x0.shape[1],
                                                      spec.eps[k])
-                grads[tp.gamma] = bn_math._as(dgamma, env.flat[tp.gamma].dtype) if needs[tp.gamma] else None
-                grads[tp.beta] = bn_math._as(dbeta, env.flat[tp.beta].dtype) if needs[tp.beta] else None
+                grads[tp.gamma] = bn_math.as_dtype(dgamma, env.flat[tp.gamma].dtype) if needs[tp.gamma] else None
+                grads[tp.beta] = bn_math.as_dtype(dbeta, env.flat[tp.beta].dtype) if needs[tp.beta] else None
         for j in range(lay.residuals.start, lay.residuals.stop):
-            grads[j] = bn_math._as(env.t[dy_key], ctx.out_dtype) if needs[j] else None
+            grads[j] = bn_math.as_dtype(env.t[dy_key], ctx.out_dtype) if needs[j] else None
         return (None, *grads)
 
 

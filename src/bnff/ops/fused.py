@@ -196,7 +196,8 @@ def _free_after(group: str, backward: tuple) -> tuple:
 @dataclass(frozen=True)
 class _Spec:
     """One call of the fused operator: its group's plan and layout, what its BN modules say now
-    (eps; whether mini-batch statistics are used, which makes B and C live), its consumers."""
+    (eps; whether mini-batch statistics are used, which makes B and C live), its consumers, and the
+    dtype autocast gives their lower-precision ops (None: off; their parameters come cast to it)."""
 
     group: GroupPlan
     layout: _Layout
@@ -204,6 +205,7 @@ class _Spec:
     batch: tuple[bool, ...]
     consumers: tuple[consumers.Consumer, ...]
     backend: str
+    amp: torch.dtype | None
 
 
 def _spec(group: GroupPlan, terms: tuple, residuals: tuple, wrapped: tuple, backend: str) -> tuple[_Spec, list]:
@@ -212,14 +214,14 @@ def _spec(group: GroupPlan, terms: tuple, residuals: tuple, wrapped: tuple, back
     for sources, (mean, var), bn in terms:
         flat += [*sources, mean, var, bn.weight, bn.bias]
     flat += list(residuals)
-    like = (residuals or terms[0][0])[0]
-    params = [w.params(consumers.autocast_dtype(like)) for w in wrapped]
+    amp = consumers.autocast_dtype((residuals or terms[0][0])[0])
+    params = [w.params(amp) for w in wrapped]
     for p in params:
         flat += list(p)
     bns = [bn for _, _, bn in terms]
     layout = _layout(group, tuple(len(p) for p in params))
     return _Spec(group, layout, tuple(bn.eps for bn in bns), tuple(bn_math.uses_batch_stats(bn) for bn in bns),
-                 wrapped, backend), flat
+                 wrapped, backend, amp), flat
 
 
 class _Env:
@@ -277,16 +279,15 @@ class _ApplyConsume(torch.autograd.Function):
         f1s = env.f1s()
         maps = [x for srcs in env.all_sources() for x in srcs] + env.flat[lay.residuals]
         out_dtype = functools.reduce(torch.promote_types, [m.dtype for m in maps])
-        amp, outs = None, []
+        outs = []
         for step in sched.forward:
             if step.kind == "apply":
                 env.t[(g.name, "ofmap")] = a = env.apply(be, f1s, out_dtype)
-                amp = consumers.autocast_dtype(a)
             elif step.kind == "consume":
                 with record.consumer(g.name, step.consumer, "fp"):
-                    outs.append(spec.consumers[step.consumer].forward(a, flat[lay.params[step.consumer]], amp))
+                    outs.append(spec.consumers[step.consumer].forward(a, flat[lay.params[step.consumer]], spec.amp))
             # the "stats" steps run in feature_statistics, right after each producer
-        ctx.spec, ctx.amp, ctx.out_dtype, ctx.n = spec, amp, out_dtype, len(flat)
+        ctx.spec, ctx.out_dtype, ctx.n = spec, out_dtype, len(flat)
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(*env.saved())
         return tuple(outs) if g.per_consumer else a
@@ -330,7 +331,7 @@ class _ApplyConsume(torch.autograd.Function):
                 c, sl = step.consumer, lay.params[step.consumer]
                 if grad_outs[c] is not None:
                     with record.consumer(g.name, c, "bp"):
-                        g_c, pg = spec.consumers[c].backward(env.t[a_key], grad_outs[c], env.flat[sl], ctx.amp,
+                        g_c, pg = spec.consumers[c].backward(env.t[a_key], grad_outs[c], env.flat[sl], spec.amp,
                                                              (True, *needs[sl]))
                     grads[sl] = list(pg)
                     if env.t.get(g_key) is None:

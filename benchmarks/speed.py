@@ -1,6 +1,7 @@
 """The README's speed table: ``bnff bench`` for each setting in several fresh processes.
 
     .venv/bin/python benchmarks/speed.py [--processes 3] [--steps 10] [--json benchmarks/results/speed.json]
+                                         [--models M ...] [--allocators A ...] [--prefer memory|speed]
 
 Settings: ResNet-50 batch 16 224x224 bf16 and fp32, DenseNet-121 and MobileNetV2 batch 16 224x224
 bf16; each times eager, torch.compile (compile time apart), bnff (default backend) and the conv
@@ -9,8 +10,9 @@ floor, interleaved after warm-up (``bnff.bench``). Every setting runs with the d
 workspace) and with ``--tuned-malloc`` (no variant faults: the kernels' own gain), each in
 ``--processes`` fresh processes, so that one process's luck (its pages, its neighbours) cannot
 decide a row: a row gives the median of the per-process ratios and their spread (min to max), and
-counts as level when the median ratio is within 2% of 1.0. Prints the CPU and a markdown table;
-``--json`` writes every process's result.
+counts as level when the median ratio is within 2% of 1.0. ``--prefer speed`` restructures with
+``prefer="speed"`` (groups slower fused on this CPU left unfused; the table then says how many).
+Prints the CPU and a markdown table; ``--json`` writes every process's result.
 """
 
 import argparse
@@ -29,11 +31,11 @@ ALLOCATORS = ("default", "tuned-malloc")
 LEVEL = 0.02  # a median ratio within 2% of 1.0 is level
 
 
-def _bench(model: str, dtype: str, batch: int, steps: int, allocator: str) -> dict:
+def _bench(model: str, dtype: str, batch: int, steps: int, allocator: str, prefer: str) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "bench.json"
         cmd = [sys.executable, "-c", "from bnff.cli import main; main()", "bench", "--model", model,
-               "--batch", str(batch), "--dtype", dtype, "--steps", str(steps), "--json", str(out)]
+               "--batch", str(batch), "--dtype", dtype, "--steps", str(steps), "--prefer", prefer, "--json", str(out)]
         if allocator == "tuned-malloc":
             cmd.append("--tuned-malloc")
         done = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -58,12 +60,15 @@ def row(model: str, dtype: str, allocator: str, runs: list[dict]) -> str:
     vs_eager = [r["ratios"]["bnff_vs_eager"] for r in runs]
     vs_compile = [r["ratios"]["bnff_vs_compile"] for r in runs]
     removed = [r["overhead_removed"] for r in runs if r["overhead_removed"] is not None]
+    saved = statistics.median(r["saved_bytes"]["bnff"] / r["saved_bytes"]["eager"] for r in runs)
+    unfused = [len(r["unfused_groups"]) for r in runs]
+    unfused = f" ({_spread(unfused, 'd')} of {runs[0]['fusable_groups']} groups unfused)" if any(unfused) else ""
     floors = ", ".join(f"{statistics.median(col(v, 'step_over_floor')):.2f}" for v in ("eager", "compile", "bnff"))
     return (f"| {model} | {dtype} | {allocator} | {statistics.median(col('eager', 'images_per_s')):.1f} "
             f"| {statistics.median(col('compile', 'images_per_s')):.1f} | {statistics.median(col('bnff', 'images_per_s')):.1f} "
             f"| {_spread(vs_eager, '.2f')}x {_verdict(statistics.median(vs_eager))} "
             f"| {_spread(vs_compile, '.2f')}x {_verdict(statistics.median(vs_compile))} "
-            f"| {floors} | {_spread(removed, '+.0%') if removed else ''} |")
+            f"| {floors} | {_spread(removed, '+.0%') if removed else ''} | {saved:.2f}{unfused} |")
 
 
 def main() -> None:
@@ -72,21 +77,24 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--models", nargs="+", default=None, help="only these models' settings")
+    p.add_argument("--allocators", nargs="+", default=list(ALLOCATORS), choices=ALLOCATORS)
+    p.add_argument("--prefer", choices=["memory", "speed"], default="memory")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     print(describe(cpu_info()))
     print(f"batch {args.batch}, 224x224, channels_last; median (min to max) of {args.processes} fresh processes, "
-          f"each the median of {args.steps} interleaved rounds; level = within {LEVEL:.0%} of 1.0\n")
+          f"each the median of {args.steps} interleaved rounds; level = within {LEVEL:.0%} of 1.0; "
+          f"prefer={args.prefer!r}\n")
     print("| model | dtype | allocator | eager img/s | compile img/s | bnff img/s | bnff / eager | bnff / compile "
-          "| step / floor: eager, compile, bnff | overhead removed |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "| step / floor: eager, compile, bnff | overhead removed | saved activations bnff / eager |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     results = []
     for model, dtype in SETTINGS:
         if args.models and model not in args.models:
             continue
-        for allocator in ALLOCATORS:
-            runs = [_bench(model, dtype, args.batch, args.steps, allocator) for _ in range(args.processes)]
-            results.append({"model": model, "dtype": dtype, "allocator": allocator, "runs": runs})
+        for allocator in args.allocators:
+            runs = [_bench(model, dtype, args.batch, args.steps, allocator, args.prefer) for _ in range(args.processes)]
+            results.append({"model": model, "dtype": dtype, "allocator": allocator, "prefer": args.prefer, "runs": runs})
             print(row(model, dtype, allocator, runs), flush=True)
     if args.json:
         with atomic_open(args.json, "w") as f:

@@ -52,6 +52,8 @@ class BenchConfig:
             nor to map large blocks anew (``tune_malloc``), so that no variant faults in fresh pages
             for its intermediates: eager then gets what bnff's workspace gives bnff. Process-wide
             and irreversible.
+        prefer: ``bnff.restructure``'s ``prefer``, "memory" or "speed" (then groups slower fused
+            on this CPU are left unfused, timed on this config's mini-batch).
     """
 
     model: str = "resnet50"
@@ -65,6 +67,7 @@ class BenchConfig:
     channels_last: bool = True
     seed: int = 0
     tuned_malloc: bool = False
+    prefer: str = "memory"
 
     def __post_init__(self) -> None:
         if self.model not in models.MODELS:
@@ -74,6 +77,8 @@ class BenchConfig:
         unknown = [v for v in self.variants if v not in VARIANTS]
         if unknown or not self.variants:
             raise ValueError(f"variants must be a non-empty subset of {VARIANTS}, got {self.variants}")
+        if self.prefer not in ("memory", "speed"):
+            raise ValueError(f"prefer must be 'memory' or 'speed', got {self.prefer!r}")
         if self.steps < 1 or self.warmup < 0 or self.batch < 1:
             raise ValueError("steps and batch must be >= 1 and warmup >= 0")
 
@@ -192,7 +197,8 @@ def run(cfg: BenchConfig, progress: bool = True) -> dict:
         (eager - bnff) / (eager - conv floor), the share of eager's time beyond its convolutions
         that bnff removes (None without those three variants); saved
         bytes are ``bnff.memory``'s count (None for compile, whose saved tensors include weight casts
-        the counter cannot separate).
+        the counter cannot separate); ``unfused_groups`` names the groups ``prefer="speed"`` left
+        unfused, of ``fusable_groups``.
     Raises:
         ValueError: a bad configuration.
     """
@@ -209,6 +215,8 @@ def run(cfg: BenchConfig, progress: bool = True) -> dict:
 
     steps: dict[str, Callable[[], None]] = {}
     nets: dict[str, nn.Module] = {}
+    unfused_groups: list[str] = []
+    fusable = None
     for v in cfg.variants:
         if v == "conv_floor":
             steps[v] = _floor_step(_conv_calls(base, x, amp), fmt, gen)
@@ -217,7 +225,11 @@ def run(cfg: BenchConfig, progress: bool = True) -> dict:
         if v == "compile":
             net = torch.compile(net)
         elif v == "bnff":
-            net = bnff.restructure(net, backend=cfg.backend)
+            with _autocast(amp):  # prefer="speed" times the groups as they will run
+                net = bnff.restructure(net, backend=cfg.backend, prefer=cfg.prefer, example_input=x)
+            report = bnff.fusion_report(net)
+            unfused_groups = [name for name, t in report.timings.items() if t.runs_eager]
+            fusable = len(report.groups) + len(unfused_groups)
         nets[v] = net
         opt = torch.optim.SGD(net.parameters(), lr=1e-4, momentum=0.9)
         steps[v] = _train_step(net, opt, x, y, amp)
@@ -257,7 +269,8 @@ def run(cfg: BenchConfig, progress: bool = True) -> dict:
         eager, fused = results["eager"]["step_s"], results["bnff"]["step_s"]
         removed = (eager - fused) / (eager - floor) if eager != floor else None
     return {"config": asdict(cfg), "cpu": cpu_info(), "results": results, "ratios": ratios,
-            "overhead_removed": removed, "compile_s": compile_s, "saved_bytes": saved}
+            "overhead_removed": removed, "compile_s": compile_s, "saved_bytes": saved,
+            "unfused_groups": unfused_groups, "fusable_groups": fusable}
 
 
 __all__ = ["BenchConfig", "VARIANTS", "run", "tune_malloc"]

@@ -54,7 +54,7 @@ def _bench(args: argparse.Namespace) -> int:
 
     cfg = BenchConfig(model=args.model, batch=args.batch, image_size=args.image_size, dtype=args.dtype,
                       steps=args.steps, warmup=args.warmup, variants=tuple(args.variants), backend=args.backend,
-                      tuned_malloc=args.tuned_malloc)
+                      tuned_malloc=args.tuned_malloc, prefer=args.prefer)
     res = run(cfg)
     t = Table(title=f"{cfg.model}, batch {cfg.batch}, {cfg.image_size}x{cfg.image_size}, {cfg.dtype}, "
                     f"median of {cfg.steps} interleaved rounds")
@@ -71,6 +71,9 @@ def _bench(args: argparse.Namespace) -> int:
         print(f"{k.replace('_', ' ')}: {v:.2f}x images/s")
     if res["overhead_removed"] is not None:
         print(f"overhead removed, (eager - bnff) / (eager - conv floor): {res['overhead_removed']:+.0%}")
+    if res["unfused_groups"]:
+        print(f"prefer='speed' left {len(res['unfused_groups'])} of {res['fusable_groups']} groups unfused "
+              f"(slower fused on this CPU)")
     if res["compile_s"] is not None:
         print(f"torch.compile warm-up (compile time, excluded): {res['compile_s']:.1f} s")
     if args.json:
@@ -190,6 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--tuned-malloc", action="store_true",
                    help="keep freed memory in the process (glibc mallopt) so that no variant faults in fresh pages; "
                         "eager then gets what bnff's workspace gives bnff")
+    b.add_argument("--prefer", choices=["memory", "speed"], default="memory",
+                   help="bnff.restructure's prefer: 'speed' times each group fused and eager first and leaves the "
+                        "slower-fused ones unfused (default: memory, fuse all)")
     b.add_argument("--json", default=None, help="write the results as JSON here")
     b.set_defaults(func=_bench)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field, replace
+from typing import Mapping
 
 import torch.fx as fx
 
@@ -87,14 +88,16 @@ def _group_plan(g: Group, owns: tuple[str, ...]) -> GroupPlan:
     return replace(plan, schedules={s: schemes.BUILDERS[s](plan) for s in schemes.SCHEMES})
 
 
-def plan_graph(gm: fx.GraphModule) -> tuple[FusionPlan, list[Group], list[Unfused]]:
-    """Match the groups of ``gm`` and plan each (module docstring).
+def plan_graph(gm: fx.GraphModule, exclude: Mapping[str, str] | None = None
+               ) -> tuple[FusionPlan, list[Group], list[Unfused]]:
+    """Match the groups of ``gm`` and plan each (module docstring). ``exclude``: groups to leave
+    unfused, name -> reason (``bnff.plan.match.match``).
 
     Returns:
         (the plan, the matched groups and the unfused nodes as fx objects, for rewriting and the
         fusion report). The graph is not modified (``node.meta`` gets ``bnff_kind``/``bnff_module``).
     """
-    groups, unfused = match(gm)
+    groups, unfused = match(gm, exclude)
     seen: set[fx.Node] = set()
     plans = []
     for g in groups:

@@ -27,6 +27,7 @@ with the reason.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Mapping
 
 import torch.fx as fx
 from torch import nn
@@ -130,7 +131,8 @@ def per_consumer_pays(n_terms: int, n_residuals: int, n_consumers: int, act: boo
 
 
 class _Matcher:
-    def __init__(self, gm: fx.GraphModule) -> None:
+    def __init__(self, gm: fx.GraphModule, exclude: Mapping[str, str]) -> None:
+        self.exclude = exclude
         self.modules = dict(gm.named_modules())
         self.graph = gm.graph
         self.info: dict[fx.Node, NodeInfo] = {}
@@ -249,6 +251,10 @@ class _Matcher:
                     continue
             else:
                 continue
+            why = self.exclude.get(group.output.name)
+            if why is not None:  # left as eager runs it; its nodes stay free for later groups' rules
+                unfused += [Unfused(m, self.kind(m), why) for m in group.members() if self.kind(m) != Kind.CAT]
+                continue
             self.taken.update(group.replaced())
             self.group_outputs.add(group.output)
             groups.append(group)
@@ -286,10 +292,15 @@ class _Matcher:
         return out
 
 
-def match(gm: fx.GraphModule) -> tuple[list[Group], list[Unfused]]:
+def match(gm: fx.GraphModule, exclude: Mapping[str, str] | None = None) -> tuple[list[Group], list[Unfused]]:
     """Find every fusable group in ``gm`` and every BN/ReLU/Add left unfused, with reasons.
 
     Groups are disjoint and returned in graph order. The graph is not modified (apart from
     ``node.meta`` annotations ``bnff_kind`` and ``bnff_module``).
+
+    Args:
+        gm: the traced model.
+        exclude: group name (its output node) -> reason: such a group is not formed; its BN, add
+            and activation nodes are returned as unfused with that reason (``prefer="speed"``).
     """
-    return _Matcher(gm).run()
+    return _Matcher(gm, exclude or {}).run()

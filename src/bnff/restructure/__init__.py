@@ -11,11 +11,12 @@ import sys
 import types
 
 import torch.fx as fx
-from torch import nn
+from torch import Tensor, nn
 
 from bnff.graph.trace import LeafSpec, trace
 from bnff.ops import backends
 from bnff.plan import FusionPlan, plan_graph
+from bnff.restructure.prefer import PREFER, GroupTiming, excluded, measure
 from bnff.restructure.report import FusedGroup, FusionReport, UnfusedNode, build
 from bnff.restructure.rewrite import PLANS_ATTR, rewrite
 
@@ -57,20 +58,21 @@ class Restructured(fx.GraphModule):
         return self
 
 
-def _rewritten(model: nn.Module, training: bool, backend: str, leaf_modules: LeafSpec
+def _rewritten(model: nn.Module, training: bool, backend: str, leaf_modules: LeafSpec, exclude: dict[str, str]
                ) -> tuple[fx.GraphModule, FusionReport, FusionPlan]:
-    """Trace ``model`` in the given mode, plan, report and rewrite."""
+    """Trace ``model`` in the given mode, plan (leaving the ``exclude`` groups unfused), report and rewrite."""
     model.train(training)
     traced = trace(model, leaf_modules)
     gm = traced.gm
-    plan, groups, unfused = plan_graph(gm)
+    plan, groups, unfused = plan_graph(gm, exclude)
     opaque = {name: traced.untraceable.get(name, "given in leaf_modules") for name in traced.leaves}
     report = build(groups, unfused, opaque, backend, dict(gm.named_modules()))
     rewrite(gm, plan, groups, backend)
     return gm, report, plan
 
 
-def restructure(model: nn.Module, backend: str | None = None, leaf_modules: LeafSpec = ()) -> Restructured:
+def restructure(model: nn.Module, backend: str | None = None, leaf_modules: LeafSpec = (), prefer: str = "memory",
+                example_input: Tensor | None = None) -> Restructured:
     """Return ``model`` restructured for BN fission-and-fusion training, with identical semantics.
 
     Every BatchNorm2d fed by a convolution is split (seed 002 section 2.2; DESIGN.md section 3):
@@ -90,19 +92,34 @@ def restructure(model: nn.Module, backend: str | None = None, leaf_modules: Leaf
             kernels, built on first use) when it builds, else "reference" with one warning.
         leaf_modules: submodule names, classes or instances not to trace into (kept opaque and
             unfused); submodules fx cannot trace are kept opaque automatically.
+        prefer: "memory" (default): fuse every group that can be fused, for the smallest
+            footprint. "speed": first time each group fused and eager on this CPU
+            (``bnff.restructure.prefer``, a few seconds to a minute) and leave unfused the groups
+            whose fused form is slower; the fusion report gives every group's two times.
+        example_input: with ``prefer="speed"``, a mini-batch (N, C, H, W) with the shape, dtype and
+            memory format of training; call ``restructure`` under the autocast you train with.
     Returns:
         The restructured module.
     Raises:
-        ValueError: unknown backend or leaf module name.
+        ValueError: unknown backend, leaf module name or ``prefer``; ``prefer="speed"`` without
+            ``example_input``.
         bnff.graph.TraceError: the model's own forward cannot be traced by torch.fx.
     """
+    if prefer not in PREFER:
+        raise ValueError(f"prefer must be one of {', '.join(map(repr, PREFER))}, got {prefer!r}")
+    if prefer == "speed" and example_input is None:
+        raise ValueError("prefer='speed' times each group on this CPU and needs example_input=: a mini-batch "
+                         "shaped, typed and laid out as in training (call restructure under your autocast)")
     backend = backends.resolve(backend)
     mode = model.training
+    timings = measure(model, example_input, backend, leaf_modules) if prefer == "speed" else {}
+    exclude = excluded(timings)
     try:
-        train_gm, report, plan = _rewritten(model, True, backend, leaf_modules)
-        eval_gm, _, _ = _rewritten(model, False, backend, leaf_modules)
+        train_gm, report, plan = _rewritten(model, True, backend, leaf_modules, exclude)
+        eval_gm, _, _ = _rewritten(model, False, backend, leaf_modules, exclude)
     finally:
         model.train(mode)
+    report.prefer, report.timings = prefer, timings
     gm = Restructured(train_gm, train_gm.graph, class_name=type(model).__name__)
     _adopt_module_tree(gm, model)
     # GraphModule's deepcopy keeps these attributes
@@ -151,10 +168,12 @@ class _CallablePackage(types.ModuleType):
     lazily (``bnff.__getattr__``), and whichever binding a caller gets, ``bnff.restructure(model)``
     calls ``restructure``."""
 
-    def __call__(self, model: nn.Module, backend: str | None = None, leaf_modules: LeafSpec = ()) -> Restructured:
-        return restructure(model, backend=backend, leaf_modules=leaf_modules)
+    def __call__(self, model: nn.Module, backend: str | None = None, leaf_modules: LeafSpec = (),
+                 prefer: str = "memory", example_input: Tensor | None = None) -> Restructured:
+        return restructure(model, backend=backend, leaf_modules=leaf_modules, prefer=prefer,
+                           example_input=example_input)
 
 
 sys.modules[__name__].__class__ = _CallablePackage
 
-__all__ = ["Restructured", "restructure", "fusion_plan", "fusion_report", "FusionReport", "FusedGroup", "UnfusedNode"]
+__all__ = ["GroupTiming", "Restructured", "restructure", "fusion_plan", "fusion_report", "FusionReport", "FusedGroup", "UnfusedNode"]

@@ -71,6 +71,10 @@ class FusionReport:
         backend: the sweep backend the fused operators use.
         mode_dependent: the forward branches on ``self.training``, so training and evaluation
             run separately rewritten graphs; the groups listed are those of the training graph.
+        prefer: "memory" or "speed" (``bnff.restructure``).
+        timings: with ``prefer="speed"``: every fusable group (its output node's name) ->
+            ``bnff.restructure.prefer.GroupTiming``, fused and eager, measured on this CPU; the
+            groups slower fused are the ``unfused`` entries whose reason starts "prefer='speed'".
     """
 
     groups: list[FusedGroup] = field(default_factory=list)
@@ -78,6 +82,8 @@ class FusionReport:
     opaque: dict[str, str] = field(default_factory=dict)
     backend: str = "reference"
     mode_dependent: bool = False
+    prefer: str = "memory"
+    timings: dict = field(default_factory=dict)
 
     @property
     def fused_bns(self) -> list[str]:
@@ -115,6 +121,14 @@ class FusionReport:
         if self.mode_dependent:
             console.print("the forward branches on self.training: training and evaluation use separately "
                           "rewritten graphs (the groups above are the training graph's)")
+        if self.timings:
+            timed = Table(title="prefer='speed': each group's forward+backward, timed on this CPU")
+            for col in ("group", "fused ms", "eager ms", "runs"):
+                timed.add_column(col)
+            for name, t in self.timings.items():
+                timed.add_row(name, f"{t.fused_s * 1e3:.2f}", f"{t.eager_s * 1e3:.2f}",
+                              "eager (unfused)" if t.runs_eager else "fused")
+            console.print(timed)
         for name, why in self.opaque.items():
             console.print(f"opaque submodule {name}: {why}")
         console.print(self.summary())

@@ -1,5 +1,5 @@
 """Command line: ``bnff train`` (side-by-side training), ``bnff bench`` (speed), ``bnff plan`` (the fusion
-plan) and ``bnff traffic`` (the traffic model)."""
+plan), ``bnff traffic`` (the traffic model) and ``bnff simulate`` (seed 002's accelerator)."""
 
 from __future__ import annotations
 
@@ -149,6 +149,46 @@ def _plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _simulate(args: argparse.Namespace) -> int:
+    import torch
+
+    from bnff import accel, models
+    from bnff.accel import report
+
+    try:
+        cfg = accel.load(args.config)
+    except (accel.ConfigError, FileNotFoundError) as exc:
+        raise UsageError(str(exc)) from None
+    size = args.image_size or (299 if args.model.startswith("inception") else 224)
+    with torch.device("meta"):
+        model = models.MODELS[args.model]()
+    if args.sweep:
+        key, _, text_values = args.sweep.partition("=")
+        try:
+            values = [float(v) for v in text_values.split(",") if v.strip()]
+            if not values:
+                raise ValueError
+            rows = accel.sweep(model, key.strip(), values, args.batch, cfg, size, name=args.model)
+        except ValueError as exc:  # ConfigError is one
+            raise UsageError(str(exc) if isinstance(exc, accel.ConfigError) else
+                             f"--sweep wants KEY=V1,V2,... with numbers, got {args.sweep!r}") from None
+        print(report.sweep_text(args.model, key.strip(), rows), end="")
+        if args.json:
+            write_json(args.json, {"model": args.model, "batch": args.batch, "key": key.strip(), "rows": rows})
+        if args.csv:
+            report.write_rows_csv(args.csv, rows)
+        return 0
+    sim = accel.simulate(model, args.batch, cfg, size, name=args.model)
+    print(report.text(sim), end="")
+    if args.json:
+        write_json(args.json, report.as_json(sim))
+    if args.csv:
+        report.write_csv(args.csv, sim)
+    if args.plot:
+        report.write_plot(args.plot, sim)
+    return 0
+
+
 def _add_backend(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", default=None, choices=sorted(BACKEND_NAMES),
                         help="bnff sweep backend (default: cpu when its kernels build, else reference)")
@@ -236,6 +276,23 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--csv", default=None, help="write one row per scheme and layer here")
     r.add_argument("--plot", default=None, help="write the per-block traffic chart here (.png, .svg, .pdf)")
     r.set_defaults(func=_traffic)
+
+    m = sub.add_parser("simulate", help="seed 002's training accelerator: per-layer time, unfused vs fused",
+                       description="Model one training step on seed 002's accelerator (16x32 PUs of 32 MACs, PreU, "
+                                   "PostU; or the machine of --config), layer by layer, for the unfused and fused "
+                                   "schemes of the fusion plan: per-block FP and BP times, the whole-step improvement "
+                                   "and the fused layers' pre-processing, post-processing and memory stalls.")
+    m.add_argument("--model", required=True, choices=sorted(MODEL_NAMES))
+    m.add_argument("--batch", type=_positive, default=32)
+    m.add_argument("--image-size", type=_positive, default=None, help="default 299 for inception_v3, else 224")
+    m.add_argument("--config", default=None, help="hardware description TOML (default: the shipped seed002.toml)")
+    m.add_argument("--sweep", default=None, metavar="KEY=V1,V2,...",
+                   help="one row per value of a TOML key (e.g. dram.feature_bytes_per_s=102.5e9,205e9,410e9, "
+                        "array.pu_rows=8,16,32) or batch=8,32,128")
+    m.add_argument("--json", default=None, help="write summary, blocks, stalls and every layer as JSON here")
+    m.add_argument("--csv", default=None, help="write one row per layer, phase and scheme here")
+    m.add_argument("--plot", default=None, help="write Figs. 8-10's charts here (.png, .svg, .pdf)")
+    m.set_defaults(func=_simulate)
     return parser
 
 

@@ -1,0 +1,130 @@
+"""``bnff simulate``'s outputs: the per-block table and summary (text), JSON, CSV and the figures."""
+
+from __future__ import annotations
+
+import csv
+import io
+from dataclasses import asdict
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from bnff.accel import Simulation
+from bnff.atomic import atomic_open
+
+TABLE4 = {"resnet18": (0.870, 1.007), "resnet50": (0.485, 0.545)}
+"""Seed 002 Table 4 as printed: FP and BP improvement of fused over unfused execution, batch 32."""
+TABLE4_AS_TEXT = {"resnet50": (0.870, 1.007), "resnet18": (0.485, 0.545)}
+"""Table 4 with its rows read as swapped: the seed's text on Figs. 8-9 gives ResNet-50 +87.0% (FP)
+and about +100% (BP) (issue 15)."""
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.3f}"
+
+
+def text(sim: Simulation) -> str:
+    """Per-block FP and BP times, unfused vs fused (Figs. 8-9), and the summary (Table 4's form)."""
+    console = Console(width=140, record=True, file=io.StringIO())
+    t = Table(title=f"{sim.model}, batch {sim.batch}, on {sim.config.source}: time per training step (ms)")
+    for col in ("block", "FP unfused", "FP fused", "FP speedup", "BP unfused", "BP fused", "BP speedup"):
+        t.add_column(col, justify="left" if col == "block" else "right")
+    for b in sim.blocks():
+        t.add_row(b["block"], _ms(b["fp_unfused_s"]), _ms(b["fp_fused_s"]), f"{b['fp_unfused_s'] / b['fp_fused_s']:.2f}x",
+                  _ms(b["bp_unfused_s"]), _ms(b["bp_fused_s"]), f"{b['bp_unfused_s'] / b['bp_fused_s']:.2f}x"
+                  if b["bp_fused_s"] else "")
+    console.print(t)
+    s = sim.summary()
+    line = (f"whole step: FP {_ms(s['fp_unfused_s'])} -> {_ms(s['fp_fused_s'])} ms ({s['fp_improvement']:+.1%}), "
+            f"BP {_ms(s['bp_unfused_s'])} -> {_ms(s['bp_fused_s'])} ms ({s['bp_improvement']:+.1%})")
+    console.print(line)
+    key = sim.model.lower().replace("-", "")
+    if key in TABLE4 and sim.batch == 32:
+        fp, bp = TABLE4[key]
+        fp2, bp2 = TABLE4_AS_TEXT[key]
+        console.print(f"seed 002 Table 4 as printed: FP {fp:+.1%}, BP {bp:+.1%}; rows read as swapped (the seed's "
+                      f"text on Figs. 8-9): FP {fp2:+.1%}, BP {bp2:+.1%}")
+    stalls = sim.stalls()
+    if stalls:
+        n = len(stalls)
+        mean = {k: sum(r[k] for r in stalls) / n for k in ("pre_share", "post_share", "memory_share")}
+        worst = max(stalls, key=lambda r: r["pre_share"])
+        console.print(f"fused layers' added time (Fig. 10's causes), mean share of their time over {n} layer phases: "
+                      f"pre-processing {mean['pre_share']:.1%}, post-processing {mean['post_share']:.1%}, memory "
+                      f"{mean['memory_share']:.1%}; largest pre-processing share {worst['pre_share']:.1%} "
+                      f"({worst['layer']}, {worst['phase']})")
+    return console.export_text()
+
+
+def as_json(sim: Simulation) -> dict:
+    """``{"model", "batch", "config", "summary", "blocks", "stalls", "layers"}``; times in seconds,
+    improvements as unfused / fused - 1."""
+    return {"model": sim.model, "batch": sim.batch, "config": {"source": sim.config.source, **{
+        k: v for k, v in asdict(sim.config).items() if k != "source"}},
+            "summary": sim.summary(), "blocks": sim.blocks(), "stalls": sim.stalls(),
+            "layers": [t.as_dict() for t in sim.layers]}
+
+
+def sweep_text(model: str, key: str, rows: list[dict]) -> str:
+    """The rows of ``bnff.accel.sweep`` as a table: speedups and step times per point."""
+    console = Console(width=140, record=True, file=io.StringIO())
+    t = Table(title=f"{model}: sweep of {key}")
+    for col in (key, "FP unfused ms", "FP fused ms", "FP improvement", "BP unfused ms", "BP fused ms", "BP improvement"):
+        t.add_column(col, justify="right")
+    for r in rows:
+        t.add_row(f"{r[key]:g}", _ms(r["fp_unfused_s"]), _ms(r["fp_fused_s"]), f"{r['fp_improvement']:+.1%}",
+                  _ms(r["bp_unfused_s"]), _ms(r["bp_fused_s"]), f"{r['bp_improvement']:+.1%}")
+    console.print(t)
+    return console.export_text()
+
+
+def write_rows_csv(path: str | Path, rows: list[dict]) -> None:
+    """Rows of dicts with the same keys as CSV, atomically."""
+    with atomic_open(path) as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def write_csv(path: str | Path, sim: Simulation) -> None:
+    """One row per layer, phase and scheme (SCALE-Sim style), atomically."""
+    write_rows_csv(path, [t.as_dict() for t in sim.layers])
+
+
+def write_plot(path: str | Path, sim: Simulation) -> None:
+    """Figs. 8, 9 and 10 as bar charts (per-block FP and BP time, unfused vs fused; the fused
+    layers' stall shares), one figure with three panels; PNG, SVG or PDF by suffix."""
+    from matplotlib.figure import Figure
+
+    blocks = sim.blocks()
+    labels = [b["block"] for b in blocks]
+    fig = Figure(figsize=(max(9.0, 0.45 * len(labels)), 11))
+    axes = fig.subplots(3, 1)
+    x = range(len(labels))
+    for ax, phase, fig_no in ((axes[0], "fp", 8), (axes[1], "bp", 9)):
+        ax.bar([i - 0.2 for i in x], [b[f"{phase}_unfused_s"] * 1e3 for b in blocks], 0.4, label="unfused")
+        ax.bar([i + 0.2 for i in x], [b[f"{phase}_fused_s"] * 1e3 for b in blocks], 0.4, label="fused")
+        ax.set_xticks(list(x), labels, rotation=90, fontsize=7)
+        ax.set_ylabel("ms")
+        ax.set_title(f"{phase.upper()} time per block (seed 002 Fig. {fig_no}'s form)")
+        ax.legend()
+    stalls = sim.stalls()
+    names = [f"{r['layer']} {r['phase']}" for r in stalls]
+    bottom = [0.0] * len(stalls)
+    for key, label in (("pre_share", "pre-processing"), ("post_share", "post-processing"), ("memory_share", "memory")):
+        values = [r[key] for r in stalls]
+        axes[2].bar(range(len(stalls)), values, 0.8, bottom=bottom, label=label)
+        bottom = [a + b for a, b in zip(bottom, values)]
+    axes[2].set_xticks(range(len(stalls)), names, rotation=90, fontsize=5)
+    axes[2].set_ylabel("share of the layer's time")
+    axes[2].set_title("fused layers: time added by each cause (seed 002 Fig. 10's form)")
+    axes[2].legend()
+    fig.suptitle(f"{sim.model}, batch {sim.batch}, {sim.config.source}")
+    fig.tight_layout()
+    fmt = Path(path).suffix.lstrip(".").lower() or "png"
+    with atomic_open(path, "wb") as f:
+        fig.savefig(f, format=fmt)
+
+
+__all__ = ["TABLE4", "TABLE4_AS_TEXT", "as_json", "sweep_text", "text", "write_csv", "write_plot", "write_rows_csv"]

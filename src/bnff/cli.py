@@ -162,6 +162,22 @@ def _simulate(args: argparse.Namespace) -> int:
     size = args.image_size or (299 if args.model.startswith("inception") else 224)
     with torch.device("meta"):
         model = models.MODELS[args.model]()
+    if args.gpu:
+        from bnff.accel import roofline
+
+        try:
+            machine = accel.config.load_roofline(args.gpu)
+        except (accel.ConfigError, FileNotFoundError) as exc:
+            raise UsageError(str(exc)) from None
+        times = roofline.layer_times(model, args.batch, machine, size)
+        sim = accel.simulate(model, args.batch, cfg, size, name=args.model)
+        print(report.gpu_text(args.model, machine.source, times, sim), end="")
+        if args.json:
+            write_json(args.json, {"model": args.model, "batch": args.batch, "machine": dataclasses.asdict(machine),
+                                   "relative_to_conv": roofline.relative_to_conv(times),
+                                   "fusion_gain": roofline.fusion_gain(times),
+                                   "layers": [dataclasses.asdict(t) for t in times]})
+        return 0
     if args.sweep:
         key, _, text_values = args.sweep.partition("=")
         try:
@@ -289,6 +305,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--sweep", default=None, metavar="KEY=V1,V2,...",
                    help="one row per value of a TOML key (e.g. dram.feature_bytes_per_s=102.5e9,205e9,410e9, "
                         "array.pu_rows=8,16,32) or batch=8,32,128")
+    m.add_argument("--gpu", default=None, metavar="NAME|FILE",
+                   help="instead, a GPU as a roofline: rtx2080ti, v100 or a TOML file with [roofline] "
+                        "peak_flops_per_s, dram_bytes_per_s, element_bytes; printed next to seeds 002 and 000")
     m.add_argument("--json", default=None, help="write summary, blocks, stalls and every layer as JSON here")
     m.add_argument("--csv", default=None, help="write one row per layer, phase and scheme here")
     m.add_argument("--plot", default=None, help="write Figs. 8-10's charts here (.png, .svg, .pdf)")

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from bnff.accel import area
 from bnff.accel.config import AccelConfig, ConfigError, load
 from bnff.accel.perf import SCHEMES, LayerTime, layer_times
 from bnff.graph.layers import build
@@ -123,21 +124,26 @@ def sweep(model: nn.Module, key: str, values: list[float], batch: int = 32, conf
           image_size: int = 224, name: str | None = None) -> list[dict]:
     """``simulate`` at each value of one configuration key ("dram.feature_bytes_per_s",
     "array.pu_rows", ...) or of ``"batch"``: one row per point, ``{key, "fp_improvement",
-    "bp_improvement", "fp_unfused_s", "fp_fused_s", "bp_unfused_s", "bp_fused_s"}``.
+    "bp_improvement", "fp_unfused_s", "fp_fused_s", "bp_unfused_s", "bp_fused_s", "area_mm2",
+    "power_w"}`` (area and power of the fusion-capable machine, ``bnff.accel.area``).
 
     Raises:
         ConfigError: an unknown key or a value out of range for its unit.
     """
     cfg = config or load()
+    costs = area.calibrate()
     rows = []
     for v in values:
         if key == "batch":
             if v != int(v) or v < 1:
                 raise ConfigError(f"batch = {v!r}: expected a mini-batch size (integer > 0)")
-            sim = simulate(model, int(v), cfg, image_size, name)
+            point = cfg
+            sim = simulate(model, int(v), point, image_size, name)
         else:
-            sim = simulate(model, batch, cfg.with_value(key, v), image_size, name)
-        rows.append({key: v, **sim.summary()})
+            point = cfg.with_value(key, v)
+            sim = simulate(model, batch, point, image_size, name)
+        mm2, watts = area.estimate(point, fused=True, costs=costs)["total"]
+        rows.append({key: v, **sim.summary(), "area_mm2": mm2, "power_w": watts})
     return rows
 
 

@@ -126,6 +126,8 @@ def all_keys() -> list[str]:
 
 def unit_of(name: str) -> str:
     """What a key's value must be, from its name's unit suffix."""
+    if name.endswith("_flops_per_s"):
+        return "a rate in FLOP/s (> 0)"
     if name.endswith("_bytes_per_s"):
         return "a bandwidth in bytes/s (> 0)"
     if name.endswith("_hz"):
@@ -182,16 +184,58 @@ def load(path: str | Path | None = None) -> AccelConfig:
         ConfigError: unreadable TOML, or as ``parse``.
         FileNotFoundError: no such file.
     """
-    if path is None:
-        text, source = resources.files("bnff.accel").joinpath("configs", DEFAULT).read_text(), DEFAULT
-    else:
-        text, source = Path(path).read_text(), str(path)
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{source}: not valid TOML ({exc})") from None
+    data, source = _read(path, DEFAULT)
     return parse(data, source)
 
 
+@dataclass(frozen=True)
+class RooflineConfig:
+    """A machine as a roofline (a GPU): peak FLOP/s, off-chip bytes/s, element size; no PreU or
+    PostU, so every memory-bound layer is a pass of its own (issue 15). ``source``: the file."""
+
+    peak_flops_per_s: float
+    dram_bytes_per_s: float
+    element_bytes: int
+    source: str = ""
+
+
+ROOFLINES = {"rtx2080ti": "rtx2080ti.toml", "v100": "v100.toml"}
+"""Shipped roofline machines: name -> file in ``configs/``."""
+
+
+def _read(path: str | Path | None, default: str) -> tuple[dict, str]:
+    if path is None:
+        text, source = resources.files("bnff.accel").joinpath("configs", default).read_text(), default
+    else:
+        text, source = Path(path).read_text(), str(path)
+    try:
+        return tomllib.loads(text), source
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: not valid TOML ({exc})") from None
+
+
+def load_roofline(name_or_path: str) -> RooflineConfig:
+    """A roofline machine: a shipped name (``ROOFLINES``: "rtx2080ti", "v100") or a TOML file with
+    one table ``[roofline]`` holding ``peak_flops_per_s``, ``dram_bytes_per_s``, ``element_bytes``.
+
+    Raises:
+        ConfigError: a missing, unknown or out-of-range key (named with its unit).
+        FileNotFoundError: no such file.
+    """
+    shipped = ROOFLINES.get(name_or_path)
+    data, source = _read(None if shipped else name_or_path, shipped or "")
+    names = [f.name for f in fields(RooflineConfig) if f.name != "source"]
+    table = data.get("roofline")
+    if set(data) != {"roofline"} or not isinstance(table, dict):
+        raise ConfigError(f"{source}: a roofline file has one table, [roofline] ({', '.join(names)})")
+    extra = sorted(set(table) - set(names))
+    if extra:
+        raise ConfigError(f"{source}: unknown key [roofline] {extra[0]}; expected one of {', '.join(names)}")
+    missing = [n for n in names if n not in table]
+    if missing:
+        raise ConfigError(f"{source}: missing key [roofline] {missing[0]}: {unit_of(missing[0])}")
+    return RooflineConfig(**{n: _value("roofline", n, table[n], source) for n in names}, source=source)
+
+
 __all__ = ["AccelConfig", "Array", "Assumptions", "Buffers", "ConfigError", "Data", "Dram", "Fusion",
-           "all_keys", "load", "parse", "unit_of"]
+           "ROOFLINES", "RooflineConfig", "all_keys", "load", "load_roofline", "parse", "unit_of"]

@@ -10,7 +10,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from bnff.accel import Simulation
+from bnff.accel import Simulation, area
 from bnff.atomic import atomic_open
 
 TABLE4 = {"resnet18": (0.870, 1.007), "resnet50": (0.485, 0.545)}
@@ -45,6 +45,14 @@ def text(sim: Simulation) -> str:
         fp2, bp2 = TABLE4_AS_TEXT[key]
         console.print(f"seed 002 Table 4 as printed: FP {fp:+.1%}, BP {bp:+.1%}; rows read as swapped (the seed's "
                       f"text on Figs. 8-9): FP {fp2:+.1%}, BP {bp2:+.1%}")
+    ap = area_power(sim)
+    base, fused = ap["base"], ap["fused"]
+    pb, pf = area.TABLE3["base"]["total"], area.TABLE3["fused"]["total"]
+    console.print(f"area and power (Table 3's form; unit costs calibrated on the seed's base column): base "
+                  f"{base['area_mm2']:.1f} mm², {base['power_w']:.1f} W; fusion-capable {fused['area_mm2']:.1f} mm², "
+                  f"{fused['power_w']:.1f} W: {fused['area_mm2'] / base['area_mm2'] - 1:+.1%} area, "
+                  f"{fused['power_w'] / base['power_w'] - 1:+.1%} power (seed: {pb[0]} -> {pf[0]} mm², {pb[1]} -> "
+                  f"{pf[1]} W: {pf[0] / pb[0] - 1:+.1%}, {pf[1] / pb[1] - 1:+.1%})")
     stalls = sim.stalls()
     if stalls:
         n = len(stalls)
@@ -57,12 +65,59 @@ def text(sim: Simulation) -> str:
     return console.export_text()
 
 
+def area_power(sim: Simulation) -> dict:
+    """``{"base": {"area_mm2", "power_w", "components"}, "fused": {...}, "seed_table3": ...}`` of the
+    simulated configuration (``bnff.accel.area``); components as (mm², W)."""
+    costs = area.calibrate()
+    out = {}
+    for name, fused in (("base", False), ("fused", True)):
+        est = area.estimate(sim.config, fused, costs)
+        out[name] = {"area_mm2": est["total"][0], "power_w": est["total"][1],
+                     "components": {k: {"area_mm2": v[0], "power_w": v[1]} for k, v in est.items() if k != "total"}}
+    out["seed_table3"] = {k: {c: {"area_mm2": v[0], "power_w": v[1]} for c, v in t.items()} for k, t in area.TABLE3.items()}
+    return out
+
+
+def gpu_text(model: str, machine: str, times: list, sim: Simulation | None = None) -> str:
+    """A roofline GPU's figures for ``model`` next to the seeds' (``bnff.accel.roofline``): seed 002
+    Fig. 2's BN/NonL/Add time relative to convolution time, seed 000's efficiency gain from fusion,
+    and, with ``sim`` (the accelerator at the same batch), the unfused accelerator's time per block
+    relative to the GPU's (seed 002: within 5% on the 2080 Ti)."""
+    from bnff.accel import roofline as rf
+
+    console = Console(width=140, record=True, file=io.StringIO())
+    rel = rf.relative_to_conv(times)
+    t = Table(title=f"{model} on {machine} (roofline): time of memory-bound layers relative to convolutions, unfused")
+    for col in ("phase", "BN", "NonL", "Add", "total", "seed 002 Fig. 2 (mean of its CNNs)", "seed 002, ResNet-50"):
+        t.add_column(col, justify="right")
+    for phase in ("fp", "bp"):
+        seed = rf.SEED002_FIG2[phase]
+        t.add_row(phase.upper(), *(f"{rel[phase][k]:.2f}" for k in ("bn", "act", "add", "total")),
+                  f"{seed['bn']:.2f} / {seed['act']:.2f} / {seed['add']:.2f} = {sum(seed.values()):.2f}",
+                  f"{rf.SEED002_RESNET50[phase]:.2f}")
+    console.print(t)
+    gain = rf.fusion_gain(times)
+    seed = rf.SEED000_V100.get(model)
+    console.print(f"software fusion (the plan's bnff scheme): step time unfused / fused - 1 = {gain:+.1%}"
+                  + (f" (seed 000 on a V100: {seed:+.1%} compute efficiency)" if seed is not None else ""))
+    if sim is not None:
+        gpu: dict[str, float] = {}
+        for x in times:
+            if x.scheme == "unfused":
+                name = sim.block_of.get(x.block, x.block)
+                gpu[name] = gpu.get(name, 0.0) + x.time_s
+        ratios = [f"{b['block']} {(b['fp_unfused_s'] + b['bp_unfused_s']) / gpu[b['block']]:.2f}"
+                  for b in sim.blocks() if gpu.get(b["block"])]
+        console.print("unfused accelerator / GPU time per block (seed 002: within 5%): " + ", ".join(ratios))
+    return console.export_text()
+
+
 def as_json(sim: Simulation) -> dict:
-    """``{"model", "batch", "config", "summary", "blocks", "stalls", "layers"}``; times in seconds,
-    improvements as unfused / fused - 1."""
+    """``{"model", "batch", "config", "summary", "blocks", "stalls", "area_power", "layers"}``; times in
+    seconds, improvements as unfused / fused - 1, areas in mm², powers in W."""
     return {"model": sim.model, "batch": sim.batch, "config": {"source": sim.config.source, **{
         k: v for k, v in asdict(sim.config).items() if k != "source"}},
-            "summary": sim.summary(), "blocks": sim.blocks(), "stalls": sim.stalls(),
+            "summary": sim.summary(), "blocks": sim.blocks(), "stalls": sim.stalls(), "area_power": area_power(sim),
             "layers": [t.as_dict() for t in sim.layers]}
 
 
@@ -70,11 +125,13 @@ def sweep_text(model: str, key: str, rows: list[dict]) -> str:
     """The rows of ``bnff.accel.sweep`` as a table: speedups and step times per point."""
     console = Console(width=140, record=True, file=io.StringIO())
     t = Table(title=f"{model}: sweep of {key}")
-    for col in (key, "FP unfused ms", "FP fused ms", "FP improvement", "BP unfused ms", "BP fused ms", "BP improvement"):
+    for col in (key, "FP unfused ms", "FP fused ms", "FP improvement", "BP unfused ms", "BP fused ms", "BP improvement",
+                "area mm²", "power W"):
         t.add_column(col, justify="right")
     for r in rows:
         t.add_row(f"{r[key]:g}", _ms(r["fp_unfused_s"]), _ms(r["fp_fused_s"]), f"{r['fp_improvement']:+.1%}",
-                  _ms(r["bp_unfused_s"]), _ms(r["bp_fused_s"]), f"{r['bp_improvement']:+.1%}")
+                  _ms(r["bp_unfused_s"]), _ms(r["bp_fused_s"]), f"{r['bp_improvement']:+.1%}",
+                  f"{r['area_mm2']:.1f}", f"{r['power_w']:.1f}")
     console.print(t)
     return console.export_text()
 
@@ -127,4 +184,4 @@ def write_plot(path: str | Path, sim: Simulation) -> None:
         fig.savefig(f, format=fmt)
 
 
-__all__ = ["TABLE4", "TABLE4_AS_TEXT", "as_json", "sweep_text", "text", "write_csv", "write_plot", "write_rows_csv"]
+__all__ = ["TABLE4", "TABLE4_AS_TEXT", "as_json", "gpu_text", "sweep_text", "text", "write_csv", "write_plot", "write_rows_csv"]

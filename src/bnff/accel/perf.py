@@ -165,13 +165,27 @@ class _Machine:
             return
         if self.scheme == "unfused":  # summed pairwise: read 2, write 1
             self.vecu(layer, "bp", 3 * extra * layer.out_numel)
-        elif self.on_array(layer):  # the producer's backward pre-process reads each once
-            w = self.get(layer, self._bp_phase(layer))
-            w.feature_bytes += extra * layer.out_numel * self.eb
-            w.pre_ops += extra * layer.out_numel * OPS["pointwise"]
-            w.fused_steps.append("grad_sum")
-        else:
+            return
+        host, phase, where = self._grad_sum_host(layer)
+        if host is None:
             self.vecu(layer, "bp", extra * layer.out_numel)
+            return
+        w = self.get(host, phase)  # read once by the backward work that first takes this gradient
+        w.feature_bytes += extra * layer.out_numel * self.eb
+        setattr(w, f"{where}_ops", getattr(w, f"{where}_ops") + extra * layer.out_numel * OPS["pointwise"])
+        w.fused_steps.append("grad_sum")
+
+    def _grad_sum_host(self, layer: Layer) -> tuple[Layer | None, str, str]:
+        """Where the fused scheme sums the extra gradients arriving at ``layer``'s output (the plan:
+        the producer's backward pre-process reads each once): an array layer's own first backward
+        phase; a fused group's result, the convolution hosting the group's S1/S2 post-processing."""
+        if self.on_array(layer):
+            return layer, self._bp_phase(layer), "pre"
+        g = self._groups_by_name.get(layer.node.name)
+        if g is None:
+            return None, "bp", ""
+        stats = next((s for s in g.schedules["fused"].backward if s.kind == "grad_stats"), None)
+        return self._host(stats, g) if stats is not None else (None, "bp", "")
 
     def _bp_phase(self, layer: Layer) -> str:
         """The first backward phase of an array layer: dgrad, or wgrad when its input needs no gradient."""

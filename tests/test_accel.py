@@ -241,3 +241,19 @@ def test_a_bad_roofline_file_is_named(tmp_path):
     with pytest.raises(accel.ConfigError, match=r"unknown key \[roofline\] peak_flops"):
         accel.config.load_roofline(str(bad))
     assert main(["simulate", "--model", "resnet18", "--gpu", str(bad)]) == 2
+
+
+@pytest.mark.parametrize("name", ["densenet121", "mobilenet_v2"])
+def test_other_families_simulate(name):
+    """DenseNet: statistics of concatenated maps (pools among the producers); MobileNetV2: depthwise
+    convolutions (one input channel per column: 1/32 of a PU's MACs) and ReLU6."""
+    with torch.device("meta"):
+        model = models.MODELS[name]()
+    sim = accel.simulate(model, 8, name=name)
+    s = sim.summary()
+    assert s["fp_improvement"] > 0 and s["bp_improvement"] > 0
+    blocks = [b["block"] for b in sim.blocks()]
+    assert len(blocks) > 3 and blocks[0] == ("stem" if name == "densenet121" else "features.0")
+    if name == "mobilenet_v2":  # a depthwise 3x3 keeps 1 of a PU's 32 MACs busy
+        dw = _layer(sim, "features.2.conv.1.0", "fp")
+        assert dw.utilisation == pytest.approx(1 / 32)

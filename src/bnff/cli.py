@@ -1,5 +1,6 @@
 """Command line: ``bnff train`` (side-by-side training), ``bnff bench`` (speed), ``bnff plan`` (the fusion
-plan), ``bnff traffic`` (the traffic model) and ``bnff simulate`` (seed 002's accelerator)."""
+plan), ``bnff traffic`` (the traffic model), ``bnff simulate`` (seed 002's accelerator) and ``bnff tile``
+(seed 003's pointwise tiling and DRAM energy)."""
 
 from __future__ import annotations
 
@@ -205,6 +206,33 @@ def _simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tile(args: argparse.Namespace) -> int:
+    import torch
+
+    from bnff import models
+    from bnff.tiling import dram, report
+    from bnff.tiling.layers import pointwise_layers
+    from bnff.tiling.schedule import run_layer
+
+    with torch.device("meta"):
+        model = models.MODELS[args.model]()
+    layers = pointwise_layers(model, 1, args.image_size)
+    if not layers:
+        raise UsageError(f"{args.model} has no 1x1 convolutions to tile")
+    baseline = [run_layer(x, "row", args.buffer_entries) for x in layers]
+    optimized = [run_layer(x, args.order, args.buffer_entries) for x in layers]
+    print(report.text(args.model, args.buffer_entries, dram.DDR3_1333_X8.name, baseline, optimized), end="")
+    if args.json:
+        write_json(args.json, {"model": args.model, "buffer_entries": args.buffer_entries, "order": args.order,
+                               "dram_device": dram.DDR3_1333_X8.name,
+                               "summary": report.summary(baseline, optimized),
+                               "layers": [{"schedule": "baseline", **r.as_dict()} for r in baseline]
+                               + [{"schedule": "optimized", **r.as_dict()} for r in optimized]})
+    if args.csv:
+        report.write_csv(args.csv, baseline, optimized)
+    return 0
+
+
 def _add_backend(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", default=None, choices=sorted(BACKEND_NAMES),
                         help="bnff sweep backend (default: cpu when its kernels build, else reference)")
@@ -312,6 +340,19 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--csv", default=None, help="write one row per layer, phase and scheme here")
     m.add_argument("--plot", default=None, help="write Figs. 8-10's charts here (.png, .svg, .pdf)")
     m.set_defaults(func=_simulate)
+
+    tl = sub.add_parser("tile", help="seed 003: pointwise convolutions tiled on a buffer, DRAM energy per layer",
+                        description="Each 1x1 convolution of the model (batch 1, inference) as a tiled GEMM on an "
+                                    "on-chip buffer: the tile sizes that minimise its DRAM traffic for the tile order, "
+                                    "the exact DRAM reads and writes by replay, and the DRAM's row-buffer hits, time "
+                                    "and energy (DDR3 model, energydram); baseline = row order.")
+    tl.add_argument("--model", required=True, choices=sorted(MODEL_NAMES))
+    tl.add_argument("--buffer-entries", type=_positive, default=65536, help="on-chip entries of 16 bits (default 64K)")
+    tl.add_argument("--order", choices=["row", "column", "scan"], default="scan", help="tile-visiting order")
+    tl.add_argument("--image-size", type=_positive, default=224)
+    tl.add_argument("--json", default=None, help="write the summary and every layer as JSON here")
+    tl.add_argument("--csv", default=None, help="write one row per layer and schedule here")
+    tl.set_defaults(func=_tile)
     return parser
 
 

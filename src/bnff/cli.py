@@ -206,30 +206,88 @@ def _simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tile_rank(text: str | None):
+    if text is None:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise UsageError(f"--cp-rank wants a rank or a fraction of min(C_in, C_out), got {text!r}") from None
+    if value <= 0:
+        raise UsageError(f"--cp-rank must be positive, got {text!r}")
+    return value if value < 1 else int(value)
+
+
 def _tile(args: argparse.Namespace) -> int:
     import torch
 
     from bnff import models
     from bnff.tiling import dram, report
-    from bnff.tiling.layers import pointwise_layers
-    from bnff.tiling.schedule import run_layer
+    from bnff.tiling.layers import ops
+    from bnff.tiling.schedule import baseline, optimized
 
-    with torch.device("meta"):
-        model = models.MODELS[args.model]()
-    layers = pointwise_layers(model, 1, args.image_size)
-    if not layers:
-        raise UsageError(f"{args.model} has no 1x1 convolutions to tile")
-    baseline = [run_layer(x, "row", args.buffer_entries) for x in layers]
-    optimized = [run_layer(x, args.order, args.buffer_entries) for x in layers]
-    print(report.text(args.model, args.buffer_entries, dram.DDR3_1333_X8.name, baseline, optimized), end="")
+    def run(name: str, rank, order: str, fusion: bool):
+        with torch.device("meta"):
+            model = models.MODELS[name]()
+        ol = ops(model, args.image_size, rank)
+        return ol, baseline(ol, args.buffer_entries), optimized(ol, args.buffer_entries, order, fusion)
+
+    def assumptions(rank) -> str:
+        return (f"inference, batch 1, {args.image_size}x{args.image_size}, BN/ReLU on chip, "
+                f"CP rank {'none' if rank is None else rank}")
+
+    if args.reproduce:
+        rows = []
+        for name, rank in (("mobilenet_v2", None), ("resnet50", 0.5)):
+            ol, base, both = run(name, rank, "scan", True)
+            scan_only = optimized(ol, args.buffer_entries, "scan", False)
+            fusion_only = optimized(ol, args.buffer_entries, "row", True)
+            reduction = report.summary(base, both)["energy_reduction"]
+            rows.append({"model": name, "published_reduction": report.PUBLISHED[name], "energy_reduction": reduction,
+                         "scan_only_reduction": report.summary(base, scan_only)["energy_reduction"],
+                         "fusion_only_reduction": report.summary(base, fusion_only)["energy_reduction"],
+                         "assumptions": assumptions(rank)})
+        print(report.reproduce_text(rows), end="")
+        if args.json:
+            write_json(args.json, {"buffer_entries": args.buffer_entries, "dram_device": dram.DDR3_1333_X8.name,
+                                   "rows": rows})
+        return 0
+    if args.model is None:
+        raise UsageError("bnff tile needs --model M (or --reproduce)")
+    rank = _tile_rank(args.cp_rank)
+    if args.sweep_buffer:
+        try:
+            sizes = [int(float(v[:-1]) * 1024) if v.upper().endswith("K") else int(v)
+                     for v in args.sweep_buffer.split(",") if v.strip()]
+        except ValueError:
+            raise UsageError(f"--sweep-buffer wants sizes like 16K,32K,64K, got {args.sweep_buffer!r}") from None
+        with torch.device("meta"):
+            model = models.MODELS[args.model]()
+        ol = ops(model, args.image_size, rank)
+        rows = []
+        for entries in sizes:
+            base = baseline(ol, entries)
+            rows.append({"buffer_entries": entries, **report.summary(base, optimized(ol, entries, args.order, not args.no_fusion)),
+                         "scan_only_reduction": report.summary(base, optimized(ol, entries, args.order, False))["energy_reduction"]})
+        print(report.sweep_text(args.model, rows), end="")
+        if args.json:
+            write_json(args.json, {"model": args.model, "cp_rank": rank, "rows": rows})
+        if args.plot:
+            report.write_sweep_plot(args.plot, args.model, rows)
+        return 0
+    ol, base, opt = run(args.model, rank, args.order, not args.no_fusion)
+    if not ol.ops:
+        raise UsageError(f"{args.model} has no pointwise or depthwise layers to tile (try --cp-rank 0.5)")
+    print(report.text(args.model, args.buffer_entries, dram.DDR3_1333_X8.name, base, opt, assumptions(rank),
+                      ol.skipped), end="")
     if args.json:
         write_json(args.json, {"model": args.model, "buffer_entries": args.buffer_entries, "order": args.order,
-                               "dram_device": dram.DDR3_1333_X8.name,
-                               "summary": report.summary(baseline, optimized),
-                               "layers": [{"schedule": "baseline", **r.as_dict()} for r in baseline]
-                               + [{"schedule": "optimized", **r.as_dict()} for r in optimized]})
+                               "fusion": not args.no_fusion, "cp_rank": rank, "dram_device": dram.DDR3_1333_X8.name,
+                               "summary": report.summary(base, opt),
+                               "layers": [{"schedule": "baseline", **r.as_dict()} for r in base]
+                               + [{"schedule": "optimized", **r.as_dict()} for r in opt]})
     if args.csv:
-        report.write_csv(args.csv, baseline, optimized)
+        report.write_csv(args.csv, base, opt)
     return 0
 
 
@@ -346,12 +404,22 @@ def build_parser() -> argparse.ArgumentParser:
                                     "on-chip buffer: the tile sizes that minimise its DRAM traffic for the tile order, "
                                     "the exact DRAM reads and writes by replay, and the DRAM's row-buffer hits, time "
                                     "and energy (DDR3 model, energydram); baseline = row order.")
-    tl.add_argument("--model", required=True, choices=sorted(MODEL_NAMES))
+    what = tl.add_mutually_exclusive_group()
+    what.add_argument("--model", choices=sorted(MODEL_NAMES))
+    what.add_argument("--reproduce", action="store_true",
+                      help="the thesis' two cases (MobileNetV2; ResNet-50 CP-decomposed at rank min(C_in, C_out)/2) "
+                           "next to its published savings")
     tl.add_argument("--buffer-entries", type=_positive, default=65536, help="on-chip entries of 16 bits (default 64K)")
     tl.add_argument("--order", choices=["row", "column", "scan"], default="scan", help="tile-visiting order")
+    tl.add_argument("--sweep-buffer", default=None, metavar="16K,32K,...",
+                    help="one row per buffer size (K = 1024 entries): energy of baseline and optimised (thesis 5.3)")
+    tl.add_argument("--plot", default=None, help="with --sweep-buffer: write the chart here (.png, .svg, .pdf)")
+    tl.add_argument("--no-fusion", action="store_true", help="optimised schedule without fusing depthwise chains")
+    tl.add_argument("--cp-rank", default=None, help="CP-decompose every other KxK convolution at this rank, or this "
+                                                    "fraction of min(C_in, C_out) when below 1 (e.g. 0.5)")
     tl.add_argument("--image-size", type=_positive, default=224)
     tl.add_argument("--json", default=None, help="write the summary and every layer as JSON here")
-    tl.add_argument("--csv", default=None, help="write one row per layer and schedule here")
+    tl.add_argument("--csv", default=None, help="write one row per op (or fused chain) and schedule here")
     tl.set_defaults(func=_tile)
     return parser
 

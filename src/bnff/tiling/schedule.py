@@ -1,81 +1,221 @@
-"""Pointwise layers scheduled on the buffer and run through the DRAM model: the numbers of ``bnff tile``.
+"""Schedules of a model's ops on the buffer, run through the DRAM model: the numbers of ``bnff tile``.
 
-Each layer's matrices sit in DRAM one after another, row-major and channels_last (A = the ifmap
-[M, K], B = the weights [K, N], C = the ofmap [M, N]), each starting on a DRAM row. Every tile the
-schedule moves becomes the accesses of its rows of elements (one access when the tile spans whole
-matrix rows), in the order ``gemm.replay`` moves them, and ``dram.Dram`` prices them.
+Every tensor sits in DRAM row-major and channels_last, each starting on a DRAM row; every piece a
+schedule moves becomes DRAM accesses in the order it moves them, priced by ``dram.Dram``.
 
-The baseline of seed 003's comparison (issue 16, fixed before any result): each layer in ``row``
-order with the tile sizes that minimise its own DRAM traffic, no fusion.
+* A pointwise op (1x1) runs as a tiled GEMM (``gemm.best`` tiles for the order, ``gemm.replay``
+  moves): A = the ifmap [H*W, C_in], B = the weights [C_in, C_out], C = the ofmap.
+* A depthwise op streams its input rows once (a line buffer of Kh rows) and writes its output
+  rows once; its weights are read once.
+* An add reads its two inputs and writes its result, row by row.
+* A fused chain (thesis section 4; ``layers.chains``) runs band by band: for R rows of its final
+  output it reads the input rows they need (the halo of every depthwise stage included, so rows
+  on a band boundary are read again), keeps every intermediate band on chip, reads the residual
+  rows when the chain ends with an add, and writes the R output rows. Its weights stay on chip
+  when they fit beside the bands, else they are read again for every band. R is the band height
+  with the fewest DRAM elements whose bands fit in the buffer; a chain whose one-row band does
+  not fit runs unfused.
+
+The baseline of the thesis' comparison (issue 16, fixed before any result): every op on its own,
+pointwise ops in ``row`` order with the tile sizes that minimise their own DRAM traffic.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from bnff.tiling import dram as dram_mod
-from bnff.tiling.gemm import Gemm, Tiles, Traffic, best, replay
-from bnff.tiling.layers import PointwiseLayer
+from bnff.tiling.gemm import Tiles, best, replay
+from bnff.tiling.layers import Op, OpList, chains
 
 ELEMENT_BYTES = 2  # one buffer entry = one 16-bit value (issue 16's fixed assumption)
 
 
 @dataclass(frozen=True)
-class LayerRun:
-    """One layer (its GEMM) under one schedule: its tiles, DRAM elements (``Traffic``) and DRAM
-    statistics (bytes, row-buffer hits, time in s, energy in pJ)."""
+class Run:
+    """One op, or one fused chain, under one schedule.
 
-    layer: str
-    gemm: Gemm
-    order: str
-    tiles: Tiles
-    traffic: Traffic
+    Attributes:
+        name: the op's name, or the chain's ops joined by "+".
+        kind: "pointwise", "depthwise", "add" or "fused".
+        detail: the tiles (pointwise), or the band height and whether weights stay (fused).
+        dram_elements: elements moved (reads + writes).
+        dram: the DRAM statistics (bursts, row-buffer hits, time in s, energy in pJ).
+    """
+
+    name: str
+    kind: str
+    detail: str
+    dram_elements: int
     dram: dram_mod.DramStats
 
     def as_dict(self) -> dict:
         s = self.dram
-        return {"layer": self.layer, "m": self.gemm.m, "k": self.gemm.k, "n": self.gemm.n, "order": self.order,
-                "tm": self.tiles.tm, "tk": self.tiles.tk,
-                "tn": self.tiles.tn, "dram_elements": self.traffic.total, "dram_bytes": s.dram_bytes,
-                "reads": s.reads, "writes": s.writes, "activates": s.activates, "row_hit_rate": s.hit_rate,
-                "time_s": s.time_s, "energy_pj": s.energy_pj}
+        return {"name": self.name, "kind": self.kind, "detail": self.detail, "dram_elements": self.dram_elements,
+                "dram_bytes": s.dram_bytes, "reads": s.reads, "writes": s.writes, "activates": s.activates,
+                "row_hit_rate": s.hit_rate, "time_s": s.time_s, "energy_pj": s.energy_pj}
 
 
-def dram_of(g: Gemm, t: Tiles, order: str, entries: int, device: dram_mod.Device = dram_mod.DDR3_1333_X8
-            ) -> tuple[Traffic, dram_mod.DramStats]:
-    """Replay ``g`` tiled by ``t`` in ``order`` and price its tile moves in DRAM (module docstring)."""
-    row = device.row_bytes
+class _Memory:
+    """Addresses: each tensor (by name) gets its own region, starting on a DRAM row."""
 
-    def aligned(n: int) -> int:
-        return -(-n // row) * row
+    def __init__(self, device: dram_mod.Device) -> None:
+        self.row, self.at, self.base = device.row_bytes, 0, {}
+        self.dram = dram_mod.Dram(device)
 
-    shapes = {"A": (g.m, g.k, t.tm, t.tk), "B": (g.k, g.n, t.tk, t.tn), "C": (g.m, g.n, t.tm, t.tn)}
-    base, at = {}, 0
-    for name, (rows, cols, _, _) in shapes.items():
-        base[name] = at
-        at += aligned(rows * cols * ELEMENT_BYTES)
-    dram = dram_mod.Dram(device)
+    def region(self, name: str, elements: int) -> int:
+        if name not in self.base:
+            self.base[name] = self.at
+            self.at += -(-elements * ELEMENT_BYTES // self.row) * self.row
+        return self.base[name]
+
+    def rows(self, name: str, elements: int, first_row: int, n_rows: int, row_elements: int, write: bool) -> int:
+        """Access ``n_rows`` whole rows of ``row_elements`` from row ``first_row``; returns elements."""
+        base = self.region(name, elements)
+        self.dram.access(base + first_row * row_elements * ELEMENT_BYTES, n_rows * row_elements * ELEMENT_BYTES, write)
+        return n_rows * row_elements
+
+
+def pointwise(op: Op, order: str, entries: int, device: dram_mod.Device = dram_mod.DDR3_1333_X8) -> Run:
+    """A pointwise op as a tiled GEMM with ``gemm.best``'s tiles for ``order``."""
+    g = op.gemm
+    tiles, _ = best(g, order, entries)
+    mem = _Memory(device)
+    shapes = {"A": (g.m, g.k, tiles.tm, tiles.tk), "B": (g.k, g.n, tiles.tk, tiles.tn), "C": (g.m, g.n, tiles.tm, tiles.tn)}
+    for name, (r, c, _, _) in shapes.items():
+        mem.region(name, r * c)
 
     def move(matrix: str, rb: int, cb: int, write: bool) -> None:
         rows, cols, tr, tc = shapes[matrix]
         r0, r1 = rb * tr, min(rows, (rb + 1) * tr)
         c0, c1 = cb * tc, min(cols, (cb + 1) * tc)
+        base = mem.base[matrix]
         if c0 == 0 and c1 == cols:  # whole matrix rows: one contiguous block
-            dram.access(base[matrix] + r0 * cols * ELEMENT_BYTES, (r1 - r0) * cols * ELEMENT_BYTES, write)
+            mem.dram.access(base + r0 * cols * ELEMENT_BYTES, (r1 - r0) * cols * ELEMENT_BYTES, write)
             return
         for r in range(r0, r1):
-            dram.access(base[matrix] + (r * cols + c0) * ELEMENT_BYTES, (c1 - c0) * ELEMENT_BYTES, write)
+            mem.dram.access(base + (r * cols + c0) * ELEMENT_BYTES, (c1 - c0) * ELEMENT_BYTES, write)
 
-    traffic = replay(g, t, order, entries, move)
-    return traffic, dram.stats()
-
-
-def run_layer(layer: PointwiseLayer, order: str, entries: int,
-              device: dram_mod.Device = dram_mod.DDR3_1333_X8) -> LayerRun:
-    """``layer`` with the tile sizes ``gemm.best`` picks for ``order``, priced in DRAM."""
-    tiles, _ = best(layer.gemm, order, entries)
-    traffic, stats = dram_of(layer.gemm, tiles, order, entries, device)
-    return LayerRun(layer.name, layer.gemm, order, tiles, traffic, stats)
+    traffic = replay(g, tiles, order, entries, move)
+    return Run(op.name, "pointwise", f"{order} {tiles.tm}x{tiles.tk}x{tiles.tn}", traffic.total, mem.dram.stats())
 
 
-__all__ = ["ELEMENT_BYTES", "LayerRun", "dram_of", "run_layer"]
+def _stream(op: Op, device: dram_mod.Device) -> Run:
+    """A depthwise op or an add on its own: inputs read and output written once, row by row."""
+    mem = _Memory(device)
+    moved = 0
+    if op.kind == "depthwise":
+        moved += mem.rows("w", op.weight_elements, 0, 1, op.weight_elements, False)
+    ins = ["x"] if op.kind == "depthwise" else ["x", "r"]
+    done_in = 0
+    for row in range(op.h_out):
+        need = min(op.h_in, (row * op.sh + op.kh) if op.kind == "depthwise" else row + 1)
+        for name in ins:  # the input rows this output row needs beyond those already read
+            if need > done_in:
+                moved += mem.rows(name, op.in_elements, done_in, need - done_in, op.w_in * op.in_channels, False)
+        done_in = max(done_in, need)
+        moved += mem.rows("y", op.out_elements, row, 1, op.w_out * op.channels, True)
+    return Run(op.name, op.kind, "", moved, mem.dram.stats())
+
+
+def _band_rows(chain: list[Op], rows_out: int) -> list[int]:
+    """Rows of each conv op's input needed for ``rows_out`` rows of the chain's last conv output."""
+    convs = [o for o in chain if o.kind != "add"]
+    need, out = rows_out, []
+    for o in reversed(convs):
+        need = (need - 1) * o.sh + o.kh if o.kind == "depthwise" else need
+        out.append(need)
+    return list(reversed(out))
+
+
+def fused_plan(chain: list[Op], entries: int) -> tuple[int, bool, int] | None:
+    """(band rows R, weights stay on chip, DRAM elements) with the fewest elements, or None when a
+    one-row band does not fit (module docstring)."""
+    convs = [o for o in chain if o.kind != "add"]
+    last, first = convs[-1], convs[0]
+    weights = sum(o.weight_elements for o in convs)
+    residual = chain[-1].out_elements if chain[-1].kind == "add" else 0
+    best_plan = None
+    for r in range(1, last.h_out + 1):
+        rows_in = _band_rows(chain, r)
+        # on chip: every intermediate band (the outputs of all but the last conv), one input row
+        # and one output row in flight
+        inter = sum(min(rows_in[i + 1], o.h_out) * o.w_out * o.channels for i, o in enumerate(convs[:-1]))
+        space = inter + first.w_in * first.in_channels + last.w_out * last.channels
+        if space > entries:
+            break
+        stay = space + weights <= entries
+        bands = math.ceil(last.h_out / r)
+        reads = sum(min(rows_in[0], first.h_in) for _ in range(bands)) * first.w_in * first.in_channels
+        moved = reads + last.out_elements + residual + weights * (1 if stay else bands)
+        if best_plan is None or moved < best_plan[2]:
+            best_plan = (r, stay, moved)
+    return best_plan
+
+
+def fused(chain: list[Op], entries: int, device: dram_mod.Device = dram_mod.DDR3_1333_X8) -> Run | None:
+    """A chain run band by band (module docstring), or None when it does not fit."""
+    plan = fused_plan(chain, entries)
+    if plan is None:
+        return None
+    r, stay, _ = plan
+    convs = [o for o in chain if o.kind != "add"]
+    first, last = convs[0], convs[-1]
+    add = chain[-1] if chain[-1].kind == "add" else None
+    weights = sum(o.weight_elements for o in convs)
+    mem = _Memory(device)
+    moved = 0
+    rows_per_in = _band_rows(chain, r)[0]
+    for b in range(math.ceil(last.h_out / r)):
+        out0, out1 = b * r, min(last.h_out, (b + 1) * r)
+        if b == 0 or not stay:
+            moved += mem.rows("w", weights, 0, 1, weights, False)
+        in0 = out0
+        for o in reversed(convs):  # map the band's first output row back to the chain input
+            in0 = in0 * o.sh - (o.kh // 2 if o.kind == "depthwise" else 0)
+        in0 = max(0, in0)
+        n_in = min(first.h_in - in0, rows_per_in)
+        moved += mem.rows("x", first.in_elements, in0, n_in, first.w_in * first.in_channels, False)
+        if add is not None:
+            moved += mem.rows("r", add.out_elements, out0, out1 - out0, last.w_out * last.channels, False)
+        moved += mem.rows("y", last.out_elements, out0, out1 - out0, last.w_out * last.channels, True)
+    detail = f"band {r} rows, weights {'on chip' if stay else 'per band'}"
+    return Run("+".join(o.name for o in chain), "fused", detail, moved, mem.dram.stats())
+
+
+def baseline(ol: OpList, entries: int, device: dram_mod.Device = dram_mod.DDR3_1333_X8) -> list[Run]:
+    """Every op on its own; pointwise ops in ``row`` order with their best tiles."""
+    return [pointwise(o, "row", entries, device) if o.kind == "pointwise" else _stream(o, device) for o in ol.ops]
+
+
+def optimized(ol: OpList, entries: int, order: str = "scan", fusion: bool = True,
+              device: dram_mod.Device = dram_mod.DDR3_1333_X8) -> list[Run]:
+    """The chains fused (when ``fusion`` and they fit), every other op on its own, pointwise ops in
+    ``order`` with their best tiles."""
+    runs: list[Run] = []
+    in_chain: dict[str, list[Op]] = {}
+    for ch in chains(ol) if fusion else []:
+        for o in ch:
+            in_chain[o.name] = ch
+    def alone(o: Op) -> Run:
+        return pointwise(o, order, entries, device) if o.kind == "pointwise" else _stream(o, device)
+
+    done: set[str] = set()
+    for o in ol.ops:
+        if o.name in done:
+            continue
+        ch = in_chain.get(o.name)
+        run = fused(ch, entries, device) if ch is not None else None
+        if run is None:
+            runs.append(alone(o))
+            continue
+        done.update(x.name for x in ch)
+        parts = [alone(x) for x in ch]
+        # fusion where it pays: a chain whose weights must be read again for every band can move
+        # more than its ops one by one
+        runs += [run] if run.dram.energy_pj <= sum(p.dram.energy_pj for p in parts) else parts
+    return runs
+
+
+__all__ = ["ELEMENT_BYTES", "Run", "baseline", "fused", "fused_plan", "optimized", "pointwise"]

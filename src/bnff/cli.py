@@ -400,10 +400,11 @@ def build_parser() -> argparse.ArgumentParser:
     m.set_defaults(func=_simulate)
 
     tl = sub.add_parser("tile", help="seed 003: pointwise convolutions tiled on a buffer, DRAM energy per layer",
-                        description="Each 1x1 convolution of the model (batch 1, inference) as a tiled GEMM on an "
-                                    "on-chip buffer: the tile sizes that minimise its DRAM traffic for the tile order, "
-                                    "the exact DRAM reads and writes by replay, and the DRAM's row-buffer hits, time "
-                                    "and energy (DDR3 model, energydram); baseline = row order.")
+                        description="Inference (batch 1) of the model's 1x1 and depthwise convolutions and residual "
+                                    "adds on an accelerator with an on-chip buffer: each 1x1 as a tiled GEMM (best "
+                                    "tiles for the order, exact DRAM counts by replay), depthwise-separable chains "
+                                    "fused band by band, and the DRAM's row-buffer hits, time and energy (DDR3 "
+                                    "model, energydram); baseline = every op alone, row order.")
     what = tl.add_mutually_exclusive_group()
     what.add_argument("--model", choices=sorted(MODEL_NAMES))
     what.add_argument("--reproduce", action="store_true",

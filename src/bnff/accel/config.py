@@ -163,18 +163,26 @@ def parse(data: dict, source: str) -> AccelConfig:
         raise ConfigError(f"{source}: unknown table [{unknown[0]}]; tables are {', '.join(_SECTIONS)}")
     tables = {}
     for section, cls in _SECTIONS.items():
-        given = data.get(section)
-        if not isinstance(given, dict):
-            raise ConfigError(f"{source}: missing table [{section}] (keys {', '.join(f.name for f in fields(cls))})")
-        names = [f.name for f in fields(cls)]
-        extra = sorted(set(given) - set(names))
-        if extra:
-            raise ConfigError(f"{source}: unknown key [{section}] {extra[0]}; expected one of {', '.join(names)}")
-        missing = [n for n in names if n not in given]
-        if missing:
-            raise ConfigError(f"{source}: missing key [{section}] {missing[0]}: {unit_of(missing[0])}")
-        tables[section] = cls(**{n: _value(section, n, given[n], source) for n in names})
+        tables[section] = cls(**_table(data, section, [f.name for f in fields(cls)], source))
     return AccelConfig(**tables, source=source)
+
+
+def _table(data: dict, section: str, names: list[str], source: str) -> dict:
+    """The checked values of table ``[section]`` with exactly the keys ``names``.
+
+    Raises:
+        ConfigError: the table is missing, or a key is unknown, missing or of the wrong unit.
+    """
+    given = data.get(section)
+    if not isinstance(given, dict):
+        raise ConfigError(f"{source}: missing table [{section}] (keys {', '.join(names)})")
+    extra = sorted(set(given) - set(names))
+    if extra:
+        raise ConfigError(f"{source}: unknown key [{section}] {extra[0]}; expected one of {', '.join(names)}")
+    missing = [n for n in names if n not in given]
+    if missing:
+        raise ConfigError(f"{source}: missing key [{section}] {missing[0]}: {unit_of(missing[0])}")
+    return {n: _value(section, n, given[n], source) for n in names}
 
 
 def load(path: str | Path | None = None) -> AccelConfig:
@@ -225,16 +233,9 @@ def load_roofline(name_or_path: str) -> RooflineConfig:
     shipped = ROOFLINES.get(name_or_path)
     data, source = _read(None if shipped else name_or_path, shipped or "")
     names = [f.name for f in fields(RooflineConfig) if f.name != "source"]
-    table = data.get("roofline")
-    if set(data) != {"roofline"} or not isinstance(table, dict):
+    if set(data) - {"roofline"}:
         raise ConfigError(f"{source}: a roofline file has one table, [roofline] ({', '.join(names)})")
-    extra = sorted(set(table) - set(names))
-    if extra:
-        raise ConfigError(f"{source}: unknown key [roofline] {extra[0]}; expected one of {', '.join(names)}")
-    missing = [n for n in names if n not in table]
-    if missing:
-        raise ConfigError(f"{source}: missing key [roofline] {missing[0]}: {unit_of(missing[0])}")
-    return RooflineConfig(**{n: _value("roofline", n, table[n], source) for n in names}, source=source)
+    return RooflineConfig(**_table(data, "roofline", names, source), source=source)
 
 
 __all__ = ["AccelConfig", "Array", "Assumptions", "Buffers", "ConfigError", "Data", "Dram", "Fusion",

@@ -192,3 +192,28 @@ def test_a_bigger_buffer_never_costs_the_fused_schedule_more(tmp_path):
     assert energies == sorted(energies, reverse=True)
     assert (tmp_path / "s.png").stat().st_size > 5000
     assert main(["tile", "--model", "mobilenet_v2", "--sweep-buffer", "lots"]) == 2
+
+
+def test_cp_decomposition_of_checkpoint_weights(tmp_path, capsys):
+    """An exact rank-2 CP tensor (built from known factors, an independent source) is recovered at
+    rank 2; a depthwise and a 1x1 weight are left alone; the command reports each layer."""
+    import torch
+
+    from bnff.tiling.cp import decompose
+    from bnff.train import save_checkpoint
+
+    g = torch.Generator().manual_seed(3)
+    factors = [torch.randn(n, 2, generator=g, dtype=torch.float64) for n in (8, 6, 3, 3)]
+    exact = torch.einsum("ar,br,cr,dr->abcd", *factors)
+    parts, err = decompose(exact, 2)
+    assert err < 1e-6 and [p.shape for p in parts] == [(8, 2), (6, 2), (3, 2), (3, 2)]
+    noisy = torch.randn(8, 6, 3, 3, generator=g)
+    assert decompose(noisy, 2)[1] > decompose(noisy, 24)[1]  # more rank, less error
+    ckpt = tmp_path / "checkpoint.pt"
+    save_checkpoint(ckpt, {"model": "resnet18", "config": {}, "state_dict": {
+        "a.weight": exact.float(), "dw.weight": torch.randn(6, 1, 3, 3), "pw.weight": torch.randn(8, 6, 1, 1)}})
+    out = tmp_path / "cp.json"
+    assert main(["decompose", "--checkpoint", str(ckpt), "--cp-rank", "2", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["layers"]
+    assert [r["name"] for r in rows] == ["a"] and rows[0]["rank"] == 2 and rows[0]["relative_error"] < 1e-5
+    assert main(["decompose", "--checkpoint", str(tmp_path / "missing.pt")]) == 2

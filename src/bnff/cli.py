@@ -1,6 +1,6 @@
 """Command line: ``bnff train`` (side-by-side training), ``bnff bench`` (speed), ``bnff plan`` (the fusion
-plan), ``bnff traffic`` (the traffic model), ``bnff simulate`` (seed 002's accelerator) and ``bnff tile``
-(seed 003's pointwise tiling and DRAM energy)."""
+plan), ``bnff traffic`` (the traffic model), ``bnff simulate`` (seed 002's accelerator), ``bnff tile``
+(seed 003's pointwise tiling and DRAM energy) and ``bnff decompose`` (CP decomposition of trained weights)."""
 
 from __future__ import annotations
 
@@ -291,6 +291,28 @@ def _tile(args: argparse.Namespace) -> int:
     return 0
 
 
+def _decompose(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from bnff.tiling.cp import decompose_checkpoint
+
+    rank = _tile_rank(args.cp_rank)
+    try:
+        rows = decompose_checkpoint(args.checkpoint, rank)
+    except (OSError, ValueError) as exc:
+        raise UsageError(str(exc)) from None
+    t = Table(title=f"CP decomposition of {args.checkpoint} at rank {rank} (tensorly parafac)")
+    for col in ("convolution", "weight (C_out, C_in, Kh, Kw)", "rank", "relative error"):
+        t.add_column(col)
+    for r in rows:
+        t.add_row(r["name"], str(tuple(r["shape"])), str(r["rank"]), f"{r['relative_error']:.3f}")
+    Console().print(t)
+    if args.json:
+        write_json(args.json, {"checkpoint": str(args.checkpoint), "cp_rank": rank, "layers": rows})
+    return 0
+
+
 def _add_backend(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", default=None, choices=sorted(BACKEND_NAMES),
                         help="bnff sweep backend (default: cpu when its kernels build, else reference)")
@@ -422,6 +444,15 @@ def build_parser() -> argparse.ArgumentParser:
     tl.add_argument("--json", default=None, help="write the summary and every layer as JSON here")
     tl.add_argument("--csv", default=None, help="write one row per op (or fused chain) and schedule here")
     tl.set_defaults(func=_tile)
+
+    d = sub.add_parser("decompose", help="CP-decompose the KxK convolutions of a bnff train checkpoint (tensorly)",
+                       description="Each standard KxK convolution weight of a checkpoint written by bnff train, "
+                                   "CP-decomposed with tensorly's parafac into the four factors of 1x1, Kx1, 1xK and "
+                                   "1x1 layers (Lebedev et al. 2015), with its relative reconstruction error.")
+    d.add_argument("--checkpoint", required=True, help="checkpoint.pt from a bnff train run folder")
+    d.add_argument("--cp-rank", default="0.5", help="a rank, or a fraction of min(C_in, C_out) below 1 (default 0.5)")
+    d.add_argument("--json", default=None, help="write every layer's rank and error as JSON here")
+    d.set_defaults(func=_decompose)
     return parser
 
 

@@ -23,6 +23,7 @@ from torch import nn
 
 from bnff.graph.kinds import Kind
 from bnff.graph.layers import LayerGraph, build
+from bnff.tiling.cp import rank_of
 from bnff.tiling.gemm import Gemm
 
 
@@ -86,11 +87,6 @@ class OpList:
     skipped: dict[str, str] = field(default_factory=dict)
 
 
-def _rank(spec: float | int, c_in: int, c_out: int) -> int:
-    r = spec * min(c_in, c_out) if isinstance(spec, float) and spec <= 1 else spec
-    return max(1, int(r))
-
-
 def ops(model: nn.Module, image_size: int = 224, cp_rank: float | int | None = None) -> OpList:
     """The model's convolutions and adds as ``Op``s (module docstring), batch 1.
 
@@ -130,7 +126,7 @@ def ops(model: nn.Module, image_size: int = 224, cp_rank: float | int | None = N
             elif m.groups == c_in == c_out:
                 op = Op(layer.name, "depthwise", c_in, c_out, h_in, w_in, h_out, w_out, kh, kw, sh, sw, src)
             elif cp_rank is not None and m.groups == 1:
-                r = _rank(cp_rank, c_in, c_out)
+                r = rank_of(cp_rank, c_in, c_out)
                 parts = [Op(f"{layer.name}/cp0", "pointwise", c_in, r, h_in, w_in, h_in, w_in, sources=src),
                          Op(f"{layer.name}/cp1", "depthwise", r, r, h_in, w_in, h_out, w_in, kh, 1, sh, 1,
                             (f"{layer.name}/cp0",)),

@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from bnff.modules import SyncBatchNorm
+
 
 class Kind(str, Enum):
     """Layer kinds of the layer-graph IR."""
@@ -81,7 +83,9 @@ def classify(node: fx.Node, modules: dict[str, nn.Module]) -> NodeInfo:
         m = modules[node.target]
         if isinstance(m, nn.Conv2d) and _plain_forward(m, nn.Conv2d):
             return NodeInfo(Kind.CONV, operands=first, module=m)
-        if isinstance(m, nn.BatchNorm2d) and _plain_forward(m, _BatchNorm):
+        if (isinstance(m, nn.BatchNorm2d) and _plain_forward(m, _BatchNorm)) or \
+                (isinstance(m, nn.SyncBatchNorm) and _plain_forward(m, nn.SyncBatchNorm)) or \
+                (isinstance(m, SyncBatchNorm) and _plain_forward(m, SyncBatchNorm)):
             return NodeInfo(Kind.BN, operands=first, module=m)
         if isinstance(m, nn.ReLU):
             return NodeInfo(Kind.ACT, "relu", first, m)

@@ -70,6 +70,32 @@ def uses_batch_stats(bn: nn.modules.batchnorm._BatchNorm) -> bool:
     return bn.training or (bn.running_mean is None and bn.running_var is None)
 
 
+def sync_group(bn: nn.modules.batchnorm._BatchNorm):
+    """The process group a ``nn.SyncBatchNorm`` (or ``bnff.modules.SyncBatchNorm``) synchronizes its
+    statistics over now, or None:
+    PyTorch's rule (``SyncBatchNorm.forward``): in training with mini-batch statistics, with
+    ``torch.distributed`` initialized and more than one process in ``bn.process_group`` (default
+    the world)."""
+    synced = isinstance(bn, nn.SyncBatchNorm) or getattr(type(bn), "synchronized", False)
+    if not synced or not (bn.training and uses_batch_stats(bn)):
+        return None
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    group = bn.process_group or dist.group.WORLD
+    return group if dist.get_world_size(group) > 1 else None
+
+
+def all_reduce_sums(group, *parts: Tensor) -> list[Tensor]:
+    """``parts`` summed over the processes of ``group`` in one float64 all-reduce, each in its shape."""
+    import torch.distributed as dist
+
+    flat = torch.cat([p.reshape(-1).to(torch.float64) for p in parts])
+    dist.all_reduce(flat, group=group)
+    return list(torch.split(flat, [p.numel() for p in parts]))
+
+
 @torch.no_grad()
 def update_running_stats(bn: nn.modules.batchnorm._BatchNorm, mean: Tensor, var: Tensor, m: int) -> None:
     """Update ``running_mean``, ``running_var`` and ``num_batches_tracked`` in place, as PyTorch does.

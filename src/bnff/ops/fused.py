@@ -110,6 +110,13 @@ def bn_statistics(sources: tuple[Tensor, ...], stats: tuple[Stats | None, ...],
                            "feature_statistics must include every BN that uses them")
     mean = torch.cat([st[0] for st in stats]) if len(stats) > 1 else stats[0][0]
     var = torch.cat([st[1] for st in stats]) if len(stats) > 1 else stats[0][1]
+    group = bn_math.sync_group(bn)
+    if group is not None:  # SyncBatchNorm: the statistics of the mini-batch of every process
+        with torch.no_grad():
+            count, s, q = bn_math.all_reduce_sums(group, torch.tensor([float(m)]), mean * m, (var + mean * mean) * m)
+            m = int(count.item())
+            g_mean = s / m
+            mean, var = g_mean.to(mean.dtype), (q / m - g_mean * g_mean).clamp_min(0).to(var.dtype)
     bn_math.update_running_stats(bn, mean, var, m)
     return mean, var
 
@@ -206,6 +213,7 @@ class _Spec:
     consumers: tuple[consumers.Consumer, ...]
     backend: str
     amp: torch.dtype | None
+    sync: tuple = ()
 
 
 def _spec(group: GroupPlan, terms: tuple, residuals: tuple, wrapped: tuple, backend: str) -> tuple[_Spec, list]:
@@ -221,7 +229,7 @@ def _spec(group: GroupPlan, terms: tuple, residuals: tuple, wrapped: tuple, back
     bns = [bn for _, _, bn in terms]
     layout = _layout(group, tuple(len(p) for p in params))
     return _Spec(group, layout, tuple(bn.eps for bn in bns), tuple(bn_math.uses_batch_stats(bn) for bn in bns),
-                 wrapped, backend, amp), flat
+                 wrapped, backend, amp, tuple(bn_math.sync_group(bn) for bn in bns)), flat
 
 
 class _Env:
@@ -266,6 +274,18 @@ class _Env:
             self.t[k] = next(it)
         for i in lay.saved_params:
             self.flat[i] = next(it)
+
+
+def _synced(group, s1: Tensor, s2c: Tensor, sources: list[Tensor]) -> tuple[Tensor, Tensor]:
+    """S1, S2 for dx: over this process's mini-batch, or, for a SyncBatchNorm (``group``), over every
+    process's (their sums all-reduced with the counts, as ``nn.SyncBatchNorm``'s backward does);
+    dgamma and dbeta keep this process's own sums (DDP averages them)."""
+    if group is None:
+        return s1, s2c
+    m = sources[0].numel() // sources[0].shape[1]
+    count, a, b = bn_math.all_reduce_sums(group, torch.tensor([float(m)]), s1 * m, s2c * m)
+    total = count.item()
+    return (a / total).to(s1.dtype), (b / total).to(s2c.dtype)
 
 
 class _ApplyConsume(torch.autograd.Function):
@@ -321,6 +341,8 @@ class _ApplyConsume(torch.autograd.Function):
         dgrads: dict[int, Tensor] = {}
         s1s: list[Tensor | None] = [None] * len(lay.terms)
         s2cs: list[Tensor | None] = [None] * len(lay.terms)
+        s1d: list[Tensor | None] = [None] * len(lay.terms)  # what dx uses: the same, or summed over
+        s2d: list[Tensor | None] = [None] * len(lay.terms)  # the processes of a SyncBatchNorm
         for i, step in enumerate(sched.backward):
             k, kind = step.term, step.kind
             if kind == "recompute":
@@ -345,17 +367,20 @@ class _ApplyConsume(torch.autograd.Function):
             elif kind == "grad_stats_x":
                 s1s[k], s2cs[k] = be.grad_stats_x(env.t[g_key], g.act_kind, env.sources(k), env.flat[lay.terms[k].mean],
                                                   f1s[k], env.flat[lay.terms[k].beta], ctx.out_dtype)
+                s1d[k], s2d[k] = _synced(spec.sync[k], s1s[k], s2cs[k], env.sources(k))
             elif kind == "grad_stats":
                 env.t[dy_key], s1s, s2cs = be.grad_stats(env.t[g_key], env.t.get(a_key) if g.act else None,
                                                          g.act_kind, env.all_sources(), env.means())
+                for j in range(len(lay.terms)):
+                    s1d[j], s2d[j] = _synced(spec.sync[j], s1s[j], s2cs[j], env.sources(j))
             elif kind in ("input_grad", "input_grad_x") and any(needs[lay.terms[k].sources]):
                 tp = lay.terms[k]
-                b = bn_math.backward_coefficient(env.flat[tp.var], f1s[k], s2cs[k], spec.eps[k]) if spec.batch[k] else None
+                b = bn_math.backward_coefficient(env.flat[tp.var], f1s[k], s2d[k], spec.eps[k]) if spec.batch[k] else None
                 if kind == "input_grad_x":
                     grads[tp.sources] = be.input_grad_x(env.t[g_key], g.act_kind, env.sources(k), env.flat[tp.mean],
-                                                        f1s[k], env.flat[tp.beta], ctx.out_dtype, b, s1s[k])
+                                                        f1s[k], env.flat[tp.beta], ctx.out_dtype, b, s1d[k])
                 else:
-                    grads[tp.sources] = be.input_grad(env.t[dy_key], env.sources(k), env.flat[tp.mean], f1s[k], b, s1s[k])
+                    grads[tp.sources] = be.input_grad(env.t[dy_key], env.sources(k), env.flat[tp.mean], f1s[k], b, s1d[k])
             for key in lay.free_after[i]:
                 env.t.pop(key, None)
         for k, tp in enumerate(lay.terms):

@@ -14,6 +14,7 @@ import torch.fx as fx
 from torch import Tensor, nn
 
 from bnff.graph.trace import LeafSpec, trace
+from bnff.modules import SyncBatchNorm
 from bnff.ops import backends
 from bnff.plan import FusionPlan, plan_graph
 from bnff.restructure.prefer import PREFER, GroupTiming, excluded, measure
@@ -86,6 +87,11 @@ def restructure(model: nn.Module, backend: str | None = None, leaf_modules: Leaf
     follows ``train()``/``eval()``, autocast and channels_last like the original. Parts that cannot
     be fused are left as they were and listed in ``bnff.fusion_report(result)``.
 
+    ``nn.SyncBatchNorm`` layers (``nn.SyncBatchNorm.convert_sync_batchnorm``) become
+    ``bnff.modules.SyncBatchNorm``, in ``model`` itself (same objects, parameters and buffers;
+    PyTorch's refuses CPU modules under DistributedDataParallel): fused, their statistics and S1/S2
+    are all-reduced over their process group; unfused, they run bnff's synchronized BN.
+
     Args:
         model: the network, e.g. ``bnff.models.resnet50()``; inputs (N, C, H, W).
         backend: sweep backend name (``bnff.ops.backends.available()``); None: "cpu" (fused C++
@@ -111,6 +117,7 @@ def restructure(model: nn.Module, backend: str | None = None, leaf_modules: Leaf
         raise ValueError("prefer='speed' times each group on this CPU and needs example_input=: a mini-batch "
                          "shaped, typed and laid out as in training (call restructure under your autocast)")
     backend = backends.resolve(backend)
+    SyncBatchNorm.adopt(model)
     mode = model.training
     timings = measure(model, example_input, backend, leaf_modules) if prefer == "speed" else {}
     exclude = excluded(timings)

@@ -146,3 +146,24 @@ def test_writing_a_plot_leaves_the_matplotlib_backend_alone(tmp_path):
     before = matplotlib.get_backend()
     write_plot(tmp_path / "t.png", "resnet18", compare(resnet18(num_classes=10, small_input=True), (2, 3, 32, 32)))
     assert matplotlib.get_backend() == before and (tmp_path / "t.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_run_of_a_few_steps_trains(tmp_path):
+    """40 images in 2 classes, batch 8, 1 epoch: 4 steps, where OneCycleLR's warm-up of a quarter
+    ends on step 0 (it divided by zero); the schedule warms up over two steps instead."""
+    from PIL import Image
+
+    from bnff.train import lr_schedule
+    rng = np.random.default_rng(2)
+    for cls in ("a", "b"):
+        (tmp_path / "img" / cls).mkdir(parents=True)
+        for i in range(20):
+            Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)).save(tmp_path / "img" / cls / f"{i}.png")
+    assert cli.main(["train", "--data", f"folder:{tmp_path / 'img'}", "--batch-size", "8", "--epochs", "1",
+                     "--image-size", "16", "--out", str(tmp_path / "run")]) == 0
+    for total in range(1, 40):  # every short run steps through its whole schedule
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+        sched = lr_schedule(opt, 0.1, total)
+        for _ in range(total):
+            opt.step()
+            sched.step()

@@ -20,6 +20,7 @@ from bnff import models
 from bnff.atomic import atomic_open, write_json
 from bnff.data import Dataset
 from bnff.memory import SavedActivations
+from bnff.ops import backends
 
 
 @dataclass
@@ -63,6 +64,18 @@ def training_loss(output, target: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(output.float(), target)
 
 
+WARMUP_SHARE = 0.25  # of the steps, rising to the peak learning rate (one-cycle, Smith & Topin 2017)
+
+
+def lr_schedule(opt: torch.optim.Optimizer, peak_lr: float, total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+    """One-cycle learning rate over ``total_steps`` (``OneCycleLR``): a quarter of the steps rising
+    from ``peak_lr`` / 25 to ``peak_lr``, the rest annealing. ``OneCycleLR`` divides by zero when
+    its warm-up ends on step 0 (share x steps = 1: 4 steps of a quarter, e.g. 32 images in batches
+    of 8 for one epoch); such a run warms up over two steps instead."""
+    share = WARMUP_SHARE if WARMUP_SHARE * total_steps != 1 else 2 / total_steps
+    return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=peak_lr, total_steps=total_steps, pct_start=share)
+
+
 def save_checkpoint(path: Path, state: dict) -> None:
     """Write ``state`` with ``torch.save`` atomically (``bnff.atomic.atomic_open``), so a crash
     mid-save never leaves a corrupt checkpoint at ``path``."""
@@ -92,7 +105,7 @@ def train(cfg: TrainConfig, data: Dataset, out_dir: Path, log=print) -> dict:
     """
     if cfg.dtype not in ("fp32", "bf16"):
         raise ValueError(f"--dtype must be fp32 or bf16, got {cfg.dtype!r}")
-    cfg = replace(cfg, backend=bnff.ops.backends.resolve(cfg.backend))
+    cfg = replace(cfg, backend=backends.resolve(cfg.backend))
     torch.manual_seed(cfg.seed)
     image_size = data.train_x.shape[-1]
     base = build_model(cfg.model, len(data.classes), image_size)
@@ -104,8 +117,7 @@ def train(cfg: TrainConfig, data: Dataset, out_dir: Path, log=print) -> dict:
     if cfg.limit_batches:
         n_batches = min(n_batches, cfg.limit_batches)
     total = max(1, cfg.epochs * n_batches)
-    scheds = {k: torch.optim.lr_scheduler.OneCycleLR(o, max_lr=cfg.lr, total_steps=total, pct_start=0.25)
-              for k, o in opts.items()}
+    scheds = {k: lr_schedule(o, cfg.lr, total) for k, o in opts.items()}
     n_test = len(data.test_y) if not cfg.limit_batches else min(len(data.test_y), cfg.limit_batches * cfg.batch_size)
     test_x, test_y = data.test_x[:n_test], data.test_y[:n_test]
     hist = {k: RunHistory() for k in runs}

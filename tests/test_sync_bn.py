@@ -66,7 +66,7 @@ def _train(model: nn.Module, xs: list[torch.Tensor], reduce=None) -> list[dict]:
     return out
 
 
-def _worker(rank: int, world: int, store: str, outdir: str, sizes: tuple[int, ...], sync: bool, ddp: bool = False,
+def _worker(rank: int, world: int, store: str, outdir: str, sizes: tuple[int, ...], sync: bool, ddp: bool | str = False,
             unfused: bool = False) -> None:
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=60))
@@ -84,8 +84,21 @@ def _worker(rank: int, world: int, store: str, outdir: str, sizes: tuple[int, ..
 
         xs = [step[rank] for step in _batches(sizes)]
         report = bnff.fusion_report(model)
-        if ddp:
+        if ddp == "no_sync":  # two micro-batches per step: the first accumulates without all-reducing
             wrapped = nn.parallel.DistributedDataParallel(model)
+            opt = torch.optim.SGD(wrapped.parameters(), lr=0.1)
+            with wrapped.no_sync():
+                y0 = wrapped(xs[0])
+                (y0 * y0).mean().backward()
+            y1 = wrapped(xs[1])
+            (y1 * y1).mean().backward()
+            steps = [{"y": torch.cat([y0, y1]).detach(), "grads": {n: p.grad.clone() for n, p in wrapped.named_parameters()},
+                      "buffers": {n: b.clone() for n, b in wrapped.named_buffers()}}]
+            for st in steps:
+                st["grads"] = {k.removeprefix("module."): v for k, v in st["grads"].items()}
+                st["buffers"] = {k.removeprefix("module."): v for k, v in st["buffers"].items()}
+        elif ddp:
+            wrapped = nn.parallel.DistributedDataParallel(model, find_unused_parameters=ddp == "find_unused")
             steps = _train(wrapped, xs)
             for st in steps:  # DDP's parameter names carry its "module." prefix
                 st["grads"] = {k.removeprefix("module."): v for k, v in st["grads"].items()}
@@ -98,7 +111,7 @@ def _worker(rank: int, world: int, store: str, outdir: str, sizes: tuple[int, ..
         dist.destroy_process_group()
 
 
-def _run(tmp_path, sizes: tuple[int, ...], sync: bool, ddp: bool = False, unfused: bool = False) -> list[dict]:
+def _run(tmp_path, sizes: tuple[int, ...], sync: bool, ddp: bool | str = False, unfused: bool = False) -> list[dict]:
     mp.spawn(_worker, args=(len(sizes), str(tmp_path / "store"), str(tmp_path), sizes, sync, ddp, unfused),
              nprocs=len(sizes), join=True)
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(len(sizes))]
@@ -189,3 +202,29 @@ def test_without_a_process_group_it_is_batchnorm_and_keeps_its_state_dict():
     x = _batches((4,))[0][0]
     assert rel_err(model(x), plain(x)) <= FLOAT64_BOUND
     assert rel_err(net.b1.running_var, plain.b1.running_var) <= FLOAT64_BOUND
+
+
+@pytest.mark.timeout(300)
+def test_ddp_no_sync_accumulation_and_find_unused_parameters(tmp_path):
+    """``no_sync``: two micro-batches per rank, the first without all-reducing gradients, equal eager
+    accumulating both whole micro-batches (each normalized over both ranks). ``find_unused_parameters``
+    trains as without it."""
+    sizes = (4, 4)
+    ranks = _run(tmp_path, sizes, sync=True, ddp="no_sync")
+    torch.manual_seed(0)
+    eager = _Net().double()
+    steps = _batches(sizes)
+    ys = []
+    for step in steps:  # both micro-steps' gradients accumulate; DDP averages over the 2 ranks
+        y = eager(torch.cat(step))
+        (y * y).mean().backward()
+        ys.append(y.detach())
+    for r in range(2):
+        got = ranks[r]["steps"][0]
+        want_y = torch.cat([ys[0][4 * r:4 * r + 4], ys[1][4 * r:4 * r + 4]])
+        assert rel_err(got["y"], want_y) <= FLOAT64_BOUND
+        scale = max(p.grad.abs().max().item() for p in eager.parameters())
+        for n, p in eager.named_parameters():
+            assert rel_err(got["grads"][n], p.grad, floor=1e-2 * scale) <= FLOAT64_BOUND, n
+    errors = _errors(_run(tmp_path, sizes, sync=True, ddp="find_unused"), _eager(sizes), sizes)
+    assert max(errors.values()) <= FLOAT64_BOUND, errors

@@ -66,6 +66,14 @@ def _train(model: nn.Module, xs: list[torch.Tensor], reduce=None) -> list[dict]:
     return out
 
 
+def _unwrapped(steps: list[dict]) -> list[dict]:
+    """The steps' gradients and buffers named without DDP's "module." prefix."""
+    for st in steps:
+        for key in ("grads", "buffers"):
+            st[key] = {k.removeprefix("module."): v for k, v in st[key].items()}
+    return steps
+
+
 def _worker(rank: int, world: int, store: str, outdir: str, sizes: tuple[int, ...], sync: bool, ddp: bool | str = False,
             unfused: bool = False) -> None:
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
@@ -92,17 +100,12 @@ def _worker(rank: int, world: int, store: str, outdir: str, sizes: tuple[int, ..
                 (y0 * y0).mean().backward()
             y1 = wrapped(xs[1])
             (y1 * y1).mean().backward()
-            steps = [{"y": torch.cat([y0, y1]).detach(), "grads": {n: p.grad.clone() for n, p in wrapped.named_parameters()},
-                      "buffers": {n: b.clone() for n, b in wrapped.named_buffers()}}]
-            for st in steps:
-                st["grads"] = {k.removeprefix("module."): v for k, v in st["grads"].items()}
-                st["buffers"] = {k.removeprefix("module."): v for k, v in st["buffers"].items()}
+            steps = _unwrapped([{"y": torch.cat([y0, y1]).detach(),
+                                 "grads": {n: p.grad.clone() for n, p in wrapped.named_parameters()},
+                                 "buffers": {n: b.clone() for n, b in wrapped.named_buffers()}}])
         elif ddp:
             wrapped = nn.parallel.DistributedDataParallel(model, find_unused_parameters=ddp == "find_unused")
-            steps = _train(wrapped, xs)
-            for st in steps:  # DDP's parameter names carry its "module." prefix
-                st["grads"] = {k.removeprefix("module."): v for k, v in st["grads"].items()}
-                st["buffers"] = {k.removeprefix("module."): v for k, v in st["buffers"].items()}
+            steps = _unwrapped(_train(wrapped, xs))
         else:
             steps = _train(model, xs, average)
         result = {"steps": steps, "fused": report.fused_bns, "unfused": [u.name for u in report.unfused_bns]}

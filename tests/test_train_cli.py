@@ -15,7 +15,7 @@ from bnff.data import DataError, load
 
 def test_train_cli_writes_run_folder(tmp_path):
     out = tmp_path / "run"
-    rc = cli.main(["train", "--epochs", "1", "--batch-size", "16", "--limit-batches", "3", "--out", str(out),
+    rc = cli.main(["train", "--compare", "--epochs", "1", "--batch-size", "16", "--limit-batches", "3", "--out", str(out),
                    "--json", str(tmp_path / "m.json")])
     assert rc == 0
     metrics = json.loads((out / "metrics.json").read_text())
@@ -75,7 +75,7 @@ def test_train_cli_other_families(model, tmp_path):
     """The small-input variants train on the default digits data (Inception: with its auxiliary
     classifier's loss); eager and bnff start together and keep fewer activation bytes."""
     out = tmp_path / model
-    rc = cli.main(["train", "--model", model, "--epochs", "1", "--batch-size", "8", "--limit-batches", "2",
+    rc = cli.main(["train", "--compare", "--model", model, "--epochs", "1", "--batch-size", "8", "--limit-batches", "2",
                    "--out", str(out)])
     assert rc == 0
     runs = json.loads((out / "metrics.json").read_text())["runs"]
@@ -167,3 +167,40 @@ def test_a_run_of_a_few_steps_trains(tmp_path):
         for _ in range(total):
             opt.step()
             sched.step()
+
+
+def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
+    """By default only the restructured model trains. A run killed between epochs (here inside the
+    second epoch's evaluation, after the first epoch's checkpoint) and resumed ends with the same
+    weights, bitwise, as the run that was not interrupted."""
+    import bnff.train as train_mod
+
+    args = ["train", "--epochs", "2", "--batch-size", "16", "--limit-batches", "2"]
+    assert cli.main([*args, "--out", str(tmp_path / "whole")]) == 0
+    whole = torch.load(tmp_path / "whole" / "checkpoint.pt", weights_only=False)
+    assert list(whole["runs"]) == ["bnff"] and whole["epoch"] == 2
+    calls = {"n": 0}
+    evaluate = train_mod._evaluate
+
+    def dies_in_epoch_two(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return evaluate(*a, **k)
+
+    monkeypatch.setattr(train_mod, "_evaluate", dies_in_epoch_two)
+    with pytest.raises(KeyboardInterrupt):
+        cli.main([*args, "--out", str(tmp_path / "cut")])
+    monkeypatch.setattr(train_mod, "_evaluate", evaluate)
+    assert torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)["epoch"] == 1
+    assert cli.main([*args, "--resume", str(tmp_path / "cut" / "checkpoint.pt")]) == 0
+    resumed = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)
+    assert resumed["epoch"] == 2
+    for k, v in whole["state_dict"].items():
+        assert torch.equal(v, resumed["state_dict"][k]), k
+    m_whole = json.loads((tmp_path / "whole" / "metrics.json").read_text())["runs"]["bnff"]
+    m_cut = json.loads((tmp_path / "cut" / "metrics.json").read_text())["runs"]["bnff"]
+    assert m_whole["loss"] == m_cut["loss"] and m_whole["test_accuracy"] == m_cut["test_accuracy"]
+    # different settings are refused with the setting named
+    assert cli.main(["train", "--epochs", "2", "--batch-size", "8", "--limit-batches", "2",
+                     "--resume", str(tmp_path / "cut" / "checkpoint.pt")]) == 2

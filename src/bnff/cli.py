@@ -38,9 +38,18 @@ def _train(args: argparse.Namespace) -> int:
     print(f"data {ds.name}: {len(ds.train_y)} train / {len(ds.test_y)} test images, "
           f"{ds.train_x.shape[-1]}x{ds.train_x.shape[-1]}, {len(ds.classes)} classes")
     cfg = TrainConfig(model=args.model, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                      dtype=args.dtype, backend=args.backend, seed=args.seed, limit_batches=args.limit_batches)
-    out = Path(args.out) if args.out else Path("runs") / time.strftime(f"{args.model}-%Y%m%d-%H%M%S")
-    metrics = train(cfg, ds, out)
+                      dtype=args.dtype, backend=args.backend, seed=args.seed, limit_batches=args.limit_batches,
+                      compare=args.compare)
+    if args.resume and not Path(args.resume).is_file():
+        raise UsageError(f"--resume {args.resume}: no such checkpoint")
+    out = (Path(args.out) if args.out else Path(args.resume).parent if args.resume
+           else Path("runs") / time.strftime(f"{args.model}-%Y%m%d-%H%M%S"))
+    try:
+        metrics = train(cfg, ds, out, resume=Path(args.resume) if args.resume else None)
+    except ValueError as exc:
+        if "--resume" in str(exc):
+            raise UsageError(str(exc)) from None
+        raise
     if args.json:
         write_json(args.json, metrics)
     return 0
@@ -321,9 +330,10 @@ def _add_backend(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bnff", description="Batch-normalization fission and fusion for CNN training.")
     sub = parser.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("train", help="train eager and restructured copies side by side",
-                       description="Train a CNN twice from the same initial weights on the same batches, eagerly and "
-                                   "restructured by bnff, and compare loss, accuracy, images/s and saved activations.")
+    t = sub.add_parser("train", help="train a CNN restructured by bnff (--compare: beside an eager copy)",
+                       description="Train a CNN restructured by bnff, checkpointing every epoch (--resume continues an "
+                                   "interrupted run); with --compare, also an eager copy from the same initial weights "
+                                   "on the same batches, comparing loss, accuracy, images/s and saved activations.")
     t.add_argument("--data", default="digits", help="digits (default, shipped with scikit-learn), cifar10:PATH "
                                                    "(python-pickle batches) or folder:PATH (one sub-folder per class)")
     t.add_argument("--model", default="resnet18", choices=sorted(MODEL_NAMES),
@@ -337,6 +347,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--limit-batches", type=_positive, default=None, help="quick runs: at most this many training batches per epoch, and "
                                                                     "this many batches' worth of test images")
+    t.add_argument("--compare", action="store_true", help="also train an eager copy side by side and compare")
+    t.add_argument("--resume", default=None, metavar="CHECKPOINT",
+                   help="continue an interrupted run from its checkpoint.pt (same settings; its folder by default)")
     t.add_argument("--out", default=None, help="run folder (default runs/MODEL-TIMESTAMP)")
     t.add_argument("--json", default=None, help="also write the metrics JSON here")
     t.set_defaults(func=_train)

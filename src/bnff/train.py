@@ -1,6 +1,7 @@
-"""The main job: train a CNN eagerly and restructured, side by side, from the same initial weights
-on the same mini-batches, and report whether they converge together, their speed (images/s) and
-the activation bytes each keeps for backward."""
+"""The main job: train a restructured CNN (with ``compare``: an eager copy beside it, from the same
+initial weights on the same mini-batches, to report whether they converge together, their speed
+in images/s and the activation bytes each keeps for backward), checkpointing every epoch so an
+interrupted run resumes where it stopped."""
 
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ class TrainConfig:
     backend: str | None = None
     seed: int = 0
     limit_batches: int | None = None
+    compare: bool = False
 
 
 @dataclass
@@ -98,10 +100,40 @@ def max_param_difference(a: nn.Module, b: nn.Module) -> float:
     return max((pa - pb).abs().max().item() for pa, pb in zip(a.parameters(), b.parameters()))
 
 
-def train(cfg: TrainConfig, data: Dataset, out_dir: Path, log=print) -> dict:
-    """Train eager and bnff copies of ``cfg.model`` side by side; write ``out_dir``'s run files.
+RESUMABLE = ("model", "epochs", "batch_size", "lr", "dtype", "seed", "limit_batches", "compare")
+"""Config fields a resumed run must share with the run that wrote its checkpoint."""
+
+
+def _resume_state(path: Path, cfg: TrainConfig, data: Dataset) -> dict:
+    """The state a checkpoint holds, checked against this run's settings.
+
+    Raises:
+        ValueError: not a per-epoch checkpoint of ``bnff train``, or a setting that differs (named).
+    """
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(state, dict) or "runs" not in state or "epoch" not in state:
+        raise ValueError(f"--resume {path}: not a checkpoint bnff train wrote (no per-epoch training state)")
+    for key in RESUMABLE:
+        if state["config"].get(key) != getattr(cfg, key):
+            raise ValueError(f"--resume {path}: it was trained with {key}={state['config'].get(key)!r}, this run has "
+                             f"{key}={getattr(cfg, key)!r}; resume with the same settings")
+    if state["data"] != [data.name, len(data.train_y), len(data.test_y)]:
+        raise ValueError(f"--resume {path}: it was trained on {state['data']}, not on this data")
+    return state
+
+
+def train(cfg: TrainConfig, data: Dataset, out_dir: Path, log=print, resume: Path | None = None) -> dict:
+    """Train the restructured ``cfg.model`` (with ``cfg.compare``: an eager copy beside it, from the
+    same initial weights on the same mini-batches); write ``out_dir``'s run files and, after every
+    epoch, ``out_dir/checkpoint.pt`` (atomically) with everything a resumed run needs.
+
+    ``resume``: a checkpoint of an interrupted run with the same settings; training continues after
+    its last epoch and ends with the same weights as an uninterrupted run.
 
     Returns the metrics dict also written to ``out_dir/metrics.json``.
+
+    Raises:
+        ValueError: a bad ``cfg.dtype`` or a checkpoint that does not fit this run.
     """
     if cfg.dtype not in ("fp32", "bf16"):
         raise ValueError(f"--dtype must be fp32 or bf16, got {cfg.dtype!r}")
@@ -109,7 +141,9 @@ def train(cfg: TrainConfig, data: Dataset, out_dir: Path, log=print) -> dict:
     torch.manual_seed(cfg.seed)
     image_size = data.train_x.shape[-1]
     base = build_model(cfg.model, len(data.classes), image_size)
-    runs = {"eager": copy.deepcopy(base), "bnff": bnff.restructure(copy.deepcopy(base), backend=cfg.backend)}
+    runs = {"bnff": bnff.restructure(copy.deepcopy(base), backend=cfg.backend)}
+    if cfg.compare:
+        runs = {"eager": copy.deepcopy(base), **runs}
     log(bnff.fusion_report(runs["bnff"]).summary())
     opts = {k: torch.optim.SGD(m.parameters(), lr=cfg.lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
             for k, m in runs.items()}
@@ -123,8 +157,21 @@ def train(cfg: TrainConfig, data: Dataset, out_dir: Path, log=print) -> dict:
     hist = {k: RunHistory() for k in runs}
     amp = cfg.dtype == "bf16"
     gen = torch.Generator().manual_seed(cfg.seed)
-    bar = tqdm(total=total, desc="training eager + bnff", unit="step", dynamic_ncols=True)
-    for epoch in range(cfg.epochs):
+    first = 0
+    if resume is not None:
+        state = _resume_state(Path(resume), cfg, data)
+        for k in runs:
+            runs[k].load_state_dict(state["runs"][k]["model"])
+            opts[k].load_state_dict(state["runs"][k]["optimizer"])
+            scheds[k].load_state_dict(state["runs"][k]["scheduler"])
+            hist[k] = RunHistory(**state["runs"][k]["history"])
+        gen.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        first = state["epoch"]
+        log(f"resumed from {resume} after epoch {first}")
+    names = " + ".join(runs)
+    bar = tqdm(total=total, initial=first * n_batches, desc=f"training {names}", unit="step", dynamic_ncols=True)
+    for epoch in range(first, cfg.epochs):
         order = torch.randperm(len(data.train_y), generator=gen)
         losses = {k: 0.0 for k in runs}
         seconds = {k: 0.0 for k in runs}
@@ -149,47 +196,56 @@ def train(cfg: TrainConfig, data: Dataset, out_dir: Path, log=print) -> dict:
                 if meter is not None:
                     hist[k].saved_activation_bytes = meter.bytes
             bar.update(1)
-            bar.set_postfix(loss_eager=f"{losses['eager'] / (b + 1):.3f}", loss_bnff=f"{losses['bnff'] / (b + 1):.3f}")
+            bar.set_postfix({f"loss_{k}": f"{losses[k] / (b + 1):.3f}" for k in runs})
         for k, m in runs.items():
             hist[k].loss.append(losses[k] / max(1, n_batches))
             hist[k].test_accuracy.append(_evaluate(m, test_x, test_y, amp))
             hist[k].images_per_s.append(n_batches * cfg.batch_size / max(seconds[k], 1e-9))
-        diff = max_param_difference(runs["eager"], runs["bnff"])
-        bar.write(f"epoch {epoch + 1}/{cfg.epochs}  "
-                  f"eager: loss {hist['eager'].loss[-1]:.4f} acc {hist['eager'].test_accuracy[-1]:.2%} "
-                  f"{hist['eager'].images_per_s[-1]:.1f} img/s | "
-                  f"bnff: loss {hist['bnff'].loss[-1]:.4f} acc {hist['bnff'].test_accuracy[-1]:.2%} "
-                  f"{hist['bnff'].images_per_s[-1]:.1f} img/s | max |param diff| {diff:.2e}")
+        line = " | ".join(f"{k}: loss {hist[k].loss[-1]:.4f} acc {hist[k].test_accuracy[-1]:.2%} "
+                          f"{hist[k].images_per_s[-1]:.1f} img/s" for k in runs)
+        if cfg.compare:
+            line += f" | max |param diff| {max_param_difference(runs['eager'], runs['bnff']):.2e}"
+        bar.write(f"epoch {epoch + 1}/{cfg.epochs}  {line}")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_checkpoint(out_dir / "checkpoint.pt", {
+            "model": cfg.model, "config": asdict(cfg), "epoch": epoch + 1, "state_dict": runs["bnff"].state_dict(),
+            "data": [data.name, len(data.train_y), len(data.test_y)],
+            "runs": {k: {"model": runs[k].state_dict(), "optimizer": opts[k].state_dict(),
+                         "scheduler": scheds[k].state_dict(), "history": asdict(hist[k])} for k in runs},
+            "generator": gen.get_state(), "torch_rng": torch.get_rng_state()})
     bar.close()
-    e_bytes, b_bytes = hist["eager"].saved_activation_bytes, hist["bnff"].saved_activation_bytes
-    log(f"activations saved for backward (batch {cfg.batch_size}): eager {e_bytes / 2**20:.1f} MiB, "
-        f"bnff {b_bytes / 2**20:.1f} MiB ({b_bytes / max(e_bytes, 1):.1%} of eager)")
+    b_bytes = hist["bnff"].saved_activation_bytes
+    if cfg.compare:
+        e_bytes = hist["eager"].saved_activation_bytes
+        log(f"activations saved for backward (batch {cfg.batch_size}): eager {e_bytes / 2**20:.1f} MiB, "
+            f"bnff {b_bytes / 2**20:.1f} MiB ({b_bytes / max(e_bytes, 1):.1%} of eager)")
+    else:
+        log(f"activations saved for backward (batch {cfg.batch_size}): {b_bytes / 2**20:.1f} MiB")
     metrics = {
         "config": asdict(cfg), "data": data.name, "image_size": image_size,
         "train_images": len(data.train_y), "test_images": n_test,
         "runs": {k: asdict(h) for k, h in hist.items()},
-        "max_param_difference": max_param_difference(runs["eager"], runs["bnff"]),
+        "max_param_difference": max_param_difference(runs["eager"], runs["bnff"]) if cfg.compare else None,
         "fusion": bnff.fusion_report(runs["bnff"]).summary(),
     }
-    _write_outputs(out_dir, metrics, runs["bnff"], hist)
+    _write_outputs(out_dir, metrics, hist)
     log(f"run folder: {out_dir}")
     return metrics
 
 
-def _write_outputs(out_dir: Path, metrics: dict, model: nn.Module, hist: dict[str, RunHistory]) -> None:
+def _write_outputs(out_dir: Path, metrics: dict, hist: dict[str, RunHistory]) -> None:
     from matplotlib.figure import Figure  # no pyplot: the caller's matplotlib backend is left alone
 
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(out_dir / "metrics.json", metrics)
-    save_checkpoint(out_dir / "checkpoint.pt", {"model": metrics["config"]["model"], "state_dict": model.state_dict(),
-                                                "config": metrics["config"]})
     fig = Figure(figsize=(6, 4))
     ax = fig.subplots()
-    for k, style in (("eager", "-o"), ("bnff", "--x")):
-        ax.plot(range(1, len(hist[k].loss) + 1), hist[k].loss, style, label=k)
+    styles = {"eager": "-o", "bnff": "--x"}
+    for k in hist:
+        ax.plot(range(1, len(hist[k].loss) + 1), hist[k].loss, styles[k], label=k)
     ax.set_xlabel("epoch")
     ax.set_ylabel("training loss (cross-entropy)")
-    ax.set_title(f"{metrics['config']['model']} on {metrics['data']}: eager vs bnff")
+    ax.set_title(f"{metrics['config']['model']} on {metrics['data']}: " + " vs ".join(hist))
     ax.legend()
     fig.tight_layout()
     with atomic_open(out_dir / "loss.png", "wb") as f:

@@ -57,4 +57,21 @@ def write_json(path: str | Path, data) -> None:
         f.write("\n")
 
 
-__all__ = ["atomic_open", "write_json"]
+def write_csv(path: str | Path, rows: list[dict]) -> None:
+    """``rows`` (dicts with the same keys, in order) as CSV with a header row, atomically."""
+    import csv
+
+    with atomic_open(path) as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def save_figure(path: str | Path, fig, **kwargs) -> None:
+    """A matplotlib ``Figure`` at ``path``, in the format its suffix names (PNG, SVG, PDF; no suffix:
+    PNG), atomically."""
+    with atomic_open(path, "wb") as f:
+        fig.savefig(f, format=Path(path).suffix.lstrip(".").lower() or "png", **kwargs)
+
+
+__all__ = ["atomic_open", "save_figure", "write_csv", "write_json"]

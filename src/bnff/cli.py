@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from bnff.atomic import write_json
+from bnff.atomic import write_csv, write_json
 from bnff.names import BACKEND_NAMES, BENCH_VARIANTS, MODEL_NAMES, UsageError
 
 # torch, the models and the kernels are imported inside the commands: ``bnff --help`` needs none.
@@ -202,7 +202,7 @@ def _simulate(args: argparse.Namespace) -> int:
         if args.json:
             write_json(args.json, {"model": args.model, "batch": args.batch, "key": key.strip(), "rows": rows})
         if args.csv:
-            report.write_rows_csv(args.csv, rows)
+            write_csv(args.csv, rows)
         return 0
     sim = accel.simulate(model, args.batch, cfg, size, name=args.model)
     print(report.text(sim), end="")

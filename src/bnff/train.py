@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 import bnff
 from bnff import models
-from bnff.atomic import atomic_open, write_json
+from bnff.atomic import atomic_open, save_figure, write_json
 from bnff.data import Dataset
 from bnff.memory import SavedActivations
 from bnff.ops import backends
@@ -248,5 +248,4 @@ def _write_outputs(out_dir: Path, metrics: dict, hist: dict[str, RunHistory]) ->
     ax.set_title(f"{metrics['config']['model']} on {metrics['data']}: " + " vs ".join(hist))
     ax.legend()
     fig.tight_layout()
-    with atomic_open(out_dir / "loss.png", "wb") as f:
-        fig.savefig(f, format="png", dpi=100)
+    save_figure(out_dir / "loss.png", fig, dpi=100)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import io
 from dataclasses import asdict
 from pathlib import Path
@@ -11,7 +10,8 @@ from rich.console import Console
 from rich.table import Table
 
 from bnff.accel import Simulation, area
-from bnff.atomic import atomic_open
+from bnff.atomic import save_figure
+from bnff.atomic import write_csv as write_csv_rows
 
 TABLE4 = {"resnet18": (0.870, 1.007), "resnet50": (0.485, 0.545)}
 """Seed 002 Table 4 as printed: FP and BP improvement of fused over unfused execution, batch 32."""
@@ -136,17 +136,9 @@ def sweep_text(model: str, key: str, rows: list[dict]) -> str:
     return console.export_text()
 
 
-def write_rows_csv(path: str | Path, rows: list[dict]) -> None:
-    """Rows of dicts with the same keys as CSV, atomically."""
-    with atomic_open(path) as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-
-
 def write_csv(path: str | Path, sim: Simulation) -> None:
     """One row per layer, phase and scheme (SCALE-Sim style), atomically."""
-    write_rows_csv(path, [t.as_dict() for t in sim.layers])
+    write_csv_rows(path, [t.as_dict() for t in sim.layers])
 
 
 def write_plot(path: str | Path, sim: Simulation) -> None:
@@ -179,9 +171,7 @@ def write_plot(path: str | Path, sim: Simulation) -> None:
     axes[2].legend()
     fig.suptitle(f"{sim.model}, batch {sim.batch}, {sim.config.source}")
     fig.tight_layout()
-    fmt = Path(path).suffix.lstrip(".").lower() or "png"
-    with atomic_open(path, "wb") as f:
-        fig.savefig(f, format=fmt)
+    save_figure(path, fig)
 
 
-__all__ = ["TABLE4", "TABLE4_AS_TEXT", "as_json", "gpu_text", "sweep_text", "text", "write_csv", "write_plot", "write_rows_csv"]
+__all__ = ["TABLE4", "TABLE4_AS_TEXT", "as_json", "gpu_text", "sweep_text", "text", "write_csv", "write_plot"]

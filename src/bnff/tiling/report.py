@@ -3,14 +3,14 @@ baseline vs optimised schedule, as a table, JSON and CSV; the thesis' two figure
 
 from __future__ import annotations
 
-import csv
 import io
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
-from bnff.atomic import atomic_open
+from bnff.atomic import save_figure
+from bnff.atomic import write_csv as write_csv_rows
 from bnff.tiling.schedule import Run
 
 PUBLISHED = {"mobilenet_v2": 0.67, "resnet50": 0.20}
@@ -97,18 +97,13 @@ def write_sweep_plot(path: str | Path, model: str, rows: list[dict]) -> None:
     ax.set_title(f"{model}, batch 1: DRAM energy over buffer sizes")
     ax.legend()
     fig.tight_layout()
-    with atomic_open(path, "wb") as f:
-        fig.savefig(f, format=Path(path).suffix.lstrip(".").lower() or "png")
+    save_figure(path, fig)
 
 
 def write_csv(path: str | Path, baseline: list[Run], optimized: list[Run]) -> None:
     """One row per op (or chain) and schedule, atomically."""
-    rows = [{"schedule": "baseline", **r.as_dict()} for r in baseline] + \
-           [{"schedule": "optimized", **r.as_dict()} for r in optimized]
-    with atomic_open(path) as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv_rows(path, [{"schedule": "baseline", **r.as_dict()} for r in baseline]
+                   + [{"schedule": "optimized", **r.as_dict()} for r in optimized])
 
 
 __all__ = ["PUBLISHED", "reproduce_text", "summary", "sweep_text", "text", "write_csv", "write_sweep_plot"]

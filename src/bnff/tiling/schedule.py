@@ -26,7 +26,7 @@ import math
 from dataclasses import dataclass
 
 from bnff.tiling import dram as dram_mod
-from bnff.tiling.gemm import Tiles, best, replay
+from bnff.tiling.gemm import best, replay
 from bnff.tiling.layers import Op, OpList, chains
 
 ELEMENT_BYTES = 2  # one buffer entry = one 16-bit value (issue 16's fixed assumption)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import io
 from collections import OrderedDict
 from dataclasses import asdict
@@ -11,7 +10,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from bnff.atomic import atomic_open, write_json
+from bnff.atomic import save_figure, write_json
+from bnff.atomic import write_csv as write_csv_rows
 from bnff.traffic.analysis import Analysis
 from bnff.traffic.account import SCHEMES
 from bnff.traffic.assumptions import Assumptions
@@ -107,11 +107,7 @@ def model_json(name: str, analyses: dict[str, Analysis]) -> dict:
 
 def write_csv(path: str | Path, analyses: dict[str, Analysis]) -> None:
     """One row per (scheme, layer) with every ``LayerRecord`` field, atomically."""
-    rows = [{"scheme": s, **r.as_dict()} for s in SCHEMES for r in analyses[s].records]
-    with atomic_open(path) as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv_rows(path, [{"scheme": s, **r.as_dict()} for s in SCHEMES for r in analyses[s].records])
 
 
 def write_plot(path: str | Path, name: str, analyses: dict[str, Analysis]) -> None:
@@ -132,9 +128,7 @@ def write_plot(path: str | Path, name: str, analyses: dict[str, Analysis]) -> No
     ax.set_title(f"{name}, batch {n}: traffic per block")
     ax.legend()
     fig.tight_layout()
-    fmt = Path(path).suffix.lstrip(".").lower() or "png"
-    with atomic_open(path, "wb") as f:
-        fig.savefig(f, format=fmt)
+    save_figure(path, fig)
 
 
 def reproduce_text(rows: list[dict], batch: int, a: Assumptions) -> str:

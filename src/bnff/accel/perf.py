@@ -130,6 +130,8 @@ class _Machine:
         self.modules = dict(lg.gm.named_modules())
         self.work: dict[tuple[str, str], Work] = {}
         self.pre_fused: set[str] = set()  # layers whose inputs are pre-processed (half of Fbuf_In)
+        self.groups = plan.groups if scheme == "fused" else []
+        self._groups_by_name = {g.name: g for g in self.groups}
 
     def on_array(self, layer: Layer) -> bool:
         return layer.kind in (Kind.CONV, Kind.LINEAR)
@@ -155,7 +157,7 @@ class _Machine:
             pass
         elif layer.kind in MEMORY_INTENSIVE:
             self.steps(eager_steps(layer.node.name, layer.kind.value, tuple(i.name for i in layer.inputs)).steps)
-        elif layer.kind in (Kind.MAXPOOL, Kind.AVGPOOL, Kind.CAT) or not (layer.view or layer.kind == Kind.FLATTEN):
+        elif not (layer.view or layer.kind == Kind.FLATTEN):  # pools, concatenations, other layers: VecU passes
             x = sum(lg.numel(i) for i in layer.inputs)
             self.vecu(layer, "fp", x + layer.out_numel)
             if layer.kind != Kind.CAT and lg.requires_grad(layer.node):
@@ -280,8 +282,7 @@ class _Machine:
         w.fused_steps.append(step.kind)
 
     def build(self) -> dict[tuple[str, str], Work]:
-        groups = self.plan.groups if self.scheme == "fused" else []
-        self._groups_by_name = {g.name: g for g in groups}
+        groups = self.groups
         members = {m for g in groups for m in g.members}
         for g in groups:
             self.pre_fused.update(g.consumers)

@@ -92,9 +92,9 @@ def _worker(rank: int, world: int, store: str, outdir: str, sizes: tuple[int, ..
 
         xs = [step[rank] for step in _batches(sizes)]
         report = bnff.fusion_report(model)
+        wrapped = None
         if ddp == "no_sync":  # two micro-batches per step: the first accumulates without all-reducing
             wrapped = nn.parallel.DistributedDataParallel(model)
-            opt = torch.optim.SGD(wrapped.parameters(), lr=0.1)
             with wrapped.no_sync():
                 y0 = wrapped(xs[0])
                 (y0 * y0).mean().backward()
@@ -110,14 +110,20 @@ def _worker(rank: int, world: int, store: str, outdir: str, sizes: tuple[int, ..
             steps = _train(model, xs, average)
         result = {"steps": steps, "fused": report.fused_bns, "unfused": [u.name for u in report.unfused_bns]}
         torch.save(result, os.path.join(outdir, f"rank{rank}.pt"))
+        del wrapped, model, net
+        dist.barrier()  # every rank done with its collectives (and DDP's reducer gone) before teardown
     finally:
         dist.destroy_process_group()
 
 
 def _run(tmp_path, sizes: tuple[int, ...], sync: bool, ddp: bool | str = False, unfused: bool = False) -> list[dict]:
-    mp.spawn(_worker, args=(len(sizes), str(tmp_path / "store"), str(tmp_path), sizes, sync, ddp, unfused),
+    """Spawn one process per entry of ``sizes``; each run gets a folder and rendezvous file of its
+    own (a file store left by an earlier group must not be joined again)."""
+    run = tmp_path / f"run{len(list(tmp_path.glob('run*')))}"
+    run.mkdir()
+    mp.spawn(_worker, args=(len(sizes), str(run / "store"), str(run), sizes, sync, ddp, unfused),
              nprocs=len(sizes), join=True)
-    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(len(sizes))]
+    return [torch.load(run / f"rank{r}.pt", weights_only=False) for r in range(len(sizes))]
 
 
 def _eager(sizes: tuple[int, ...], scaled_b3_input: bool = False) -> list[dict]:

@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/bnff train --compare --out runs/demo
+	$(VENV)/bin/bnff train --compare --image-size 16 --out runs/demo
 
 # The exactness tests run twice: on this CPU's own kernels, then with ATen, oneDNN, MKL and bnff's
 # kernels held to AVX2 (its own build cache), so AVX-512 machines also exercise the AVX2 paths.

@@ -16,18 +16,46 @@ from bnff.names import BACKEND_NAMES, BENCH_VARIANTS, MODEL_NAMES, UsageError
 # torch, the models and the kernels are imported inside the commands: ``bnff --help`` needs none.
 
 
-def _positive(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+def _at_least(minimum: int):
+    """argparse type: a whole number >= ``minimum``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+    return parse
+
+
+_positive = _at_least(1)
+_count = _at_least(0)
 
 
 def _train(args: argparse.Namespace) -> int:
+    from bnff import processes
+
+    if args.nproc_per_node > 1 and not processes.launched():
+        # the same command in N processes under torchrun's launcher; they all write one run folder
+        argv = list(args.argv)
+        if args.out is None:
+            argv += ["--out", str(_run_folder(args))]
+        return processes.launch(args.nproc_per_node, argv)
+    with processes.joined() as procs:
+        return _train_here(args, procs)
+
+
+def _run_folder(args: argparse.Namespace) -> Path:
+    """--out, else the folder of --resume's checkpoint, else runs/MODEL-TIMESTAMP."""
+    if args.out:
+        return Path(args.out)
+    if args.resume:
+        return Path(args.resume).parent
+    return Path("runs") / time.strftime(f"{args.model}-%Y%m%d-%H%M%S")
+
+
+def _train_here(args: argparse.Namespace, procs) -> int:
     import torch
 
     from bnff import data as data_mod
@@ -35,22 +63,22 @@ def _train(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     ds = data_mod.load(args.data, image_size=args.image_size, seed=args.seed)
-    print(f"data {ds.name}: {len(ds.train_y)} train / {len(ds.test_y)} test images, "
-          f"{ds.train_x.shape[-1]}x{ds.train_x.shape[-1]}, {len(ds.classes)} classes")
+    if procs.main:
+        on = f", {procs.world} processes" if procs.world > 1 else ""
+        print(f"data {ds.name}: {len(ds.train_y)} train / {len(ds.test_y)} test images, "
+              f"{ds.train_x.shape[-1]}x{ds.train_x.shape[-1]}, {len(ds.classes)} classes{on}")
     cfg = TrainConfig(model=args.model, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                       dtype=args.dtype, backend=args.backend, seed=args.seed, limit_batches=args.limit_batches,
-                      compare=args.compare)
+                      compare=args.compare, workers=args.workers, augment=args.augment, sync_bn=args.sync_bn)
     if args.resume and not Path(args.resume).is_file():
         raise UsageError(f"--resume {args.resume}: no such checkpoint")
-    out = (Path(args.out) if args.out else Path(args.resume).parent if args.resume
-           else Path("runs") / time.strftime(f"{args.model}-%Y%m%d-%H%M%S"))
     try:
-        metrics = train(cfg, ds, out, resume=Path(args.resume) if args.resume else None)
+        metrics = train(cfg, ds, _run_folder(args), resume=Path(args.resume) if args.resume else None)
     except ValueError as exc:
         if "--resume" in str(exc):
             raise UsageError(str(exc)) from None
         raise
-    if args.json:
+    if args.json and procs.main:
         write_json(args.json, metrics)
     return 0
 
@@ -348,6 +376,16 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--limit-batches", type=_positive, default=None, help="quick runs: at most this many training batches per epoch, and "
                                                                     "this many batches' worth of test images")
     t.add_argument("--compare", action="store_true", help="also train an eager copy side by side and compare")
+    t.add_argument("--augment", default="auto", choices=["auto", "none", "crop", "crop-flip"],
+                   help="random crop (padding of 1/8 of the size) and horizontal flip, from kornia; auto: crop for "
+                        "digits (a mirrored digit is another glyph), crop-flip otherwise")
+    t.add_argument("--workers", type=_count, default=0, help="DataLoader worker processes (default 0: load in the "
+                                                          "training process)")
+    t.add_argument("--nproc-per-node", type=_positive, default=1, metavar="N",
+                   help="train in N processes on this machine with DistributedDataParallel (torchrun's launcher, "
+                        "gloo); --batch-size is per process. Several machines: run torchrun -m bnff train on each")
+    t.add_argument("--sync-bn", action="store_true",
+                   help="BN statistics over all processes' mini-batches (nn.SyncBatchNorm, fused by bnff)")
     t.add_argument("--resume", default=None, metavar="CHECKPOINT",
                    help="continue an interrupted run from its checkpoint.pt (same settings; its folder by default)")
     t.add_argument("--out", default=None, help="run folder (default runs/MODEL-TIMESTAMP)")
@@ -471,7 +509,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``bnff`` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv  # bnff train --nproc-per-node re-runs the same command line in each process
     try:
         return args.func(args)
     except UsageError as exc:  # input the user can fix; anything else is a bug and keeps its traceback

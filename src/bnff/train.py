@@ -1,7 +1,8 @@
 """The main job: train a restructured CNN (with ``compare``: an eager copy beside it, from the same
 initial weights on the same mini-batches, to report whether they converge together, their speed
 in images/s and the activation bytes each keeps for backward), checkpointing every epoch so an
-interrupted run resumes where it stopped."""
+interrupted run resumes where it stopped. In several processes (``bnff train --nproc-per-node``
+or torchrun) it trains with DistributedDataParallel, BN statistics synchronized with ``sync_bn``."""
 
 from __future__ import annotations
 
@@ -14,14 +15,19 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 from tqdm import tqdm
 
 import bnff
 from bnff import models
 from bnff.atomic import atomic_open, save_figure, write_json
-from bnff.data import Dataset
+from bnff.data import Dataset, augment
 from bnff.memory import SavedActivations
+from bnff.modules import SyncBatchNorm
+from bnff.names import UsageError
 from bnff.ops import backends
+from bnff.processes import Processes
 
 
 @dataclass
@@ -37,6 +43,9 @@ class TrainConfig:
     seed: int = 0
     limit_batches: int | None = None
     compare: bool = False
+    workers: int = 0
+    augment: str = "auto"
+    sync_bn: bool = False
 
 
 @dataclass
@@ -85,14 +94,15 @@ def save_checkpoint(path: Path, state: dict) -> None:
         torch.save(state, f)
 
 
-def _evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, amp: bool, batch: int = 256) -> float:
+def _correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, amp: bool, batch: int = 256) -> int:
+    """How many of the images ``x`` (N, 3, S, S) ``model`` classifies as ``y`` (N,), in eval mode."""
     model.eval()
     correct = 0
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
         for i in range(0, len(y), batch):
             correct += (model(x[i:i + batch]).argmax(1) == y[i:i + batch]).sum().item()
     model.train()
-    return correct / len(y)
+    return correct
 
 
 def max_param_difference(a: nn.Module, b: nn.Module) -> float:
@@ -100,11 +110,11 @@ def max_param_difference(a: nn.Module, b: nn.Module) -> float:
     return max((pa - pb).abs().max().item() for pa, pb in zip(a.parameters(), b.parameters()))
 
 
-RESUMABLE = ("model", "epochs", "batch_size", "lr", "dtype", "seed", "limit_batches", "compare")
+RESUMABLE = ("model", "epochs", "batch_size", "lr", "dtype", "seed", "limit_batches", "compare", "augment", "sync_bn")
 """Config fields a resumed run must share with the run that wrote its checkpoint."""
 
 
-def _resume_state(path: Path, cfg: TrainConfig, data: Dataset) -> dict:
+def _resume_state(path: Path, cfg: TrainConfig, data: Dataset, procs: Processes) -> dict:
     """The state a checkpoint holds, checked against this run's settings.
 
     Raises:
@@ -117,15 +127,47 @@ def _resume_state(path: Path, cfg: TrainConfig, data: Dataset) -> dict:
         if state["config"].get(key) != getattr(cfg, key):
             raise ValueError(f"--resume {path}: it was trained with {key}={state['config'].get(key)!r}, this run has "
                              f"{key}={getattr(cfg, key)!r}; resume with the same settings")
+    if state.get("processes", 1) != procs.world:
+        raise ValueError(f"--resume {path}: it was trained by {state.get('processes', 1)} processes, this run has "
+                         f"{procs.world}; each process's share of the data depends on it")
     if state["data"] != [data.name, len(data.train_y), len(data.test_y)]:
         raise ValueError(f"--resume {path}: it was trained on {state['data']}, not on this data")
     return state
+
+
+def _loader(data: Dataset, cfg: TrainConfig, procs: Processes) -> tuple[DataLoader, DistributedSampler, int]:
+    """Mini-batches of ``cfg.batch_size`` images for this process: a ``DistributedSampler`` share of
+    the shuffled training set (the whole set when alone), loaded by ``cfg.workers`` workers; and
+    the number of steps per epoch.
+
+    Raises:
+        UsageError: the training set has fewer images than one mini-batch per process.
+    """
+    images = TensorDataset(data.train_x, data.train_y)
+    sampler = DistributedSampler(images, num_replicas=procs.world, rank=procs.rank, shuffle=True, seed=cfg.seed,
+                                 drop_last=True)
+    n_batches = len(sampler) // cfg.batch_size
+    if n_batches == 0:
+        per = f" x {procs.world} processes" if procs.world > 1 else ""
+        raise UsageError(f"--batch-size {cfg.batch_size}{per} needs more than the {len(images)} training images "
+                         f"of {data.name}; use a smaller --batch-size")
+    if cfg.limit_batches:
+        n_batches = min(n_batches, cfg.limit_batches)
+    loader = DataLoader(images, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.workers,
+                        drop_last=True, persistent_workers=cfg.workers > 0)
+    return loader, sampler, n_batches
 
 
 def train(cfg: TrainConfig, data: Dataset, out_dir: Path, log=print, resume: Path | None = None) -> dict:
     """Train the restructured ``cfg.model`` (with ``cfg.compare``: an eager copy beside it, from the
     same initial weights on the same mini-batches); write ``out_dir``'s run files and, after every
     epoch, ``out_dir/checkpoint.pt`` (atomically) with everything a resumed run needs.
+
+    In a process group (torchrun, ``bnff.processes.joined``) every process runs this with the same
+    ``cfg``: each model is wrapped in ``DistributedDataParallel``, each process trains on its
+    ``DistributedSampler`` share in mini-batches of ``cfg.batch_size`` (per process), with
+    ``cfg.sync_bn`` the BN statistics are those of all processes' mini-batches
+    (``nn.SyncBatchNorm``, fused by bnff), and only rank 0 logs and writes ``out_dir``.
 
     ``resume``: a checkpoint of an interrupted run with the same settings; training continues after
     its last epoch and ends with the same weights as an uninterrupted run.
@@ -134,34 +176,39 @@ def train(cfg: TrainConfig, data: Dataset, out_dir: Path, log=print, resume: Pat
 
     Raises:
         ValueError: a bad ``cfg.dtype`` or a checkpoint that does not fit this run.
+        UsageError: a mini-batch larger than the training set, or an unknown ``cfg.augment``.
     """
     if cfg.dtype not in ("fp32", "bf16"):
         raise ValueError(f"--dtype must be fp32 or bf16, got {cfg.dtype!r}")
-    cfg = replace(cfg, backend=backends.resolve(cfg.backend))
-    torch.manual_seed(cfg.seed)
+    procs = Processes.current()
+    log = log if procs.main else (lambda *a, **k: None)
+    cfg = replace(cfg, backend=backends.resolve(cfg.backend), augment=augment.resolve(cfg.augment, data.name))
+    torch.manual_seed(cfg.seed)  # the same initial weights in every process
     image_size = data.train_x.shape[-1]
     base = build_model(cfg.model, len(data.classes), image_size)
-    runs = {"bnff": bnff.restructure(copy.deepcopy(base), backend=cfg.backend)}
+    if cfg.sync_bn:
+        base = nn.SyncBatchNorm.convert_sync_batchnorm(base)
+    nets = {"bnff": bnff.restructure(copy.deepcopy(base), backend=cfg.backend)}
     if cfg.compare:
-        runs = {"eager": copy.deepcopy(base), **runs}
-    log(bnff.fusion_report(runs["bnff"]).summary())
-    opts = {k: torch.optim.SGD(m.parameters(), lr=cfg.lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
-            for k, m in runs.items()}
-    n_batches = len(data.train_y) // cfg.batch_size
-    if cfg.limit_batches:
-        n_batches = min(n_batches, cfg.limit_batches)
-    total = max(1, cfg.epochs * n_batches)
-    scheds = {k: lr_schedule(o, cfg.lr, total) for k, o in opts.items()}
-    n_test = len(data.test_y) if not cfg.limit_batches else min(len(data.test_y), cfg.limit_batches * cfg.batch_size)
-    test_x, test_y = data.test_x[:n_test], data.test_y[:n_test]
-    hist = {k: RunHistory() for k in runs}
-    amp = cfg.dtype == "bf16"
+        eager = copy.deepcopy(base)
+        SyncBatchNorm.adopt(eager)  # PyTorch's own refuses CPU modules under DDP; bnff's unfused one is the same BN
+        nets = {"eager": eager, **nets}
+    log(bnff.fusion_report(nets["bnff"]).summary())
+    loader, sampler, n_batches = _loader(data, cfg, procs)
+    total = cfg.epochs * n_batches
+    hist = {k: RunHistory() for k in nets}
     gen = torch.Generator().manual_seed(cfg.seed)
     first = 0
-    if resume is not None:
-        state = _resume_state(Path(resume), cfg, data)
+    state = _resume_state(Path(resume), cfg, data, procs) if resume is not None else None
+    if state is not None:
+        for k, m in nets.items():
+            m.load_state_dict(state["runs"][k]["model"])
+    runs = {k: DistributedDataParallel(m) if procs.world > 1 else m for k, m in nets.items()}
+    opts = {k: torch.optim.SGD(m.parameters(), lr=cfg.lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
+            for k, m in nets.items()}
+    scheds = {k: lr_schedule(o, cfg.lr, total) for k, o in opts.items()}
+    if state is not None:
         for k in runs:
-            runs[k].load_state_dict(state["runs"][k]["model"])
             opts[k].load_state_dict(state["runs"][k]["optimizer"])
             scheds[k].load_state_dict(state["runs"][k]["scheduler"])
             hist[k] = RunHistory(**state["runs"][k]["history"])
@@ -169,21 +216,30 @@ def train(cfg: TrainConfig, data: Dataset, out_dir: Path, log=print, resume: Pat
         torch.set_rng_state(state["torch_rng"])
         first = state["epoch"]
         log(f"resumed from {resume} after epoch {first}")
+    n_test = len(data.test_y) if not cfg.limit_batches else min(len(data.test_y), cfg.limit_batches * cfg.batch_size)
+    test_x, test_y = data.test_x[procs.rank:n_test:procs.world], data.test_y[procs.rank:n_test:procs.world]
+    transform = augment.augmentation(cfg.augment, image_size)
+    amp = cfg.dtype == "bf16"
     names = " + ".join(runs)
-    bar = tqdm(total=total, initial=first * n_batches, desc=f"training {names}", unit="step", dynamic_ncols=True)
+    bar = tqdm(total=total, initial=first * n_batches, desc=f"training {names}", unit="step", dynamic_ncols=True,
+               disable=not procs.main)
     for epoch in range(first, cfg.epochs):
-        order = torch.randperm(len(data.train_y), generator=gen)
+        sampler.set_epoch(epoch)
         losses = {k: 0.0 for k in runs}
         seconds = {k: 0.0 for k in runs}
-        for b in range(n_batches):
-            idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
-            x, y = data.train_x[idx], data.train_y[idx]
-            step_seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
+        for b, (x, y) in zip(range(n_batches), loader):
+            # one seed per step and process: the same crops and dropout masks for both runs, other
+            # ones in each process, and the same again in a resumed run
+            seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen)) * procs.world + procs.rank
+            if transform is not None:
+                with torch.random.fork_rng():
+                    torch.manual_seed(seed)
+                    x = transform(x)
             for k, m in runs.items():
                 meter = SavedActivations(m) if (epoch == 0 and b == 0) else None
                 t0 = time.perf_counter()
                 with torch.random.fork_rng(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
-                    torch.manual_seed(step_seed)  # the same dropout masks in both runs
+                    torch.manual_seed(seed)
                     with meter or contextlib.nullcontext():
                         output = m(x)
                     loss = training_loss(output, y)
@@ -197,22 +253,25 @@ def train(cfg: TrainConfig, data: Dataset, out_dir: Path, log=print, resume: Pat
                     hist[k].saved_activation_bytes = meter.bytes
             bar.update(1)
             bar.set_postfix({f"loss_{k}": f"{losses[k] / (b + 1):.3f}" for k in runs})
-        for k, m in runs.items():
-            hist[k].loss.append(losses[k] / max(1, n_batches))
-            hist[k].test_accuracy.append(_evaluate(m, test_x, test_y, amp))
-            hist[k].images_per_s.append(n_batches * cfg.batch_size / max(seconds[k], 1e-9))
+        for k, m in nets.items():
+            loss_sum, correct = procs.sum([losses[k], _correct(m, test_x, test_y, amp)])
+            hist[k].loss.append(loss_sum / (procs.world * n_batches))
+            hist[k].test_accuracy.append(correct / n_test)
+            hist[k].images_per_s.append(procs.world * n_batches * cfg.batch_size / max(procs.max([seconds[k]])[0], 1e-9))
         line = " | ".join(f"{k}: loss {hist[k].loss[-1]:.4f} acc {hist[k].test_accuracy[-1]:.2%} "
                           f"{hist[k].images_per_s[-1]:.1f} img/s" for k in runs)
         if cfg.compare:
-            line += f" | max |param diff| {max_param_difference(runs['eager'], runs['bnff']):.2e}"
-        bar.write(f"epoch {epoch + 1}/{cfg.epochs}  {line}")
-        out_dir.mkdir(parents=True, exist_ok=True)
-        save_checkpoint(out_dir / "checkpoint.pt", {
-            "model": cfg.model, "config": asdict(cfg), "epoch": epoch + 1, "state_dict": runs["bnff"].state_dict(),
-            "data": [data.name, len(data.train_y), len(data.test_y)],
-            "runs": {k: {"model": runs[k].state_dict(), "optimizer": opts[k].state_dict(),
-                         "scheduler": scheds[k].state_dict(), "history": asdict(hist[k])} for k in runs},
-            "generator": gen.get_state(), "torch_rng": torch.get_rng_state()})
+            line += f" | max |param diff| {max_param_difference(nets['eager'], nets['bnff']):.2e}"
+        if procs.main:
+            bar.write(f"epoch {epoch + 1}/{cfg.epochs}  {line}")
+            out_dir.mkdir(parents=True, exist_ok=True)
+            save_checkpoint(out_dir / "checkpoint.pt", {
+                "model": cfg.model, "config": asdict(cfg), "epoch": epoch + 1, "processes": procs.world,
+                "state_dict": nets["bnff"].state_dict(), "data": [data.name, len(data.train_y), len(data.test_y)],
+                "runs": {k: {"model": nets[k].state_dict(), "optimizer": opts[k].state_dict(),
+                             "scheduler": scheds[k].state_dict(), "history": asdict(hist[k])} for k in runs},
+                "generator": gen.get_state(), "torch_rng": torch.get_rng_state()})
+        procs.barrier()  # a resumed run finds every epoch it was told of
     bar.close()
     b_bytes = hist["bnff"].saved_activation_bytes
     if cfg.compare:
@@ -222,13 +281,15 @@ def train(cfg: TrainConfig, data: Dataset, out_dir: Path, log=print, resume: Pat
     else:
         log(f"activations saved for backward (batch {cfg.batch_size}): {b_bytes / 2**20:.1f} MiB")
     metrics = {
-        "config": asdict(cfg), "data": data.name, "image_size": image_size,
+        "config": asdict(cfg), "data": data.name, "image_size": image_size, "processes": procs.world,
+        "global_batch_size": procs.world * cfg.batch_size,
         "train_images": len(data.train_y), "test_images": n_test,
         "runs": {k: asdict(h) for k, h in hist.items()},
-        "max_param_difference": max_param_difference(runs["eager"], runs["bnff"]) if cfg.compare else None,
-        "fusion": bnff.fusion_report(runs["bnff"]).summary(),
+        "max_param_difference": max_param_difference(nets["eager"], nets["bnff"]) if cfg.compare else None,
+        "fusion": bnff.fusion_report(nets["bnff"]).summary(),
     }
-    _write_outputs(out_dir, metrics, hist)
+    if procs.main:
+        _write_outputs(out_dir, metrics, hist)
     log(f"run folder: {out_dir}")
     return metrics
 

@@ -4,8 +4,8 @@
                                          [--models M ...] [--allocators A ...] [--prefer memory|speed]
 
 Settings: ResNet-50 batch 16 224x224 bf16 and fp32, DenseNet-121 and MobileNetV2 batch 16 224x224
-bf16; each times eager, torch.compile (compile time apart), bnff (default backend) and the conv
-floor, interleaved after warm-up (``bnff.bench``). Every setting runs with the default allocator
+bf16; each times eager, torch.compile (compile time apart), bnff (default backend), bnff under
+torch.compile (bnff+compile) and the conv floor, interleaved after warm-up (``bnff.bench``). Every setting runs with the default allocator
 (what a user gets: eager faults in fresh pages for its large intermediates, bnff reuses its
 workspace) and with ``--tuned-malloc`` (no variant faults: the kernels' own gain), each in
 ``--processes`` fresh processes, so that one process's luck (its pages, its neighbours) cannot
@@ -64,10 +64,12 @@ def row(model: str, dtype: str, allocator: str, runs: list[dict]) -> str:
     unfused = [len(r["unfused_groups"]) for r in runs]
     unfused = f" ({_spread(unfused, 'd')} of {runs[0]['fusable_groups']} groups unfused)" if any(unfused) else ""
     floors = ", ".join(f"{statistics.median(col(v, 'step_over_floor')):.2f}" for v in ("eager", "compile", "bnff"))
+    both = [r["ratios"]["bnff+compile_vs_compile"] for r in runs]
     return (f"| {model} | {dtype} | {allocator} | {statistics.median(col('eager', 'images_per_s')):.1f} "
             f"| {statistics.median(col('compile', 'images_per_s')):.1f} | {statistics.median(col('bnff', 'images_per_s')):.1f} "
             f"| {_spread(vs_eager, '.2f')}x {_verdict(statistics.median(vs_eager))} "
             f"| {_spread(vs_compile, '.2f')}x {_verdict(statistics.median(vs_compile))} "
+            f"| {_spread(both, '.2f')}x {_verdict(statistics.median(both))} "
             f"| {floors} | {_spread(removed, '+.0%') if removed else ''} | {saved:.2f}{unfused} |")
 
 
@@ -86,8 +88,9 @@ def main() -> None:
           f"each the median of {args.steps} interleaved rounds; level = within {LEVEL:.0%} of 1.0; "
           f"prefer={args.prefer!r}\n")
     print("| model | dtype | allocator | eager img/s | compile img/s | bnff img/s | bnff / eager | bnff / compile "
-          "| step / floor: eager, compile, bnff | overhead removed | saved activations bnff / eager |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "| bnff+compile / compile | step / floor: eager, compile, bnff | overhead removed "
+          "| saved activations bnff / eager |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     results = []
     for model, dtype in SETTINGS:
         if args.models and model not in args.models:

@@ -5,7 +5,7 @@ these tuples."""
 MODEL_NAMES = ("resnet18", "resnet34", "resnet50", "resnet101", "densenet121", "densenet169", "densenet201",
                "inception_v3", "mobilenet_v2")
 BACKEND_NAMES = ("cpu", "reference")
-BENCH_VARIANTS = ("eager", "compile", "bnff", "conv_floor")
+BENCH_VARIANTS = ("eager", "compile", "bnff", "bnff+compile", "conv_floor")
 
 
 class UsageError(ValueError):

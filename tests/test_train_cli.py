@@ -238,3 +238,5 @@ def test_two_processes_with_sync_bn_train_like_one_on_the_whole_batch(tmp_path):
     eager, fused = sync["runs"]["eager"]["model"], sync["runs"]["bnff"]["model"]
     assert max((eager[k].double() - fused[k].double()).abs().max().item() for k in eager
                if eager[k].is_floating_point()) < 1e-3 * drift(plain)
+    # a usage error in the processes ends the launcher with the same exit code as in one process
+    assert cli.main([*common, "--nproc-per-node", "2", "--data", f"folder:{tmp_path / 'missing'}"]) == 2

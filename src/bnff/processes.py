@@ -90,8 +90,9 @@ def joined(backend: str = "gloo") -> Iterator[Processes]:
 def launch(nproc_per_node: int, argv: Sequence[str]) -> int:
     """Run ``python -m bnff <argv>`` in ``nproc_per_node`` processes on this machine through
     torchrun's launcher (``torch.distributed.run``, standalone rendezvous on a free local port).
-    Returns 0 when every process succeeded, else 1 (torchrun has already printed the failing
-    rank's error and stopped the others)."""
+    Returns 0 when every process succeeded, else the exit code of the first process that failed
+    (2 for a usage error, as in one process; 1 when it died of a signal). torchrun has already
+    printed the failing rank's error and stopped the others."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
@@ -99,8 +100,9 @@ def launch(nproc_per_node: int, argv: Sequence[str]) -> int:
                                          "--module", "bnff", *argv])
     try:
         run(args)
-    except ChildFailedError:
-        return 1
+    except ChildFailedError as exc:
+        codes = [f.exitcode for f in exc.failures.values()]
+        return codes[0] if codes and codes[0] > 0 else 1
     return 0
 
 

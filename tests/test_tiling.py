@@ -178,8 +178,31 @@ def test_tile_cli_prints_and_writes(tmp_path, capsys):
     assert main(["tile", "--reproduce", "--json", str(out)]) == 0
     rows = {r["model"]: r for r in json.loads(out.read_text())["rows"]}
     assert rows["mobilenet_v2"]["published_reduction"] == 0.67 and rows["resnet50"]["published_reduction"] == 0.20
-    assert rows["resnet50"]["energy_reduction"] == pytest.approx(0.070, abs=0.005)
+    for r in rows.values():  # the issue's target: within 10 points of the thesis
+        assert abs(r["energy_reduction"] - r["published_reduction"]) < 0.10, r
+    assert rows["resnet50"]["energy_reduction"] == pytest.approx(0.217, abs=0.005)  # regression pins
     assert rows["mobilenet_v2"]["energy_reduction"] == pytest.approx(0.571, abs=0.005)
+
+
+def test_a_residual_add_in_the_epilogue_reads_the_shortcut_once_and_moves_nothing_else():
+    """A 1x1 whose output feeds only a residual add takes the add into its epilogue: by hand, the
+    GEMM's own elements plus the shortcut read once (M x N, every C tile written once in row order
+    with the whole K per tile), against the add alone reading two maps and writing one (3 M N)."""
+    from bnff.tiling.layers import Op, OpList
+    from bnff.tiling.schedule import epilogue_adds, optimized, pointwise
+
+    conv = Op("c", "pointwise", 64, 256, 14, 14, 14, 14, sources=("x",))
+    add = Op("a", "add", 256, 256, 14, 14, 14, 14, sources=("c", "r"))
+    alone = pointwise(conv, "row", 65536)
+    fused = pointwise(conv, "row", 65536, add=add)
+    assert fused.kind == "fused" and fused.dram_elements == alone.dram_elements + 14 * 14 * 256
+    ol = OpList([conv, add], {"x": 1, "c": 1, "r": 1, "a": 1})
+    assert epilogue_adds(ol, set()) == {"c": add} and epilogue_adds(ol, {"a"}) == {}
+    runs = optimized(ol, 65536, "row", True)
+    assert [r.name for r in runs] == ["c+a"]
+    assert [r.name for r in optimized(ol, 65536, "row", False)] == ["c", "a"]
+    # an output with a second user stays a separate add
+    assert epilogue_adds(OpList([conv, add], {"x": 1, "c": 2, "r": 1, "a": 1}), set()) == {}
 
 
 def test_a_bigger_buffer_never_costs_the_fused_schedule_more(tmp_path):

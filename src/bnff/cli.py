@@ -271,7 +271,7 @@ def _tile(args: argparse.Namespace) -> int:
 
     def assumptions(rank) -> str:
         return (f"inference, batch 1, {args.image_size}x{args.image_size}, BN/ReLU on chip, "
-                f"CP rank {'none' if rank is None else rank}")
+                f"residual adds in a 1x1's epilogue (optimised), CP rank {'none' if rank is None else rank}")
 
     if args.reproduce:
         rows = []

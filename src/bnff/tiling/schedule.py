@@ -8,6 +8,11 @@ schedule moves becomes DRAM accesses in the order it moves them, priced by ``dra
 * A depthwise op streams its input rows once (a line buffer of Kh rows) and writes its output
   rows once; its weights are read once.
 * An add reads its two inputs and writes its result, row by row.
+* A residual add fused into the 1x1 that produces one of its inputs (the optimised schedule, when
+  that output feeds only the add and neither is in a fused chain): the GEMM's epilogue reads the
+  shortcut's tile as each C tile is written and writes the sum, so the add moves no data of its
+  own. This is bnff's residual Add done inside a convolution (seed 002 section 2.3); it was added
+  after the first reproduction, which left ResNet-50's adds as separate passes (README).
 * A fused chain (thesis section 4; ``layers.chains``) runs band by band: for R rows of its final
   output it reads the input rows they need (the halo of every depthwise stage included, so rows
   on a band boundary are read again), keeps every intermediate band on chip, reads the residual
@@ -77,28 +82,62 @@ class _Memory:
         return n_rows * row_elements
 
 
-def pointwise(op: Op, order: str, entries: int, device: dram_mod.Device = dram_mod.DDR3_1333_X8) -> Run:
-    """A pointwise op as a tiled GEMM with ``gemm.best``'s tiles for ``order``."""
+def pointwise(op: Op, order: str, entries: int, device: dram_mod.Device = dram_mod.DDR3_1333_X8,
+              add: Op | None = None) -> Run:
+    """A pointwise op as a tiled GEMM with ``gemm.best``'s tiles for ``order``; with ``add``, the
+    residual add that takes its output done in its epilogue (module docstring): the shortcut's
+    tile is read every time a C tile is written (also for a partial sum written back early, so
+    the count never flatters the fusion)."""
     g = op.gemm
     tiles, _ = best(g, order, entries)
     mem = _Memory(device)
     shapes = {"A": (g.m, g.k, tiles.tm, tiles.tk), "B": (g.k, g.n, tiles.tk, tiles.tn), "C": (g.m, g.n, tiles.tm, tiles.tn)}
+    if add is not None:
+        shapes["R"] = shapes["C"]
     for name, (r, c, _, _) in shapes.items():
         mem.region(name, r * c)
+    shortcut = [0]
 
-    def move(matrix: str, rb: int, cb: int, write: bool) -> None:
+    def tile(matrix: str, rb: int, cb: int, write: bool) -> int:
         rows, cols, tr, tc = shapes[matrix]
         r0, r1 = rb * tr, min(rows, (rb + 1) * tr)
         c0, c1 = cb * tc, min(cols, (cb + 1) * tc)
         base = mem.base[matrix]
         if c0 == 0 and c1 == cols:  # whole matrix rows: one contiguous block
             mem.dram.access(base + r0 * cols * ELEMENT_BYTES, (r1 - r0) * cols * ELEMENT_BYTES, write)
-            return
-        for r in range(r0, r1):
-            mem.dram.access(base + (r * cols + c0) * ELEMENT_BYTES, (c1 - c0) * ELEMENT_BYTES, write)
+        else:
+            for r in range(r0, r1):
+                mem.dram.access(base + (r * cols + c0) * ELEMENT_BYTES, (c1 - c0) * ELEMENT_BYTES, write)
+        return (r1 - r0) * (c1 - c0)
+
+    def move(matrix: str, rb: int, cb: int, write: bool) -> None:
+        if add is not None and matrix == "C" and write:
+            shortcut[0] += tile("R", rb, cb, False)
+        tile(matrix, rb, cb, write)
 
     traffic = replay(g, tiles, order, entries, move)
-    return Run(op.name, "pointwise", f"{order} {tiles.tm}x{tiles.tk}x{tiles.tn}", traffic.total, mem.dram.stats())
+    detail = f"{order} {tiles.tm}x{tiles.tk}x{tiles.tn}"
+    if add is None:
+        return Run(op.name, "pointwise", detail, traffic.total, mem.dram.stats())
+    return Run(f"{op.name}+{add.name}", "fused", detail + ", add in epilogue", traffic.total + shortcut[0],
+               mem.dram.stats())
+
+
+def epilogue_adds(ol: OpList, taken: set[str]) -> dict[str, Op]:
+    """Pointwise op name -> the residual add fused into its epilogue: adds outside ``taken`` (the
+    fused chains' ops) with an input made by such a pointwise op that feeds only the add (the
+    first such input)."""
+    by_name = {o.name: o for o in ol.ops}
+    out = {}
+    for a in ol.ops:
+        if a.kind != "add" or a.name in taken:
+            continue
+        for s in a.sources:
+            p = by_name.get(s)
+            if p is not None and p.kind == "pointwise" and p.name not in taken and ol.users.get(s, 0) == 1:
+                out[p.name] = a
+                break
+    return out
 
 
 def _stream(op: Op, device: dram_mod.Device) -> Run:
@@ -191,19 +230,31 @@ def baseline(ol: OpList, entries: int, device: dram_mod.Device = dram_mod.DDR3_1
 
 def optimized(ol: OpList, entries: int, order: str = "scan", fusion: bool = True,
               device: dram_mod.Device = dram_mod.DDR3_1333_X8) -> list[Run]:
-    """The chains fused (when ``fusion`` and they fit), every other op on its own, pointwise ops in
-    ``order`` with their best tiles."""
+    """The chains fused (when ``fusion`` and they fit), residual adds outside them fused into the
+    epilogue of the 1x1 that produces one of their inputs (when ``fusion``), every other op on its
+    own, pointwise ops in ``order`` with their best tiles. A fusion that would cost more DRAM
+    energy than its ops one by one is not made."""
     runs: list[Run] = []
     in_chain: dict[str, list[Op]] = {}
     for ch in chains(ol) if fusion else []:
         for o in ch:
             in_chain[o.name] = ch
+    epilogue = epilogue_adds(ol, set(in_chain)) if fusion else {}
     def alone(o: Op) -> Run:
         return pointwise(o, order, entries, device) if o.kind == "pointwise" else _stream(o, device)
 
     done: set[str] = set()
     for o in ol.ops:
         if o.name in done:
+            continue
+        if o.name in epilogue:
+            add = epilogue[o.name]
+            run, parts = pointwise(o, order, entries, device, add=add), [alone(o), alone(add)]
+            if run.dram.energy_pj <= sum(p.dram.energy_pj for p in parts):
+                runs.append(run)
+                done.add(add.name)
+            else:
+                runs.append(parts[0])
             continue
         ch = in_chain.get(o.name)
         run = fused(ch, entries, device) if ch is not None else None
@@ -218,4 +269,4 @@ def optimized(ol: OpList, entries: int, order: str = "scan", fusion: bool = True
     return runs
 
 
-__all__ = ["ELEMENT_BYTES", "Run", "baseline", "fused", "fused_plan", "optimized", "pointwise"]
+__all__ = ["ELEMENT_BYTES", "Run", "baseline", "epilogue_adds", "fused", "fused_plan", "optimized", "pointwise"]

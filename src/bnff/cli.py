@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from bnff.atomic import write_csv, write_json
-from bnff.names import BACKEND_NAMES, BENCH_VARIANTS, MODEL_NAMES, UsageError
+from bnff.names import AUGMENTATIONS, BACKEND_NAMES, BENCH_VARIANTS, MODEL_NAMES, UsageError
 
 # torch, the models and the kernels are imported inside the commands: ``bnff --help`` needs none.
 
@@ -376,7 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--limit-batches", type=_positive, default=None, help="quick runs: at most this many training batches per epoch, and "
                                                                     "this many batches' worth of test images")
     t.add_argument("--compare", action="store_true", help="also train an eager copy side by side and compare")
-    t.add_argument("--augment", default="auto", choices=["auto", "none", "crop", "crop-flip"],
+    t.add_argument("--augment", default="auto", choices=AUGMENTATIONS,
                    help="random crop (padding of 1/8 of the size) and horizontal flip, from kornia; auto: crop for "
                         "digits (a mirrored digit is another glyph), crop-flip otherwise")
     t.add_argument("--workers", type=_count, default=0, help="DataLoader worker processes (default 0: load in the "

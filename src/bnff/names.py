@@ -1,4 +1,4 @@
-"""The names the command line offers (models, backends, bench variants), importable without torch,
+"""The names the command line offers (models, backends, bench variants, augmentations), importable without torch,
 so that ``bnff --help`` answers at once. The packages that implement them build their tables from
 these tuples."""
 
@@ -6,6 +6,9 @@ MODEL_NAMES = ("resnet18", "resnet34", "resnet50", "resnet101", "densenet121", "
                "inception_v3", "mobilenet_v2")
 BACKEND_NAMES = ("cpu", "reference")
 BENCH_VARIANTS = ("eager", "compile", "bnff", "bnff+compile", "conv_floor")
+AUGMENTATIONS = ("auto", "none", "crop", "crop-flip")
+"""Choices of ``bnff train --augment`` (``bnff.data.augment``). ``auto``: ``crop`` for the digits
+(a mirrored digit is another glyph), ``crop-flip`` for CIFAR-10 and image folders."""
 
 
 class UsageError(ValueError):

@@ -8,11 +8,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from bnff.names import UsageError
-
-AUGMENTATIONS = ("auto", "none", "crop", "crop-flip")
-"""Choices of ``--augment``. ``auto``: ``crop`` for the digits (a mirrored digit is another glyph),
-``crop-flip`` for CIFAR-10 and image folders."""
+from bnff.names import AUGMENTATIONS, UsageError
 
 
 def resolve(kind: str, data_name: str) -> str:

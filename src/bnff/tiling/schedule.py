@@ -244,28 +244,24 @@ def optimized(ol: OpList, entries: int, order: str = "scan", fusion: bool = True
         return pointwise(o, order, entries, device) if o.kind == "pointwise" else _stream(o, device)
 
     done: set[str] = set()
+
+    def where_it_pays(group: list[Op], run: Run) -> list[Run]:
+        """``run`` (the group fused) or the group's ops one by one, whichever costs less DRAM energy:
+        a chain whose weights are read again for every band can move more than its ops alone."""
+        done.update(x.name for x in group)
+        parts = [alone(x) for x in group]
+        return [run] if run.dram.energy_pj <= sum(p.dram.energy_pj for p in parts) else parts
+
     for o in ol.ops:
         if o.name in done:
             continue
         if o.name in epilogue:
             add = epilogue[o.name]
-            run, parts = pointwise(o, order, entries, device, add=add), [alone(o), alone(add)]
-            if run.dram.energy_pj <= sum(p.dram.energy_pj for p in parts):
-                runs.append(run)
-                done.add(add.name)
-            else:
-                runs.append(parts[0])
+            runs += where_it_pays([o, add], pointwise(o, order, entries, device, add=add))
             continue
         ch = in_chain.get(o.name)
         run = fused(ch, entries, device) if ch is not None else None
-        if run is None:
-            runs.append(alone(o))
-            continue
-        done.update(x.name for x in ch)
-        parts = [alone(x) for x in ch]
-        # fusion where it pays: a chain whose weights must be read again for every band can move
-        # more than its ops one by one
-        runs += [run] if run.dram.energy_pj <= sum(p.dram.energy_pj for p in parts) else parts
+        runs += [alone(o)] if run is None else where_it_pays(ch, run)
     return runs
 
 

@@ -163,6 +163,36 @@ def test_recomputed_mask_is_bit_identical(backend, fmt, dtype, act, thresholds, 
                    for sweep in ("apply", "input_grad_x", "grad_stats_x")), ran
 
 
+@pytest.mark.exactness
+@pytest.mark.parametrize("fmt", LAYOUTS)
+def test_long_maps_reduce_within_bound_and_nan_stays_nan(fmt, gen):
+    """Maps longer than one block of rows (channels_last) or one run of a plane (NCHW: 80x80 = 6400
+    values, more than a 4096-value run, with a tail): statistics and backward statistics stay within
+    the float32 bound of float64. A NaN in x stays NaN through ReLU and ReLU6, as in eager PyTorch
+    (a diverging run must show it), and its mask in the backward is 0, as eager's."""
+    n, c, h, w = 2, 3, 80, 80
+    m = n * h * w
+    x = _t(gen, (n, c, h, w), torch.float32, fmt, 2, 3)
+    mean, var = cpu.channel_stats(x)
+    mean64, var64 = _d(x).mean((0, 2, 3)), _d(x).var((0, 2, 3), correction=0)
+    _assert_within(mean, mean64, _sum_bound(_d(x), m), "mean")
+    _assert_within(var, var64, 2 * _sum_bound((_d(x) - mean64.view(1, -1, 1, 1)) ** 2, m), "var")
+    g, mu, f1 = _t(gen, (n, c, h, w), torch.float32, fmt), torch.randn(c, generator=gen), torch.rand(c, generator=gen)
+    s1, s2 = cpu.grad_stats_x(g, "relu", [x], mu, f1, None, torch.float32)
+    dy = _d(g) * (_d(x) - _vec(mu) > 0)
+    _assert_within(s1, dy.sum((0, 2, 3)) / m, _sum_bound(dy, m), "S1")
+    prod = dy * (_d(x) - _vec(mu))
+    _assert_within(s2, prod.sum((0, 2, 3)) / m, _sum_bound(prod, m), "S2c")
+    xn = x.clone()
+    xn[1, 2, 7, 9] = float("nan")
+    one = torch.ones(c)
+    for act, eager in (("relu", torch.relu), ("relu6", nn.functional.relu6)):
+        a = cpu.apply([[xn]], [torch.zeros(c)], [one], [None], [], act, torch.float32)
+        assert torch.equal(torch.isnan(a), torch.isnan(eager(xn))) and bool(torch.isnan(a).any())
+        dy_nan, _, _ = cpu.grad_stats(g, a, act, [[xn]], [torch.zeros(c)])
+        assert float(dy_nan[1, 2, 7, 9]) == 0.0 and not bool(torch.isnan(dy_nan).any())
+
+
 def test_mixed_layouts_and_float64_are_handled(gen, monkeypatch):
     x = _t(gen, (2, 16, 4, 4), torch.float32, torch.channels_last)
     g = _t(gen, (2, 16, 4, 4), torch.float32, torch.contiguous_format)  # e.g. an average pool's gradient

@@ -46,6 +46,10 @@ COVERAGE = ("float32 and bfloat16 feature maps (NCHW or channels_last) in the C+
             "or non-contiguous layouts in the reference sweeps (bnff.ops.backends.cpu.fallbacks() counts them "
             "by reason, kernel_calls() the kernels' own entries)")
 
+# ATen's vector headers (at::vec::Vectorized) choose their implementation, and the inline namespace
+# that keeps it apart from libtorch's own copies, from these macros, as ATen's per-level builds do.
+_ATEN_VEC = {level: [f"-DCPU_CAPABILITY={level}"] + ([f"-DCPU_CAPABILITY_{level}"] if level != "DEFAULT" else [])
+             for level in ("AVX512", "AVX2", "DEFAULT")}
 # Compiler flags per instruction-set level. The level is ATen's own (``isa()``), so the kernels never
 # use instructions ATen itself was told not to (``ATEN_CPU_CAPABILITY``), and a cache built for one
 # level is never loaded at another. ``-ffp-contract=off``: no fused multiply-add the source does not
@@ -53,10 +57,10 @@ COVERAGE = ("float32 and bfloat16 feature maps (NCHW or channels_last) in the C+
 ISA_FLAGS = {
     # AVX-512 and the bfloat16 conversion instruction (Zen 4, Sapphire Rapids): stores of bfloat16 maps
     # take one VCVTNEPS2BF16 per vector instead of an eight-instruction rounding sequence
-    "avx512_bf16": ["-march=x86-64-v4", "-mavx512bf16", "-mprefer-vector-width=512"],
-    "avx512": ["-march=x86-64-v4", "-mprefer-vector-width=512"],  # AVX-512 F/BW/CD/DQ/VL
-    "avx2": ["-march=x86-64-v3"],  # AVX2, FMA, BMI1/2
-    "default": [],  # the compiler's baseline for the platform
+    "avx512_bf16": ["-march=x86-64-v4", "-mavx512bf16", "-mprefer-vector-width=512", *_ATEN_VEC["AVX512"]],
+    "avx512": ["-march=x86-64-v4", "-mprefer-vector-width=512", *_ATEN_VEC["AVX512"]],  # AVX-512 F/BW/CD/DQ/VL
+    "avx2": ["-march=x86-64-v3", *_ATEN_VEC["AVX2"]],  # AVX2, FMA, BMI1/2
+    "default": _ATEN_VEC["DEFAULT"],  # the compiler's baseline for the platform
 }
 _COMMON_FLAGS = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-fast-math"]
 

@@ -14,16 +14,30 @@
 // (planes of H*W). The Python side decides which (its rule is the only one), passes it as `layout`
 // and falls back to the reference for anything else; here it is only checked.
 // Constants shared with Python (activation codes, layout codes, the most BN terms or shortcuts of a
-// call) are defined there (bnff/ops/backends/cpu.py) and passed as -D flags at build time.
+// call) are defined there (bnff/ops/backends/cpu.py) and passed as -D flags at build time, with
+// ATen's CPU_CAPABILITY macros of the level the kernels are built for.
 // Element types: float32 or bfloat16 (one type for a call's feature maps, another for its gradient),
-// accumulated in float32 within blocks of rows and in double across blocks.
-// channels_last loops run on 16-channel vectors (GCC vector extensions: one AVX-512 register when built
-// for that level, two AVX2 registers at the AVX2 level; cpu.py builds one cache per level),
-// one 16-channel segment at a time down a block of rows, with the activation, the vector width
-// and the number of terms made compile-time constants; NCHW loops are scalar with omp simd.
+// dispatched with AT_DISPATCH, accumulated in float32 within blocks and in double across blocks.
+//
+// Vectors are ATen's at::vec::Vectorized<float> (16 lanes at the AVX-512 level, 8 at AVX2). Each
+// step's formula is written once, on vectors (section "the formulas"), and both layouts run it:
+// a channels_last vector holds consecutive channels of one row (per-channel constants loaded as
+// vectors), an NCHW vector consecutive positions of one channel's plane (constants broadcast).
+// Every loop makes the activation, the number of terms and (channels_last) a full vector width
+// compile-time constants.
 
-#include <torch/extension.h>
+// Only the ATen headers the kernels use (torch/extension.h takes 4x as long to compile).
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/TensorOperators.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/from_blob.h>
+#include <c10/util/strides.h>
+#include <torch/library.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
 #ifdef __AVX512BF16__
 #include <immintrin.h>
 #endif
@@ -31,109 +45,81 @@
 #include <algorithm>
 #include <array>
 #include <atomic>
-#include <string>
-#include <type_traits>
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
+#include <string>
+#include <type_traits>
 #include <unordered_map>
 #include <vector>
 
 namespace {
 
+using at::BFloat16;
 using at::Tensor;
-
-// ---- element access: float32 and bfloat16 as float ------------------------------------------
-typedef uint32_t __attribute__((may_alias)) u32a;
-typedef uint16_t __attribute__((may_alias)) u16a;
-
-// float -> bfloat16 bits, rounded to nearest even; NaN stays (a quiet) NaN.
-inline uint16_t bf16_bits(uint32_t u) {
-  return ((u & 0x7FFFFFFFu) > 0x7F800000u) ? uint16_t(0x7FC0) : uint16_t((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
-}
-
-// n elements from p + i as float: the data itself for float32, else converted into buf.
-inline const float* row(const float* p, int64_t i, int64_t, float*) { return p + i; }
-inline const float* row(const at::BFloat16* p, int64_t i, int64_t n, float* buf) {
-  const u16a* __restrict s = reinterpret_cast<const u16a*>(p) + i;
-  u32a* __restrict d = reinterpret_cast<u32a*>(buf);
-#pragma omp simd
-  for (int64_t k = 0; k < n; ++k) d[k] = static_cast<uint32_t>(s[k]) << 16;
-  return buf;
-}
-// store n floats at p + i.
-inline void put(float* p, int64_t i, int64_t n, const float* z) { std::memcpy(p + i, z, n * sizeof(float)); }
-inline void put(at::BFloat16* p, int64_t i, int64_t n, const float* z) {
-  const u32a* __restrict s = reinterpret_cast<const u32a*>(z);
-  u16a* __restrict d = reinterpret_cast<u16a*>(p) + i;
-#pragma omp simd
-  for (int64_t k = 0; k < n; ++k) d[k] = bf16_bits(s[k]);
-}
-
-
-// ---- 16-lane float vectors (channels_last hot loops) ---------------------------------------------
-// GCC vector extensions: 512-bit registers when built for AVX-512 (x86-64-v4), split by the compiler
-// elsewhere. A vector holds 16 consecutive channels of one row; n < 16 loads/stores a tail.
-constexpr int64_t W = 16;
-typedef float vf __attribute__((vector_size(64)));
-typedef uint32_t vu __attribute__((vector_size(64)));
-typedef uint16_t vh __attribute__((vector_size(32)));
+using V = at::vec::Vectorized<float>;
+constexpr int64_t W = V::size();
 
 #define BNFF_INLINE inline __attribute__((always_inline))
-// full vectors are fixed-size copies (single vector moves); a tail copies n < 16 lanes.
-BNFF_INLINE vf ld(const float* p, int64_t n) {
-  vf v = {};
-  if (n == W) std::memcpy(&v, p, sizeof v);
-  else std::memcpy(&v, p, n * sizeof(float));
+// The per-vector lambdas of the loops: GCC's size limits would otherwise leave some as calls per vector.
+#define BNFF_LAMBDA __attribute__((always_inline))
+
+// The kernels' element types, float32 and bfloat16: `scalar_t` in the body. Anything else is
+// ATen's "not implemented for" error (the Python side never sends it).
+#define BNFF_DISPATCH(TYPE, NAME, ...) \
+  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
+
+// ---- loads and stores of n <= W lanes as float ----------------------------------------------------
+BNFF_INLINE V ld(const float* p, int64_t n) { return n == W ? V::loadu(p) : V::loadu(p, n); }
+BNFF_INLINE V ld(const BFloat16* p, int64_t n) {
+  V v;
+  if (n == W) {
+    at::vec::load_to_float(p, v);
+  } else {
+    BFloat16 buf[W];
+    std::memset(buf, 0, sizeof buf);
+    std::memcpy(buf, p, n * sizeof(BFloat16));
+    at::vec::load_to_float(buf, v);
+  }
   return v;
 }
-BNFF_INLINE vf ld(const at::BFloat16* p, int64_t n) {
-  vh h = {};
-  if (n == W) std::memcpy(&h, p, sizeof h);
-  else std::memcpy(&h, p, n * sizeof(uint16_t));
-  vu u = __builtin_convertvector(h, vu) << 16;
-  vf v;
-  std::memcpy(&v, &u, sizeof v);
-  return v;
+BNFF_INLINE void st(float* p, V v, int64_t n) {
+  if (n == W) v.store(p);
+  else v.store(p, n);
 }
-BNFF_INLINE void st(float* p, vf v, int64_t n) {
-  if (n == W) std::memcpy(p, &v, sizeof v);
-  else std::memcpy(p, &v, n * sizeof(float));
+
+// float -> bfloat16, rounded to nearest even. Where the build level has AVX512_BF16 (the
+// "avx512_bf16" level) one VCVTNEPS2BF16, which treats float32 subnormals (|v| < 2^-126) as zero:
+// the apply step is 1.3x faster with it on Zen 4 than with ATen's conversion, which keeps
+// subnormals. Every kernel of a build rounds through here, so a recomputed activation and its mask
+// match the stored one bit for bit.
+#if defined(__AVX512BF16__) && defined(CPU_CAPABILITY_AVX512)
+BNFF_INLINE void st(BFloat16* p, V v, int64_t n) {
+  const __m256i h = (__m256i)_mm512_cvtneps_pbh(v);
+  if (n == W) _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), h);
+  else _mm256_mask_storeu_epi16(p, static_cast<__mmask16>((1u << n) - 1), h);
 }
-// float -> bfloat16 per lane, rounded to nearest even. With AVX512_BF16 (the "avx512_bf16" build
-// level) one VCVTNEPS2BF16, which treats float32 subnormals (|v| < 2^-126) as zero; elsewhere
-// bf16_bits vectorized (subnormals kept, NaN made the quiet 0x7FC0). The apply step is 1.3x faster
-// with the instruction on Zen 4. Every kernel of a build rounds through here, so a recomputed
-// activation and its mask match the stored one bit for bit.
-#ifdef __AVX512BF16__
-BNFF_INLINE vh to_bf16(vf v) {
-  const __m256bh b = _mm512_cvtneps_pbh(reinterpret_cast<__m512>(v));
-  vh h;
-  std::memcpy(&h, &b, sizeof h);
-  return h;
+BNFF_INLINE V round_bf16(V v) {
+  const __m256i h = (__m256i)_mm512_cvtneps_pbh(v);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 #else
-BNFF_INLINE vh to_bf16(vf v) {
-  vu u;
-  std::memcpy(&u, &v, sizeof u);
-  vu r = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-  return __builtin_convertvector((u & 0x7FFFFFFFu) > 0x7F800000u ? (vu){} + 0x7FC0u : r, vh);
-}
+BNFF_INLINE void st(BFloat16* p, V v, int64_t n) { at::vec::convert_float_bfloat16(v, v).store(p, n); }
+BNFF_INLINE V round_bf16(V v) { return std::get<0>(at::vec::convert_bfloat16_float(at::vec::convert_float_bfloat16(v, v))); }
 #endif
-BNFF_INLINE void st(at::BFloat16* p, vf v, int64_t n) {
-  vh h = to_bf16(v);
-  if (n == W) std::memcpy(p, &h, sizeof h);
-  else std::memcpy(p, &h, n * sizeof(uint16_t));
+
+// The lanes of v, and their sum in double.
+BNFF_INLINE std::array<float, W> lanes(V v) {
+  std::array<float, W> a;
+  v.store(a.data());
+  return a;
 }
-// v rounded to bfloat16 and back (the stored value's precision).
-BNFF_INLINE vf round_bf16(vf v) {
-  vu u = __builtin_convertvector(to_bf16(v), vu) << 16;
-  vf r;
-  std::memcpy(&r, &u, sizeof r);
-  return r;
+BNFF_INLINE double lane_sum(V v, int64_t n = W) {
+  const auto a = lanes(v);
+  double s = 0;
+  for (int64_t i = 0; i < n; ++i) s += a[i];
+  return s;
 }
-BNFF_INLINE vf splat(float s) { return (vf){} + s; }
-inline float lane(vf v, int64_t i) { return v[i]; }
 
 // ---- workspace: the sweeps' large outputs reuse freed blocks ------------------------------------
 // A training step allocates the same large tensors every step (applied maps, dy, dx). From the
@@ -227,6 +213,48 @@ Tensor workspace_empty(at::IntArrayRef sizes, const at::TensorOptions& opts, boo
 #endif
 enum Act : int64_t { kNone = BNFF_ACT_NONE, kRelu = BNFF_ACT_RELU, kRelu6 = BNFF_ACT_RELU6 };
 
+// ---- the formulas, on W lanes (channels of a row, or positions of a plane) -----------------------
+// A BN term's contribution to z: F1 (x - mu) + beta (seed 002 eq. 12 with F1 = gamma / sigma).
+BNFF_INLINE V term(V x, V mu, V f1, V beta) { return (x - mu) * f1 + beta; }
+
+// The activation: one max (and min) per vector; NaN stays NaN, as in eager ReLU/ReLU6.
+BNFF_INLINE V activate(V z, int64_t act) {
+  if (act == kRelu) return at::vec::clamp_min(z, V(0.f));
+  if (act == kRelu6) return at::vec::clamp(z, V(0.f), V(6.f));
+  return z;
+}
+// dy = g * act'(z), the mask taken from the activation's output a (a > 0 iff z > 0, 0 < a < 6 iff
+// 0 < z < 6); the mask of a NaN is 0, as in eager's threshold backward.
+BNFF_INLINE V masked(V g, V a, int64_t act) {
+  if (act == kRelu) return g & (a > V(0.f));
+  if (act == kRelu6) return g & (a > V(0.f)) & (a < V(6.f));
+  return g;
+}
+// dy of a lone BN term from its input x: the activation recomputed (rounded to the stored
+// bfloat16 when the applied map is bfloat16: 5.99f stored as bfloat16 is 6, outside ReLU6's open
+// interval) and its mask applied to g.
+BNFF_INLINE V lone_dy(V g, V x, V mu, V f1, V beta, int64_t act, bool round) {
+  if (act == kNone) return g;
+  V z = activate(term(x, mu, f1, beta), act);
+  if (round) z = round_bf16(z);
+  return masked(g, z, act);
+}
+// dx = F1 dy + B (x - mu) - F1 S1 (seed 002 eq. 17-20); F1 dy alone without mini-batch statistics
+// (B absent).
+struct DxVec {
+  V f1, b, mu, k0;  // k0 = F1 S1
+  bool has_b;
+};
+BNFF_INLINE V dx_of(V d, V x, const DxVec& v) { return v.has_b ? v.f1 * d + v.b * (x - v.mu) - v.k0 : v.f1 * d; }
+
+// Per-channel constants as vectors: n channels from c0 (channels_last), or channel c broadcast (NCHW).
+BNFF_INLINE V per_lane(const float* p, int64_t c0, int64_t n) { return ld(p + c0, n); }
+BNFF_INLINE V per_plane(const float* p, int64_t c) { return V(p[c]); }
+template <typename Get>
+BNFF_INLINE DxVec dx_vec(Get get, const float* f1, const float* b, const float* mu, const float* k0) {
+  return DxVec{get(f1), b ? get(b) : V(0.f), get(mu), b ? get(k0) : V(0.f), b != nullptr};
+}
+
 // ---- kernel entries, counted per sweep, layout and element type ---------------------------------
 // Tests read them (bnff::kernel_calls) to prove that a sweep ran here and not in the reference.
 enum Sweep { kChannelStats, kApply, kGradStats, kInputGrad, kGradStatsX, kInputGradX, kSweeps };
@@ -266,36 +294,13 @@ Geo geo_of(const Tensor& t, int64_t layout) {
   return Geo{cl, t.size(0), t.size(1), t.size(2) * t.size(3)};
 }
 
-// Call f with the typed data pointer of t (float32 or bfloat16).
-template <typename F>
-void typed(const Tensor& t, F&& f) {
-  if (t.scalar_type() == at::kFloat) {
-    f(t.data_ptr<float>());
-  } else {
-    TORCH_CHECK(t.scalar_type() == at::kBFloat16, "bnff cpu backend: float32 or bfloat16 expected, got ",
-                t.scalar_type());
-    f(reinterpret_cast<const at::BFloat16*>(t.data_ptr<at::BFloat16>()));
-  }
-}
-
-// Call f with a null pointer of the feature maps' element type (float or BFloat16), for kernels
-// templated on it: every feature map of a call has one dtype (the Python side makes it so).
-template <typename F>
-void feature_typed(bool bf16, F&& f) {
-  if (bf16) f(static_cast<const at::BFloat16*>(nullptr));
-  else f(static_cast<const float*>(nullptr));
-}
-
 // A source map of a term: its data, its channel count and its offset in the term's channels.
 struct Src {
   const void* p;
-  bool bf16;
   int64_t c, off;
+  template <typename T>
+  const T* at() const { return static_cast<const T*>(p); }
 };
-
-inline const float* row(const Src& s, int64_t i, int64_t n, float* buf) {
-  return s.bf16 ? row(static_cast<const at::BFloat16*>(s.p), i, n, buf) : row(static_cast<const float*>(s.p), i, n, buf);
-}
 
 std::vector<std::vector<Src>> terms_of(at::TensorList sources, at::IntArrayRef n_sources) {
   std::vector<std::vector<Src>> terms;
@@ -305,7 +310,7 @@ std::vector<std::vector<Src>> terms_of(at::TensorList sources, at::IntArrayRef n
     int64_t off = 0;
     for (int64_t j = 0; j < k; ++j, ++i) {
       const Tensor& s = sources[i];
-      t.push_back(Src{s.data_ptr(), s.scalar_type() == at::kBFloat16, s.size(1), off});
+      t.push_back(Src{s.data_ptr(), s.size(1), off});
       off += s.size(1);
     }
     terms.push_back(std::move(t));
@@ -313,47 +318,16 @@ std::vector<std::vector<Src>> terms_of(at::TensorList sources, at::IntArrayRef n
   return terms;
 }
 
+// The source of a term holding channel c.
+BNFF_INLINE const Src& source_of(const std::vector<Src>& t, int64_t c) {
+  size_t j = 0;
+  while (c >= t[j].off + t[j].c) ++j;
+  return t[j];
+}
+
 int64_t n_chunks(int64_t rows) {
   int64_t want = std::max<int64_t>(1, rows / 64);
   return std::min<int64_t>(want, 8 * at::get_num_threads());
-}
-
-// ---- activation over a row, and its mask ---------------------------------------------------------
-inline void activate_row(float* z, int64_t n, int64_t act) {
-  if (act == kRelu) {
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) z[i] = z[i] > 0.f ? z[i] : 0.f;
-  } else if (act == kRelu6) {
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) z[i] = z[i] < 0.f ? 0.f : (z[i] > 6.f ? 6.f : z[i]);
-  }
-}
-// d = g * act'(z), the mask taken from the activation's output a (a > 0 iff z > 0, 0 < a < 6 iff 0 < z < 6).
-inline void masked_row(const float* g, const float* a, float* d, int64_t n, int64_t act) {
-  if (act == kRelu) {
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) d[i] = a[i] > 0.f ? g[i] : 0.f;
-  } else if (act == kRelu6) {
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) d[i] = (a[i] > 0.f && a[i] < 6.f) ? g[i] : 0.f;
-  } else {
-    std::memcpy(d, g, n * sizeof(float));
-  }
-}
-
-// The same two on 16 channels. NaN: relu gives 0 (as activate_row), the mask of a NaN is 0.
-BNFF_INLINE vf activate(vf z, int64_t act) {
-  if (act == kRelu) return z > 0.f ? z : (vf){};
-  if (act == kRelu6) {
-    z = z < 0.f ? (vf){} : z;
-    return z > 6.f ? splat(6.f) : z;
-  }
-  return z;
-}
-BNFF_INLINE vf masked(vf g, vf a, int64_t act) {
-  if (act == kRelu) return a > 0.f ? g : (vf){};
-  if (act == kRelu6) return (a > 0.f) & (a < 6.f) ? g : (vf){};
-  return g;
 }
 
 // Channels [c0, c0 + n), n <= W, cut at every source boundary so that each lies in one source map
@@ -384,7 +358,7 @@ std::vector<Seg> segments(int64_t C, const std::vector<std::vector<Src>>& terms)
   return segs;
 }
 
-// f(n) with n a compile-time 16 for a full segment (its loads and stores then carry no tail test).
+// f(n) with n a compile-time W for a full segment (its loads and stores then carry no tail test).
 template <typename F>
 BNFF_INLINE void with_width(int64_t n, F&& f) {
   if (n == W) f(std::integral_constant<int64_t, W>{});
@@ -423,12 +397,14 @@ void add_chunks(const std::vector<double>& part, int64_t nc, int64_t width, doub
 
 // Rows [r0, r1) of chunk ch of a sweep over channels_last rows, in blocks of kBlock rows: body
 // (chunk, first row, row count) once per block. A reduction's per-block work in double (adding a
-// block's float sums into the chunk's) is spread over 256 rows; channel_stats walks each 16-channel
-// segment down the block twice, and that column of the block (8 or 16 kB) stays in L1 meanwhile.
+// block's float sums into the chunk's) is spread over 256 rows; channel_stats walks each segment
+// down the block twice, and that column of the block (8 or 16 kB) stays in L1 meanwhile.
 // The other sweeps run row by row over all segments (sequential streams; their per-segment float
 // sums are the block's). Measured with benchmarks/sweep_bandwidth.py on Zen 4: 32-row blocks, and
 // segment-by-segment walks for the sweeps that read each element once, reached about half the GB/s.
+// An NCHW sweep walks each plane in runs of kRun values (kBlock per lane), its float sums the run's.
 constexpr int64_t kBlock = 256;
+constexpr int64_t kRun = kBlock * W;
 constexpr int64_t kMaxTerms = BNFF_MAX_TERMS;  // BN terms, or shortcuts, of one call on the vector path
 
 // Where each term reads segment i: its row-0 element and its row stride, worked out once per call so
@@ -447,7 +423,7 @@ std::vector<SegPtr<TX>> seg_ptrs(const std::vector<Seg>& segs, const std::vector
     sp[i].n = segs[i].n;
     for (size_t k = 0; k < terms.size(); ++k) {
       const Src& s = terms[k][segs[i].src[k]];
-      sp[i].xp[k] = static_cast<const TX*>(s.p) + (segs[i].c0 - s.off);
+      sp[i].xp[k] = s.at<TX>() + (segs[i].c0 - s.off);
       sp[i].xs[k] = s.c;
     }
   }
@@ -463,10 +439,27 @@ void row_blocks(int64_t rows, int64_t nc, F&& body) {
   });
 }
 
+// Every (image, channel) plane of an NCHW sweep, split over threads: body(n, c).
+template <typename F>
+void planes(const Geo& g, int64_t C, F&& body) {
+  at::parallel_for(0, g.n * C, 1, [&](int64_t b, int64_t e) {
+    for (int64_t pl = b; pl < e; ++pl) body(pl / C, pl % C);
+  });
+}
+
+// f(i, n) for the vectors [i, i + n) of [i0, i1), n = W except at the tail.
+template <typename F>
+BNFF_INLINE void vectors(int64_t i0, int64_t i1, F&& f) {
+  int64_t i = i0;
+  for (; i + W <= i1; i += W) f(i, std::integral_constant<int64_t, W>{});
+  if (i < i1) f(i, i1 - i);
+}
+
 // ---- channel_stats ------------------------------------------------------------------------------
-// Welford/Chan: each block of rows (in cache) gives its mean and M2 = sum (x - mean_b)^2 by two
-// passes; blocks merge in double with Chan's formula. As accurate as ATen's
-// var_mean; the raw one-sweep sum x^2 / m - mu^2, even on shifted data, is ~10x worse.
+// Welford/Chan: each block (256 rows of a channels_last segment, or a run of an NCHW plane, in
+// cache) gives its mean and M2 = sum (x - mean_b)^2 by two passes; blocks merge in double with
+// Chan's formula. As accurate as ATen's var_mean; the raw one-sweep sum x^2 / m - mu^2, even on
+// shifted data, is ~10x worse.
 struct Moments {
   double n = 0, mean = 0, m2 = 0;
   void merge(double nb, double mb, double m2b) {
@@ -478,11 +471,30 @@ struct Moments {
   }
 };
 
+// A block's float32 mean mb (per lane), then the sums of d = x - mb and d^2 over it (centered:
+// nothing cancels; sum d corrects mb's rounding). load(i) is the block's i-th vector, zero in
+// the lanes it does not hold; keep(d) zeroes those lanes of d.
+struct BlockSums {
+  V mb, sd, m2;
+};
+template <typename Load, typename Keep>
+BNFF_INLINE BlockSums block_sums(int64_t nv, float count, Load load, Keep keep, bool per_lane_mean) {
+  V sum(0.f);
+  for (int64_t i = 0; i < nv; ++i) sum += load(i);
+  const V mb = per_lane_mean ? sum / V(count) : V(static_cast<float>(lane_sum(sum) / count));
+  V sd(0.f), m2(0.f);
+  for (int64_t i = 0; i < nv; ++i) {
+    const V d = keep(i, load(i) - mb);
+    sd += d;
+    m2 += d * d;
+  }
+  return {mb, sd, m2};
+}
+
 template <typename T>
 void stats_cl(const T* x, const Geo& g, double* mean, double* var) {
-  // Per block of rows (in L1) and 16 channels: the block's float32 mean, then the sums of
-  // d = x - mean_b and d^2 (centered: nothing cancels; sum d corrects mean_b's rounding). Within a
-  // chunk, blocks add up in double around the chunk's first block mean (K): S = sum nb (mean_b - K),
+  // Per block of rows and segment: block_sums with a lane per channel. Within a chunk, blocks add
+  // up in double around the chunk's first block mean (K): S = sum nb (mean_b - K),
   // Q = sum M2_b + nb (mean_b - K)^2; chunks merge with Chan's formula.
   const int64_t C = g.c, rows = g.m(), nc = n_chunks(rows);
   const auto segs = segments(C, {});
@@ -492,26 +504,21 @@ void stats_cl(const T* x, const Geo& g, double* mean, double* var) {
     const bool first = count[ch] == 0;
     for (const Seg& sg : segs) {
       const T* p = x + rb * C + sg.c0;
-      vf mb, sd = {}, m2 = {};
-      with_width(sg.n, [&](auto w) {
-        vf sum = {};
-        for (int64_t i = 0; i < nb; ++i) sum += ld(p + i * C, w);
-        mb = sum / static_cast<float>(nb);
-        for (int64_t i = 0; i < nb; ++i) {
-          const vf d = ld(p + i * C, w) - mb;
-          sd += d;
-          m2 += d * d;
-        }
+      BlockSums bs;
+      with_width(sg.n, [&](auto w) BNFF_LAMBDA {
+        bs = block_sums(nb, static_cast<float>(nb), [&](int64_t i) BNFF_LAMBDA { return ld(p + i * C, w); },
+                        [](int64_t, V d) BNFF_LAMBDA { return d; }, true);
       });
+      const auto mb = lanes(bs.mb), sd = lanes(bs.sd), m2 = lanes(bs.m2);
       double* k = shift.data() + ch * C + sg.c0;
       double* s1 = S.data() + ch * C + sg.c0;
       double* q = Q.data() + ch * C + sg.c0;
       for (int64_t c = 0; c < sg.n; ++c) {
-        const double sdc = lane(sd, c), mean_b = lane(mb, c) + sdc / nb;
+        const double sdc = sd[c], mean_b = mb[c] + sdc / nb;
         if (first) k[c] = mean_b;
         const double d = mean_b - k[c];
         s1[c] += nb * d;
-        q[c] += std::max(0.0, lane(m2, c) - sdc * sdc / nb) + nb * d * d;
+        q[c] += std::max(0.0, m2[c] - sdc * sdc / nb) + nb * d * d;
       }
     }
     count[ch] += nb;
@@ -529,23 +536,22 @@ void stats_cl(const T* x, const Geo& g, double* mean, double* var) {
 
 template <typename T>
 void stats_nchw(const T* x, const Geo& g, double* mean, double* var) {
+  // Per run of a plane: block_sums with one mean for all lanes, summed across lanes; runs merge
+  // with Chan's formula.
   const int64_t C = g.c, HW = g.hw;
   at::parallel_for(0, C, 1, [&](int64_t b, int64_t e) {
-    std::vector<float> buf(std::min<int64_t>(HW, 512));
     for (int64_t c = b; c < e; ++c) {
       Moments t;
       for (int64_t n = 0; n < g.n; ++n) {
-        for (int64_t i0 = 0; i0 < HW; i0 += 512) {
-          const int64_t len = std::min<int64_t>(HW - i0, 512);
-          const float* xr = row(x, (n * C + c) * HW + i0, len, buf.data());
-          double s = 0.0;
-#pragma omp simd reduction(+ : s)
-          for (int64_t i = 0; i < len; ++i) s += xr[i];
-          const double mb = s / len;
-          double m2 = 0.0;
-#pragma omp simd reduction(+ : m2)
-          for (int64_t i = 0; i < len; ++i) m2 += (xr[i] - mb) * (xr[i] - mb);
-          t.merge(len, mb, m2);
+        const T* p = x + (n * C + c) * HW;
+        for (int64_t i0 = 0; i0 < HW; i0 += kRun) {
+          const int64_t len = std::min(kRun, HW - i0), nv = (len + W - 1) / W, tail = len - (nv - 1) * W;
+          const BlockSums bs = block_sums(
+              nv, static_cast<float>(len),
+              [&](int64_t i) BNFF_LAMBDA { return ld(p + i0 + i * W, i == nv - 1 ? tail : W); },
+              [&](int64_t i, V d) BNFF_LAMBDA { return i == nv - 1 && tail < W ? V::set(V(0.f), d, tail) : d; }, false);
+          const double sdc = lane_sum(bs.sd), mean_b = lanes(bs.mb)[0] + sdc / len;
+          t.merge(len, mean_b, std::max(0.0, lane_sum(bs.m2) - sdc * sdc / len));
         }
       }
       mean[c] = t.mean;
@@ -558,9 +564,9 @@ std::tuple<Tensor, Tensor> channel_stats(const Tensor& x, int64_t layout) {
   Geo g = geo_of(x, layout);
   count(kChannelStats, g.cl, x);
   std::vector<double> md(g.c), vd(g.c);
-  typed(x, [&](auto* p) {
-    if (g.cl) stats_cl(p, g, md.data(), vd.data());
-    else stats_nchw(p, g, md.data(), vd.data());
+  BNFF_DISPATCH(x.scalar_type(), "bnff::channel_stats", [&] {
+    if (g.cl) stats_cl(x.data_ptr<scalar_t>(), g, md.data(), vd.data());
+    else stats_nchw(x.data_ptr<scalar_t>(), g, md.data(), vd.data());
   });
   Tensor mean = at::empty({g.c}, x.options().dtype(at::kFloat)), var = at::empty_like(mean);
   for (int64_t c = 0; c < g.c; ++c) {
@@ -583,27 +589,54 @@ std::vector<TermVec> vecs_of(at::TensorList means, at::TensorList f1s, at::Tenso
   return v;
 }
 
+// z = sum_k term(x_k) + sum_j r_j, activated: the apply step on one vector. xs/rs give term k's and
+// shortcut j's vector, get(p) a per-channel constant's.
+template <typename X, typename R, typename Get>
+BNFF_INLINE V applied(int64_t K, int64_t Rn, const TermVec* vec, X xs, R rs, Get get, int64_t act) {
+  V z(0.f);
+  for (int64_t k = 0; k < K; ++k) z += term(xs(k), get(vec[k].mu), get(vec[k].f1), get(vec[k].beta));
+  for (int64_t j = 0; j < Rn; ++j) z += rs(j);
+  return activate(z, act);
+}
+
 template <typename TX, typename TO>
-void apply_cl(const std::vector<std::vector<Src>>& terms, const std::vector<TermVec>& vec,
-              const std::vector<Src>& residuals, int64_t act, const Geo& g, TO* out) {
-  const int64_t C = g.c, rows = g.m(), K = terms.size(), R = residuals.size();
+void apply_kernel(const std::vector<std::vector<Src>>& terms, const std::vector<TermVec>& vec,
+                  const std::vector<Src>& residuals, int64_t act, const Geo& g, TO* out) {
+  const int64_t C = g.c, K = terms.size(), R = residuals.size();
   TORCH_CHECK(K <= kMaxTerms && R <= kMaxTerms, "bnff cpu apply: at most ", kMaxTerms, " BN terms and shortcuts");
-  const auto sp = seg_ptrs<TX>(segments(C, terms), terms);
   const TX* rp[kMaxTerms];
-  for (int64_t j = 0; j < R; ++j) rp[j] = static_cast<const TX*>(residuals[j].p);
+  for (int64_t j = 0; j < R; ++j) rp[j] = residuals[j].at<TX>();
+  if (!g.cl) {  // runtime activation and counts: NCHW is the uncommon layout, kept out of the instantiations
+    const int64_t HW = g.hw;
+    planes(g, C, [&](int64_t n, int64_t c) {
+      const TX* xp[kMaxTerms];  // plane (n, c) of each term's source holding channel c
+      for (int64_t k = 0; k < K; ++k) {
+        const Src& s = source_of(terms[k], c);
+        xp[k] = s.at<TX>() + (n * s.c + (c - s.off)) * HW;
+      }
+      const int64_t base = (n * C + c) * HW;
+      vectors(0, HW, [&](int64_t i, auto w) BNFF_LAMBDA {
+        const V z = applied(
+            K, R, vec.data(), [&](int64_t k) BNFF_LAMBDA { return ld(xp[k] + i, w); },
+            [&](int64_t j) BNFF_LAMBDA { return ld(rp[j] + base + i, w); }, [&](const float* p) BNFF_LAMBDA { return per_plane(p, c); }, act);
+        st(out + base + i, z, w);
+      });
+    });
+    return;
+  }
+  const auto sp = seg_ptrs<TX>(segments(C, terms), terms);
   with_act(act, [&](auto A) {
     with_count(K, [&](auto KK) {
       with_count(R, [&](auto RR) {
-        row_blocks(rows, n_chunks(rows), [&](int64_t, int64_t rb, int64_t nb) {
+        row_blocks(g.m(), n_chunks(g.m()), [&](int64_t, int64_t rb, int64_t nb) {
           for (int64_t r = rb; r < rb + nb; ++r) {
             for (const auto& q : sp) {
-              with_width(q.n, [&](auto w) {
-                vf z = {};
-                for (int64_t k = 0; k < KK; ++k)
-                  z += (ld(q.xp[k] + r * q.xs[k], w) - ld(vec[k].mu + q.c0, w)) * ld(vec[k].f1 + q.c0, w) +
-                       ld(vec[k].beta + q.c0, w);
-                for (int64_t j = 0; j < RR; ++j) z += ld(rp[j] + r * C + q.c0, w);
-                st(out + r * C + q.c0, activate(z, A), w);
+              with_width(q.n, [&](auto w) BNFF_LAMBDA {
+                const V z = applied(
+                    KK, RR, vec.data(), [&](int64_t k) BNFF_LAMBDA { return ld(q.xp[k] + r * q.xs[k], w); },
+                    [&](int64_t j) BNFF_LAMBDA { return ld(rp[j] + r * C + q.c0, w); },
+                    [&](const float* p) BNFF_LAMBDA { return per_lane(p, q.c0, w); }, A);
+                st(out + r * C + q.c0, z, w);
               });
             }
           }
@@ -613,51 +646,13 @@ void apply_cl(const std::vector<std::vector<Src>>& terms, const std::vector<Term
   });
 }
 
-template <typename TO>
-void apply_kernel(const std::vector<std::vector<Src>>& terms, const std::vector<TermVec>& vec,
-                  const std::vector<Src>& residuals, int64_t act, const Geo& g, TO* out) {
-  const int64_t C = g.c;
-  if (g.cl) {
-    const bool bf16 = terms.empty() || terms[0].empty() ? residuals[0].bf16 : terms[0][0].bf16;
-    feature_typed(bf16, [&](auto* tag) {
-      using TX = std::remove_const_t<std::remove_pointer_t<decltype(tag)>>;
-      apply_cl<TX>(terms, vec, residuals, act, g, out);
-    });
-  } else {
-    const int64_t HW = g.hw;
-    at::parallel_for(0, g.n * C, 1, [&](int64_t b, int64_t e) {
-      std::vector<float> z(HW), buf(HW);
-      for (int64_t pl = b; pl < e; ++pl) {
-        const int64_t n = pl / C, c = pl % C;
-        std::fill(z.begin(), z.end(), 0.f);
-        for (size_t k = 0; k < terms.size(); ++k) {
-          const TermVec& v = vec[k];
-          for (const Src& s : terms[k]) {
-            if (c < s.off || c >= s.off + s.c) continue;
-            const float* xr = row(s, (n * s.c + (c - s.off)) * HW, HW, buf.data());
-            const float mu = v.mu[c], f1 = v.f1[c], beta = v.beta[c];
-#pragma omp simd
-            for (int64_t i = 0; i < HW; ++i) z[i] += (xr[i] - mu) * f1 + beta;
-          }
-        }
-        for (const Src& s : residuals) {
-          const float* rr = row(s, (n * C + c) * HW, HW, buf.data());
-#pragma omp simd
-          for (int64_t i = 0; i < HW; ++i) z[i] += rr[i];
-        }
-        activate_row(z.data(), HW, act);
-        put(out, (n * C + c) * HW, HW, z.data());
-      }
-    });
-  }
-}
-
 Tensor apply(at::TensorList sources, at::IntArrayRef n_sources, at::TensorList means, at::TensorList f1s,
              at::TensorList betas, at::TensorList residuals, int64_t act, at::ScalarType out_dtype, int64_t layout) {
   TORCH_CHECK(!sources.empty() || !residuals.empty(), "bnff cpu apply: nothing to apply");
   const Tensor& like = residuals.empty() ? sources[0] : residuals[0];
   Geo g0 = geo_of(like, layout);
-  count(kApply, g0.cl, sources.empty() ? like : sources[0]);
+  const Tensor& feature = sources.empty() ? like : sources[0];
+  count(kApply, g0.cl, feature);
   int64_t C = 0;
   for (int64_t j = 0; j < (n_sources.empty() ? 0 : n_sources[0]); ++j) C += sources[j].size(1);
   if (sources.empty()) C = like.size(1);
@@ -666,101 +661,94 @@ Tensor apply(at::TensorList sources, at::IntArrayRef n_sources, at::TensorList m
   auto terms = terms_of(sources, n_sources);
   auto vec = vecs_of(means, f1s, betas);
   std::vector<Src> res;
-  for (const Tensor& r : residuals) res.push_back(Src{r.data_ptr(), r.scalar_type() == at::kBFloat16, C, 0});
-  typed(out, [&](auto* p) {
-    using T = std::remove_const_t<std::remove_pointer_t<decltype(p)>>;
-    apply_kernel(terms, vec, res, act, g, const_cast<T*>(p));
+  for (const Tensor& r : residuals) res.push_back(Src{r.data_ptr(), C, 0});
+  BNFF_DISPATCH(feature.scalar_type(), "bnff::apply", [&] {
+    using TX = scalar_t;
+    BNFF_DISPATCH(out_dtype, "bnff::apply", [&] { apply_kernel<TX>(terms, vec, res, act, g, out.data_ptr<scalar_t>()); });
   });
   return out;
 }
 
 // ---- grad_stats ---------------------------------------------------------------------------------
 // dy = g * act'(a) (written in g's dtype: exact); per term S1 = sum dy / m, S2c = sum dy (x - mu) / m.
+// One vector of it: dy stored at dst, acc[0] += dy, acc[1 + k] += dy (x_k - mu_k).
+template <typename TG, typename X, typename Mu>
+BNFF_INLINE void grad_step(V* acc, V gv, V av, X xs, Mu mu_of, int64_t K, int64_t act, TG* dst, int64_t w) {
+  const V d = masked(gv, av, act);
+  st(dst, d, w);
+  acc[0] += d;
+  for (int64_t k = 0; k < K; ++k) acc[1 + k] += d * (xs(k) - mu_of(k));
+}
+
 template <typename TX, typename TG>
-void grad_stats_cl(const TG* gp, const TX* a, int64_t act, const std::vector<std::vector<Src>>& terms,
-                   const std::vector<const float*>& mus, const Geo& g, TG* dy, std::vector<double>& s1,
-                   std::vector<double>& s2) {
-  const int64_t C = g.c, K = terms.size(), rows = g.m(), nc = n_chunks(rows);
+void grad_stats_kernel(const TG* gp, const TX* a, int64_t act, const std::vector<std::vector<Src>>& terms,
+                       const std::vector<const float*>& mus, const Geo& g, TG* dy, std::vector<double>& s1,
+                       std::vector<double>& s2) {
+  const int64_t C = g.c, K = terms.size();
   TORCH_CHECK(K <= kMaxTerms, "bnff cpu grad_stats: at most ", kMaxTerms, " BN terms");
+  s1.assign(C, 0.0);  // dy's channel sums are the same for every term
+  s2.assign(K * C, 0.0);
+  if (!a) act = kNone;
+  if (!g.cl) {  // runtime activation and count, as in apply
+    const int64_t HW = g.hw;
+    at::parallel_for(0, C, 1, [&](int64_t b, int64_t e) {
+      for (int64_t c = b; c < e; ++c) {
+        for (int64_t n = 0; n < g.n; ++n) {
+          const TX* xp[kMaxTerms];
+          for (int64_t k = 0; k < K; ++k) {
+            const Src& s = source_of(terms[k], c);
+            xp[k] = s.at<TX>() + (n * s.c + (c - s.off)) * HW;
+          }
+          const int64_t base = (n * C + c) * HW;
+          for (int64_t i0 = 0; i0 < HW; i0 += kRun) {
+            V acc[1 + kMaxTerms];
+            for (auto& v : acc) v = V(0.f);
+            vectors(i0, std::min(HW, i0 + kRun), [&](int64_t i, auto w) BNFF_LAMBDA {
+              grad_step(acc, ld(gp + base + i, w), act == kNone ? V(0.f) : ld(a + base + i, w),
+                        [&](int64_t k) BNFF_LAMBDA { return ld(xp[k] + i, w); }, [&](int64_t k) BNFF_LAMBDA { return per_plane(mus[k], c); },
+                        K, act, dy + base + i, w);
+            });
+            s1[c] += lane_sum(acc[0]);
+            for (int64_t k = 0; k < K; ++k) s2[k * C + c] += lane_sum(acc[1 + k]);
+          }
+        }
+      }
+    });
+    return;
+  }
+  const int64_t rows = g.m(), nc = n_chunks(rows);
   const auto sp = seg_ptrs<TX>(segments(C, terms), terms);
   const size_t ns = sp.size();
   std::vector<double> p1(nc * C, 0.0), p2(nc * K * C, 0.0);
-  row_blocks(rows, nc, [&](int64_t ch, int64_t rb, int64_t nb) {
-    std::vector<vf> acc((1 + K) * ns, vf{});  // per segment: the block's sum dy, then per term sum dy (x - mu)
-    with_act(a ? act : kNone, [&](auto A) {
-      with_count(K, [&](auto KK) {
+  with_act(act, [&](auto A) {
+    with_count(K, [&](auto KK) {
+      row_blocks(rows, nc, [&](int64_t ch, int64_t rb, int64_t nb) {
+        std::vector<V> acc((1 + kMaxTerms) * ns, V(0.f));  // per segment: sum dy, then per term sum dy (x - mu)
         for (int64_t r = rb; r < rb + nb; ++r) {
           for (size_t i = 0; i < ns; ++i) {
             const auto& q = sp[i];
-            with_width(q.n, [&](auto w) {
-              const vf gv = ld(gp + r * C + q.c0, w);
-              const vf d = A == kNone ? gv : masked(gv, ld(a + r * C + q.c0, w), A);
-              st(dy + r * C + q.c0, d, w);
-              acc[i] += d;
-              for (int64_t k = 0; k < KK; ++k)
-                acc[(1 + k) * ns + i] += d * (ld(q.xp[k] + r * q.xs[k], w) - ld(mus[k] + q.c0, w));
+            with_width(q.n, [&](auto w) BNFF_LAMBDA {
+              const int64_t o = r * C + q.c0;
+              grad_step(&acc[(1 + kMaxTerms) * i], ld(gp + o, w), A == kNone ? V(0.f) : ld(a + o, w),
+                        [&](int64_t k) BNFF_LAMBDA { return ld(q.xp[k] + r * q.xs[k], w); },
+                        [&](int64_t k) BNFF_LAMBDA { return per_lane(mus[k], q.c0, w); }, KK, A, dy + o, w);
             });
+          }
+        }
+        for (size_t i = 0; i < ns; ++i) {
+          const int64_t c0 = sp[i].c0;
+          const auto t1 = lanes(acc[(1 + kMaxTerms) * i]);
+          for (int64_t c = 0; c < sp[i].n; ++c) p1[ch * C + c0 + c] += t1[c];
+          for (int64_t k = 0; k < K; ++k) {
+            const auto t2 = lanes(acc[(1 + kMaxTerms) * i + 1 + k]);
+            for (int64_t c = 0; c < sp[i].n; ++c) p2[(ch * K + k) * C + c0 + c] += t2[c];
           }
         }
       });
     });
-    for (size_t i = 0; i < ns; ++i) {
-      for (int64_t c = 0; c < sp[i].n; ++c) {
-        p1[ch * C + sp[i].c0 + c] += lane(acc[i], c);
-        for (int64_t k = 0; k < K; ++k) p2[(ch * K + k) * C + sp[i].c0 + c] += lane(acc[(1 + k) * ns + i], c);
-      }
-    }
   });
   add_chunks(p1, nc, C, s1.data());
   add_chunks(p2, nc, K * C, s2.data());
-}
-
-template <typename TG>
-void grad_stats_kernel(const TG* gp, const Src* a, int64_t act, const std::vector<std::vector<Src>>& terms,
-                       const std::vector<const float*>& mus, const Geo& g, TG* dy, std::vector<double>& s1,
-                       std::vector<double>& s2) {
-  const int64_t C = g.c, K = terms.size();
-  s1.assign(C, 0.0);  // dy's channel sums are the same for every term
-  s2.assign(K * C, 0.0);
-  if (g.cl) {
-    const bool bf16 = a ? a->bf16 : (K && !terms[0].empty() ? terms[0][0].bf16 : false);
-    feature_typed(bf16, [&](auto* tag) {
-      using TX = std::remove_const_t<std::remove_pointer_t<decltype(tag)>>;
-      grad_stats_cl(gp, a ? static_cast<const TX*>(a->p) : nullptr, act, terms, mus, g, dy, s1, s2);
-    });
-  } else {
-    const int64_t HW = g.hw;
-    at::parallel_for(0, C, 1, [&](int64_t b, int64_t e) {
-      std::vector<float> d(HW), gb(HW), ab(HW), xb(HW);
-      for (int64_t c = b; c < e; ++c) {
-        double t1 = 0;
-        std::vector<double> t2(K, 0.0);
-        for (int64_t n = 0; n < g.n; ++n) {
-          const int64_t base = (n * C + c) * HW;
-          const float* gr = row(gp, base, HW, gb.data());
-          masked_row(gr, a ? row(*a, base, HW, ab.data()) : gr, d.data(), HW, a ? act : kNone);
-          put(dy, base, HW, d.data());
-          float a1 = 0.f;
-#pragma omp simd reduction(+ : a1)
-          for (int64_t i = 0; i < HW; ++i) a1 += d[i];
-          t1 += a1;
-          for (int64_t k = 0; k < K; ++k) {
-            for (const Src& s : terms[k]) {
-              if (c < s.off || c >= s.off + s.c) continue;
-              const float* xr = row(s, (n * s.c + (c - s.off)) * HW, HW, xb.data());
-              const float mu = mus[k][c];
-              float a2 = 0.f;
-#pragma omp simd reduction(+ : a2)
-              for (int64_t i = 0; i < HW; ++i) a2 += d[i] * (xr[i] - mu);
-              t2[k] += a2;
-            }
-          }
-        }
-        s1[c] = t1;
-        for (int64_t k = 0; k < K; ++k) s2[k * C + c] = t2[k];
-      }
-    });
-  }
 }
 
 // C per-channel sums divided by m, as a float (C,) tensor.
@@ -774,20 +762,22 @@ std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>> grad_stats(
     const Tensor& grad, const std::optional<Tensor>& a, int64_t act, at::TensorList sources,
     at::IntArrayRef n_sources, at::TensorList means, int64_t layout) {
   Geo g = geo_of(grad, layout);
-  count(kGradStats, g.cl, sources.empty() ? (a ? *a : grad) : sources[0]);
+  if (act != kNone)
+    TORCH_CHECK(a.has_value(), "bnff cpu grad_stats: the activation output is needed for its mask");
+  const Tensor& feature = sources.empty() ? (a ? *a : grad) : sources[0];
+  count(kGradStats, g.cl, feature);
   Tensor dy = workspace_empty(grad.sizes(), grad.options(), g.cl);
   auto terms = terms_of(sources, n_sources);
   std::vector<const float*> mus;
   for (const Tensor& m : means) mus.push_back(m.data_ptr<float>());
-  std::optional<Src> as;
-  if (act != kNone) {
-    TORCH_CHECK(a.has_value(), "bnff cpu grad_stats: the activation output is needed for its mask");
-    as = Src{a->data_ptr(), a->scalar_type() == at::kBFloat16, g.c, 0};
-  }
   std::vector<double> s1, s2;
-  typed(grad, [&](auto* p) {
-    using T = std::remove_const_t<std::remove_pointer_t<decltype(p)>>;
-    grad_stats_kernel(p, as ? &*as : nullptr, act, terms, mus, g, dy.data_ptr<T>(), s1, s2);
+  const at::ScalarType tx = act != kNone ? a->scalar_type() : feature.scalar_type();
+  BNFF_DISPATCH(grad.scalar_type(), "bnff::grad_stats", [&] {
+    using TG = scalar_t;
+    BNFF_DISPATCH(tx, "bnff::grad_stats", [&] {
+      grad_stats_kernel<scalar_t, TG>(grad.data_ptr<TG>(), act != kNone ? a->data_ptr<scalar_t>() : nullptr, act,
+                                      terms, mus, g, dy.data_ptr<TG>(), s1, s2);
+    });
   });
   std::vector<Tensor> s1s, s2s;
   for (size_t k = 0; k < terms.size(); ++k) {
@@ -799,15 +789,6 @@ std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>> grad_stats(
 
 // ---- input_grad ---------------------------------------------------------------------------------
 // dx_j = F1 dy + B (x_j - mu) - F1 S1 on source j's channels [off, off + C_j) (vectors offset there).
-// F1, B, mu, F1 S1 on 16 channels (B absent without mini-batch statistics: dx = F1 dy).
-struct DxVec {
-  vf f1, b, mu, k0;
-  bool has_b;
-  DxVec(const float* f1p, const float* bp, const float* mup, const float* k0p, int64_t n)
-      : f1(ld(f1p, n)), b(bp ? ld(bp, n) : vf{}), mu(ld(mup, n)), k0(bp ? ld(k0p, n) : vf{}), has_b(bp != nullptr) {}
-};
-BNFF_INLINE vf dx_lanes(vf d, vf x, const DxVec& v) { return v.has_b ? v.f1 * d + v.b * (x - v.mu) - v.k0 : v.f1 * d; }
-
 template <typename TD, typename TX>
 void input_grad_kernel(const TD* dy, const TX* x, TX* dx, const Geo& g, int64_t C_total, int64_t off,
                        int64_t Cj, const float* f1, const float* b, const float* mu, const float* k0) {
@@ -816,33 +797,23 @@ void input_grad_kernel(const TD* dy, const TX* x, TX* dx, const Geo& g, int64_t 
     row_blocks(rows, std::min<int64_t>(rows, 8 * at::get_num_threads()), [&](int64_t, int64_t rb, int64_t nb) {
       for (int64_t r = rb; r < rb + nb; ++r) {
         for (int64_t c0 = 0; c0 < Cj; c0 += W) {
-          with_width(std::min(W, Cj - c0), [&](auto w) {
-            const DxVec v(f1 + c0, b ? b + c0 : nullptr, mu + c0, k0 + c0, w);
-            const vf d = ld(dy + r * C_total + off + c0, w);
-            st(dx + r * Cj + c0, dx_lanes(d, b ? ld(x + r * Cj + c0, w) : vf{}, v), w);
+          with_width(std::min(W, Cj - c0), [&](auto w) BNFF_LAMBDA {
+            const DxVec v = dx_vec([&](const float* p) BNFF_LAMBDA { return per_lane(p, c0, w); }, f1, b, mu, k0);
+            const V d = ld(dy + r * C_total + off + c0, w);
+            st(dx + r * Cj + c0, dx_of(d, b ? ld(x + r * Cj + c0, w) : V(0.f), v), w);
           });
         }
       }
     });
   } else {
     const int64_t HW = g.hw;
-    at::parallel_for(0, g.n * Cj, 1, [&](int64_t bb, int64_t e) {
-      std::vector<float> db(HW), xb(HW), z(HW);
-      for (int64_t pl = bb; pl < e; ++pl) {
-        const int64_t n = pl / Cj, c = pl % Cj;
-        const float* dr = row(dy, (n * C_total + off + c) * HW, HW, db.data());
-        const float F = f1[c];
-        if (b != nullptr) {
-          const float* xr = row(x, (n * Cj + c) * HW, HW, xb.data());
-          const float B = b[c], M = mu[c], K = k0[c];
-#pragma omp simd
-          for (int64_t i = 0; i < HW; ++i) z[i] = F * dr[i] + B * (xr[i] - M) - K;
-        } else {
-#pragma omp simd
-          for (int64_t i = 0; i < HW; ++i) z[i] = F * dr[i];
-        }
-        put(dx, (n * Cj + c) * HW, HW, z.data());
-      }
+    planes(g, Cj, [&](int64_t n, int64_t c) {
+      const DxVec v = dx_vec([&](const float* p) BNFF_LAMBDA { return per_plane(p, c); }, f1, b, mu, k0);
+      const TD* dr = dy + (n * C_total + off + c) * HW;
+      const int64_t xo = (n * Cj + c) * HW;
+      vectors(0, HW, [&](int64_t i, auto w) BNFF_LAMBDA {
+        st(dx + xo + i, dx_of(ld(dr + i, w), b ? ld(x + xo + i, w) : V(0.f), v), w);
+      });
     });
   }
 }
@@ -858,11 +829,11 @@ std::vector<Tensor> input_grad(const Tensor& dy, at::TensorList sources, const T
     const int64_t Cj = x.size(1);
     Tensor dx = workspace_empty(x.sizes(), x.options(), g.cl);
     const float* bp = b ? b->data_ptr<float>() + off : nullptr;
-    typed(dy, [&](auto* dp) {
-      typed(x, [&](auto* xp) {
-        using TX = std::remove_const_t<std::remove_pointer_t<decltype(xp)>>;
-        input_grad_kernel(dp, xp, dx.data_ptr<TX>(), g, g.c, off, Cj, f1.data_ptr<float>() + off, bp,
-                          mean.data_ptr<float>() + off, k0.data_ptr<float>() + off);
+    BNFF_DISPATCH(dy.scalar_type(), "bnff::input_grad", [&] {
+      using TD = scalar_t;
+      BNFF_DISPATCH(x.scalar_type(), "bnff::input_grad", [&] {
+        input_grad_kernel(dy.data_ptr<TD>(), x.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(), g, g.c, off, Cj,
+                          f1.data_ptr<float>() + off, bp, mean.data_ptr<float>() + off, k0.data_ptr<float>() + off);
       });
     });
     out.push_back(dx);
@@ -874,16 +845,8 @@ std::vector<Tensor> input_grad(const Tensor& dy, at::TensorList sources, const T
 // ---- the backward of a lone BN feeding consumers, without dy ----------------------------------------
 // For a group of one BN term and no shortcut (patterns (2), (3), DenseNet's ICF), dy = g * act'(a)
 // need not be written: both backward sweeps recompute the mask from x (which they read anyway for
-// S2 and for dx) instead of reading a and a written dy. Mode kStats reduces S1, S2c; mode kDx writes
-// dx = F1 dy + B (x - mu) - F1 S1 onto each source map.
-// Round a float row to the stored element type's precision (the mask must be the stored value's:
-// 5.99f stored as bfloat16 is 6, outside ReLU6's open interval).
-inline void round_bf16_row(float* z, int64_t n) {
-  u32a* __restrict u = reinterpret_cast<u32a*>(z);
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) u[i] = static_cast<uint32_t>(bf16_bits(u[i])) << 16;
-}
-
+// S2 and for dx) instead of reading a and a written dy (lone_dy). Mode kStats reduces S1, S2c;
+// mode kDx writes dx = F1 dy + B (x - mu) - F1 S1 onto each source map.
 enum Mode { kStats = 0, kDx = 1 };
 
 struct TermBwd {  // one BN term's per-channel vectors (C,), offset by each source's .off
@@ -892,107 +855,96 @@ struct TermBwd {  // one BN term's per-channel vectors (C,), offset by each sour
   bool round_bf16;
 };
 
+// One vector of the lone-term backward: x and g in, the constants from get; in kStats mode
+// acc[0] += dy, acc[1] += dy (x - mu), in kDx mode dx stored at dst.
+template <typename TX, typename Get>
+BNFF_INLINE void lone_step(V x, V gv, const TermBwd& t, Get get, int64_t act, bool round, bool stats, V* acc,
+                           TX* dst, int64_t w) {
+  const V mu = get(t.mu);
+  const V d = lone_dy(gv, x, mu, get(t.f1), get(t.beta), act, round);
+  if (stats) {
+    acc[0] += d;
+    acc[1] += d * (x - mu);
+  } else {
+    st(dst, dx_of(d, x, dx_vec(get, t.f1, t.b, t.mu, t.k0)), w);
+  }
+}
+
 template <typename TX, typename TG>
-void term_backward_cl(const TG* gp, const std::vector<Src>& srcs, const std::vector<void*>& dxs, const TermBwd& t,
-                      const Geo& g, Mode mode, std::vector<double>& s1, std::vector<double>& s2) {
-  const int64_t C = g.c, rows = g.m();
+void term_backward(const TG* gp, const std::vector<Src>& srcs, const std::vector<void*>& dxs, const TermBwd& t,
+                   const Geo& g, Mode mode, std::vector<double>& s1, std::vector<double>& s2) {
+  const int64_t C = g.c;
+  s1.assign(C, 0.0);
+  s2.assign(C, 0.0);
+  if (!g.cl) {  // runtime activation, mode and rounding, as in apply
+    const int64_t HW = g.hw;
+    const bool stats = mode == kStats;
+    at::parallel_for(0, C, 1, [&](int64_t b, int64_t e) {
+      for (int64_t c = b; c < e; ++c) {
+        const Src& s = source_of(srcs, c);
+        const size_t j = &s - srcs.data();
+        for (int64_t n = 0; n < g.n; ++n) {
+          const int64_t xo = (n * s.c + (c - s.off)) * HW, go = (n * C + c) * HW;
+          const TX* xp = s.at<TX>() + xo;
+          TX* dst = stats ? nullptr : static_cast<TX*>(dxs[j]) + xo;
+          for (int64_t i0 = 0; i0 < HW; i0 += kRun) {
+            V acc[2] = {V(0.f), V(0.f)};
+            vectors(i0, std::min(HW, i0 + kRun), [&](int64_t i, auto w) BNFF_LAMBDA {
+              lone_step(ld(xp + i, w), ld(gp + go + i, w), t, [&](const float* p) BNFF_LAMBDA { return per_plane(p, c); }, t.act,
+                        t.round_bf16, stats, acc, stats ? nullptr : dst + i, w);
+            });
+            if (stats) {
+              s1[c] += lane_sum(acc[0]);
+              s2[c] += lane_sum(acc[1]);
+            }
+          }
+        }
+      }
+    });
+    return;
+  }
+  const int64_t rows = g.m();
   const int64_t nc = mode == kStats ? n_chunks(rows) : std::min<int64_t>(rows, 8 * at::get_num_threads());
   const auto segs = segments(C, {srcs});
   const auto sp = seg_ptrs<TX>(segs, {srcs});
   const size_t ns = sp.size();
-  std::vector<TX*> dxp(ns, nullptr);  // where segment i of dx starts (row 0), with sp[i].xs[0] as row stride
+  std::vector<TX*> dxp(ns, nullptr);  // where segment i of dx starts (row 0), row stride sp[i].xs[0]
   for (size_t i = 0; mode == kDx && i < ns; ++i) {
     const Src& s = srcs[segs[i].src[0]];
     dxp[i] = static_cast<TX*>(dxs[segs[i].src[0]]) + (segs[i].c0 - s.off);
   }
   std::vector<double> p1(mode == kStats ? nc * C : 0, 0.0), p2(mode == kStats ? nc * C : 0, 0.0);
-  row_blocks(rows, nc, [&](int64_t ch, int64_t rb, int64_t nb) {
-    std::vector<vf> acc(mode == kStats ? 2 * ns : 0, vf{});  // per segment: the block's S1, then S2c sums
-    // the activation, the mode and the rounding as compile-time constants: no tests per vector
-    with_act(t.act, [&](auto A) {
-      with_flag(mode == kStats, [&](auto stats) {
-        with_flag(t.round_bf16, [&](auto round) {
+  // the activation, the mode and the rounding as compile-time constants: no tests per vector
+  with_act(t.act, [&](auto A) {
+    with_flag(mode == kStats, [&](auto stats) {
+      with_flag(t.round_bf16, [&](auto round) {
+        row_blocks(rows, nc, [&](int64_t ch, int64_t rb, int64_t nb) {
+          std::vector<V> acc(stats ? 2 * ns : 0, V(0.f));  // per segment: the block's S1, then S2c sums
           for (int64_t r = rb; r < rb + nb; ++r) {
             for (size_t i = 0; i < ns; ++i) {
               const auto& q = sp[i];
-              const int64_t c0 = q.c0;
-              with_width(q.n, [&](auto w) {
-                const vf x = ld(q.xp[0] + r * q.xs[0], w), mu = ld(t.mu + c0, w);
-                vf z = activate((x - mu) * ld(t.f1 + c0, w) + ld(t.beta + c0, w), A);
-                if (round) z = round_bf16(z);
-                const vf gv = ld(gp + r * C + c0, w);
-                const vf d = A == kNone ? gv : masked(gv, z, A);
-                if (stats) {
-                  acc[i] += d;
-                  acc[ns + i] += d * (x - mu);
-                } else {
-                  const DxVec v(t.f1 + c0, t.b ? t.b + c0 : nullptr, t.mu + c0, t.k0 ? t.k0 + c0 : nullptr, w);
-                  st(dxp[i] + r * q.xs[0], dx_lanes(d, x, v), w);
-                }
+              with_width(q.n, [&](auto w) BNFF_LAMBDA {
+                lone_step(ld(q.xp[0] + r * q.xs[0], w), ld(gp + r * C + q.c0, w), t,
+                          [&](const float* p) BNFF_LAMBDA { return per_lane(p, q.c0, w); }, A, round, stats,
+                          stats ? &acc[2 * i] : nullptr, stats ? nullptr : dxp[i] + r * q.xs[0], w);
               });
+            }
+          }
+          for (size_t i = 0; stats && i < ns; ++i) {
+            const auto a1 = lanes(acc[2 * i]), a2 = lanes(acc[2 * i + 1]);
+            for (int64_t c = 0; c < sp[i].n; ++c) {
+              p1[ch * C + sp[i].c0 + c] += a1[c];
+              p2[ch * C + sp[i].c0 + c] += a2[c];
             }
           }
         });
       });
     });
-    for (size_t i = 0; mode == kStats && i < ns; ++i) {
-      for (int64_t c = 0; c < sp[i].n; ++c) {
-        p1[ch * C + sp[i].c0 + c] += lane(acc[i], c);
-        p2[ch * C + sp[i].c0 + c] += lane(acc[ns + i], c);
-      }
-    }
   });
   if (mode == kStats) {
-    s1.assign(C, 0.0);
-    s2.assign(C, 0.0);
     add_chunks(p1, nc, C, s1.data());
     add_chunks(p2, nc, C, s2.data());
   }
-}
-
-template <typename TG>
-void term_backward_nchw(const TG* gp, const std::vector<Src>& srcs, const std::vector<void*>& dxs,
-                        const TermBwd& t, const Geo& g, Mode mode, std::vector<double>& s1, std::vector<double>& s2) {
-  const int64_t C = g.c, HW = g.hw;
-  s1.assign(C, 0.0);
-  s2.assign(C, 0.0);
-  at::parallel_for(0, C, 1, [&](int64_t b, int64_t e) {
-    std::vector<float> z(HW), d(HW), gb(HW), xb(HW), out(HW);
-    for (int64_t c = b; c < e; ++c) {
-      size_t j = 0;
-      while (c >= srcs[j].off + srcs[j].c) ++j;
-      const Src& s = srcs[j];
-      const float mu = t.mu[c], f1 = t.f1[c], beta = t.beta[c];
-      double t1 = 0, t2 = 0;
-      for (int64_t n = 0; n < g.n; ++n) {
-        const int64_t xo = (n * s.c + (c - s.off)) * HW;
-        const float* xr = row(s, xo, HW, xb.data());
-#pragma omp simd
-        for (int64_t i = 0; i < HW; ++i) z[i] = (xr[i] - mu) * f1 + beta;
-        activate_row(z.data(), HW, t.act);
-        if (t.round_bf16) round_bf16_row(z.data(), HW);
-        masked_row(row(gp, (n * C + c) * HW, HW, gb.data()), z.data(), d.data(), HW, t.act);
-        if (mode == kStats) {
-          double a1 = 0, a2 = 0;
-#pragma omp simd reduction(+ : a1, a2)
-          for (int64_t i = 0; i < HW; ++i) {
-            a1 += d[i];
-            a2 += d[i] * (xr[i] - mu);
-          }
-          t1 += a1;
-          t2 += a2;
-        } else {
-          const float B = t.b ? t.b[c] : 0.f, K = t.b ? t.k0[c] : 0.f;
-#pragma omp simd
-          for (int64_t i = 0; i < HW; ++i) out[i] = f1 * d[i] + B * (xr[i] - mu) - K;
-          if (s.bf16) put(static_cast<at::BFloat16*>(dxs[j]), xo, HW, out.data());
-          else put(static_cast<float*>(dxs[j]), xo, HW, out.data());
-        }
-      }
-      s1[c] = t1;
-      s2[c] = t2;
-    }
-  });
 }
 
 // sources, mean, F1, beta of the term; act; the applied tensor's dtype (for the mask's rounding).
@@ -1005,13 +957,11 @@ std::tuple<Tensor, Tensor> grad_stats_x(const Tensor& grad, at::TensorList sourc
   TermBwd t{mean.data_ptr<float>(), f1.data_ptr<float>(), beta.data_ptr<float>(), nullptr, nullptr, act,
             out_dtype == at::kBFloat16};
   std::vector<double> s1, s2;
-  std::vector<void*> none;
-  typed(grad, [&](auto* gp) {
-    if (g.cl) feature_typed(terms[0][0].bf16, [&](auto* tag) {
-      using TX = std::remove_const_t<std::remove_pointer_t<decltype(tag)>>;
-      term_backward_cl<TX>(gp, terms[0], none, t, g, kStats, s1, s2);
+  BNFF_DISPATCH(grad.scalar_type(), "bnff::grad_stats_x", [&] {
+    using TG = scalar_t;
+    BNFF_DISPATCH(sources[0].scalar_type(), "bnff::grad_stats_x", [&] {
+      term_backward<scalar_t>(grad.data_ptr<TG>(), terms[0], {}, t, g, kStats, s1, s2);
     });
-    else term_backward_nchw(gp, terms[0], none, t, g, kStats, s1, s2);
   });
   return {per_channel(s1.data(), g, grad), per_channel(s2.data(), g, grad)};
 }
@@ -1032,12 +982,11 @@ std::vector<Tensor> input_grad_x(const Tensor& grad, at::TensorList sources, con
     ptrs.push_back(out.back().data_ptr());
   }
   std::vector<double> s1d, s2d;
-  typed(grad, [&](auto* gp) {
-    if (g.cl) feature_typed(terms[0][0].bf16, [&](auto* tag) {
-      using TX = std::remove_const_t<std::remove_pointer_t<decltype(tag)>>;
-      term_backward_cl<TX>(gp, terms[0], ptrs, t, g, kDx, s1d, s2d);
+  BNFF_DISPATCH(grad.scalar_type(), "bnff::input_grad_x", [&] {
+    using TG = scalar_t;
+    BNFF_DISPATCH(sources[0].scalar_type(), "bnff::input_grad_x", [&] {
+      term_backward<scalar_t>(grad.data_ptr<TG>(), terms[0], ptrs, t, g, kDx, s1d, s2d);
     });
-    else term_backward_nchw(gp, terms[0], ptrs, t, g, kDx, s1d, s2d);
   });
   return out;
 }

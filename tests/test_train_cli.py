@@ -91,9 +91,10 @@ def test_bench_cli_json(tmp_path, capsys):
     path = tmp_path / "bench.json"
     rc = cli.main(["bench", "--model", "resnet18", "--batch", "2", "--image-size", "32", "--steps", "2",
                    "--warmup", "1", "--dtype", "fp32", "--variants", "eager", "bnff", "conv_floor",
-                   "--json", str(path)])
+                   "--profile", "1", "--json", str(path)])
     assert rc == 0
-    assert "conv_floor" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "conv_floor" in out and "bnff, top operators: " in out
     res = json.loads(path.read_text())
     assert set(res["results"]) == {"eager", "bnff", "conv_floor"}
     for r in res["results"].values():  # timings vary by machine: only their units are checked
@@ -110,6 +111,13 @@ def test_bench_cli_json(tmp_path, capsys):
     # at least its input and conv1's output in eager (2*3*32*32 + 2*64*16*16 floats of 4 bytes)
     assert 4 * (2 * 3 * 32 * 32 + 2 * 64 * 16 * 16) < res["saved_bytes"]["eager"]
     assert 0 < res["saved_bytes"]["bnff"] < res["saved_bytes"]["eager"]
+    # the profile: bnff's BN runs in its sweeps, eager's in ATen's batch norm; the floor is convolutions
+    prof = res["profiles"]
+    assert set(prof) == {"eager", "bnff", "conv_floor"}
+    assert any(op.startswith("bnff::") for op in prof["bnff"]["ops"]) and prof["bnff"]["categories"]["bnff sweeps"] > 0
+    assert not any(op.startswith("bnff::") for op in prof["eager"]["ops"])
+    assert any("batch_norm" in op for op in prof["eager"]["ops"]) and not any("batch_norm" in op for op in prof["bnff"]["ops"])
+    assert prof["conv_floor"]["categories"]["convolutions"] > 0.5 * sum(prof["conv_floor"]["ops"].values())
 
 
 def test_help_answers_without_importing_torch():

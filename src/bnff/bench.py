@@ -30,6 +30,7 @@ from bnff.machine import cpu_info
 from bnff.memory import saved_activation_bytes
 from bnff.names import BENCH_VARIANTS
 from bnff.ops import backends
+from bnff.ops.fused import _ApplyConsume
 from bnff.train import training_loss
 
 VARIANTS = BENCH_VARIANTS
@@ -56,6 +57,8 @@ class BenchConfig:
             and irreversible.
         prefer: ``bnff.restructure``'s ``prefer``, "memory" or "speed" (then groups slower fused
             on this CPU are left unfused, timed on this config's mini-batch).
+        profile: after the timed rounds, run this many more steps of every uncompiled variant under
+            ``torch.profiler`` and report where each step's time goes (``profile_step``); 0: none.
     """
 
     model: str = "resnet50"
@@ -70,6 +73,7 @@ class BenchConfig:
     seed: int = 0
     tuned_malloc: bool = False
     prefer: str = "memory"
+    profile: int = 0
 
     def __post_init__(self) -> None:
         if self.model not in models.MODELS:
@@ -81,8 +85,8 @@ class BenchConfig:
             raise ValueError(f"variants must be a non-empty subset of {VARIANTS}, got {self.variants}")
         if self.prefer not in ("memory", "speed"):
             raise ValueError(f"prefer must be 'memory' or 'speed', got {self.prefer!r}")
-        if self.steps < 1 or self.warmup < 0 or self.batch < 1:
-            raise ValueError("steps and batch must be >= 1 and warmup >= 0")
+        if self.steps < 1 or self.warmup < 0 or self.batch < 1 or self.profile < 0:
+            raise ValueError("steps and batch must be >= 1, warmup and profile >= 0")
 
 
 @dataclass(frozen=True)
@@ -182,6 +186,48 @@ def _train_step(model: nn.Module, opt: torch.optim.Optimizer, x: Tensor, y: Tens
     return step
 
 
+# Where a step's time goes: ATen/bnff operators by name, in these categories (first match wins).
+# bnff's autograd Function appears as its own record: its self time is the Python of its forward and
+# backward (the plan's steps, the backend's checks), the operators it calls being counted apart.
+PROFILE_CATEGORIES = (
+    ("convolutions", ("conv", "mkldnn_convolution")),
+    ("bnff sweeps", ("bnff::",)),
+    ("bnff autograd Function (Python)", (_ApplyConsume.__name__,)),
+    ("in-place add_, mul_ (residual adds, gradient sums, SGD)", ("aten::add_", "aten::mul_", "_foreach")),
+    ("BN, ReLU, add, cat", ("batch_norm", "relu", "clamp_min", "threshold", "hardtanh", "aten::add", "aten::cat")),
+    ("casts, copies", ("aten::copy_", "aten::to", "_to_copy", "aten::clone")),
+    ("pooling, linear, loss", ("pool", "aten::mm", "aten::addmm", "linear", "log_softmax", "nll_loss")),
+)
+
+
+def profile_step(step: Callable[[], None], steps: int) -> dict:
+    """Self CPU time per step of each operator of ``steps`` runs of ``step`` (``torch.profiler``).
+
+    Returns:
+        ``{"step_ms": wall ms per profiled step, "categories": {category: ms per step},
+        "ops": {operator: ms per step}}``; categories are ``PROFILE_CATEGORIES`` plus "other
+        operators" and "outside operators" (the step's wall time no operator accounts for: Python,
+        autograd's engine, the profiler's own cost). The profiler lengthens short calls, so small
+        operators and the Python share read high.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        wall = time.perf_counter() - t0
+    ops = {e.key: e.self_cpu_time_total / 1e3 / steps for e in prof.key_averages() if e.self_cpu_time_total > 0}
+    cats = {name: 0.0 for name, _ in PROFILE_CATEGORIES}
+    cats["other operators"] = 0.0
+    for op, ms in ops.items():
+        name = next((n for n, pats in PROFILE_CATEGORIES if any(p in op for p in pats)), "other operators")
+        cats[name] += ms
+    step_ms = wall * 1e3 / steps
+    cats["outside operators"] = max(0.0, step_ms - sum(ops.values()))
+    return {"step_ms": step_ms, "categories": cats, "ops": dict(sorted(ops.items(), key=lambda kv: -kv[1]))}
+
+
 def _timed(step: Callable[[], None]) -> float:
     t0 = time.perf_counter()
     step()
@@ -201,7 +247,8 @@ def run(cfg: BenchConfig, progress: bool = True) -> dict:
         that bnff removes (None without those three variants); saved
         bytes are ``bnff.memory``'s count (None for the compiled variants, whose saved tensors include
         weight casts the counter cannot separate); ``unfused_groups`` names the groups ``prefer="speed"`` left
-        unfused, of ``fusable_groups``.
+        unfused, of ``fusable_groups``; ``profiles`` maps each profiled variant to ``profile_step``'s
+        result (empty without ``profile``).
     Raises:
         ValueError: a bad configuration.
     """
@@ -249,6 +296,8 @@ def run(cfg: BenchConfig, progress: bool = True) -> dict:
             rounds.set_postfix_str(v)
             times[v].append(_timed(step))
 
+    profiles = {v: profile_step(step, cfg.profile) for v, step in steps.items()
+                 if cfg.profile and not v.endswith("compile")}
     results = {}
     floor = statistics.median(times["conv_floor"]) if "conv_floor" in times else None
     for v, ts in times.items():
@@ -273,7 +322,7 @@ def run(cfg: BenchConfig, progress: bool = True) -> dict:
         removed = (eager - fused) / (eager - floor) if eager != floor else None
     return {"config": asdict(cfg), "cpu": cpu_info(), "results": results, "ratios": ratios,
             "overhead_removed": removed, "compile_s": compile_s, "saved_bytes": saved,
-            "unfused_groups": unfused_groups, "fusable_groups": fusable}
+            "unfused_groups": unfused_groups, "fusable_groups": fusable, "profiles": profiles}
 
 
-__all__ = ["BenchConfig", "VARIANTS", "run", "tune_malloc"]
+__all__ = ["BenchConfig", "PROFILE_CATEGORIES", "VARIANTS", "profile_step", "run", "tune_malloc"]

@@ -92,7 +92,7 @@ def _bench(args: argparse.Namespace) -> int:
 
     cfg = BenchConfig(model=args.model, batch=args.batch, image_size=args.image_size, dtype=args.dtype,
                       steps=args.steps, warmup=args.warmup, variants=tuple(args.variants), backend=args.backend,
-                      tuned_malloc=args.tuned_malloc, prefer=args.prefer)
+                      tuned_malloc=args.tuned_malloc, prefer=args.prefer, profile=args.profile)
     res = run(cfg)
     t = Table(title=f"{cfg.model}, batch {cfg.batch}, {cfg.image_size}x{cfg.image_size}, {cfg.dtype}, "
                     f"median of {cfg.steps} interleaved rounds")
@@ -114,9 +114,27 @@ def _bench(args: argparse.Namespace) -> int:
               f"(slower fused on this CPU)")
     for v, s in res["compile_s"].items():
         print(f"{v} warm-up (compile time, excluded): {s:.1f} s")
+    if res["profiles"]:
+        _print_profiles(res["profiles"], cfg.profile, Console(), Table)
     if args.json:
         write_json(args.json, res)
     return 0
+
+
+def _print_profiles(profiles: dict, steps: int, console, table_cls, top: int = 8) -> None:
+    """``bnff bench --profile``'s tables: ms per step by category, then each variant's top operators."""
+    variants = list(profiles)
+    t = table_cls(title=f"where a step's time goes (torch.profiler, self CPU ms per step, {steps} steps)")
+    t.add_column("category")
+    for v in variants:
+        t.add_column(v, justify="right")
+    for cat in profiles[variants[0]]["categories"]:
+        t.add_row(cat, *(f"{profiles[v]['categories'][cat]:.1f}" for v in variants))
+    t.add_row("step (profiled)", *(f"{profiles[v]['step_ms']:.1f}" for v in variants))
+    console.print(t)
+    for v in variants:
+        ops = list(profiles[v]["ops"].items())[:top]
+        print(f"{v}, top operators: " + ", ".join(f"{op} {ms:.1f}" for op, ms in ops))
 
 
 def _traffic(args: argparse.Namespace) -> int:
@@ -411,6 +429,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--prefer", choices=["memory", "speed"], default="memory",
                    help="bnff.restructure's prefer: 'speed' times each group fused and eager first and leaves the "
                         "slower-fused ones unfused (default: memory, fuse all)")
+    b.add_argument("--profile", type=_count, default=0, metavar="N",
+                   help="then profile N more steps of each uncompiled variant (torch.profiler) and print the ms "
+                        "per step by category and the top operators (default 0: no profile)")
     b.add_argument("--json", default=None, help="write the results as JSON here")
     b.set_defaults(func=_bench)
 

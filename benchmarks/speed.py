@@ -2,10 +2,12 @@
 
     .venv/bin/python benchmarks/speed.py [--processes 3] [--steps 10] [--json benchmarks/results/speed.json]
                                          [--models M ...] [--allocators A ...] [--prefer memory|speed]
+                                         [--variants eager compile bnff conv_floor]
 
 Settings: ResNet-50 batch 16 224x224 bf16 and fp32, DenseNet-121 and MobileNetV2 batch 16 224x224
 bf16; each times eager, torch.compile (compile time apart), bnff (default backend), bnff under
-torch.compile (bnff+compile) and the conv floor, interleaved after warm-up (``bnff.bench``). Every setting runs with the default allocator
+torch.compile (bnff+compile) and the conv floor, interleaved after warm-up (``bnff.bench``;
+``--variants`` leaves some out: eager, bnff and the floor are needed). Every setting runs with the default allocator
 (what a user gets: eager faults in fresh pages for its large intermediates, bnff reuses its
 workspace) and with ``--tuned-malloc`` (no variant faults: the kernels' own gain), each in
 ``--processes`` fresh processes, so that one process's luck (its pages, its neighbours) cannot
@@ -25,17 +27,19 @@ from pathlib import Path
 
 from bnff.atomic import atomic_open
 from bnff.machine import cpu_info, describe
+from bnff.names import BENCH_VARIANTS
 
 SETTINGS = (("resnet50", "bf16"), ("resnet50", "fp32"), ("densenet121", "bf16"), ("mobilenet_v2", "bf16"))
 ALLOCATORS = ("default", "tuned-malloc")
 LEVEL = 0.02  # a median ratio within 2% of 1.0 is level
 
 
-def _bench(model: str, dtype: str, batch: int, steps: int, allocator: str, prefer: str) -> dict:
+def _bench(model: str, dtype: str, batch: int, steps: int, allocator: str, prefer: str, variants: list[str]) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "bench.json"
         cmd = [sys.executable, "-c", "from bnff.cli import main; main()", "bench", "--model", model,
-               "--batch", str(batch), "--dtype", dtype, "--steps", str(steps), "--prefer", prefer, "--json", str(out)]
+               "--batch", str(batch), "--dtype", dtype, "--steps", str(steps), "--prefer", prefer, "--variants", *variants,
+               "--json", str(out)]
         if allocator == "tuned-malloc":
             cmd.append("--tuned-malloc")
         done = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -58,19 +62,25 @@ def row(model: str, dtype: str, allocator: str, runs: list[dict]) -> str:
     def col(variant: str, key: str) -> list[float]:
         return [r["results"][variant][key] for r in runs]
     vs_eager = [r["ratios"]["bnff_vs_eager"] for r in runs]
-    vs_compile = [r["ratios"]["bnff_vs_compile"] for r in runs]
+    vs_compile = [r["ratios"].get("bnff_vs_compile", float("nan")) for r in runs]
     removed = [r["overhead_removed"] for r in runs if r["overhead_removed"] is not None]
     saved = statistics.median(r["saved_bytes"]["bnff"] / r["saved_bytes"]["eager"] for r in runs)
     unfused = [len(r["unfused_groups"]) for r in runs]
     unfused = f" ({_spread(unfused, 'd')} of {runs[0]['fusable_groups']} groups unfused)" if any(unfused) else ""
-    floors = ", ".join(f"{statistics.median(col(v, 'step_over_floor')):.2f}" for v in ("eager", "compile", "bnff"))
-    both = [r["ratios"]["bnff+compile_vs_compile"] for r in runs]
-    return (f"| {model} | {dtype} | {allocator} | {statistics.median(col('eager', 'images_per_s')):.1f} "
-            f"| {statistics.median(col('compile', 'images_per_s')):.1f} | {statistics.median(col('bnff', 'images_per_s')):.1f} "
-            f"| {_spread(vs_eager, '.2f')}x {_verdict(statistics.median(vs_eager))} "
-            f"| {_spread(vs_compile, '.2f')}x {_verdict(statistics.median(vs_compile))} "
-            f"| {_spread(both, '.2f')}x {_verdict(statistics.median(both))} "
-            f"| {floors} | {_spread(removed, '+.0%') if removed else ''} | {saved:.2f}{unfused} |")
+    floors = ", ".join(f"{statistics.median(col(v, 'step_over_floor')):.2f}" if v in runs[0]["results"] else "-"
+                       for v in ("eager", "compile", "bnff"))
+    both = [r["ratios"]["bnff+compile_vs_compile"] for r in runs if "bnff+compile_vs_compile" in r["ratios"]]
+    saving_ms = [(r["results"]["eager"]["step_s"] - r["results"]["bnff"]["step_s"]) * 1e3 for r in runs]
+
+    def ratio(values: list[float]) -> str:
+        return f"{_spread(values, '.2f')}x {_verdict(statistics.median(values))}" if values and values[0] == values[0] else "-"
+
+    def img_s(variant: str) -> str:
+        return f"{statistics.median(col(variant, 'images_per_s')):.1f}" if variant in runs[0]["results"] else "-"
+    return (f"| {model} | {dtype} | {allocator} | {img_s('eager')} | {img_s('compile')} | {img_s('bnff')} "
+            f"| {ratio(vs_eager)} | {ratio(vs_compile)} | {ratio(both)} "
+            f"| {floors} | {_spread(removed, '+.0%') if removed else ''} | {_spread(saving_ms, '+.0f')} "
+            f"| {saved:.2f}{unfused} |")
 
 
 def main() -> None:
@@ -81,22 +91,27 @@ def main() -> None:
     p.add_argument("--models", nargs="+", default=None, help="only these models' settings")
     p.add_argument("--allocators", nargs="+", default=list(ALLOCATORS), choices=ALLOCATORS)
     p.add_argument("--prefer", choices=["memory", "speed"], default="memory")
+    p.add_argument("--variants", nargs="+", default=list(BENCH_VARIANTS), choices=BENCH_VARIANTS,
+                   help="bnff bench's variants (default all; eager, bnff and conv_floor are needed)")
     p.add_argument("--json", default=None)
     args = p.parse_args()
+    if not {"eager", "bnff", "conv_floor"} <= set(args.variants):
+        p.error("--variants must include eager, bnff and conv_floor")
     print(describe(cpu_info()))
     print(f"batch {args.batch}, 224x224, channels_last; median (min to max) of {args.processes} fresh processes, "
           f"each the median of {args.steps} interleaved rounds; level = within {LEVEL:.0%} of 1.0; "
           f"prefer={args.prefer!r}\n")
     print("| model | dtype | allocator | eager img/s | compile img/s | bnff img/s | bnff / eager | bnff / compile "
           "| bnff+compile / compile | step / floor: eager, compile, bnff | overhead removed "
-          "| saved activations bnff / eager |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| eager - bnff (ms per step) | saved activations bnff / eager |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     results = []
     for model, dtype in SETTINGS:
         if args.models and model not in args.models:
             continue
         for allocator in args.allocators:
-            runs = [_bench(model, dtype, args.batch, args.steps, allocator, args.prefer) for _ in range(args.processes)]
+            runs = [_bench(model, dtype, args.batch, args.steps, allocator, args.prefer, args.variants)
+                    for _ in range(args.processes)]
             results.append({"model": model, "dtype": dtype, "allocator": allocator, "prefer": args.prefer, "runs": runs})
             print(row(model, dtype, allocator, runs), flush=True)
     if args.json:

@@ -172,6 +172,7 @@ def test_long_maps_reduce_within_bound_and_nan_stays_nan(fmt, gen):
     (a diverging run must show it), and its mask in the backward is 0, as eager's."""
     n, c, h, w = 2, 3, 80, 80
     m = n * h * w
+    before = cpu.kernel_calls()
     x = _t(gen, (n, c, h, w), torch.float32, fmt, 2, 3)
     mean, var = cpu.channel_stats(x)
     mean64, var64 = _d(x).mean((0, 2, 3)), _d(x).var((0, 2, 3), correction=0)
@@ -191,6 +192,9 @@ def test_long_maps_reduce_within_bound_and_nan_stays_nan(fmt, gen):
         assert torch.equal(torch.isnan(a), torch.isnan(eager(xn))) and bool(torch.isnan(a).any())
         dy_nan, _, _ = cpu.grad_stats(g, a, act, [[xn]], [torch.zeros(c)])
         assert float(dy_nan[1, 2, 7, 9]) == 0.0 and not bool(torch.isnan(dy_nan).any())
+    ran = cpu.kernel_calls() - before
+    assert all(ran[f"{sweep}/{LAYOUT_NAME[fmt]}/float32"] >= 1
+               for sweep in ("channel_stats", "grad_stats_x", "apply", "grad_stats")), ran
 
 
 def test_mixed_layouts_and_float64_are_handled(gen, monkeypatch):

@@ -23,8 +23,9 @@
 // step's formula is written once, on vectors (section "the formulas"), and both layouts run it:
 // a channels_last vector holds consecutive channels of one row (per-channel constants loaded as
 // vectors), an NCHW vector consecutive positions of one channel's plane (constants broadcast).
-// Every loop makes the activation, the number of terms and (channels_last) a full vector width
-// compile-time constants.
+// The channels_last loops make the activation, the usual numbers of BN terms and shortcuts, and a
+// full vector width compile-time constants; the NCHW loops (the uncommon layout) take the first two
+// at run time, which keeps the build short.
 
 // Only the ATen headers the kernels use (torch/extension.h takes 4x as long to compile).
 #include <ATen/Dispatch.h>
@@ -380,13 +381,27 @@ BNFF_INLINE void with_flag(bool b, F&& f) {
   else f(std::false_type{});
 }
 
-// f(k) with a count of 0, 1 or 2 (BN terms, shortcuts: nearly every call) a compile-time constant.
+// f(k) with a count of BN terms of 1 or 2 (nearly every call) a compile-time constant; any other
+// count at run time.
 template <typename F>
 BNFF_INLINE void with_count(int64_t k, F&& f) {
-  if (k == 0) f(std::integral_constant<int64_t, 0>{});
-  else if (k == 1) f(std::integral_constant<int64_t, 1>{});
+  if (k == 1) f(std::integral_constant<int64_t, 1>{});
   else if (k == 2) f(std::integral_constant<int64_t, 2>{});
   else f(k);
+}
+
+// f(k, r) with the (BN terms, shortcuts) of the fusion patterns' groups as compile-time constants:
+// (1, 0) a lone BN, (1, 1) a BN plus an identity shortcut, (2, 0) a BN plus a projection shortcut's
+// BN; any other pair at run time. Fewer instantiations keep the build short.
+template <typename F>
+BNFF_INLINE void with_terms(int64_t k, int64_t r, F&& f) {
+  using I0 = std::integral_constant<int64_t, 0>;
+  using I1 = std::integral_constant<int64_t, 1>;
+  using I2 = std::integral_constant<int64_t, 2>;
+  if (k == 1 && r == 0) f(I1{}, I0{});
+  else if (k == 1 && r == 1) f(I1{}, I1{});
+  else if (k == 2 && r == 0) f(I2{}, I0{});
+  else f(k, r);
 }
 
 // out[i] += sum over chunks of part[ch * width + i]: the per-chunk partial sums of a reduction.
@@ -626,21 +641,19 @@ void apply_kernel(const std::vector<std::vector<Src>>& terms, const std::vector<
   }
   const auto sp = seg_ptrs<TX>(segments(C, terms), terms);
   with_act(act, [&](auto A) {
-    with_count(K, [&](auto KK) {
-      with_count(R, [&](auto RR) {
-        row_blocks(g.m(), n_chunks(g.m()), [&](int64_t, int64_t rb, int64_t nb) {
-          for (int64_t r = rb; r < rb + nb; ++r) {
-            for (const auto& q : sp) {
-              with_width(q.n, [&](auto w) BNFF_LAMBDA {
-                const V z = applied(
-                    KK, RR, vec.data(), [&](int64_t k) BNFF_LAMBDA { return ld(q.xp[k] + r * q.xs[k], w); },
-                    [&](int64_t j) BNFF_LAMBDA { return ld(rp[j] + r * C + q.c0, w); },
-                    [&](const float* p) BNFF_LAMBDA { return per_lane(p, q.c0, w); }, A);
-                st(out + r * C + q.c0, z, w);
-              });
-            }
+    with_terms(K, R, [&](auto KK, auto RR) {
+      row_blocks(g.m(), n_chunks(g.m()), [&](int64_t, int64_t rb, int64_t nb) {
+        for (int64_t r = rb; r < rb + nb; ++r) {
+          for (const auto& q : sp) {
+            with_width(q.n, [&](auto w) BNFF_LAMBDA {
+              const V z = applied(
+                  KK, RR, vec.data(), [&](int64_t k) BNFF_LAMBDA { return ld(q.xp[k] + r * q.xs[k], w); },
+                  [&](int64_t j) BNFF_LAMBDA { return ld(rp[j] + r * C + q.c0, w); },
+                  [&](const float* p) BNFF_LAMBDA { return per_lane(p, q.c0, w); }, A);
+              st(out + r * C + q.c0, z, w);
+            });
           }
-        });
+        }
       });
     });
   });

@@ -62,7 +62,7 @@ def row(model: str, dtype: str, allocator: str, runs: list[dict]) -> str:
     def col(variant: str, key: str) -> list[float]:
         return [r["results"][variant][key] for r in runs]
     vs_eager = [r["ratios"]["bnff_vs_eager"] for r in runs]
-    vs_compile = [r["ratios"].get("bnff_vs_compile", float("nan")) for r in runs]
+    vs_compile = [r["ratios"]["bnff_vs_compile"] for r in runs if "bnff_vs_compile" in r["ratios"]]
     removed = [r["overhead_removed"] for r in runs if r["overhead_removed"] is not None]
     saved = statistics.median(r["saved_bytes"]["bnff"] / r["saved_bytes"]["eager"] for r in runs)
     unfused = [len(r["unfused_groups"]) for r in runs]
@@ -73,7 +73,7 @@ def row(model: str, dtype: str, allocator: str, runs: list[dict]) -> str:
     saving_ms = [(r["results"]["eager"]["step_s"] - r["results"]["bnff"]["step_s"]) * 1e3 for r in runs]
 
     def ratio(values: list[float]) -> str:
-        return f"{_spread(values, '.2f')}x {_verdict(statistics.median(values))}" if values and values[0] == values[0] else "-"
+        return f"{_spread(values, '.2f')}x {_verdict(statistics.median(values))}" if values else "-"
 
     def img_s(variant: str) -> str:
         return f"{statistics.median(col(variant, 'images_per_s')):.1f}" if variant in runs[0]["results"] else "-"

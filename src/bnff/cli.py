@@ -115,23 +115,26 @@ def _bench(args: argparse.Namespace) -> int:
     for v, s in res["compile_s"].items():
         print(f"{v} warm-up (compile time, excluded): {s:.1f} s")
     if res["profiles"]:
-        _print_profiles(res["profiles"], cfg.profile, Console(), Table)
+        _print_profiles(res["profiles"], cfg.profile)
     if args.json:
         write_json(args.json, res)
     return 0
 
 
-def _print_profiles(profiles: dict, steps: int, console, table_cls, top: int = 8) -> None:
+def _print_profiles(profiles: dict, steps: int, top: int = 8) -> None:
     """``bnff bench --profile``'s tables: ms per step by category, then each variant's top operators."""
+    from rich.console import Console
+    from rich.table import Table
+
     variants = list(profiles)
-    t = table_cls(title=f"where a step's time goes (torch.profiler, self CPU ms per step, {steps} steps)")
+    t = Table(title=f"where a step's time goes (torch.profiler, self CPU ms per step, {steps} steps)")
     t.add_column("category")
     for v in variants:
         t.add_column(v, justify="right")
     for cat in profiles[variants[0]]["categories"]:
         t.add_row(cat, *(f"{profiles[v]['categories'][cat]:.1f}" for v in variants))
     t.add_row("step (profiled)", *(f"{profiles[v]['step_ms']:.1f}" for v in variants))
-    console.print(t)
+    Console().print(t)
     for v in variants:
         ops = list(profiles[v]["ops"].items())[:top]
         print(f"{v}, top operators: " + ", ".join(f"{op} {ms:.1f}" for op, ms in ops))

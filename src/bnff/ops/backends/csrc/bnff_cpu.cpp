@@ -301,6 +301,8 @@ struct Src {
   int64_t c, off;
   template <typename T>
   const T* at() const { return static_cast<const T*>(p); }
+  // NCHW: where plane (n, channel ch of the term) starts in this source map, in elements.
+  int64_t plane(int64_t n, int64_t ch, int64_t hw) const { return (n * c + (ch - off)) * hw; }
 };
 
 std::vector<std::vector<Src>> terms_of(at::TensorList sources, at::IntArrayRef n_sources) {
@@ -324,6 +326,16 @@ BNFF_INLINE const Src& source_of(const std::vector<Src>& t, int64_t c) {
   size_t j = 0;
   while (c >= t[j].off + t[j].c) ++j;
   return t[j];
+}
+
+// NCHW: plane (n, c) of every term, each read from its source holding channel c.
+template <typename TX>
+BNFF_INLINE void term_planes(const std::vector<std::vector<Src>>& terms, int64_t n, int64_t c, int64_t hw,
+                             const TX** xp) {
+  for (size_t k = 0; k < terms.size(); ++k) {
+    const Src& s = source_of(terms[k], c);
+    xp[k] = s.at<TX>() + s.plane(n, c, hw);
+  }
 }
 
 int64_t n_chunks(int64_t rows) {
@@ -624,11 +636,8 @@ void apply_kernel(const std::vector<std::vector<Src>>& terms, const std::vector<
   if (!g.cl) {  // runtime activation and counts: NCHW is the uncommon layout, kept out of the instantiations
     const int64_t HW = g.hw;
     planes(g, C, [&](int64_t n, int64_t c) {
-      const TX* xp[kMaxTerms];  // plane (n, c) of each term's source holding channel c
-      for (int64_t k = 0; k < K; ++k) {
-        const Src& s = source_of(terms[k], c);
-        xp[k] = s.at<TX>() + (n * s.c + (c - s.off)) * HW;
-      }
+      const TX* xp[kMaxTerms];
+      term_planes(terms, n, c, HW, xp);
       const int64_t base = (n * C + c) * HW;
       vectors(0, HW, [&](int64_t i, auto w) BNFF_LAMBDA {
         const V z = applied(
@@ -708,10 +717,7 @@ void grad_stats_kernel(const TG* gp, const TX* a, int64_t act, const std::vector
       for (int64_t c = b; c < e; ++c) {
         for (int64_t n = 0; n < g.n; ++n) {
           const TX* xp[kMaxTerms];
-          for (int64_t k = 0; k < K; ++k) {
-            const Src& s = source_of(terms[k], c);
-            xp[k] = s.at<TX>() + (n * s.c + (c - s.off)) * HW;
-          }
+          term_planes(terms, n, c, HW, xp);
           const int64_t base = (n * C + c) * HW;
           for (int64_t i0 = 0; i0 < HW; i0 += kRun) {
             V acc[1 + kMaxTerms];
@@ -897,7 +903,7 @@ void term_backward(const TG* gp, const std::vector<Src>& srcs, const std::vector
         const Src& s = source_of(srcs, c);
         const size_t j = &s - srcs.data();
         for (int64_t n = 0; n < g.n; ++n) {
-          const int64_t xo = (n * s.c + (c - s.off)) * HW, go = (n * C + c) * HW;
+          const int64_t xo = s.plane(n, c, HW), go = (n * C + c) * HW;
           const TX* xp = s.at<TX>() + xo;
           TX* dst = stats ? nullptr : static_cast<TX*>(dxs[j]) + xo;
           for (int64_t i0 = 0; i0 < HW; i0 += kRun) {

@@ -197,6 +197,52 @@ def test_long_maps_reduce_within_bound_and_nan_stays_nan(fmt, gen):
                for sweep in ("channel_stats", "grad_stats_x", "apply", "grad_stats")), ran
 
 
+@pytest.mark.exactness
+@pytest.mark.parametrize("affine", [True, False])
+def test_vector_kernels_equal_the_reference_and_float64(affine, gen):
+    """F1, B, dgamma, dbeta from the one-call vector kernels: bit for bit the reference's (bn_math's
+    ATen ops), within a few float32 roundings of float64, from the C++ op (counted by a dispatch mode),
+    and float64 vectors handed to the reference."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    c, m, eps = 77, 5 * 7 * 3, 1e-3  # 77: more than 4 AVX-512 vectors and a tail
+    var = torch.rand(c, generator=gen) * 3 + 1e-4  # some near eps
+    gamma = torch.randn(c, generator=gen) if affine else None
+    s1, s2c, s2d = (torch.randn(c, generator=gen) for _ in range(3))
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.seen[str(func)] += 1
+            return func(*args, **(kwargs or {}))
+
+    with Ops() as ops:
+        f1 = cpu.scale(var, gamma, eps)
+        b, dgamma, dbeta = cpu.backward_vectors(var, f1, s1, s2c, s2d, m, eps, True)
+        no_b, *_ = cpu.backward_vectors(var, f1, s1, s2c, s2d, m, eps, False)
+    assert ops.seen == {"bnff.scale.default": 1, "bnff.backward_vectors.default": 2}, ops.seen
+    f1_ref = reference.scale(var, gamma, eps)
+    b_ref, dgamma_ref, dbeta_ref = reference.backward_vectors(var, f1_ref, s1, s2c, s2d, m, eps, True)
+    for got, ref in ((f1, f1_ref), (b, b_ref), (dgamma, dgamma_ref), (dbeta, dbeta_ref)):
+        assert torch.equal(got, ref)
+    assert no_b is None
+    inv = 1 / (_d(var) + eps).sqrt()
+    g64 = _d(gamma) if affine else 1.0
+    # each is 2-4 float32 roundings of its float64 value (the inputs taken as exact)
+    _assert_within(f1, g64 * inv, 3 * U32 * (g64 * inv).abs(), "F1")
+    b64 = -_d(f1) * _d(s2d) / (_d(var) + eps)
+    _assert_within(b, b64, 4 * U32 * b64.abs(), "B")
+    _assert_within(dgamma, m * _d(s2c) * inv, 5 * U32 * (m * _d(s2c) * inv).abs(), "dgamma")
+    _assert_within(dbeta, m * _d(s1), U32 * (m * _d(s1)).abs(), "dbeta")
+    v64 = var.double()
+    with Ops() as ops:
+        f64 = cpu.scale(v64, None if gamma is None else gamma.double(), eps)
+    assert not ops.seen.get("bnff.scale.default") and f64.dtype == torch.float64
+
+
 def test_mixed_layouts_and_float64_are_handled(gen, monkeypatch):
     x = _t(gen, (2, 16, 4, 4), torch.float32, torch.channels_last)
     g = _t(gen, (2, 16, 4, 4), torch.float32, torch.contiguous_format)  # e.g. an average pool's gradient

@@ -252,8 +252,8 @@ class _Env:
     def betas(self) -> list[Tensor | None]:
         return [self.flat[tp.beta] for tp in self.lay.terms]
 
-    def f1s(self) -> list[Tensor]:
-        return [bn_math.scale(self.flat[tp.var], self.flat[tp.gamma], eps) for tp, eps in zip(self.lay.terms, self.spec.eps)]
+    def f1s(self, be) -> list[Tensor]:
+        return [be.scale(self.flat[tp.var], self.flat[tp.gamma], eps) for tp, eps in zip(self.lay.terms, self.spec.eps)]
 
     def apply(self, be, f1s: list[Tensor], out_dtype: torch.dtype) -> Tensor:
         return be.apply(self.all_sources(), self.means(), f1s, self.betas(), self.flat[self.lay.residuals],
@@ -296,7 +296,7 @@ class _ApplyConsume(torch.autograd.Function):
         g, lay, sched = spec.group, spec.layout, spec.group.schedules["bnff"]
         be = backends.get(spec.backend)
         env = _Env(spec, list(flat))
-        f1s = env.f1s()
+        f1s = env.f1s(be)
         maps = [x for srcs in env.all_sources() for x in srcs] + env.flat[lay.residuals]
         out_dtype = functools.reduce(torch.promote_types, [m.dtype for m in maps])
         outs = []
@@ -328,7 +328,7 @@ class _ApplyConsume(torch.autograd.Function):
         env = _Env(spec, [None] * ctx.n)
         env.restore(ctx.saved_tensors)
         be = backends.get(spec.backend)
-        f1s = env.f1s()
+        f1s = env.f1s(be)
         a_key, g_key, dy_key = (g.name, "ofmap"), (g.name, "grad"), (g.name, "dy")
         if not g.per_consumer and g.grad_slice:
             env.t[g_key] = grad_outs[0]  # the plan's grad_layout step makes it dense
@@ -343,6 +343,13 @@ class _ApplyConsume(torch.autograd.Function):
         s2cs: list[Tensor | None] = [None] * len(lay.terms)
         s1d: list[Tensor | None] = [None] * len(lay.terms)  # what dx uses: the same, or summed over
         s2d: list[Tensor | None] = [None] * len(lay.terms)  # the processes of a SyncBatchNorm
+        vecs: list[tuple | None] = [None] * len(lay.terms)  # per term (B, dgamma, dbeta), once its sums are known
+
+        def sums_known(j: int) -> None:
+            s1d[j], s2d[j] = _synced(spec.sync[j], s1s[j], s2cs[j], env.sources(j))
+            x0 = env.flat[lay.terms[j].sources.start]
+            vecs[j] = be.backward_vectors(env.flat[lay.terms[j].var], f1s[j], s1s[j], s2cs[j], s2d[j],
+                                          x0.numel() // x0.shape[1], spec.eps[j], spec.batch[j])
         for i, step in enumerate(sched.backward):
             k, kind = step.term, step.kind
             if kind == "recompute":
@@ -367,15 +374,14 @@ class _ApplyConsume(torch.autograd.Function):
             elif kind == "grad_stats_x":
                 s1s[k], s2cs[k] = be.grad_stats_x(env.t[g_key], g.act_kind, env.sources(k), env.flat[lay.terms[k].mean],
                                                   f1s[k], env.flat[lay.terms[k].beta], ctx.out_dtype)
-                s1d[k], s2d[k] = _synced(spec.sync[k], s1s[k], s2cs[k], env.sources(k))
+                sums_known(k)
             elif kind == "grad_stats":
                 env.t[dy_key], s1s, s2cs = be.grad_stats(env.t[g_key], env.t.get(a_key) if g.act else None,
                                                          g.act_kind, env.all_sources(), env.means())
                 for j in range(len(lay.terms)):
-                    s1d[j], s2d[j] = _synced(spec.sync[j], s1s[j], s2cs[j], env.sources(j))
+                    sums_known(j)
             elif kind in ("input_grad", "input_grad_x") and any(needs[lay.terms[k].sources]):
-                tp = lay.terms[k]
-                b = bn_math.backward_coefficient(env.flat[tp.var], f1s[k], s2d[k], spec.eps[k]) if spec.batch[k] else None
+                tp, b = lay.terms[k], vecs[k][0]
                 if kind == "input_grad_x":
                     grads[tp.sources] = be.input_grad_x(env.t[g_key], g.act_kind, env.sources(k), env.flat[tp.mean],
                                                         f1s[k], env.flat[tp.beta], ctx.out_dtype, b, s1d[k])
@@ -385,9 +391,7 @@ class _ApplyConsume(torch.autograd.Function):
                 env.t.pop(key, None)
         for k, tp in enumerate(lay.terms):
             if needs[tp.gamma] or needs[tp.beta]:
-                x0 = env.flat[tp.sources.start]
-                dgamma, dbeta = bn_math.affine_grads(env.flat[tp.var], s1s[k], s2cs[k], x0.numel() // x0.shape[1],
-                                                     spec.eps[k])
+                _, dgamma, dbeta = vecs[k]
                 grads[tp.gamma] = bn_math.as_dtype(dgamma, env.flat[tp.gamma].dtype) if needs[tp.gamma] else None
                 grads[tp.beta] = bn_math.as_dtype(dbeta, env.flat[tp.beta].dtype) if needs[tp.beta] else None
         for j in range(lay.residuals.start, lay.residuals.stop):

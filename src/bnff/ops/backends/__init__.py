@@ -20,7 +20,8 @@ from bnff.ops.backends import cpu, reference
 
 @runtime_checkable
 class Backend(Protocol):
-    """The element-wise sweeps of restructured BN (each one pass over its feature maps).
+    """The element-wise sweeps of restructured BN (each one pass over its feature maps), and the
+    per-channel vectors between them (``scale``, ``backward_vectors``: ``bn_math``'s formulas).
 
     Feature maps are (N, C, H, W), NCHW or channels_last; a BN input is given as its sources (the
     maps its channel concatenation is made of); vectors are (C,) in the accumulation dtype. See
@@ -47,6 +48,11 @@ class Backend(Protocol):
 
     def input_grad_x(self, g_a: Tensor, act: str | None, sources: list[Tensor], mean: Tensor, f1: Tensor,
                      beta: Tensor | None, out_dtype: torch.dtype, b: Tensor | None, s1: Tensor) -> list[Tensor]: ...
+
+    def scale(self, var: Tensor, gamma: Tensor | None, eps: float) -> Tensor: ...
+
+    def backward_vectors(self, var: Tensor, f1: Tensor, s1: Tensor, s2c: Tensor, s2c_dx: Tensor, m: int, eps: float,
+                         batch: bool) -> tuple[Tensor | None, Tensor, Tensor]: ...
 
 
 _BACKENDS: dict[str, Backend] = {name: globals()[name] for name in BACKEND_NAMES}

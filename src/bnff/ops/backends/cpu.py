@@ -10,7 +10,8 @@ trace around a bnff model). A gradient in another layout than its feature maps i
 float64 is not covered: it runs the reference sweeps, as does any call in mixed or non-contiguous
 layouts; ``fallbacks()`` counts those by reason and ``kernel_calls()`` the kernels' own entries. If
 the build fails every call runs the reference and one warning says why. Large outputs come from a
-workspace of reused blocks (``workspace_bytes``).
+workspace of reused blocks (``workspace_bytes``). The per-channel vectors between the sweeps (F1;
+the backward's B, dgamma, dbeta) are one C++ call each (``scale``, ``backward_vectors``), float32 only.
 """
 
 from __future__ import annotations
@@ -175,6 +176,14 @@ def _register_fakes() -> None:
     @torch.library.register_fake("bnff::input_grad_x")
     def _(grad, sources, mean, f1, beta, act, out_dtype, b, s1, layout):
         return [torch.empty_like(s) for s in sources]
+
+    @torch.library.register_fake("bnff::scale")
+    def _(var, gamma, eps):
+        return torch.empty_like(var)
+
+    @torch.library.register_fake("bnff::backward_vectors")
+    def _(var, f1, s1, s2c, s2c_dx, m, eps, batch):
+        return (torch.empty_like(var) if batch else None), torch.empty_like(var), torch.empty_like(var)
 
     @torch.library.register_fake("bnff::input_grad")
     def _(dy, sources, mean, f1, b, s1, layout):
@@ -410,5 +419,27 @@ def input_grad(dy: Tensor, sources: list[Tensor], mean: Tensor, f1: Tensor, b: T
                                           layout))
 
 
+def _float32(*vectors: Tensor | None) -> bool:
+    """Whether the vector kernels take these per-channel vectors: float32 (float64 ones, of a float64
+    model, run the reference's; not counted in ``fallbacks``, which counts sweeps over feature maps)."""
+    return available() and all(v is None or v.dtype == torch.float32 for v in vectors)
+
+
+def scale(var: Tensor, gamma: Tensor | None, eps: float) -> Tensor:
+    """``reference.scale`` (F1) in one call."""
+    if not _float32(var):
+        return reference.scale(var, gamma, eps)
+    return torch.ops.bnff.scale(var.contiguous(), gamma, eps)
+
+
+def backward_vectors(var: Tensor, f1: Tensor, s1: Tensor, s2c: Tensor, s2c_dx: Tensor, m: int, eps: float,
+                     batch: bool) -> tuple[Tensor | None, Tensor, Tensor]:
+    """``reference.backward_vectors`` (B, dgamma, dbeta) in one call."""
+    if not _float32(var, f1, s1, s2c, s2c_dx):
+        return reference.backward_vectors(var, f1, s1, s2c, s2c_dx, m, eps, batch)
+    return tuple(torch.ops.bnff.backward_vectors(var.contiguous(), f1, s1, s2c, s2c_dx, m, eps, batch))
+
+
 __all__ = ["COVERAGE", "ISA_FLAGS", "apply", "available", "build_spec", "channel_stats", "dense_like", "fallbacks", "grad_stats", "grad_stats_x",
-           "input_grad", "input_grad_x", "isa", "kernel_calls", "load_extension", "release_workspace", "workspace_bytes"]
+           "input_grad", "input_grad_x", "isa", "kernel_calls", "load_extension", "release_workspace", "scale",
+           "backward_vectors", "workspace_bytes"]

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from bnff.ops import bn_math
 from bnff.ops.bn_math import accumulation_dtype
 
 _REDUCE_DIMS = (0, 2, 3)
@@ -158,3 +159,19 @@ def input_grad(dy: Tensor, sources: list[Tensor], mean: Tensor, f1: Tensor, b: T
     if len(sources) == 1:
         return [dx.to(c.dtype)]
     return [d.to(s.dtype) for d, s in zip(dx.split([s.shape[1] for s in sources], 1), sources)]
+
+
+def scale(var: Tensor, gamma: Tensor | None, eps: float) -> Tensor:
+    """F1 = gamma / sqrt(var + eps) per channel (seed 002 eq. 10; ``bn_math.scale``), shape (C,)."""
+    return bn_math.scale(var, gamma, eps)
+
+
+def backward_vectors(var: Tensor, f1: Tensor, s1: Tensor, s2c: Tensor, s2c_dx: Tensor, m: int, eps: float,
+                     batch: bool) -> tuple[Tensor | None, Tensor, Tensor]:
+    """A BN term's backward vectors, each (C,): B = -F1 S2c' / (var + eps) (seed 002 eq. 13, 15;
+    ``bn_math.backward_coefficient``) from ``s2c_dx``, the S2c that dx uses (every process's for a
+    SyncBatchNorm), None unless the BN normalized with mini-batch statistics (``batch``); then
+    dgamma = m S2c / sqrt(var + eps) and dbeta = m S1 from this process's ``s1``, ``s2c``
+    (``bn_math.affine_grads``); ``m`` is N*H*W."""
+    b = bn_math.backward_coefficient(var, f1, s2c_dx, eps) if batch else None
+    return (b, *bn_math.affine_grads(var, s1, s2c, m, eps))

@@ -44,6 +44,9 @@
 #endif
 
 #include <algorithm>
+#include <cmath>
+#include <optional>
+#include <tuple>
 #include <array>
 #include <atomic>
 #include <cstdlib>
@@ -1010,6 +1013,58 @@ std::vector<Tensor> input_grad_x(const Tensor& grad, at::TensorList sources, con
   return out;
 }
 
+// ---- per-channel vectors of one BN term ---------------------------------------------------------
+// bnff.ops.bn_math's formulas on (C,) float32 vectors, one call for what takes it up to nine small ATen
+// ops (each a dispatch and an allocation, per BN per step). Each value is computed with the
+// operations of bn_math in the same order, each rounded to float as ATen's float32 element-wise ops
+// round them (a Python float or int operand is first cast to float; rsqrt is 1 / sqrt, correctly
+// rounded; no contraction), so they equal the reference backend's bit for bit.
+const float* vec_ptr(const Tensor& v, int64_t c, const char* what) {
+  TORCH_CHECK(v.scalar_type() == at::kFloat && v.dim() == 1 && v.size(0) == c && v.is_contiguous(),
+              "bnff cpu vectors: ", what, " must be a contiguous float32 (", c, ",) vector");
+  return v.data_ptr<float>();
+}
+
+BNFF_INLINE float inv_std(float var, float eps) { return 1.0f / std::sqrt(var + eps); }
+
+// F1 = gamma / sqrt(var + eps) (seed 002 eq. 10), gamma = 1 without one (bn_math.scale).
+Tensor scale(const Tensor& var, const std::optional<Tensor>& gamma, double eps) {
+  const int64_t C = var.numel();
+  const float* v = vec_ptr(var, C, "var");
+  Tensor g32 = gamma ? gamma->to(at::kFloat).contiguous() : Tensor();
+  const float* g = gamma ? vec_ptr(g32, C, "gamma") : nullptr;
+  Tensor f1 = at::empty({C}, var.options());
+  float* f = f1.data_ptr<float>();
+  const float e = static_cast<float>(eps);
+  for (int64_t c = 0; c < C; ++c) f[c] = g ? g[c] * inv_std(v[c], e) : inv_std(v[c], e);
+  return f1;
+}
+
+// B = -F1 S2c' / (var + eps) (eq. 13, 15; bn_math.backward_coefficient) from the S2c' that dx uses
+// (all processes' for a SyncBatchNorm), only when the BN uses mini-batch statistics (`batch`);
+// dgamma = m S2c / sqrt(var + eps), dbeta = m S1 (bn_math.affine_grads) from this process's sums.
+std::tuple<std::optional<Tensor>, Tensor, Tensor> backward_vectors(const Tensor& var, const Tensor& f1, const Tensor& s1,
+                                                                    const Tensor& s2c, const Tensor& s2c_dx, int64_t m,
+                                                                    double eps, bool batch) {
+  const int64_t C = var.numel();
+  const float *v = vec_ptr(var, C, "var"), *f = vec_ptr(f1, C, "f1"), *a = vec_ptr(s1, C, "s1"),
+              *q = vec_ptr(s2c, C, "s2c"), *qd = vec_ptr(s2c_dx, C, "s2c_dx");
+  const float e = static_cast<float>(eps), mf = static_cast<float>(m);
+  Tensor dgamma = at::empty({C}, var.options()), dbeta = at::empty({C}, var.options());
+  float *dg = dgamma.data_ptr<float>(), *db = dbeta.data_ptr<float>();
+  for (int64_t c = 0; c < C; ++c) {
+    dg[c] = (q[c] * mf) * inv_std(v[c], e);
+    db[c] = a[c] * mf;
+  }
+  std::optional<Tensor> b;
+  if (batch) {
+    b = at::empty({C}, var.options());
+    float* bp = b->data_ptr<float>();
+    for (int64_t c = 0; c < C; ++c) bp[c] = (-f[c] * qd[c]) / (v[c] + e);
+  }
+  return {b, dgamma, dbeta};
+}
+
 int64_t workspace_release() { return Workspace::get().release(); }
 int64_t workspace_held() { return Workspace::get().held(); }
 
@@ -1020,6 +1075,9 @@ TORCH_LIBRARY(bnff, m) {
   m.def("workspace_release() -> int", &workspace_release);
   m.def("workspace_held() -> int", &workspace_held);
   m.def("kernel_calls() -> (str[], int[])", &kernel_calls);
+  m.def("scale(Tensor var, Tensor? gamma, float eps) -> Tensor");
+  m.def("backward_vectors(Tensor var, Tensor f1, Tensor s1, Tensor s2c, Tensor s2c_dx, int m, float eps, bool batch) "
+        "-> (Tensor?, Tensor, Tensor)");
   m.def("apply(Tensor[] sources, int[] n_sources, Tensor[] means, Tensor[] f1s, Tensor[] betas, "
         "Tensor[] residuals, int act, ScalarType out_dtype, int layout) -> Tensor");
   m.def("grad_stats(Tensor grad, Tensor? a, int act, Tensor[] sources, int[] n_sources, Tensor[] means, "
@@ -1039,4 +1097,6 @@ TORCH_LIBRARY_IMPL(bnff, CPU, m) {
   m.impl("input_grad", &input_grad);
   m.impl("grad_stats_x", &grad_stats_x);
   m.impl("input_grad_x", &input_grad_x);
+  m.impl("scale", &scale);
+  m.impl("backward_vectors", &backward_vectors);
 }

@@ -243,6 +243,40 @@ def test_vector_kernels_equal_the_reference_and_float64(affine, gen):
     assert not ops.seen.get("bnff.scale.default") and f64.dtype == torch.float64
 
 
+@pytest.mark.exactness
+def test_running_update_kernel_blends_like_the_reference(gen):
+    """The running-statistics blend in one C++ call (a dispatch mode sees it): within two float32
+    roundings of the float64 blend of the same inputs, and of the reference's ATen ops, in place."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    c, m, factor = 77, 2 * 9 * 9, 0.1
+    rm, rv = torch.randn(c, generator=gen), torch.rand(c, generator=gen) + 0.5
+    mean, var = torch.randn(c, generator=gen), torch.rand(c, generator=gen) * 2
+    rm_ref, rv_ref = rm.clone(), rv.clone()
+    exact_m = (1 - factor) * _d(rm) + factor * _d(mean)
+    exact_v = (1 - factor) * _d(rv) + factor * _d(var) * m / (m - 1)
+    seen = []
+
+    class Ops(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with Ops():
+        cpu.running_update(rm, rv, mean, var, factor, m)
+    assert seen == ["bnff.running_update.default"], seen
+    reference.running_update(rm_ref, rv_ref, mean, var, factor, m)
+    sizes = ((1 - factor) * _d(rm).abs() + factor * _d(mean).abs(),
+             (1 - factor) * _d(rv).abs() + factor * _d(var).abs() * m / (m - 1))
+    for got, ref, exact, size, name in ((rm, rm_ref, exact_m, sizes[0], "running_mean"),
+                                        (rv, rv_ref, exact_v, sizes[1], "running_var")):
+        # the factors rounded to float32, each product, the unbiased variance and the sum: at most
+        # 4 roundings of the terms' size (no cancellation bound needed: the size is of |terms|)
+        bound = 4 * U32 * size
+        _assert_within(got, exact, bound, name)
+        _assert_within(got, _d(ref), 2 * bound, name + " against the reference")
+
+
 def test_mixed_layouts_and_float64_are_handled(gen, monkeypatch):
     x = _t(gen, (2, 16, 4, 4), torch.float32, torch.channels_last)
     g = _t(gen, (2, 16, 4, 4), torch.float32, torch.contiguous_format)  # e.g. an average pool's gradient

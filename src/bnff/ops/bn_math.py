@@ -100,29 +100,44 @@ def all_reduce_sums(group, *parts: Tensor) -> list[Tensor]:
     return list(torch.split(flat, [p.numel() for p in parts]))
 
 
-@torch.no_grad()
-def update_running_stats(bn: nn.modules.batchnorm._BatchNorm, mean: Tensor, var: Tensor, m: int) -> None:
-    """Update ``running_mean``, ``running_var`` and ``num_batches_tracked`` in place, as PyTorch does.
-
-    ``running_mean = (1 - f) * running_mean + f * mean`` and the same for ``running_var`` with the
-    unbiased variance ``var * m / (m - 1)``; f is ``momentum``, or ``1 / num_batches_tracked`` when
-    ``momentum is None`` (cumulative moving average). Does nothing unless the module is in training
-    mode and tracks running statistics.
-
-    Args:
-        bn: the BatchNorm module whose buffers are updated.
-        mean, var: the mini-batch mean and biased variance, shape (C,).
-        m: values per channel in the mini-batch (N * H * W), at least 2.
+def running_factor(bn: nn.modules.batchnorm._BatchNorm) -> float | None:
+    """The first half of PyTorch's running-statistics update: ``num_batches_tracked`` += 1 and the factor
+    f of ``running = (1 - f) * running + f * batch``: ``momentum``, or ``1 / num_batches_tracked`` when
+    ``momentum is None`` (cumulative moving average). None when nothing more is to be updated: the
+    module is not in training mode, tracks no running statistics or keeps no running mean and variance.
     """
     if not (bn.training and bn.track_running_stats):
-        return
+        return None
     factor = 0.0 if bn.momentum is None else bn.momentum
     if bn.num_batches_tracked is not None:
-        bn.num_batches_tracked.add_(1)
+        with torch.no_grad():
+            bn.num_batches_tracked.add_(1)
         factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
-    if bn.running_mean is None:
-        return
-    rm, rv = bn.running_mean, bn.running_var
+    return None if bn.running_mean is None else factor
+
+
+@torch.no_grad()
+def blend_running_stats(running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor, factor: float,
+                        m: int) -> None:
+    """The second half, in place: ``running_mean = (1 - f) * running_mean + f * mean`` and the same for
+    ``running_var`` with the unbiased variance ``var * m / (m - 1)``; all (C,), m = N*H*W >= 2."""
+    rm, rv = running_mean, running_var
     # both buffers in one multi-tensor op each (the same element-wise arithmetic as two mul_/add_ pairs)
     torch._foreach_mul_([rm, rv], 1.0 - factor)
     torch._foreach_add_([rm, rv], [as_dtype(mean, rm.dtype), as_dtype(var * (m / (m - 1)), rv.dtype)], alpha=factor)
+
+
+def update_running_stats(bn: nn.modules.batchnorm._BatchNorm, mean: Tensor, var: Tensor, m: int,
+                         blend=blend_running_stats) -> None:
+    """Update ``running_mean``, ``running_var`` and ``num_batches_tracked`` in place, as PyTorch does
+    (``running_factor``, then ``blend``: ``blend_running_stats`` or a backend's ``running_update``).
+
+    Args:
+        bn: the BatchNorm module whose buffers are updated.
+        mean, var: the mini-batch mean and biased variance, shape (C,), not requiring grad.
+        m: values per channel in the mini-batch (N * H * W), at least 2.
+        blend: ``blend_running_stats``'s signature and arithmetic.
+    """
+    factor = running_factor(bn)
+    if factor is not None:
+        blend(bn.running_mean, bn.running_var, mean, var, factor, m)

@@ -68,7 +68,7 @@ def feature_statistics(f: Tensor, bns: tuple[nn.modules.batchnorm._BatchNorm, ..
 
 
 def bn_statistics(sources: tuple[Tensor, ...], stats: tuple[Stats | None, ...],
-                  bn: nn.modules.batchnorm._BatchNorm) -> Stats:
+                  bn: nn.modules.batchnorm._BatchNorm, backend: str = "reference") -> Stats:
     """One BN's statistics, gathered from the feature maps it normalizes, and its running-stats update.
 
     The BN normalizes the concatenation of ``sources`` along channels (a single source without a
@@ -82,6 +82,7 @@ def bn_statistics(sources: tuple[Tensor, ...], stats: tuple[Stats | None, ...],
         sources: the feature maps, each (N, C_j, H, W), with sum(C_j) == bn.num_features.
         stats: ``feature_statistics`` of each source (None where it was skipped).
         bn: the BatchNorm2d module (read at call time: mode, momentum, eps).
+        backend: name of the backend whose ``running_update`` blends the running statistics.
     Returns:
         (mean, var), each (num_features,) in the accumulation dtype, not requiring grad.
     Raises:
@@ -117,7 +118,7 @@ def bn_statistics(sources: tuple[Tensor, ...], stats: tuple[Stats | None, ...],
             m = int(count.item())
             g_mean = s / m
             mean, var = g_mean.to(mean.dtype), (q / m - g_mean * g_mean).clamp_min(0).to(var.dtype)
-    bn_math.update_running_stats(bn, mean, var, m)
+    bn_math.update_running_stats(bn, mean, var, m, backends.get(backend).running_update)
     return mean, var
 
 

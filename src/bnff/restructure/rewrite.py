@@ -5,14 +5,14 @@ One small graph pass. For each group:
     c = conv(x)                                   # unchanged: the producer of a feature map
     st_c = feature_statistics(c, (bn, ...))       # step 1, right after the producer, once per map
     ...
-    st = bn_statistics((c, ...), (st_c, ...), bn)  # the BN's statistics: its maps' (ICF), running stats
+    st = bn_statistics((c, ...), (st_c, ...), bn, backend)  # the BN's statistics: its maps' (ICF), running stats
     gp = self._bnff_groups["<group>"]              # the group's plan (bnff.plan.GroupPlan)
     out = bn_apply(gp, (((c, ...), st, bn), ...), residuals, (consumer, ...))   # step 2 (+add, act, consumers)
     y_i = out[i]                                  # each consumer's output
 
-Modules are passed to the operators as ``get_attr`` nodes, so the rewritten module keeps the
-original BatchNorm2d and Conv2d objects (same parameters, buffers and ``state_dict`` keys) and the
-operators read their mode, momentum and eps at call time. Functional pool consumers travel as
+Modules are passed to the operators as ``get_attr`` nodes (one per module, at the top of the graph),
+so the rewritten module keeps the original BatchNorm2d and Conv2d objects (same parameters, buffers
+and ``state_dict`` keys) and the operators read their mode, momentum and eps at call time. Functional pool consumers travel as
 ``(name, args, kwargs)``. The group plans live in the module's ``_bnff_groups`` attribute (group
 name -> ``GroupPlan``), which the graph reads with ``get_attr``.
 """
@@ -39,6 +39,8 @@ class _Rewriter:
         # group's BN input or shortcut: later groups look those nodes up here.
         self.replaced_by: dict[fx.Node, fx.Node] = {}
         self.stats: dict[fx.Node, fx.Node] = {}
+        self.attrs: dict[str, fx.Node] = {}
+        self.top: set[fx.Node] = set()
         self.bns_of_source: dict[fx.Node, list[str]] = {}
         for g in groups:
             for t in g.terms:
@@ -48,10 +50,17 @@ class _Rewriter:
     def resolve(self, n: fx.Node) -> fx.Node:
         return self.replaced_by.get(n, n)
 
-    def attr(self, target: str, before: fx.Node) -> fx.Node:
-        """A ``get_attr`` node for the module ``target``, inserted before the node ``before``."""
-        with self.graph.inserting_before(before):
-            return self.graph.get_attr(target)
+    def attr(self, target: str) -> fx.Node:
+        """The ``get_attr`` node of the module ``target``: one per module, at the top of the graph (after
+        the inputs), shared by all its uses. A DenseNet BN is named by the statistics step of every map
+        it normalizes; one node per use would walk its dotted path (a ``Module.__getattr__`` per level)
+        some ten times per forward."""
+        if target not in self.attrs:
+            first = next(n for n in self.graph.nodes if n.op != "placeholder" and n not in self.top)
+            with self.graph.inserting_before(first):  # after the inputs and the earlier ones, in order of use
+                self.attrs[target] = self.graph.get_attr(target)
+            self.top.add(self.attrs[target])
+        return self.attrs[target]
 
     def feature_stats(self, source: fx.Node) -> fx.Node:
         """The ``feature_statistics`` node of ``source``, created right after its producer on first use."""
@@ -59,14 +68,14 @@ class _Rewriter:
             producer = self.resolve(source)
             with self.graph.inserting_after(producer):
                 st = self.graph.call_function(fused.feature_statistics, (producer, (), self.backend))
-            st.args = (producer, tuple(self.attr(t, st) for t in self.bns_of_source[source]), self.backend,
+            st.args = (producer, tuple(self.attr(t) for t in self.bns_of_source[source]), self.backend,
                        self.owner[source.name])
             self.stats[source] = st
         return self.stats[source]
 
-    def consumer_arg(self, node: fx.Node, before: fx.Node):
+    def consumer_arg(self, node: fx.Node):
         if node.op == "call_module":
-            return self.attr(str(node.target), before)
+            return self.attr(str(node.target))
         name = consumers.functional_name(node.target, node.kwargs)
         return (name, tuple(node.args[1:]), dict(node.kwargs))
 
@@ -76,12 +85,12 @@ class _Rewriter:
         for term in group.terms:
             stats = tuple(self.feature_stats(s) for s in term.sources)
             sources = tuple(self.resolve(s) for s in term.sources)
-            bn = self.attr(str(term.bn.target), out)
+            bn = self.attr(str(term.bn.target))
             with graph.inserting_before(out):
-                st = graph.call_function(fused.bn_statistics, (sources, stats, bn))
+                st = graph.call_function(fused.bn_statistics, (sources, stats, bn, self.backend))
             terms.append((sources, st, bn))
         residuals = tuple(self.resolve(r) for r in group.residuals)
-        layers = tuple(self.consumer_arg(c, out) for c in group.consumers)
+        layers = tuple(self.consumer_arg(c) for c in group.consumers)
         with graph.inserting_before(out):
             plans = graph.create_node("get_attr", PLANS_ATTR)  # a plain attribute: get_attr() would warn
             gp = graph.call_function(operator.getitem, (plans, out.name))

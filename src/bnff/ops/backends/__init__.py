@@ -21,7 +21,8 @@ from bnff.ops.backends import cpu, reference
 @runtime_checkable
 class Backend(Protocol):
     """The element-wise sweeps of restructured BN (each one pass over its feature maps), and the
-    per-channel vectors between them (``scale``, ``backward_vectors``: ``bn_math``'s formulas).
+    per-channel vectors between them (``scale``, ``backward_vectors``, ``running_update``: ``bn_math``'s
+    formulas).
 
     Feature maps are (N, C, H, W), NCHW or channels_last; a BN input is given as its sources (the
     maps its channel concatenation is made of); vectors are (C,) in the accumulation dtype. See
@@ -53,6 +54,9 @@ class Backend(Protocol):
 
     def backward_vectors(self, var: Tensor, f1: Tensor, s1: Tensor, s2c: Tensor, s2c_dx: Tensor, m: int, eps: float,
                          batch: bool) -> tuple[Tensor | None, Tensor, Tensor]: ...
+
+    def running_update(self, running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor, factor: float,
+                       m: int) -> None: ...
 
 
 _BACKENDS: dict[str, Backend] = {name: globals()[name] for name in BACKEND_NAMES}

@@ -11,7 +11,8 @@ float64 is not covered: it runs the reference sweeps, as does any call in mixed 
 layouts; ``fallbacks()`` counts those by reason and ``kernel_calls()`` the kernels' own entries. If
 the build fails every call runs the reference and one warning says why. Large outputs come from a
 workspace of reused blocks (``workspace_bytes``). The per-channel vectors between the sweeps (F1;
-the backward's B, dgamma, dbeta) are one C++ call each (``scale``, ``backward_vectors``), float32 only.
+the backward's B, dgamma, dbeta; the running-statistics update) are one C++ call each (``scale``,
+``backward_vectors``, ``running_update``), float32 only.
 """
 
 from __future__ import annotations
@@ -184,6 +185,10 @@ def _register_fakes() -> None:
     @torch.library.register_fake("bnff::backward_vectors")
     def _(var, f1, s1, s2c, s2c_dx, m, eps, batch):
         return (torch.empty_like(var) if batch else None), torch.empty_like(var), torch.empty_like(var)
+
+    @torch.library.register_fake("bnff::running_update")
+    def _(rm, rv, mean, var, factor, m):
+        return None
 
     @torch.library.register_fake("bnff::input_grad")
     def _(dy, sources, mean, f1, b, s1, layout):
@@ -440,6 +445,13 @@ def backward_vectors(var: Tensor, f1: Tensor, s1: Tensor, s2c: Tensor, s2c_dx: T
     return tuple(torch.ops.bnff.backward_vectors(var.contiguous(), f1, s1, s2c, s2c_dx, m, eps, batch))
 
 
+def running_update(running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor, factor: float, m: int) -> None:
+    """``reference.running_update`` in one call (the same formula; the last bit may differ, see the C++)."""
+    if not _float32(running_mean, running_var, mean, var):
+        return reference.running_update(running_mean, running_var, mean, var, factor, m)
+    torch.ops.bnff.running_update(running_mean, running_var, mean, var, factor, m)
+
+
 __all__ = ["COVERAGE", "ISA_FLAGS", "apply", "available", "build_spec", "channel_stats", "dense_like", "fallbacks", "grad_stats", "grad_stats_x",
            "input_grad", "input_grad_x", "isa", "kernel_calls", "load_extension", "release_workspace", "scale",
-           "backward_vectors", "workspace_bytes"]
+           "backward_vectors", "running_update", "workspace_bytes"]

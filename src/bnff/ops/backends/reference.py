@@ -175,3 +175,8 @@ def backward_vectors(var: Tensor, f1: Tensor, s1: Tensor, s2c: Tensor, s2c_dx: T
     (``bn_math.affine_grads``); ``m`` is N*H*W."""
     b = bn_math.backward_coefficient(var, f1, s2c_dx, eps) if batch else None
     return (b, *bn_math.affine_grads(var, s1, s2c, m, eps))
+
+
+def running_update(running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor, factor: float, m: int) -> None:
+    """PyTorch's running-statistics blend in place (``bn_math.blend_running_stats``)."""
+    bn_math.blend_running_stats(running_mean, running_var, mean, var, factor, m)

@@ -1065,6 +1065,22 @@ std::tuple<std::optional<Tensor>, Tensor, Tensor> backward_vectors(const Tensor&
   return {b, dgamma, dbeta};
 }
 
+// running_mean = (1 - f) running_mean + f mean, running_var = (1 - f) running_var + f var m / (m - 1) in
+// place (bn_math.blend_running_stats: PyTorch's update, with the factor f that bn_math.running_factor
+// chose). The same formula as the reference's ATen ops; their last bit may differ (ATen may fuse the
+// multiply-add), which the running statistics' accuracy rule allows.
+void running_update(Tensor rm, Tensor rv, const Tensor& mean, const Tensor& var, double factor, int64_t m) {
+  const int64_t C = rm.numel();
+  float *r = const_cast<float*>(vec_ptr(rm, C, "running_mean")), *q = const_cast<float*>(vec_ptr(rv, C, "running_var"));
+  const float *mu = vec_ptr(mean, C, "mean"), *v = vec_ptr(var, C, "var");
+  const float keep = static_cast<float>(1.0 - factor), f = static_cast<float>(factor),
+              unbiased = static_cast<float>(static_cast<double>(m) / static_cast<double>(m - 1));
+  for (int64_t c = 0; c < C; ++c) {
+    r[c] = r[c] * keep + f * mu[c];
+    q[c] = q[c] * keep + f * (v[c] * unbiased);
+  }
+}
+
 int64_t workspace_release() { return Workspace::get().release(); }
 int64_t workspace_held() { return Workspace::get().held(); }
 
@@ -1078,6 +1094,7 @@ TORCH_LIBRARY(bnff, m) {
   m.def("scale(Tensor var, Tensor? gamma, float eps) -> Tensor");
   m.def("backward_vectors(Tensor var, Tensor f1, Tensor s1, Tensor s2c, Tensor s2c_dx, int m, float eps, bool batch) "
         "-> (Tensor?, Tensor, Tensor)");
+  m.def("running_update(Tensor(a!) rm, Tensor(b!) rv, Tensor mean, Tensor var, float factor, int m) -> ()");
   m.def("apply(Tensor[] sources, int[] n_sources, Tensor[] means, Tensor[] f1s, Tensor[] betas, "
         "Tensor[] residuals, int act, ScalarType out_dtype, int layout) -> Tensor");
   m.def("grad_stats(Tensor grad, Tensor? a, int act, Tensor[] sources, int[] n_sources, Tensor[] means, "
@@ -1099,4 +1116,5 @@ TORCH_LIBRARY_IMPL(bnff, CPU, m) {
   m.impl("input_grad_x", &input_grad_x);
   m.impl("scale", &scale);
   m.impl("backward_vectors", &backward_vectors);
+  m.impl("running_update", &running_update);
 }

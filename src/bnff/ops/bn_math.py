@@ -110,8 +110,7 @@ def running_factor(bn: nn.modules.batchnorm._BatchNorm) -> float | None:
         return None
     factor = 0.0 if bn.momentum is None else bn.momentum
     if bn.num_batches_tracked is not None:
-        with torch.no_grad():
-            bn.num_batches_tracked.add_(1)
+        bn.num_batches_tracked.add_(1)  # an integer buffer: never requires grad, so no autograd to keep out
         factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
     return None if bn.running_mean is None else factor
 

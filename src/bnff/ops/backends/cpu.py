@@ -271,17 +271,31 @@ def _layout(t: Tensor) -> str | None:
 
 
 def _uncovered(tensors: tuple[Tensor | None, ...]) -> tuple[str | None, str | None]:
-    """(why the kernels do not cover these tensors or None if they do, their common layout)."""
+    """(why the kernels do not cover these tensors or None if they do, their common layout).
+
+    The common case, every tensor covered and in one layout, is one ``_layout`` per tensor (this runs
+    for every sweep of every group in every step); only an uncovered call is examined for its reason."""
+    first = None
+    for t in tensors:
+        if t is not None:
+            layout = _layout(t)
+            if layout is None or (first is not None and layout != first):
+                return _reason(tensors), None
+            first = layout
+    return None, first
+
+
+def _reason(tensors: tuple[Tensor | None, ...]) -> str:
+    """Why the kernels do not cover ``tensors`` (which ``_uncovered`` found they do not)."""
     ts = [t for t in tensors if t is not None]
     dtypes = {t.dtype for t in ts}
     if torch.float64 in dtypes:
-        return "float64", None
+        return "float64"
     if not dtypes.issubset(_COVERED_DTYPES):
-        return "dtype " + "/".join(sorted(str(d) for d in dtypes)), None
-    layouts = {_layout(t) for t in ts}
-    if None in layouts:
-        return "not a 4-D CPU tensor in NCHW or channels_last", None
-    return ("mixed layouts", None) if len(layouts) > 1 else (None, layouts.pop())
+        return "dtype " + "/".join(sorted(str(d) for d in dtypes))
+    if None in {_layout(t) for t in ts}:
+        return "not a 4-D CPU tensor in NCHW or channels_last"
+    return "mixed layouts"
 
 
 class _Uncovered(Exception):
@@ -331,9 +345,12 @@ def _out_why(out_dtype: torch.dtype) -> str | None:
 def _like_layout(t: Tensor | None, ref: Tensor) -> Tensor | None:
     """``t`` in ``ref``'s layout (a copy only if it differs: e.g. the NCHW gradient an average pool
     hands back to channels_last feature maps)."""
-    if t is None or _layout(t) == _layout(ref) or _layout(ref) is None:
+    if t is None:
         return t
-    return t.contiguous(memory_format=torch.channels_last if _layout(ref) == "nhwc" else torch.contiguous_format)
+    want = _layout(ref)
+    if want is None or _layout(t) == want:
+        return t
+    return t.contiguous(memory_format=torch.channels_last if want == "nhwc" else torch.contiguous_format)
 
 
 def _one_dtype(maps: list[Tensor | None]) -> list[Tensor | None]:

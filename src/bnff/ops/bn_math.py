@@ -3,10 +3,10 @@
 Everything here works on per-channel vectors of shape (C,), never on feature maps: these are the
 "parameter terms" that seed 002 computes between the statistics step (step 1) and the apply step
 (step 2). The element-wise sweeps that use them live in the backends (``bnff.ops.backends``), which
-also hand out F1 (``scale``) and the backward's B, dgamma, dbeta (``backward_vectors``): the reference
-backend from the functions here, the cpu backend in one C++ call each with the same operations in the
-same order (bit for bit the same values; a BN's handful of small ATen ops cost more than its sweeps
-on small maps).
+also hand out F1 (``scale``), the backward's B, dgamma, dbeta (``backward_vectors``) and the
+running-statistics blend (``running_update``): the reference backend from the functions here, the cpu
+backend in one C++ call each, F1, B, dgamma and dbeta with the same operations in the same order (bit
+for bit the same values). On small maps a BN's handful of small ATen ops cost more than its sweeps.
 
 Equations (seed 002, Yang/Wang/Zhang 2022; DESIGN.md section 3):
 

@@ -44,15 +44,15 @@
 #endif
 
 #include <algorithm>
-#include <cmath>
-#include <optional>
-#include <tuple>
 #include <array>
 #include <atomic>
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
+#include <optional>
 #include <string>
+#include <tuple>
 #include <type_traits>
 #include <unordered_map>
 #include <vector>
@@ -1019,7 +1019,7 @@ std::vector<Tensor> input_grad_x(const Tensor& grad, at::TensorList sources, con
 // operations of bn_math in the same order, each rounded to float as ATen's float32 element-wise ops
 // round them (a Python float or int operand is first cast to float; rsqrt is 1 / sqrt, correctly
 // rounded; no contraction), so they equal the reference backend's bit for bit.
-const float* vec_ptr(const Tensor& v, int64_t c, const char* what) {
+float* vec_ptr(const Tensor& v, int64_t c, const char* what) {
   TORCH_CHECK(v.scalar_type() == at::kFloat && v.dim() == 1 && v.size(0) == c && v.is_contiguous(),
               "bnff cpu vectors: ", what, " must be a contiguous float32 (", c, ",) vector");
   return v.data_ptr<float>();
@@ -1071,7 +1071,7 @@ std::tuple<std::optional<Tensor>, Tensor, Tensor> backward_vectors(const Tensor&
 // multiply-add), which the running statistics' accuracy rule allows.
 void running_update(Tensor rm, Tensor rv, const Tensor& mean, const Tensor& var, double factor, int64_t m) {
   const int64_t C = rm.numel();
-  float *r = const_cast<float*>(vec_ptr(rm, C, "running_mean")), *q = const_cast<float*>(vec_ptr(rv, C, "running_var"));
+  float *r = vec_ptr(rm, C, "running_mean"), *q = vec_ptr(rv, C, "running_var");
   const float *mu = vec_ptr(mean, C, "mean"), *v = vec_ptr(var, C, "var");
   const float keep = static_cast<float>(1.0 - factor), f = static_cast<float>(factor),
               unbiased = static_cast<float>(static_cast<double>(m) / static_cast<double>(m - 1));

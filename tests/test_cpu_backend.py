@@ -17,6 +17,7 @@ from collections import Counter
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import bnff
 from bnff.machine import cpu_info
@@ -197,29 +198,29 @@ def test_long_maps_reduce_within_bound_and_nan_stays_nan(fmt, gen):
                for sweep in ("channel_stats", "grad_stats_x", "apply", "grad_stats")), ran
 
 
+class _OpsSeen(TorchDispatchMode):
+    """Counts the operators dispatched inside it by name ("bnff.scale.default"): proof that a C++ op ran."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.seen[str(func)] += 1
+        return func(*args, **(kwargs or {}))
+
+
 @pytest.mark.exactness
 @pytest.mark.parametrize("affine", [True, False])
 def test_vector_kernels_equal_the_reference_and_float64(affine, gen):
     """F1, B, dgamma, dbeta from the one-call vector kernels: bit for bit the reference's (bn_math's
     ATen ops), within a few float32 roundings of float64, from the C++ op (counted by a dispatch mode),
     and float64 vectors handed to the reference."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     c, m, eps = 77, 5 * 7 * 3, 1e-3  # 77: more than 4 AVX-512 vectors and a tail
     var = torch.rand(c, generator=gen) * 3 + 1e-4  # some near eps
     gamma = torch.randn(c, generator=gen) if affine else None
     s1, s2c, s2d = (torch.randn(c, generator=gen) for _ in range(3))
-
-    class Ops(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.seen = Counter()
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.seen[str(func)] += 1
-            return func(*args, **(kwargs or {}))
-
-    with Ops() as ops:
+    with _OpsSeen() as ops:
         f1 = cpu.scale(var, gamma, eps)
         b, dgamma, dbeta = cpu.backward_vectors(var, f1, s1, s2c, s2d, m, eps, True)
         no_b, *_ = cpu.backward_vectors(var, f1, s1, s2c, s2d, m, eps, False)
@@ -238,7 +239,7 @@ def test_vector_kernels_equal_the_reference_and_float64(affine, gen):
     _assert_within(dgamma, m * _d(s2c) * inv, 5 * U32 * (m * _d(s2c) * inv).abs(), "dgamma")
     _assert_within(dbeta, m * _d(s1), U32 * (m * _d(s1)).abs(), "dbeta")
     v64 = var.double()
-    with Ops() as ops:
+    with _OpsSeen() as ops:
         f64 = cpu.scale(v64, None if gamma is None else gamma.double(), eps)
     assert not ops.seen.get("bnff.scale.default") and f64.dtype == torch.float64
 
@@ -247,24 +248,15 @@ def test_vector_kernels_equal_the_reference_and_float64(affine, gen):
 def test_running_update_kernel_blends_like_the_reference(gen):
     """The running-statistics blend in one C++ call (a dispatch mode sees it): within two float32
     roundings of the float64 blend of the same inputs, and of the reference's ATen ops, in place."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     c, m, factor = 77, 2 * 9 * 9, 0.1
     rm, rv = torch.randn(c, generator=gen), torch.rand(c, generator=gen) + 0.5
     mean, var = torch.randn(c, generator=gen), torch.rand(c, generator=gen) * 2
     rm_ref, rv_ref = rm.clone(), rv.clone()
     exact_m = (1 - factor) * _d(rm) + factor * _d(mean)
     exact_v = (1 - factor) * _d(rv) + factor * _d(var) * m / (m - 1)
-    seen = []
-
-    class Ops(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            seen.append(str(func))
-            return func(*args, **(kwargs or {}))
-
-    with Ops():
+    with _OpsSeen() as ops:
         cpu.running_update(rm, rv, mean, var, factor, m)
-    assert seen == ["bnff.running_update.default"], seen
+    assert ops.seen == {"bnff.running_update.default": 1}, ops.seen
     reference.running_update(rm_ref, rv_ref, mean, var, factor, m)
     sizes = ((1 - factor) * _d(rm).abs() + factor * _d(mean).abs(),
              (1 - factor) * _d(rv).abs() + factor * _d(var).abs() * m / (m - 1))

@@ -212,7 +212,7 @@ class _OpsSeen(TorchDispatchMode):
 
 @pytest.mark.exactness
 @pytest.mark.parametrize("affine", [True, False])
-def test_vector_kernels_equal_the_reference_and_float64(affine, gen):
+def test_vector_kernels_equal_bn_math_bit_for_bit_and_float64(affine, gen):
     """F1, B, dgamma, dbeta from the one-call vector kernels: bit for bit the reference's (bn_math's
     ATen ops), within a few float32 roundings of float64, from the C++ op (counted by a dispatch mode),
     and float64 vectors handed to the reference."""
@@ -245,7 +245,7 @@ def test_vector_kernels_equal_the_reference_and_float64(affine, gen):
 
 
 @pytest.mark.exactness
-def test_running_update_kernel_blends_like_the_reference(gen):
+def test_running_update_kernel_blends_like_bn_math(gen):
     """The running-statistics blend in one C++ call (a dispatch mode sees it): within two float32
     roundings of the float64 blend of the same inputs, and of the reference's ATen ops, in place."""
     c, m, factor = 77, 2 * 9 * 9, 0.1

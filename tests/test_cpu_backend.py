@@ -165,6 +165,25 @@ def test_recomputed_mask_is_bit_identical(backend, fmt, dtype, act, thresholds, 
 
 
 @pytest.mark.exactness
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_channel_stats_of_data_far_from_zero_over_several_blocks_within_bound(dtype, gen):
+    """channels_last statistics of 181 channels (full vectors and a partial one at AVX-512 and AVX2)
+    over 576 rows: one chunk per thread, each longer than a block of 256 rows, so that blocks merge
+    within a chunk and chunks merge after. Data far from 0 (mean 100, std 1): an uncentered
+    sum x^2 / m - mu^2 would lose the variance; the centered blocks keep it within the float32 bound
+    of float64."""
+    n, c, h, w = 4, 181, 12, 12
+    m = n * h * w
+    before = cpu.kernel_calls()
+    x = _t(gen, (n, c, h, w), dtype, torch.channels_last, 1.0, 100.0)
+    mean, var = cpu.channel_stats(x)
+    mean64, var64 = _d(x).mean((0, 2, 3)), _d(x).var((0, 2, 3), correction=0)
+    _assert_within(mean, mean64, _sum_bound(_d(x), m), "mean")
+    _assert_within(var, var64, 2 * _sum_bound((_d(x) - mean64.view(1, -1, 1, 1)) ** 2, m), "var")
+    assert (cpu.kernel_calls() - before)[f"channel_stats/nhwc/{str(dtype).removeprefix('torch.')}"] == 1
+
+
+@pytest.mark.exactness
 @pytest.mark.parametrize("fmt", LAYOUTS)
 def test_long_maps_reduce_within_bound_and_nan_stays_nan(fmt, gen):
     """Maps longer than one block of rows (channels_last) or one run of a plane (NCHW: 80x80 = 6400

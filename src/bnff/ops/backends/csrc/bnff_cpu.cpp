@@ -526,7 +526,10 @@ void stats_cl(const T* x, const Geo& g, double* mean, double* var) {
   // Per block of rows and segment: block_sums with a lane per channel. Within a chunk, blocks add
   // up in double around the chunk's first block mean (K): S = sum nb (mean_b - K),
   // Q = sum M2_b + nb (mean_b - K)^2; chunks merge with Chan's formula.
-  const int64_t C = g.c, rows = g.m(), nc = n_chunks(rows);
+  // One chunk per thread: the chunks' Chan merges (nc x C, scalar, in double) cost more than the
+  // sweep itself for many channels of few rows (2048 channels of 7 x 7 maps) at the other sweeps'
+  // 8 chunks per thread.
+  const int64_t C = g.c, rows = g.m(), nc = std::min<int64_t>(n_chunks(rows), at::get_num_threads());
   const auto segs = segments(C, {});
   std::vector<double> shift(nc * C), S(nc * C, 0.0), Q(nc * C, 0.0);
   std::vector<int64_t> count(nc, 0);

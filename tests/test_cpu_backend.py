@@ -166,21 +166,39 @@ def test_recomputed_mask_is_bit_identical(backend, fmt, dtype, act, thresholds, 
 
 @pytest.mark.exactness
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_channel_stats_of_data_far_from_zero_over_several_blocks_within_bound(dtype, gen):
-    """channels_last statistics of 181 channels (full vectors and a partial one at AVX-512 and AVX2)
-    over 576 rows: one chunk per thread, each longer than a block of 256 rows, so that blocks merge
-    within a chunk and chunks merge after. Data far from 0 (mean 100, std 1): an uncentered
-    sum x^2 / m - mu^2 would lose the variance; the centered blocks keep it within the float32 bound
-    of float64."""
-    n, c, h, w = 4, 181, 12, 12
+@pytest.mark.parametrize("hw", [12, 120])
+def test_reductions_over_channel_tiles_and_rows_within_bound(dtype, hw, gen):
+    """The channels_last reductions (channel_stats, grad_stats_x) walk tiles of vectors of channels
+    down blocks of rows for maps of at most 16 MB and row by row (or one vector's column at a time)
+    above: 2 x 181 x 12 x 12 is the first, 2 x 181 x 120 x 120 the second (the float32 map and every
+    x + g pair are over 16 MB). 181 channels are full tiles, vectors left over and a partial vector at
+    AVX-512 and AVX2; grad_stats_x reads x from two maps split at channel 100 (a concatenation, read
+    in place). Over several blocks of rows per chunk and on data far from 0 (mean 100, std 1: an
+    uncentered sum x^2 / m - mu^2 would lose the variance), both stay within the float32 bound of
+    float64."""
+    n, c, h, w = 2, 181, hw, hw
     m = n * h * w
+    name = str(dtype).removeprefix("torch.")
     before = cpu.kernel_calls()
     x = _t(gen, (n, c, h, w), dtype, torch.channels_last, 1.0, 100.0)
     mean, var = cpu.channel_stats(x)
     mean64, var64 = _d(x).mean((0, 2, 3)), _d(x).var((0, 2, 3), correction=0)
     _assert_within(mean, mean64, _sum_bound(_d(x), m), "mean")
     _assert_within(var, var64, 2 * _sum_bound((_d(x) - mean64.view(1, -1, 1, 1)) ** 2, m), "var")
-    assert (cpu.kernel_calls() - before)[f"channel_stats/nhwc/{str(dtype).removeprefix('torch.')}"] == 1
+    x1, x2 = _t(gen, (n, 100, h, w), dtype, torch.channels_last), _t(gen, (n, c - 100, h, w), dtype, torch.channels_last)
+    g = _t(gen, (n, c, h, w), dtype, torch.channels_last)
+    mu, f1 = torch.randn(c, generator=gen) * 0.1, torch.rand(c, generator=gen) + 0.5
+    s1, s2 = cpu.grad_stats_x(g, "relu", [x1, x2], mu, f1, None, dtype)
+    xs = torch.cat([_d(x1), _d(x2)], 1)
+    a = (xs - _vec(mu)) * _vec(f1)
+    if dtype == torch.bfloat16:  # the mask of the stored (rounded) activation, as the kernels take it
+        a = a.to(torch.bfloat16).double()
+    dy = _d(g) * (a > 0)
+    _assert_within(s1, dy.sum((0, 2, 3)) / m, _sum_bound(dy, m), "S1")
+    prod = dy * (xs - _vec(mu))
+    _assert_within(s2, prod.sum((0, 2, 3)) / m, _sum_bound(prod, m), "S2c")
+    ran = cpu.kernel_calls() - before
+    assert ran[f"channel_stats/nhwc/{name}"] == 1 and ran[f"grad_stats_x/nhwc/{name}"] == 1, ran
 
 
 @pytest.mark.exactness

@@ -419,6 +419,14 @@ BNFF_INLINE void with_terms(int64_t k, int64_t r, F&& f) {
   else f(k, r);
 }
 
+// f(n) with n in [1, Max] a compile-time constant.
+template <int64_t Max, typename F>
+BNFF_INLINE void with_upto(int64_t n, F&& f) {
+  [&]<int64_t... I>(std::integer_sequence<int64_t, I...>) {
+    ((n == I + 1 ? f(std::integral_constant<int64_t, I + 1>{}) : void()), ...);
+  }(std::make_integer_sequence<int64_t, Max>{});
+}
+
 // out[i] += sum over chunks of part[ch * width + i]: the per-chunk partial sums of a reduction.
 void add_chunks(const std::vector<double>& part, int64_t nc, int64_t width, double* out) {
   for (int64_t ch = 0; ch < nc; ++ch)
@@ -427,15 +435,28 @@ void add_chunks(const std::vector<double>& part, int64_t nc, int64_t width, doub
 
 // Rows [r0, r1) of chunk ch of a sweep over channels_last rows, in blocks of kBlock rows: body
 // (chunk, first row, row count) once per block. A reduction's per-block work in double (adding a
-// block's float sums into the chunk's) is spread over 256 rows; channel_stats walks each segment
-// down the block twice, and that column of the block (8 or 16 kB) stays in L1 meanwhile.
-// The other sweeps run row by row over all segments (sequential streams; their per-segment float
-// sums are the block's). Measured with benchmarks/sweep_bandwidth.py on Zen 4: 32-row blocks, and
+// block's float sums into the chunk's) is spread over 256 rows; channel_stats walks each tile down
+// the block twice, the second time from cache. The other sweeps run row by row over all segments
+// (sequential streams; their per-segment float sums are the block's), grad_stats_x in tiles where
+// walk_tiles says so. Measured with benchmarks/sweep_bandwidth.py on Zen 4: 32-row blocks, and
 // segment-by-segment walks for the sweeps that read each element once, reached about half the GB/s.
 // An NCHW sweep walks each plane in runs of kRun values (kBlock per lane), its float sums the run's.
 constexpr int64_t kBlock = 256;
 constexpr int64_t kRun = kBlock * W;
 constexpr int64_t kMaxTerms = BNFF_MAX_TERMS;  // BN terms, or shortcuts, of one call on the vector path
+
+// Tiles: the reductions channel_stats and grad_stats_x walk NT vectors of channels side by side down
+// a block of rows, their sums and per-channel constants in registers (kTile at 3 registers per
+// vector, kTileBwd at 5; 32 registers at AVX-512, 16 at AVX2). Where a tile is narrower than a row,
+// the walk reads the rows' bytes out of order, which on Zen 4 (benchmarks/sweep_bandwidth.py, one
+// process, interleaved) cost 10-20% on maps streamed from memory with row strides of 1 kB or more,
+// and gained 1.2-2.3x on maps that stay in the last-level cache. So a tile narrower than the row
+// is walked only over maps of at most kResidentBytes (half of Zen 4's 32 MB L3; an estimate, which
+// costs speed, never results, where it is wrong).
+constexpr int64_t kTile = W == 16 ? 8 : 4;
+constexpr int64_t kTileBwd = W == 16 ? 4 : 2;
+constexpr int64_t kResidentBytes = int64_t(16) << 20;
+BNFF_INLINE bool walk_tiles(int64_t C, int64_t tile, int64_t bytes) { return C <= tile * W || bytes <= kResidentBytes; }
 
 // Where each term reads segment i: its row-0 element and its row stride, worked out once per call so
 // that the row loops do no lookups.
@@ -486,7 +507,7 @@ BNFF_INLINE void vectors(int64_t i0, int64_t i1, F&& f) {
 }
 
 // ---- channel_stats ------------------------------------------------------------------------------
-// Welford/Chan: each block (256 rows of a channels_last segment, or a run of an NCHW plane, in
+// Welford/Chan: each block (256 rows of a channels_last tile, or a run of an NCHW plane, in
 // cache) gives its mean and M2 = sum (x - mean_b)^2 by two passes; blocks merge in double with
 // Chan's formula. As accurate as ATen's var_mean; the raw one-sweep sum x^2 / m - mu^2, even on
 // shifted data, is ~10x worse.
@@ -501,17 +522,18 @@ struct Moments {
   }
 };
 
-// A block's float32 mean mb (per lane), then the sums of d = x - mb and d^2 over it (centered:
-// nothing cancels; sum d corrects mb's rounding). load(i) is the block's i-th vector, zero in
-// the lanes it does not hold; keep(d) zeroes those lanes of d.
+// A block's float32 mean mb, then the sums of d = x - mb and d^2 over it (centered: nothing
+// cancels; sum d corrects mb's rounding). The channels_last walk (tile_moments) keeps a mean per
+// lane (lanes are channels); an NCHW run (block_sums) one mean for all lanes (one channel's plane).
+// load(i) is the run's i-th vector, zero in the lanes it does not hold; keep(d) zeroes those lanes.
 struct BlockSums {
   V mb, sd, m2;
 };
 template <typename Load, typename Keep>
-BNFF_INLINE BlockSums block_sums(int64_t nv, float count, Load load, Keep keep, bool per_lane_mean) {
+BNFF_INLINE BlockSums block_sums(int64_t nv, float count, Load load, Keep keep) {
   V sum(0.f);
   for (int64_t i = 0; i < nv; ++i) sum += load(i);
-  const V mb = per_lane_mean ? sum / V(count) : V(static_cast<float>(lane_sum(sum) / count));
+  const V mb(static_cast<float>(lane_sum(sum) / count));
   V sd(0.f), m2(0.f);
   for (int64_t i = 0; i < nv; ++i) {
     const V d = keep(i, load(i) - mb);
@@ -521,38 +543,69 @@ BNFF_INLINE BlockSums block_sums(int64_t nv, float count, Load load, Keep keep, 
   return {mb, sd, m2};
 }
 
+// The block's mean mb per lane, then the sums of d = x - mb and d^2, for NV vectors of channels side by side, the last of w lanes, down nb rows of stride C from
+// p; their lanes go to out (mb), out + C (sum d) and out + 2C (sum d^2).
+template <int64_t NV, typename T, typename Wd>
+BNFF_INLINE void tile_moments(const T* p, int64_t C, int64_t nb, Wd w, float* out) {
+  const auto width = [&](int64_t j) BNFF_LAMBDA { return j == NV - 1 ? int64_t(w) : W; };
+  V mb[NV], sd[NV], m2[NV];
+  for (int64_t j = 0; j < NV; ++j) mb[j] = sd[j] = m2[j] = V(0.f);
+  for (int64_t r = 0; r < nb; ++r)
+    for (int64_t j = 0; j < NV; ++j) mb[j] += ld(p + r * C + j * W, width(j));
+  for (int64_t j = 0; j < NV; ++j) mb[j] = mb[j] / V(static_cast<float>(nb));
+  for (int64_t r = 0; r < nb; ++r)
+    for (int64_t j = 0; j < NV; ++j) {
+      const V d = ld(p + r * C + j * W, width(j)) - mb[j];
+      sd[j] += d;
+      m2[j] += d * d;
+    }
+  for (int64_t j = 0; j < NV; ++j) {
+    st(out + j * W, mb[j], width(j));
+    st(out + C + j * W, sd[j], width(j));
+    st(out + 2 * C + j * W, m2[j], width(j));
+  }
+}
+
 template <typename T>
 void stats_cl(const T* x, const Geo& g, double* mean, double* var) {
-  // Per block of rows and segment: block_sums with a lane per channel. Within a chunk, blocks add
-  // up in double around the chunk's first block mean (K): S = sum nb (mean_b - K),
-  // Q = sum M2_b + nb (mean_b - K)^2; chunks merge with Chan's formula.
+  // Per block of rows: tile_moments over tiles of kTile vectors (or of one vector, a walk down each
+  // vector's column, where walk_tiles says no); the second pass finds the tile's column in cache.
+  // Within a chunk, blocks add up in double around the chunk's first block mean (K):
+  // S = sum nb (mean_b - K), Q = sum M2_b + nb (mean_b - K)^2; chunks merge with Chan's formula.
   // One chunk per thread: the chunks' Chan merges (nc x C, scalar, in double) cost more than the
   // sweep itself for many channels of few rows (2048 channels of 7 x 7 maps) at the other sweeps'
   // 8 chunks per thread.
   const int64_t C = g.c, rows = g.m(), nc = std::min<int64_t>(n_chunks(rows), at::get_num_threads());
-  const auto segs = segments(C, {});
+  const bool tiles = walk_tiles(C, kTile, rows * C * int64_t(sizeof(T)));
   std::vector<double> shift(nc * C), S(nc * C, 0.0), Q(nc * C, 0.0);
   std::vector<int64_t> count(nc, 0);
+  std::vector<std::vector<float>> bufs(at::get_num_threads(), std::vector<float>(3 * C));
   row_blocks(rows, nc, [&](int64_t ch, int64_t rb, int64_t nb) {
-    const bool first = count[ch] == 0;
-    for (const Seg& sg : segs) {
-      const T* p = x + rb * C + sg.c0;
-      BlockSums bs;
-      with_width(sg.n, [&](auto w) BNFF_LAMBDA {
-        bs = block_sums(nb, static_cast<float>(nb), [&](int64_t i) BNFF_LAMBDA { return ld(p + i * C, w); },
-                        [](int64_t, V d) BNFF_LAMBDA { return d; }, true);
-      });
-      const auto mb = lanes(bs.mb), sd = lanes(bs.sd), m2 = lanes(bs.m2);
-      double* k = shift.data() + ch * C + sg.c0;
-      double* s1 = S.data() + ch * C + sg.c0;
-      double* q = Q.data() + ch * C + sg.c0;
-      for (int64_t c = 0; c < sg.n; ++c) {
-        const double sdc = sd[c], mean_b = mb[c] + sdc / nb;
-        if (first) k[c] = mean_b;
-        const double d = mean_b - k[c];
-        s1[c] += nb * d;
-        q[c] += std::max(0.0, m2[c] - sdc * sdc / nb) + nb * d * d;
+    float* mb = bufs[at::get_thread_num()].data();  // per channel: the block's mean, sum d, sum d^2
+    const float* sd = mb + C;
+    const float* m2 = sd + C;
+    const T* p = x + rb * C;
+    const std::integral_constant<int64_t, W> full;
+    int64_t c0 = 0;
+    if (tiles) {
+      for (; c0 + kTile * W <= C; c0 += kTile * W) tile_moments<kTile>(p + c0, C, nb, full, mb + c0);
+      if (const int64_t nv = (C - c0) / W; nv > 0) {
+        with_upto<kTile>(nv, [&](auto NV) BNFF_LAMBDA { tile_moments<NV>(p + c0, C, nb, full, mb + c0); });
+        c0 += nv * W;
       }
+    } else {
+      for (; c0 + W <= C; c0 += W) tile_moments<1>(p + c0, C, nb, full, mb + c0);
+    }
+    if (c0 < C) tile_moments<1>(p + c0, C, nb, C - c0, mb + c0);
+    double* k = shift.data() + ch * C;
+    double* s1 = S.data() + ch * C;
+    double* q = Q.data() + ch * C;
+    if (count[ch] == 0)
+      for (int64_t c = 0; c < C; ++c) k[c] = mb[c] + double(sd[c]) / nb;
+    for (int64_t c = 0; c < C; ++c) {
+      const double sdc = sd[c], d = mb[c] + sdc / nb - k[c];
+      s1[c] += nb * d;
+      q[c] += std::max(0.0, m2[c] - sdc * sdc / nb) + nb * d * d;
     }
     count[ch] += nb;
   });
@@ -582,7 +635,7 @@ void stats_nchw(const T* x, const Geo& g, double* mean, double* var) {
           const BlockSums bs = block_sums(
               nv, static_cast<float>(len),
               [&](int64_t i) BNFF_LAMBDA { return ld(p + i0 + i * W, i == nv - 1 ? tail : W); },
-              [&](int64_t i, V d) BNFF_LAMBDA { return i == nv - 1 && tail < W ? V::set(V(0.f), d, tail) : d; }, false);
+              [&](int64_t i, V d) BNFF_LAMBDA { return i == nv - 1 && tail < W ? V::set(V(0.f), d, tail) : d; });
           const double sdc = lane_sum(bs.sd), mean_b = lanes(bs.mb)[0] + sdc / len;
           t.merge(len, mean_b, std::max(0.0, lane_sum(bs.m2) - sdc * sdc / len));
         }
@@ -880,6 +933,39 @@ struct TermBwd {  // one BN term's per-channel vectors (C,), offset by each sour
   bool round_bf16;
 };
 
+// acc[0] += dy, acc[1] += dy (x - mu): the lone-term backward's S1 and S2c sums, per lane.
+BNFF_INLINE void lone_sums(V d, V x, V mu, V* acc) {
+  acc[0] += d;
+  acc[1] += d * (x - mu);
+}
+
+// S1 and S2c of NV segments q[0..NV) (each of w lanes) over rows [rb, rb + nb), added in double to
+// s1 and s2 (indexed by channel): lone_step's arithmetic, each lane's sums in row order as a
+// row-by-row walk adds them, the tile's sums and constants in registers.
+template <int64_t NV, int64_t A, bool Round, typename TX, typename TG, typename Wd>
+BNFF_INLINE void lone_stats_tile(const SegPtr<TX>* q, const TG* gp, int64_t C, int64_t rb, int64_t nb,
+                                 const TermBwd& t, Wd w, double* s1, double* s2) {
+  V mu[NV], f1[NV], beta[NV], acc[NV][2];
+  for (int64_t j = 0; j < NV; ++j) {
+    mu[j] = per_lane(t.mu, q[j].c0, w);
+    f1[j] = per_lane(t.f1, q[j].c0, w);
+    beta[j] = per_lane(t.beta, q[j].c0, w);
+    acc[j][0] = acc[j][1] = V(0.f);
+  }
+  for (int64_t r = rb; r < rb + nb; ++r)
+    for (int64_t j = 0; j < NV; ++j) {
+      const V x = ld(q[j].xp[0] + r * q[j].xs[0], w);
+      lone_sums(lone_dy(ld(gp + r * C + q[j].c0, w), x, mu[j], f1[j], beta[j], A, Round), x, mu[j], acc[j]);
+    }
+  for (int64_t j = 0; j < NV; ++j) {
+    const auto a1 = lanes(acc[j][0]), a2 = lanes(acc[j][1]);
+    for (int64_t c = 0; c < int64_t(w); ++c) {
+      s1[q[j].c0 + c] += a1[c];
+      s2[q[j].c0 + c] += a2[c];
+    }
+  }
+}
+
 // One vector of the lone-term backward: x and g in, the constants from get; in kStats mode
 // acc[0] += dy, acc[1] += dy (x - mu), in kDx mode dx stored at dst.
 template <typename TX, typename Get>
@@ -888,8 +974,7 @@ BNFF_INLINE void lone_step(V x, V gv, const TermBwd& t, Get get, int64_t act, bo
   const V mu = get(t.mu);
   const V d = lone_dy(gv, x, mu, get(t.f1), get(t.beta), act, round);
   if (stats) {
-    acc[0] += d;
-    acc[1] += d * (x - mu);
+    lone_sums(d, x, mu, acc);
   } else {
     st(dst, dx_of(d, x, dx_vec(get, t.f1, t.b, t.mu, t.k0)), w);
   }
@@ -939,6 +1024,28 @@ void term_backward(const TG* gp, const std::vector<Src>& srcs, const std::vector
     dxp[i] = static_cast<TX*>(dxs[segs[i].src[0]]) + (segs[i].c0 - s.off);
   }
   std::vector<double> p1(mode == kStats ? nc * C : 0, 0.0), p2(mode == kStats ? nc * C : 0, 0.0);
+  if (mode == kStats && walk_tiles(C, kTileBwd, rows * C * int64_t(sizeof(TX) + sizeof(TG)))) {
+    // full segments in tiles of up to kTileBwd walked down each block, any other segment alone
+    with_act(t.act, [&](auto A) {
+      with_flag(t.round_bf16, [&](auto round) {
+        row_blocks(rows, nc, [&](int64_t ch, int64_t rb, int64_t nb) {
+          double *q1 = &p1[ch * C], *q2 = &p2[ch * C];
+          for (size_t i = 0, e; i < ns; i = e) {
+            for (e = i; e < ns && e - i < size_t(kTileBwd) && sp[e].n == W;) ++e;
+            if (e == i)
+              lone_stats_tile<1, A, round>(&sp[e++], gp, C, rb, nb, t, sp[i].n, q1, q2);
+            else
+              with_upto<kTileBwd>(e - i, [&](auto NV) BNFF_LAMBDA {
+                lone_stats_tile<NV, A, round>(&sp[i], gp, C, rb, nb, t, std::integral_constant<int64_t, W>{}, q1, q2);
+              });
+          }
+        });
+      });
+    });
+    add_chunks(p1, nc, C, s1.data());
+    add_chunks(p2, nc, C, s2.data());
+    return;
+  }
   // the activation, the mode and the rounding as compile-time constants: no tests per vector
   with_act(t.act, [&](auto A) {
     with_flag(mode == kStats, [&](auto stats) {

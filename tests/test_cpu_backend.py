@@ -168,12 +168,12 @@ def test_recomputed_mask_is_bit_identical(backend, fmt, dtype, act, thresholds, 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("hw", [12, 120])
 def test_reductions_over_channel_tiles_and_rows_within_bound(dtype, hw, gen):
-    """The channels_last reductions (channel_stats, grad_stats_x) walk tiles of vectors of channels
-    down blocks of rows for maps of at most 16 MB and row by row (or one vector's column at a time)
-    above: 2 x 181 x 12 x 12 is the first, 2 x 181 x 120 x 120 the second (the float32 map and every
-    x + g pair are over 16 MB). 181 channels are full tiles, vectors left over and a partial vector at
-    AVX-512 and AVX2; grad_stats_x reads x from two maps split at channel 100 (a concatenation, read
-    in place). Over several blocks of rows per chunk and on data far from 0 (mean 100, std 1: an
+    """The channels_last reductions (channel_stats, grad_stats, grad_stats_x) walk tiles of vectors of
+    channels down blocks of rows for maps of at most 16 MB read and written, and row by row (or one
+    vector's column at a time) above: 2 x 181 x 12 x 12 is the first, 2 x 181 x 120 x 120 the second
+    (the float32 map and the backward sweeps' maps are over 16 MB). 181 channels are full tiles,
+    vectors left over and a partial vector at AVX-512 and AVX2; the backward sweeps read x from two
+    maps split at channel 100 (a concatenation, read in place). Over several blocks of rows per chunk and on data far from 0 (mean 100, std 1: an
     uncentered sum x^2 / m - mu^2 would lose the variance), both stay within the float32 bound of
     float64."""
     n, c, h, w = 2, 181, hw, hw
@@ -197,8 +197,13 @@ def test_reductions_over_channel_tiles_and_rows_within_bound(dtype, hw, gen):
     _assert_within(s1, dy.sum((0, 2, 3)) / m, _sum_bound(dy, m), "S1")
     prod = dy * (xs - _vec(mu))
     _assert_within(s2, prod.sum((0, 2, 3)) / m, _sum_bound(prod, m), "S2c")
+    a = cpu.apply([[x1, x2]], [mu], [f1], [None], [], "relu", dtype)
+    dy_k, s1_k, s2_k = cpu.grad_stats(g, a, "relu", [[x1, x2]], [mu])
+    assert torch.equal(_d(dy_k), _d(g) * (_d(a) > 0))  # g * mask is exact
+    _assert_within(s1_k[0], dy.sum((0, 2, 3)) / m, _sum_bound(dy, m), "grad_stats S1")
+    _assert_within(s2_k[0], prod.sum((0, 2, 3)) / m, _sum_bound(prod, m), "grad_stats S2c")
     ran = cpu.kernel_calls() - before
-    assert ran[f"channel_stats/nhwc/{name}"] == 1 and ran[f"grad_stats_x/nhwc/{name}"] == 1, ran
+    assert all(ran[f"{s}/nhwc/{name}"] >= 1 for s in ("channel_stats", "grad_stats_x", "apply", "grad_stats")), ran
 
 
 @pytest.mark.exactness

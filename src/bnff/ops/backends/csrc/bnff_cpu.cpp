@@ -437,22 +437,23 @@ void add_chunks(const std::vector<double>& part, int64_t nc, int64_t width, doub
 // (chunk, first row, row count) once per block. A reduction's per-block work in double (adding a
 // block's float sums into the chunk's) is spread over 256 rows; channel_stats walks each tile down
 // the block twice, the second time from cache. The other sweeps run row by row over all segments
-// (sequential streams; their per-segment float sums are the block's), grad_stats_x in tiles where
-// walk_tiles says so. Measured with benchmarks/sweep_bandwidth.py on Zen 4: 32-row blocks, and
+// (sequential streams; their per-segment float sums are the block's), grad_stats and grad_stats_x
+// in tiles where walk_tiles says so. Measured with benchmarks/sweep_bandwidth.py on Zen 4: 32-row blocks, and
 // segment-by-segment walks for the sweeps that read each element once, reached about half the GB/s.
 // An NCHW sweep walks each plane in runs of kRun values (kBlock per lane), its float sums the run's.
 constexpr int64_t kBlock = 256;
 constexpr int64_t kRun = kBlock * W;
 constexpr int64_t kMaxTerms = BNFF_MAX_TERMS;  // BN terms, or shortcuts, of one call on the vector path
 
-// Tiles: the reductions channel_stats and grad_stats_x walk NT vectors of channels side by side down
-// a block of rows, their sums and per-channel constants in registers (kTile at 3 registers per
-// vector, kTileBwd at 5; 32 registers at AVX-512, 16 at AVX2). Where a tile is narrower than a row,
-// the walk reads the rows' bytes out of order, which on Zen 4 (benchmarks/sweep_bandwidth.py, one
-// process, interleaved) cost 10-20% on maps streamed from memory with row strides of 1 kB or more,
-// and gained 1.2-2.3x on maps that stay in the last-level cache. So a tile narrower than the row
-// is walked only over maps of at most kResidentBytes (half of Zen 4's 32 MB L3; an estimate, which
-// costs speed, never results, where it is wrong).
+// Tiles: the reductions channel_stats, grad_stats and grad_stats_x walk a few vectors of channels
+// side by side down a block of rows, their sums and per-channel constants in registers (kTile at 3
+// registers per vector, kTileBwd at up to 5; 32 registers at AVX-512, 16 at AVX2). Where a tile is
+// narrower than a row, that walk reads each row in pieces, out of memory order: on Zen 4 it cost
+// 10-20% on maps streamed from memory with row strides of 1 kB or more and gained 1.2-2.6x on maps
+// that stay in the last-level cache (measured in one process, interleaved, before this rule). So a
+// tile narrower than the row walks only maps whose bytes read and written total at most
+// kResidentBytes (half of Zen 4's 32 MB L3: an estimate, which costs speed, never results, where it
+// is wrong); the others keep the row-by-row walk. benchmarks/kernel_ab.py measures the effect.
 constexpr int64_t kTile = W == 16 ? 8 : 4;
 constexpr int64_t kTileBwd = W == 16 ? 4 : 2;
 constexpr int64_t kResidentBytes = int64_t(16) << 20;
@@ -761,6 +762,34 @@ BNFF_INLINE void grad_step(V* acc, V gv, V av, X xs, Mu mu_of, int64_t K, int64_
   for (int64_t k = 0; k < K; ++k) acc[1 + k] += d * (xs(k) - mu_of(k));
 }
 
+// grad_stats over NV segments q[0..NV) (each of w lanes) and rows [rb, rb + nb): grad_step per vector,
+// the tile's sums and means in registers; the sums are added in double to s1 (by channel) and s2
+// (by term and channel).
+template <int64_t NV, int64_t A, typename KT, typename TX, typename TG, typename Wd>
+BNFF_INLINE void grad_stats_tile(const SegPtr<TX>* q, const TG* gp, const TX* a, const std::vector<const float*>& mus,
+                                 KT K, int64_t C, int64_t rb, int64_t nb, Wd w, TG* dy, double* s1, double* s2) {
+  V mu[NV][kMaxTerms], acc[NV][1 + kMaxTerms];
+  for (int64_t j = 0; j < NV; ++j) {
+    for (int64_t k = 0; k < K; ++k) mu[j][k] = per_lane(mus[k], q[j].c0, w);
+    for (auto& v : acc[j]) v = V(0.f);
+  }
+  for (int64_t r = rb; r < rb + nb; ++r)
+    for (int64_t j = 0; j < NV; ++j) {
+      const int64_t o = r * C + q[j].c0;
+      grad_step(acc[j], ld(gp + o, w), A == kNone ? V(0.f) : ld(a + o, w),
+                [&](int64_t k) BNFF_LAMBDA { return ld(q[j].xp[k] + r * q[j].xs[k], w); },
+                [&](int64_t k) BNFF_LAMBDA { return mu[j][k]; }, K, A, dy + o, w);
+    }
+  for (int64_t j = 0; j < NV; ++j) {
+    const auto t1 = lanes(acc[j][0]);
+    for (int64_t c = 0; c < int64_t(w); ++c) s1[q[j].c0 + c] += t1[c];
+    for (int64_t k = 0; k < K; ++k) {
+      const auto t2 = lanes(acc[j][1 + k]);
+      for (int64_t c = 0; c < int64_t(w); ++c) s2[k * C + q[j].c0 + c] += t2[c];
+    }
+  }
+}
+
 template <typename TX, typename TG>
 void grad_stats_kernel(const TG* gp, const TX* a, int64_t act, const std::vector<std::vector<Src>>& terms,
                        const std::vector<const float*>& mus, const Geo& g, TG* dy, std::vector<double>& s1,
@@ -798,6 +827,29 @@ void grad_stats_kernel(const TG* gp, const TX* a, int64_t act, const std::vector
   const auto sp = seg_ptrs<TX>(segments(C, terms), terms);
   const size_t ns = sp.size();
   std::vector<double> p1(nc * C, 0.0), p2(nc * K * C, 0.0);
+  const int64_t maps = 2 + (act != kNone) + K;  // g, dy, a, the terms' x
+  // full segments in tiles of up to kTileBwd walked down each block, any other segment alone
+  if (walk_tiles(C, kTileBwd, rows * C * int64_t(sizeof(TX) * (maps - 2) + sizeof(TG) * 2))) {
+    with_act(act, [&](auto A) {
+      with_count(K, [&](auto KK) {
+        row_blocks(rows, nc, [&](int64_t ch, int64_t rb, int64_t nb) {
+          double *q1 = &p1[ch * C], *q2 = &p2[ch * K * C];
+          for (size_t i = 0, e; i < ns; i = e) {
+            for (e = i; e < ns && e - i < size_t(kTileBwd) && sp[e].n == W;) ++e;
+            if (e == i)
+              grad_stats_tile<1, A>(&sp[e++], gp, a, mus, KK, C, rb, nb, sp[i].n, dy, q1, q2);
+            else
+              with_upto<kTileBwd>(e - i, [&](auto NV) BNFF_LAMBDA {
+                grad_stats_tile<NV, A>(&sp[i], gp, a, mus, KK, C, rb, nb, std::integral_constant<int64_t, W>{}, dy, q1, q2);
+              });
+          }
+        });
+      });
+    });
+    add_chunks(p1, nc, C, s1.data());
+    add_chunks(p2, nc, K * C, s2.data());
+    return;
+  }
   with_act(act, [&](auto A) {
     with_count(K, [&](auto KK) {
       row_blocks(rows, nc, [&](int64_t ch, int64_t rb, int64_t nb) {

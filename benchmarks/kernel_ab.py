@@ -3,8 +3,10 @@
     .venv/bin/python benchmarks/kernel_ab.py --old REV [--sweeps channel_stats grad_stats_x] [--rounds 15]
                                              [--json PATH]
 
+    .venv/bin/python benchmarks/kernel_ab.py --old REV --model resnet50 [--rounds 10] [--json PATH]
+
 Run-to-run spread on a shared machine (a few tens of percent between processes, in minutes-long
-modes) hides a kernel change of 10-30%. Here both versions run in one process, interleaved: the
+modes) hides a kernel change of 10-30%, and a whole step's change of a few percent. Here both versions run in one process, interleaved: the
 C++ source of commit REV (``git show REV:src/bnff/ops/backends/csrc/bnff_cpu.cpp``) is built with
 this checkout's flags for this CPU (``cpu.build_spec``) under the op namespace ``bnff_old``, and
 each round times every sweep of both versions (the fastest of 5 calls); a version's time is the
@@ -13,6 +15,13 @@ so REV must have the same op signatures. Shapes: ResNet-50's BN inputs at batch 
 bfloat16 and float32). Prints the CPU (``bnff.machine``), GB/s of each version (feature-map bytes
 read and written, as ``sweep_bandwidth.py`` counts them) and new / old speed; ``--json`` writes
 the rows.
+
+With ``--model``, whole training steps instead (forward, backward, SGD) of that model restructured
+by bnff (``cpu`` backend; batch 16, 224x224, channels_last, bf16 autocast, glibc malloc tuned as
+``bnff bench --tuned-malloc`` does): one model, one batch, and every ``torch.ops.bnff`` op pointed
+at the old build or back at the new one before each step, old and new alternating for
+``--rounds`` rounds after 2 warm-up steps each; median step time of each, old / new, and the median (and quartiles) of the rounds' old - new
+(a round's two steps share the machine's mode of the moment).
 """
 
 from __future__ import annotations
@@ -20,12 +29,14 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import statistics
 import subprocess
 import time
 from pathlib import Path
 
 import torch
 
+import bnff
 from bnff.atomic import atomic_open
 from bnff.machine import cpu_info, describe
 from bnff.ops.backends import cpu
@@ -113,10 +124,45 @@ def measure(shape: tuple[int, ...], dtype: torch.dtype, sweeps: list[str], round
             "new/old speed": {s: q[(s, "old")] / q[(s, "new")] for s in sweeps}}
 
 
+def measure_steps(model: str, rounds: int) -> dict:
+    """Median bnff training-step seconds of ``model`` with the old and the new kernels, alternating."""
+    from bnff import models
+    from bnff.bench import _train_step, tune_malloc
+
+    tune_malloc()
+    torch.manual_seed(0)
+    cl = torch.channels_last
+    net = models.MODELS[model](num_classes=1000).train().to(memory_format=cl)
+    x = torch.randn(16, 3, 224, 224).contiguous(memory_format=cl)
+    y = torch.randint(0, 1000, (16,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        net = bnff.restructure(net, backend="cpu", example_input=x)
+    step = _train_step(net, torch.optim.SGD(net.parameters(), lr=1e-4, momentum=0.9), x, y, True)
+    ns = torch.ops.bnff
+    ops = {v: {name: getattr(lib, name) for name in SWEEPS + ("scale", "backward_vectors", "running_update")}
+           for v, lib in (("old", torch.ops.bnff_old), ("new", torch.ops.bnff))}
+    times: dict[str, list[float]] = {"old": [], "new": []}
+    for r in range(rounds + 2):
+        for v in times:
+            for name, op in ops[v].items():
+                setattr(ns, name, op)
+            t0 = time.perf_counter()
+            step()
+            if r >= 2:
+                times[v].append(time.perf_counter() - t0)
+    for name, op in ops["new"].items():
+        setattr(ns, name, op)
+    med = {v: statistics.median(t) for v, t in times.items()}
+    saved = sorted(o - n for o, n in zip(times["old"], times["new"]))  # per round: the machine's mode is shared
+    return {"model": model, "step_s": times, "median_step_s": med, "old/new": med["old"] / med["new"],
+            "old - new per round, s": {"median": statistics.median(saved), "quartiles": statistics.quantiles(saved, n=4)}}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--old", required=True, help="the commit to compare against (any git revision)")
     parser.add_argument("--sweeps", nargs="+", choices=SWEEPS, default=list(SWEEPS), help="sweeps to time")
+    parser.add_argument("--model", help="time whole bnff training steps of this model instead (bnff.models name)")
     parser.add_argument("--rounds", type=int, default=15, help="interleaved rounds (default 15)")
     parser.add_argument("--json", help="write the rows to this file")
     args = parser.parse_args()
@@ -125,6 +171,16 @@ def main() -> None:
     commit = build_old(args.old)
     info = cpu_info()
     print(describe(info), f"; kernels built for: {cpu.isa()}; old = {commit}", sep="")
+    if args.model:
+        r = measure_steps(args.model, args.rounds)
+        d = r["old - new per round, s"]
+        print(f"{args.model}: bnff step {r['median_step_s']['old']:.3f} s (old) vs {r['median_step_s']['new']:.3f} s "
+              f"(new), medians of {args.rounds}: old / new {r['old/new']:.3f}; old - new per round "
+              f"{1e3 * d['median']:+.0f} ms (quartiles {1e3 * d['quartiles'][0]:+.0f} to {1e3 * d['quartiles'][2]:+.0f})")
+        if args.json:
+            with atomic_open(args.json) as f:
+                json.dump({"cpu": info, "kernels": cpu.isa(), "old": commit, "rounds": args.rounds, **r}, f, indent=1)
+        return
     rows = []
     print("| dtype | shape | " + " | ".join(f"{s} old, new GB/s | new/old" for s in args.sweeps) + " |")
     print("|---" * (2 + 2 * len(args.sweeps)) + "|")

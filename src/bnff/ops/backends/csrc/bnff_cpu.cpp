@@ -419,14 +419,6 @@ BNFF_INLINE void with_terms(int64_t k, int64_t r, F&& f) {
   else f(k, r);
 }
 
-// f(n) with n in [1, Max] a compile-time constant.
-template <int64_t Max, typename F>
-BNFF_INLINE void with_upto(int64_t n, F&& f) {
-  [&]<int64_t... I>(std::integer_sequence<int64_t, I...>) {
-    ((n == I + 1 ? f(std::integral_constant<int64_t, I + 1>{}) : void()), ...);
-  }(std::make_integer_sequence<int64_t, Max>{});
-}
-
 // out[i] += sum over chunks of part[ch * width + i]: the per-chunk partial sums of a reduction.
 void add_chunks(const std::vector<double>& part, int64_t nc, int64_t width, double* out) {
   for (int64_t ch = 0; ch < nc; ++ch)
@@ -546,23 +538,26 @@ BNFF_INLINE BlockSums block_sums(int64_t nv, float count, Load load, Keep keep) 
   return {mb, sd, m2};
 }
 
-// The block's mean mb per lane, then the sums of d = x - mb and d^2, for NV vectors of channels side by side, the last of w lanes, down nb rows of stride C from
-// p; their lanes go to out (mb), out + C (sum d) and out + 2C (sum d^2).
+// The block's mean mb per lane, then the sums of d = x - mb and d^2, for nv <= NV vectors of
+// channels side by side (the last of w lanes) down nb rows of stride C from p; their lanes go to
+// out (mb), out + C (sum d) and out + 2C (sum d^2). The tile functions take a compile-time NV, which
+// keeps their arrays in registers, and run its first nv (one predictable test per vector): one
+// instantiation per tile width instead of one per count, which had doubled the build's time.
 template <int64_t NV, typename T, typename Wd>
-BNFF_INLINE void tile_moments(const T* p, int64_t C, int64_t nb, Wd w, float* out) {
+BNFF_INLINE void tile_moments(const T* p, int64_t C, int64_t nb, Wd w, int64_t nv, float* out) {
   const auto width = [&](int64_t j) BNFF_LAMBDA { return j == NV - 1 ? int64_t(w) : W; };
   V mb[NV], sd[NV], m2[NV];
-  for (int64_t j = 0; j < NV; ++j) mb[j] = sd[j] = m2[j] = V(0.f);
+  for (int64_t j = 0; j < NV; ++j) if (j < nv) mb[j] = sd[j] = m2[j] = V(0.f);
   for (int64_t r = 0; r < nb; ++r)
-    for (int64_t j = 0; j < NV; ++j) mb[j] += ld(p + r * C + j * W, width(j));
-  for (int64_t j = 0; j < NV; ++j) mb[j] = mb[j] / V(static_cast<float>(nb));
+    for (int64_t j = 0; j < NV; ++j) if (j < nv) mb[j] += ld(p + r * C + j * W, width(j));
+  for (int64_t j = 0; j < NV; ++j) if (j < nv) mb[j] = mb[j] / V(static_cast<float>(nb));
   for (int64_t r = 0; r < nb; ++r)
-    for (int64_t j = 0; j < NV; ++j) {
+    for (int64_t j = 0; j < NV; ++j) if (j < nv) {
       const V d = ld(p + r * C + j * W, width(j)) - mb[j];
       sd[j] += d;
       m2[j] += d * d;
     }
-  for (int64_t j = 0; j < NV; ++j) {
+  for (int64_t j = 0; j < NV; ++j) if (j < nv) {
     st(out + j * W, mb[j], width(j));
     st(out + C + j * W, sd[j], width(j));
     st(out + 2 * C + j * W, m2[j], width(j));
@@ -590,16 +585,13 @@ void stats_cl(const T* x, const Geo& g, double* mean, double* var) {
     const T* p = x + rb * C;
     const std::integral_constant<int64_t, W> full;
     int64_t c0 = 0;
-    if (tiles) {
-      for (; c0 + kTile * W <= C; c0 += kTile * W) tile_moments<kTile>(p + c0, C, nb, full, mb + c0);
-      if (const int64_t nv = (C - c0) / W; nv > 0) {
-        with_upto<kTile>(nv, [&](auto NV) BNFF_LAMBDA { tile_moments<NV>(p + c0, C, nb, full, mb + c0); });
-        c0 += nv * W;
-      }
-    } else {
-      for (; c0 + W <= C; c0 += W) tile_moments<1>(p + c0, C, nb, full, mb + c0);
+    for (const int64_t vecs = C / W; c0 < vecs * W;) {
+      const int64_t nv = tiles ? std::min(kTile, vecs - c0 / W) : 1;
+      if (tiles) tile_moments<kTile>(p + c0, C, nb, full, nv, mb + c0);
+      else tile_moments<1>(p + c0, C, nb, full, 1, mb + c0);
+      c0 += nv * W;
     }
-    if (c0 < C) tile_moments<1>(p + c0, C, nb, C - c0, mb + c0);
+    if (c0 < C) tile_moments<1>(p + c0, C, nb, C - c0, 1, mb + c0);
     double* k = shift.data() + ch * C;
     double* s1 = S.data() + ch * C;
     double* q = Q.data() + ch * C;
@@ -764,25 +756,26 @@ BNFF_INLINE void grad_step(V* acc, V gv, V av, X xs, Mu mu_of, int64_t K, int64_
   for (int64_t k = 0; k < K; ++k) acc[1 + k] += d * (xs(k) - mu_of(k));
 }
 
-// grad_stats over NV segments q[0..NV) (each of w lanes) and rows [rb, rb + nb): grad_step per vector,
+// grad_stats over nv <= NV segments q[0..nv) (each of w lanes) and rows [rb, rb + nb): grad_step per vector,
 // the tile's sums and means in registers; the sums are added in double to s1 (by channel) and s2
 // (by term and channel).
 template <int64_t NV, int64_t A, typename KT, typename TX, typename TG, typename Wd>
 BNFF_INLINE void grad_stats_tile(const SegPtr<TX>* q, const TG* gp, const TX* a, const std::vector<const float*>& mus,
-                                 KT K, int64_t C, int64_t rb, int64_t nb, Wd w, TG* dy, double* s1, double* s2) {
+                                 KT K, int64_t C, int64_t rb, int64_t nb, Wd w, int64_t nv, TG* dy, double* s1,
+                                 double* s2) {
   V mu[NV][kMaxTerms], acc[NV][1 + kMaxTerms];
-  for (int64_t j = 0; j < NV; ++j) {
+  for (int64_t j = 0; j < NV; ++j) if (j < nv) {
     for (int64_t k = 0; k < K; ++k) mu[j][k] = per_lane(mus[k], q[j].c0, w);
     for (auto& v : acc[j]) v = V(0.f);
   }
   for (int64_t r = rb; r < rb + nb; ++r)
-    for (int64_t j = 0; j < NV; ++j) {
+    for (int64_t j = 0; j < NV; ++j) if (j < nv) {
       const int64_t o = r * C + q[j].c0;
       grad_step(acc[j], ld(gp + o, w), A == kNone ? V(0.f) : ld(a + o, w),
                 [&](int64_t k) BNFF_LAMBDA { return ld(q[j].xp[k] + r * q[j].xs[k], w); },
                 [&](int64_t k) BNFF_LAMBDA { return mu[j][k]; }, K, A, dy + o, w);
     }
-  for (int64_t j = 0; j < NV; ++j) {
+  for (int64_t j = 0; j < NV; ++j) if (j < nv) {
     const auto t1 = lanes(acc[j][0]);
     for (int64_t c = 0; c < int64_t(w); ++c) s1[q[j].c0 + c] += t1[c];
     for (int64_t k = 0; k < K; ++k) {
@@ -839,11 +832,10 @@ void grad_stats_kernel(const TG* gp, const TX* a, int64_t act, const std::vector
           for (size_t i = 0, e; i < ns; i = e) {
             for (e = i; e < ns && e - i < size_t(kTileBwd) && sp[e].n == W;) ++e;
             if (e == i)
-              grad_stats_tile<1, A>(&sp[e++], gp, a, mus, KK, C, rb, nb, sp[i].n, dy, q1, q2);
+              grad_stats_tile<1, A>(&sp[e++], gp, a, mus, KK, C, rb, nb, sp[i].n, 1, dy, q1, q2);
             else
-              with_upto<kTileBwd>(e - i, [&](auto NV) BNFF_LAMBDA {
-                grad_stats_tile<NV, A>(&sp[i], gp, a, mus, KK, C, rb, nb, std::integral_constant<int64_t, W>{}, dy, q1, q2);
-              });
+              grad_stats_tile<kTileBwd, A>(&sp[i], gp, a, mus, KK, C, rb, nb, std::integral_constant<int64_t, W>{},
+                                           int64_t(e - i), dy, q1, q2);
           }
         });
       });
@@ -993,25 +985,25 @@ BNFF_INLINE void lone_sums(V d, V x, V mu, V* acc) {
   acc[1] += d * (x - mu);
 }
 
-// S1 and S2c of NV segments q[0..NV) (each of w lanes) over rows [rb, rb + nb), added in double to
+// S1 and S2c of nv <= NV segments q[0..nv) (each of w lanes) over rows [rb, rb + nb), added in double to
 // s1 and s2 (indexed by channel): lone_step's arithmetic, each lane's sums in row order as a
 // row-by-row walk adds them, the tile's sums and constants in registers.
 template <int64_t NV, int64_t A, bool Round, typename TX, typename TG, typename Wd>
 BNFF_INLINE void lone_stats_tile(const SegPtr<TX>* q, const TG* gp, int64_t C, int64_t rb, int64_t nb,
-                                 const TermBwd& t, Wd w, double* s1, double* s2) {
+                                 const TermBwd& t, Wd w, int64_t nv, double* s1, double* s2) {
   V mu[NV], f1[NV], beta[NV], acc[NV][2];
-  for (int64_t j = 0; j < NV; ++j) {
+  for (int64_t j = 0; j < NV; ++j) if (j < nv) {
     mu[j] = per_lane(t.mu, q[j].c0, w);
     f1[j] = per_lane(t.f1, q[j].c0, w);
     beta[j] = per_lane(t.beta, q[j].c0, w);
     acc[j][0] = acc[j][1] = V(0.f);
   }
   for (int64_t r = rb; r < rb + nb; ++r)
-    for (int64_t j = 0; j < NV; ++j) {
+    for (int64_t j = 0; j < NV; ++j) if (j < nv) {
       const V x = ld(q[j].xp[0] + r * q[j].xs[0], w);
       lone_sums(lone_dy(ld(gp + r * C + q[j].c0, w), x, mu[j], f1[j], beta[j], A, Round), x, mu[j], acc[j]);
     }
-  for (int64_t j = 0; j < NV; ++j) {
+  for (int64_t j = 0; j < NV; ++j) if (j < nv) {
     const auto a1 = lanes(acc[j][0]), a2 = lanes(acc[j][1]);
     for (int64_t c = 0; c < int64_t(w); ++c) {
       s1[q[j].c0 + c] += a1[c];
@@ -1087,11 +1079,10 @@ void term_backward(const TG* gp, const std::vector<Src>& srcs, const std::vector
           for (size_t i = 0, e; i < ns; i = e) {
             for (e = i; e < ns && e - i < size_t(kTileBwd) && sp[e].n == W;) ++e;
             if (e == i)
-              lone_stats_tile<1, A, round>(&sp[e++], gp, C, rb, nb, t, sp[i].n, q1, q2);
+              lone_stats_tile<1, A, round>(&sp[e++], gp, C, rb, nb, t, sp[i].n, 1, q1, q2);
             else
-              with_upto<kTileBwd>(e - i, [&](auto NV) BNFF_LAMBDA {
-                lone_stats_tile<NV, A, round>(&sp[i], gp, C, rb, nb, t, std::integral_constant<int64_t, W>{}, q1, q2);
-              });
+              lone_stats_tile<kTileBwd, A, round>(&sp[i], gp, C, rb, nb, t, std::integral_constant<int64_t, W>{},
+                                                  int64_t(e - i), q1, q2);
           }
         });
       });

@@ -21,7 +21,9 @@ by bnff (``cpu`` backend; batch 16, 224x224, channels_last, bf16 autocast, glibc
 ``bnff bench --tuned-malloc`` does): one model, one batch, and every ``torch.ops.bnff`` op pointed
 at the old build or back at the new one before each step, old and new alternating for
 ``--rounds`` rounds after 2 warm-up steps each; median step time of each, old / new, and the median (and quartiles) of the rounds' old - new
-(a round's two steps share the machine's mode of the moment).
+(a round's two steps share the machine's mode of the moment). The group executor
+(``cpu.GROUP_EXECUTOR``), which calls the kernels from C++ by name, is off here, so that every
+sweep goes through the re-pointed ``torch.ops.bnff`` ops.
 """
 
 from __future__ import annotations
@@ -130,6 +132,7 @@ def measure_steps(model: str, rounds: int) -> dict:
     from bnff.bench import _train_step, tune_malloc
 
     tune_malloc()
+    cpu.GROUP_EXECUTOR = False  # it calls the kernels by name, past the re-pointed ops
     torch.manual_seed(0)
     cl = torch.channels_last
     net = models.MODELS[model](num_classes=1000).train().to(memory_format=cl)

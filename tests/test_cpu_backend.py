@@ -465,3 +465,58 @@ def test_fusion_report_says_where_the_sweeps_run():
     for backend, words in (("cpu", "float64"), ("reference", "plain PyTorch")):
         text = str(bnff.fusion_report(bnff.restructure(_Net(), backend=backend)))
         assert "sweeps:" in text and words in text, text
+
+
+# Small variants of the four families: together their groups hold every step kind the group executor
+# runs (lone BNs feeding convolutions, block outputs with a shortcut, projection shortcuts, relu6 and
+# no activation, results feeding several convolutions, results read as a concatenation's slice).
+EXECUTOR_MODELS = (("resnet50", torch.float32), ("resnet50", torch.bfloat16), ("densenet121", torch.bfloat16),
+                   ("mobilenet_v2", torch.bfloat16), ("inception_v3", torch.bfloat16))
+
+
+@pytest.mark.exactness
+def test_group_executor_equals_the_python_steps_bit_for_bit(gen, monkeypatch):
+    """The group executor (a group's forward and backward as one C++ call each) runs the same plan
+    steps with the same kernels as the Python steps: a training step's outputs, parameter gradients
+    and running statistics equal theirs bit for bit, on fresh random inputs. The Python steps are
+    the oracle (the rest of the suite holds them to eager PyTorch and float64). It must have run, and
+    its programs must have held every step kind it knows."""
+    from bnff import models
+
+    ran: Counter = Counter()
+    kinds: set[int] = set()
+    for direction in ("group_forward", "group_backward"):
+        def spy(*args, _f=getattr(cpu, direction), _d=direction, **kwargs):
+            ran[_d] += 1
+            steps = args[4] if _d == "group_forward" else args[6]
+            kinds.update(steps[0::5])
+            return _f(*args, **kwargs)
+        monkeypatch.setattr(cpu, direction, spy)
+
+    def train_step(net, x, y, amp, executor):
+        monkeypatch.setattr(cpu, "GROUP_EXECUTOR", executor)
+        net = copy.deepcopy(net)
+        torch.manual_seed(1)  # dropout
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            out = net(x)
+        out = getattr(out, "logits", out)
+        nn.functional.cross_entropy(out.float(), y).backward()
+        return [out] + [p.grad for p in net.parameters()] + list(net.buffers())
+
+    for name, dtype in EXECUTOR_MODELS:
+        amp = dtype == torch.bfloat16
+        net = models.MODELS[name](num_classes=10, small_input=True).train().to(memory_format=torch.channels_last)
+        x = torch.randn(2, 3, 32, 32, generator=gen).contiguous(memory_format=torch.channels_last)
+        y = torch.randint(0, 10, (2,), generator=gen)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            net = bnff.restructure(net, backend="cpu", example_input=x)
+        before = sum(ran.values())
+        fast = train_step(net, x, y, amp, True)
+        assert sum(ran.values()) > before, f"{name}: the group executor never ran"
+        runs = sum(ran.values())
+        steps = train_step(net, x, y, amp, False)
+        assert sum(ran.values()) == runs, f"{name}: the executor ran while switched off"
+        for i, (f, s) in enumerate(zip(fast, steps)):
+            assert (f is None and s is None) or torch.equal(f, s), f"{name} {dtype}: result {i} differs"
+    assert ran["group_forward"] >= ran["group_backward"] > 0
+    assert kinds == set(cpu.STEP_CODES.values()), f"step kinds never run: {set(cpu.STEP_CODES.values()) - kinds}"

@@ -10,6 +10,7 @@ cheap and simply re-run under autograd.
 
 from __future__ import annotations
 
+import weakref
 from typing import Callable, Protocol
 
 import torch
@@ -62,6 +63,10 @@ class Conv2dConsumer:
     def __init__(self, conv: nn.Conv2d) -> None:
         self.conv = conv
         self.padding = conv_padding(conv)
+        # (has bias, stride, padding, dilation (rows, columns each), groups): how the cpu backend's
+        # group executor runs this convolution (bnff.ops.fused), None when the padding is asymmetric
+        self.geometry = None if self.padding is None else (
+            int(conv.bias is not None), *conv.stride, *self.padding, *conv.dilation, conv.groups)
 
     def params(self, amp_dtype):
         return (_cast(self.conv.weight, amp_dtype), _cast(self.conv.bias, amp_dtype))
@@ -113,13 +118,26 @@ class RecomputeConsumer:
 FunctionalSpec = tuple[str, tuple, dict]
 
 
+_MADE: "weakref.WeakKeyDictionary[nn.Module, Consumer]" = weakref.WeakKeyDictionary()
+
+
 def make(module: nn.Module | FunctionalSpec) -> Consumer:
     """The consumer wrapper for ``module``, or for a functional pool given as ``(name, args, kwargs)``
-    (``name`` in ``FUNCTIONAL``; ``args`` follow the input tensor).
+    (``name`` in ``FUNCTIONAL``; ``args`` follow the input tensor). A module's wrapper is made once
+    and reused (the fused operator asks for it on every call).
 
     Raises:
         TypeError: ``module`` is not a supported consumer (see ``unsupported_reason``).
     """
+    if isinstance(module, nn.Module):
+        made = _MADE.get(module)
+        if made is None:
+            made = _MADE[module] = _make(module)
+        return made
+    return _make(module)
+
+
+def _make(module: nn.Module | FunctionalSpec) -> Consumer:
     if isinstance(module, tuple):
         name, args, kwargs = module
         if name not in FUNCTIONAL:

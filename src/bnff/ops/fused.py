@@ -146,6 +146,8 @@ class _Layout:
         kept_made: the ``(node, role)`` of those a step produces (the result a).
         saved_params: positions of gamma, beta and the consumers' parameters, saved besides the keeps.
         free_after: per backward step, the produced tensors no later step uses.
+        program: the same schedule as the integers of the cpu backend's group executor (``_Program``),
+            or None when it has a step that executor does not run.
     """
 
     terms: tuple[_TermPos, ...]
@@ -155,6 +157,21 @@ class _Layout:
     kept_made: tuple[tuple[str, str], ...]
     saved_params: tuple[int, ...]
     free_after: tuple[tuple[tuple[str, str], ...], ...]
+    program: "_Program | None" = None
+
+
+@dataclass(frozen=True)
+class _Program:
+    """A group's ``bnff`` schedule for the cpu backend's group executor (``csrc/bnff_group.cpp``, which
+    documents the encoding): the flat positions of each BN term's tensors (first source, number of
+    sources, mean, var, gamma, beta), of the shortcuts (first, number), and the forward's and the
+    backward's steps (kind code ``cpu.STEP_CODES``, term, consumer, then whether a and g_a are free
+    after it, from ``free_after``). The statistics steps run in ``feature_statistics``, not here."""
+
+    terms: tuple[int, ...]
+    residuals: tuple[int, int]
+    forward: tuple[int, ...]
+    backward: tuple[int, ...]
 
 
 _LAYOUTS: dict[tuple[int, tuple[int, ...]], tuple[GroupPlan, _Layout]] = {}
@@ -186,8 +203,28 @@ def _make_layout(group: GroupPlan, n_params: tuple[int, ...]) -> _Layout:
     sched = group.schedules["bnff"]
     keys = [(r.node, r.role) for r in sched.keeps]
     saved = tuple(j for tp in terms for j in (tp.gamma, tp.beta)) + tuple(j for sl in params for j in range(sl.start, sl.stop))
+    free_after = _free_after(group.name, sched.backward)
     return _Layout(tuple(terms), residuals, tuple(params), tuple(where[k] for k in keys if k in where),
-                   tuple(k for k in keys if k not in where), saved, _free_after(group.name, sched.backward))
+                   tuple(k for k in keys if k not in where), saved, free_after,
+                   _program(group, tuple(terms), residuals, sched, free_after))
+
+
+def _program(group: GroupPlan, terms: tuple[_TermPos, ...], residuals: slice, sched, free_after: tuple) -> _Program | None:
+    """``_Program`` of a group's ``bnff`` schedule, or None if a step is not one the executor runs."""
+    codes = backends.cpu.STEP_CODES
+    a_key, g_key = (group.name, "ofmap"), (group.name, "grad")
+    fwd = [s for s in sched.forward if s.kind != "stats"]
+    frees = [()] * len(fwd) + list(free_after)
+    ints = []
+    for s, free in zip(fwd + list(sched.backward), frees):
+        if s.kind not in codes:
+            return None
+        ints.append((codes[s.kind], -1 if s.term is None else s.term, -1 if s.consumer is None else s.consumer,
+                     int(a_key in free), int(g_key in free)))
+    flat = lambda rows: tuple(i for row in rows for i in row)  # noqa: E731
+    return _Program(flat((tp.sources.start, tp.sources.stop - tp.sources.start, tp.mean, tp.var, tp.gamma, tp.beta)
+                         for tp in terms),
+                    (residuals.start, residuals.stop - residuals.start), flat(ints[:len(fwd)]), flat(ints[len(fwd):]))
 
 
 def _free_after(group: str, backward: tuple) -> tuple:
@@ -289,26 +326,63 @@ def _synced(group, s1: Tensor, s2c: Tensor, sources: list[Tensor]) -> tuple[Tens
     return (a / total).to(s1.dtype), (b / total).to(s2c.dtype)
 
 
+@dataclass(frozen=True)
+class _Executor:
+    """How one call runs on the cpu backend's group executor: its layout code and consumers' integers."""
+
+    layout: int
+    convs: tuple[int, ...]
+
+
+def _executor(spec: _Spec, flat: tuple, maps: list[Tensor], out_dtype: torch.dtype) -> _Executor | None:
+    """The group executor's terms for this call, or None when the Python steps run it: the executor
+    runs only the cpu backend's own sweeps (``cpu.group_layout`` covers the maps), convolution consumers
+    whose input and parameters are already in the convolution's dtype (no cast to make), no
+    SyncBatchNorm, and neither under ``torch.compile`` (which traces the Python steps) nor while a
+    ``bnff.ops.record.Recorder`` attributes operators to steps."""
+    lay = spec.layout
+    if lay.program is None or spec.backend != "cpu" or record.active() or torch.compiler.is_compiling():
+        return None
+    if any(s is not None for s in spec.sync) or (spec.amp is not None and spec.amp != out_dtype):
+        return None
+    convs = []
+    for w, sl in zip(spec.consumers, lay.params):
+        geometry = getattr(w, "geometry", None)
+        if geometry is None or any(p is not None and p.dtype != out_dtype for p in flat[sl]):
+            return None
+        convs += [sl.start, *geometry]
+    layout = backends.cpu.group_layout(maps, [flat[tp.mean] for tp in lay.terms], out_dtype, len(lay.terms),
+                                       lay.residuals.stop - lay.residuals.start)
+    return None if layout is None else _Executor(layout, tuple(convs))
+
+
 class _ApplyConsume(torch.autograd.Function):
-    """Fused BN apply (+ add + activation) [+ consumers]: runs its group's ``bnff`` schedule."""
+    """Fused BN apply (+ add + activation) [+ consumers]: runs its group's ``bnff`` schedule, step by
+    step here or, where it covers the call, as one call of the cpu backend's group executor."""
 
     @staticmethod
     def forward(ctx, spec: _Spec, *flat):
         g, lay, sched = spec.group, spec.layout, spec.group.schedules["bnff"]
         be = backends.get(spec.backend)
         env = _Env(spec, list(flat))
-        f1s = env.f1s(be)
         maps = [x for srcs in env.all_sources() for x in srcs] + env.flat[lay.residuals]
         out_dtype = functools.reduce(torch.promote_types, [m.dtype for m in maps])
-        outs = []
-        for step in sched.forward:
-            if step.kind == "apply":
-                env.t[(g.name, "ofmap")] = a = env.apply(be, f1s, out_dtype)
-            elif step.kind == "consume":
-                with record.consumer(g.name, step.consumer, "fp"):
-                    outs.append(spec.consumers[step.consumer].forward(a, flat[lay.params[step.consumer]], spec.amp))
-            # the "stats" steps run in feature_statistics, right after each producer
-        ctx.spec, ctx.out_dtype, ctx.n = spec, out_dtype, len(flat)
+        ex = _executor(spec, flat, maps, out_dtype)
+        if ex is not None:
+            a, *outs = be.group_forward(env.flat, lay.program.terms, lay.program.residuals, ex.convs,
+                                        lay.program.forward, g.act_kind, list(spec.eps), out_dtype, ex.layout)
+            env.t[(g.name, "ofmap")] = a
+        else:
+            f1s = env.f1s(be)
+            outs = []
+            for step in sched.forward:
+                if step.kind == "apply":
+                    env.t[(g.name, "ofmap")] = a = env.apply(be, f1s, out_dtype)
+                elif step.kind == "consume":
+                    with record.consumer(g.name, step.consumer, "fp"):
+                        outs.append(spec.consumers[step.consumer].forward(a, flat[lay.params[step.consumer]], spec.amp))
+                # the "stats" steps run in feature_statistics, right after each producer
+        ctx.spec, ctx.out_dtype, ctx.n, ctx.executor = spec, out_dtype, len(flat), ex
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(*env.saved())
         return tuple(outs) if g.per_consumer else a
@@ -329,7 +403,6 @@ class _ApplyConsume(torch.autograd.Function):
         env = _Env(spec, [None] * ctx.n)
         env.restore(ctx.saved_tensors)
         be = backends.get(spec.backend)
-        f1s = env.f1s(be)
         a_key, g_key, dy_key = (g.name, "ofmap"), (g.name, "grad"), (g.name, "dy")
         if not g.per_consumer and g.grad_slice:
             env.t[g_key] = grad_outs[0]  # the plan's grad_layout step makes it dense
@@ -338,6 +411,14 @@ class _ApplyConsume(torch.autograd.Function):
             # as that user's own work: the traffic model charges its backward for writing it
             with record.user(g.name, "bp"):
                 env.t[g_key] = be.dense_like(grad_outs[0], env.sources(0)[0] if lay.terms else grad_outs[0])
+        ex: _Executor | None = ctx.executor
+        if ex is not None:
+            p = lay.program
+            g_outs = list(grad_outs) if g.per_consumer else [env.t[g_key]]
+            grads = be.group_backward(env.flat, env.t.get(a_key), g_outs, p.terms, p.residuals, ex.convs, p.backward, g.act_kind, list(spec.eps),
+                                      list(spec.batch), list(needs), g.per_consumer, ctx.out_dtype, ex.layout)
+            return (None, *grads)
+        f1s = env.f1s(be)
         grads: list[Tensor | None] = [None] * ctx.n
         dgrads: dict[int, Tensor] = {}
         s1s: list[Tensor | None] = [None] * len(lay.terms)

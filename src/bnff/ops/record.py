@@ -86,6 +86,11 @@ class _Scope:
 _OFF = contextlib.nullcontext()
 
 
+def active() -> bool:
+    """Whether a ``Recorder`` is recording (the fused operators then run their steps one by one)."""
+    return bool(_active)
+
+
 def scope(group: str, phase: str):
     """Attribute what runs inside to ``group`` in ``phase`` while a ``Recorder`` is active (a shared
     no-op context otherwise: the fused operators call this on every step)."""
@@ -102,4 +107,4 @@ def consumer(group: str, index: int, phase: str):
     return scope(f"{group}/consumer{index}", phase)
 
 
-__all__ = ["Recorder", "consumer", "scope", "user"]
+__all__ = ["Recorder", "active", "consumer", "scope", "user"]

@@ -34,15 +34,21 @@ from torch import Tensor
 
 from bnff.ops.backends import reference
 
-_SOURCE = Path(__file__).parent / "csrc" / "bnff_cpu.cpp"
+_SOURCES = [Path(__file__).parent / "csrc" / "bnff_cpu.cpp", Path(__file__).parent / "csrc" / "bnff_group.cpp"]
 # Constants the kernels share with this module, defined here only and passed to the compiler as -D flags
 # (so they are part of the build cache's key).
 ACT_CODES = {None: 0, "relu": 1, "relu6": 2}  # the activation argument of apply / grad_stats / *_x
 LAYOUT_CODES = {"nchw": 0, "nhwc": 1}  # the layout argument of every sweep (``_layout`` decides it)
 MAX_TERMS = 4  # BN terms or shortcuts of one call the kernels take; more run the reference
+# The plan's step kinds the group executor (csrc/bnff_group.cpp) runs, as its program encodes them
+STEP_CODES = {"apply": 0, "consume": 1, "recompute": 2, "grad_layout": 3, "consumer_backward": 4, "grad_add": 5,
+              "grad_stats_x": 6, "grad_stats": 7, "input_grad": 8, "input_grad_x": 9}
 SHARED_DEFINES = [f"-DBNFF_ACT_NONE={ACT_CODES[None]}", f"-DBNFF_ACT_RELU={ACT_CODES['relu']}",
                   f"-DBNFF_ACT_RELU6={ACT_CODES['relu6']}", f"-DBNFF_LAYOUT_NHWC={LAYOUT_CODES['nhwc']}",
-                  f"-DBNFF_MAX_TERMS={MAX_TERMS}"]
+                  f"-DBNFF_MAX_TERMS={MAX_TERMS}"] + [f"-DBNFF_STEP_{k.upper()}={v}" for k, v in STEP_CODES.items()]
+# Whether a group whose whole call the kernels cover runs as one C++ call per direction (group_forward,
+# group_backward) rather than step by step in Python; BNFF_NO_GROUP_EXECUTOR=1 turns it off (A/B, debugging)
+GROUP_EXECUTOR = not os.environ.get("BNFF_NO_GROUP_EXECUTOR")
 _state: dict[str, object] = {}
 COVERAGE = ("float32 and bfloat16 feature maps (NCHW or channels_last) in the C++ kernels; float64, mixed "
             "or non-contiguous layouts in the reference sweeps (bnff.ops.backends.cpu.fallbacks() counts them "
@@ -141,7 +147,7 @@ def load_extension(name: str, sources: list[str], directory: Path, flags: list[s
 
 def _build() -> None:
     name, directory, flags = build_spec()
-    load_extension(name, [str(_SOURCE)], directory, flags, verbose=bool(os.environ.get("BNFF_VERBOSE_BUILD")))
+    load_extension(name, [str(p) for p in _SOURCES], directory, flags, verbose=bool(os.environ.get("BNFF_VERBOSE_BUILD")))
     _state["library"] = directory
     _register_fakes()
 
@@ -441,6 +447,41 @@ def input_grad(dy: Tensor, sources: list[Tensor], mean: Tensor, f1: Tensor, b: T
                                           layout))
 
 
+def group_layout(maps: list[Tensor], means: list[Tensor], out_dtype: torch.dtype, n_terms: int, n_residuals: int) -> int | None:
+    """The layout code of a group call the group executor covers, else None (its steps then run one by
+    one, each sweep covered or handed to the reference on its own, and counted there).
+
+    Covered: the executor is on (``GROUP_EXECUTOR``) and the kernels built; the feature maps ``maps``
+    (every BN term's sources, then the shortcuts) of one dtype, float32 or bfloat16, which is also
+    ``out_dtype``, in one layout (``_layout``); float32 means; at most ``MAX_TERMS`` BN terms and shortcuts.
+    """
+    if not (GROUP_EXECUTOR and available()) or max(n_terms, n_residuals) > MAX_TERMS:
+        return None
+    if any(t.dtype != out_dtype for t in maps) or any(m.dtype != torch.float32 for m in means):
+        return None
+    why, layout = _uncovered(tuple(maps))
+    return None if why is not None or layout is None else LAYOUT_CODES[layout]
+
+
+def group_forward(flat: list[Tensor | None], terms: tuple[int, ...], residuals: tuple[int, int], convs: tuple[int, ...],
+                  steps: tuple[int, ...], act: str | None, eps: list[float], out_dtype: torch.dtype,
+                  layout: int) -> list[Tensor]:
+    """A group's forward steps in one C++ call (csrc/bnff_group.cpp; the integers are ``bnff.ops.fused``'s
+    program of the group's plan): ``[a, *the consumers' outputs]``."""
+    return torch.ops.bnff.group_forward.default(flat, terms, residuals, convs, steps, ACT_CODES[act], eps, out_dtype,
+                                                layout)
+
+
+def group_backward(flat: list[Tensor | None], a: Tensor | None, grad_outs: list[Tensor | None], terms: tuple[int, ...],
+                   residuals: tuple[int, int], convs: tuple[int, ...], steps: tuple[int, ...], act: str | None,
+                   eps: list[float], batch: list[bool], needs: list[bool], per_consumer: bool, out_dtype: torch.dtype,
+                   layout: int) -> list[Tensor | None]:
+    """A group's backward steps in one C++ call: a gradient (or None) per entry of ``flat``."""
+    return torch.ops.bnff.group_backward.default(flat, a, grad_outs, terms, residuals, convs, steps, ACT_CODES[act], eps,
+                                                 [int(b) for b in batch], [int(n) for n in needs], per_consumer,
+                                                 out_dtype, layout)
+
+
 def _float32(*vectors: Tensor | None) -> bool:
     """Whether the vector kernels take these per-channel vectors: float32 (float64 ones, of a float64
     model, run the reference's; not counted in ``fallbacks``, which counts sweeps over feature maps)."""
@@ -470,5 +511,5 @@ def running_update(running_mean: Tensor, running_var: Tensor, mean: Tensor, var:
 
 
 __all__ = ["COVERAGE", "ISA_FLAGS", "apply", "available", "build_spec", "channel_stats", "dense_like", "fallbacks", "grad_stats", "grad_stats_x",
-           "input_grad", "input_grad_x", "isa", "kernel_calls", "load_extension", "release_workspace", "scale",
+           "input_grad", "input_grad_x", "isa", "kernel_calls", "group_layout", "group_forward", "group_backward", "load_extension", "release_workspace", "scale",
            "backward_vectors", "running_update", "workspace_bytes"]

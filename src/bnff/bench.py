@@ -191,6 +191,7 @@ def _train_step(model: nn.Module, opt: torch.optim.Optimizer, x: Tensor, y: Tens
 # backward (the plan's steps, the backend's checks), the operators it calls being counted apart.
 PROFILE_CATEGORIES = (
     ("convolutions", ("conv", "mkldnn_convolution")),
+    ("bnff group executor (its C++ around the sweeps and convolutions)", ("bnff::group_",)),
     ("bnff sweeps", ("bnff::",)),
     ("bnff autograd Function (Python)", (_ApplyConsume.__name__,)),
     ("in-place add_, mul_ (residual adds, gradient sums, SGD)", ("aten::add_", "aten::mul_", "_foreach")),

@@ -22,7 +22,12 @@ feeds every BN of a residual sum and is the shortcut's gradient.
 
 Which sweeps run, in which order, what is kept for the backward, what is recomputed and whether
 dy is written are not decided here: ``bn_apply`` runs the ``bnff`` schedule of its group's plan
-(``bnff.plan.schemes.bnff``), the same steps ``bnff.traffic`` prices.
+(``bnff.plan.schemes.bnff``), the same steps ``bnff.traffic`` prices. It runs them one by one in
+Python, or, where the ``cpu`` backend covers the whole call (its own kernels, convolution
+consumers, no SyncBatchNorm, not under ``torch.compile`` or a ``bnff.ops.record.Recorder``), as one
+C++ call per direction: the group executor (``csrc/bnff_group.cpp``), which runs the same schedule
+compiled into integers (``_Program``) with the same kernels, so its results are the Python
+steps' bit for bit; it saves about 100 us of Python per group and step.
 """
 
 from __future__ import annotations

@@ -12,7 +12,10 @@ layouts; ``fallbacks()`` counts those by reason and ``kernel_calls()`` the kerne
 the build fails every call runs the reference and one warning says why. Large outputs come from a
 workspace of reused blocks (``workspace_bytes``). The per-channel vectors between the sweeps (F1;
 the backward's B, dgamma, dbeta; the running-statistics update) are one C++ call each (``scale``,
-``backward_vectors``, ``running_update``), float32 only.
+``backward_vectors``, ``running_update``), float32 only. A fused group's whole forward or backward
+can also run as one C++ call (``group_forward``, ``group_backward``: the group executor of
+``csrc/bnff_group.cpp``, which calls the same kernels; ``bnff.ops.fused`` decides when, with
+``group_layout``; ``GROUP_EXECUTOR`` switches it off).
 """
 
 from __future__ import annotations
@@ -50,7 +53,8 @@ SHARED_DEFINES = [f"-DBNFF_ACT_NONE={ACT_CODES[None]}", f"-DBNFF_ACT_RELU={ACT_C
 # group_backward) rather than step by step in Python; BNFF_NO_GROUP_EXECUTOR=1 turns it off (A/B, debugging)
 GROUP_EXECUTOR = not os.environ.get("BNFF_NO_GROUP_EXECUTOR")
 _state: dict[str, object] = {}
-COVERAGE = ("float32 and bfloat16 feature maps (NCHW or channels_last) in the C++ kernels; float64, mixed "
+COVERAGE = ("float32 and bfloat16 feature maps (NCHW or channels_last) in the C++ kernels, a group with "
+            "convolution consumers as one C++ call per direction (the group executor); float64, mixed "
             "or non-contiguous layouts in the reference sweeps (bnff.ops.backends.cpu.fallbacks() counts them "
             "by reason, kernel_calls() the kernels' own entries)")
 

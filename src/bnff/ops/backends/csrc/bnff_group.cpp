@@ -3,14 +3,14 @@
 // bnff/ops/fused.py runs a group's `bnff` schedule (bnff.plan.schemes) step by step in Python: for
 // every group and training step some twenty Python calls, checks and small lists around its few
 // sweeps, which cost more than the sweeps on small maps. When the cpu backend covers the whole call
-// (bnff/ops/program.py says when), the same schedule, compiled by program.py into integers, runs
+// (fused._executor says when), the same schedule, compiled into integers (fused._Program), runs
 // here instead: the same sweeps (called through the dispatcher by their registered names, so they
 // are the kernels of bnff_cpu.cpp, counted in kernel_calls), the same per-channel vectors and the
 // same convolution calls as the Python steps, in the same order, so the results are the same bits.
 // Nothing here decides what runs: the steps come from the plan, the layout and the coverage from
 // the Python side (bnff.ops.backends.cpu's rule), as for every sweep.
 //
-// Arguments, as program.py writes them:
+// Arguments, as bnff/ops/fused.py writes them:
 //   flat       the group's flat argument list (fused._Layout): per BN term its source maps, mean,
 //              var, gamma, beta; the shortcuts; per consumer its weight and bias (None: absent)
 //   terms      per BN term 6 ints: first source, number of sources, mean, var, gamma, beta (positions)
@@ -93,6 +93,10 @@ std::vector<T> decode(at::IntArrayRef ints, const char* what, Make make) {
   return out;
 }
 
+std::vector<Step> steps_of(at::IntArrayRef ints) {
+  return decode<Step, 5>(ints, "steps", [](const int64_t* p) { return Step{p[0], p[1], p[2], p[3] != 0, p[4] != 0}; });
+}
+
 // A per-channel vector as the kernels read it: contiguous float32 (cpu.py's _f32).
 Tensor f32(const Tensor& v) { return v.scalar_type() == at::kFloat && v.is_contiguous() ? v : v.to(at::kFloat).contiguous(); }
 Tensor as_dtype(const Tensor& t, at::ScalarType d) { return t.scalar_type() == d ? t : t.to(d); }
@@ -166,9 +170,7 @@ std::vector<Tensor> group_forward(const c10::List<OptTensor>& flat, at::IntArray
   NoAutocast no_autocast;
   Call c(flat, terms, residuals, convs, act, eps, out_dtype, layout);
   std::vector<Tensor> result{Tensor()};  // a, then each consumer's output
-  for (const Step& s : decode<Step, 5>(steps, "steps", [](const int64_t* p) {
-         return Step{p[0], p[1], p[2], p[3] != 0, p[4] != 0};
-       })) {
+  for (const Step& s : steps_of(steps)) {
     if (s.kind == BNFF_STEP_APPLY) {
       result[0] = c.applied();
     } else if (s.kind == BNFF_STEP_CONSUME) {
@@ -215,9 +217,7 @@ std::vector<Tensor> group_backward(const c10::List<OptTensor>& flat, const OptTe
     return false;
   };
   auto opt = [](const Tensor& t) { return t.defined() ? OptTensor(t) : std::nullopt; };
-  for (const Step& s : decode<Step, 5>(steps, "steps", [](const int64_t* p) {
-         return Step{p[0], p[1], p[2], p[3] != 0, p[4] != 0};
-       })) {
+  for (const Step& s : steps_of(steps)) {
     switch (s.kind) {
       case BNFF_STEP_RECOMPUTE:
         a = c.applied();

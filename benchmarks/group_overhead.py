@@ -30,7 +30,6 @@ warm-up steps each; median step of each, and the median (and quartiles) of the r
 import argparse
 import copy
 import json
-import statistics
 import time
 
 import torch
@@ -123,31 +122,12 @@ def measure(pattern: str, chunks: int, steps: int) -> dict:
 
 def measure_model(model: str, rounds: int) -> dict:
     """Median bnff training-step seconds of ``model`` with the group executor off and on, alternating."""
-    from bnff import models
-    from bnff.bench import _train_step, tune_malloc
+    from bnff.bench import alternate_steps
 
-    tune_malloc()
-    torch.manual_seed(0)
-    cl = torch.channels_last
-    net = models.MODELS[model](num_classes=1000).train().to(memory_format=cl)
-    x = torch.randn(16, 3, 224, 224).contiguous(memory_format=cl)
-    y = torch.randint(0, 1000, (16,))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        net = bnff.restructure(net, backend="cpu", example_input=x)
-    step = _train_step(net, torch.optim.SGD(net.parameters(), lr=1e-4, momentum=0.9), x, y, True)
-    times: dict[str, list[float]] = {"off": [], "on": []}
-    for r in range(rounds + 2):
-        for v in times:
-            cpu.GROUP_EXECUTOR = v == "on"
-            t0 = time.perf_counter()
-            step()
-            if r >= 2:
-                times[v].append(time.perf_counter() - t0)
-    cpu.GROUP_EXECUTOR = True
-    med = {v: statistics.median(t) for v, t in times.items()}
-    saved = sorted(o - n for o, n in zip(times["off"], times["on"]))  # per round: the machine's mode is shared
-    return {"model": model, "step_s": times, "median_step_s": med,
-            "off - on per round, s": {"median": statistics.median(saved), "quartiles": statistics.quantiles(saved, n=4)}}
+    r = alternate_steps(model, {"off": lambda: setattr(cpu, "GROUP_EXECUTOR", False),
+                                "on": lambda: setattr(cpu, "GROUP_EXECUTOR", True)}, rounds)
+    return {"model": model, "step_s": r["step_s"], "median_step_s": r["median_step_s"],
+            "off - on per round, s": r["first - last per round, s"]}
 
 
 def main() -> None:

@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import statistics
 import subprocess
 import time
 from pathlib import Path
@@ -128,37 +127,20 @@ def measure(shape: tuple[int, ...], dtype: torch.dtype, sweeps: list[str], round
 
 def measure_steps(model: str, rounds: int) -> dict:
     """Median bnff training-step seconds of ``model`` with the old and the new kernels, alternating."""
-    from bnff import models
-    from bnff.bench import _train_step, tune_malloc
+    from bnff.bench import alternate_steps
 
-    tune_malloc()
     cpu.GROUP_EXECUTOR = False  # it calls the kernels by name, past the re-pointed ops
-    torch.manual_seed(0)
-    cl = torch.channels_last
-    net = models.MODELS[model](num_classes=1000).train().to(memory_format=cl)
-    x = torch.randn(16, 3, 224, 224).contiguous(memory_format=cl)
-    y = torch.randint(0, 1000, (16,))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        net = bnff.restructure(net, backend="cpu", example_input=x)
-    step = _train_step(net, torch.optim.SGD(net.parameters(), lr=1e-4, momentum=0.9), x, y, True)
     ns = torch.ops.bnff
     ops = {v: {name: getattr(lib, name) for name in SWEEPS + ("scale", "backward_vectors", "running_update")}
            for v, lib in (("old", torch.ops.bnff_old), ("new", torch.ops.bnff))}
-    times: dict[str, list[float]] = {"old": [], "new": []}
-    for r in range(rounds + 2):
-        for v in times:
-            for name, op in ops[v].items():
-                setattr(ns, name, op)
-            t0 = time.perf_counter()
-            step()
-            if r >= 2:
-                times[v].append(time.perf_counter() - t0)
-    for name, op in ops["new"].items():
-        setattr(ns, name, op)
-    med = {v: statistics.median(t) for v, t in times.items()}
-    saved = sorted(o - n for o, n in zip(times["old"], times["new"]))  # per round: the machine's mode is shared
-    return {"model": model, "step_s": times, "median_step_s": med, "old/new": med["old"] / med["new"],
-            "old - new per round, s": {"median": statistics.median(saved), "quartiles": statistics.quantiles(saved, n=4)}}
+
+    def point(v: str):
+        return lambda: [setattr(ns, name, op) for name, op in ops[v].items()]
+
+    r = alternate_steps(model, {"old": point("old"), "new": point("new")}, rounds)
+    med = r["median_step_s"]
+    return {"model": model, "step_s": r["step_s"], "median_step_s": med, "old/new": med["old"] / med["new"],
+            "old - new per round, s": r["first - last per round, s"]}
 
 
 def main() -> None:

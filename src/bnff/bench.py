@@ -186,6 +186,40 @@ def _train_step(model: nn.Module, opt: torch.optim.Optimizer, x: Tensor, y: Tens
     return step
 
 
+def alternate_steps(model: str, setups: dict[str, Callable[[], None]], rounds: int) -> dict:
+    """Whole bnff training steps of ``model`` under two (or more) settings, alternating step by step in
+    one process: a benchmark's A/B of something that can be switched between steps (other kernels,
+    the group executor). Batch 16, 224x224, channels_last, bf16 autocast, cpu backend, glibc malloc
+    tuned (``tune_malloc``), as ``bnff bench --tuned-malloc`` runs it; each round runs ``setups[v]()``
+    then one step for every ``v`` in order, after 2 warm-up rounds; the last setting is left on.
+
+    Returns:
+        ``{"model", "step_s": {v: [s per round]}, "median_step_s": {v: s}, "first - last per round, s":
+        {"median", "quartiles"}}``: the per-round difference of the first and the last setting (a
+        round's steps share the machine's mode of the moment).
+    """
+    tune_malloc()
+    torch.manual_seed(0)
+    cl = torch.channels_last
+    net = models.MODELS[model](num_classes=1000).train().to(memory_format=cl)
+    x = torch.randn(16, 3, 224, 224).contiguous(memory_format=cl)
+    y = torch.randint(0, 1000, (16,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        net = bnff.restructure(net, backend="cpu", example_input=x)
+    step = _train_step(net, torch.optim.SGD(net.parameters(), lr=1e-4, momentum=0.9), x, y, True)
+    times: dict[str, list[float]] = {v: [] for v in setups}
+    for r in range(rounds + 2):
+        for v, setup in setups.items():
+            setup()
+            t = _timed(step)
+            if r >= 2:
+                times[v].append(t)
+    first, last = list(times.values())[0], list(times.values())[-1]
+    diff = sorted(a - b for a, b in zip(first, last))
+    return {"model": model, "step_s": times, "median_step_s": {v: statistics.median(t) for v, t in times.items()},
+            "first - last per round, s": {"median": statistics.median(diff), "quartiles": statistics.quantiles(diff, n=4)}}
+
+
 # Where a step's time goes: ATen/bnff operators by name, in these categories (first match wins).
 # bnff's autograd Function appears as its own record: its self time is the Python of its forward and
 # backward (the plan's steps, the backend's checks), the operators it calls being counted apart.
@@ -326,4 +360,4 @@ def run(cfg: BenchConfig, progress: bool = True) -> dict:
             "unfused_groups": unfused_groups, "fusable_groups": fusable, "profiles": profiles}
 
 
-__all__ = ["BenchConfig", "PROFILE_CATEGORIES", "VARIANTS", "profile_step", "run", "tune_malloc"]
+__all__ = ["BenchConfig", "PROFILE_CATEGORIES", "VARIANTS", "alternate_steps", "profile_step", "run", "tune_malloc"]

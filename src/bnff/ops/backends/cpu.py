@@ -108,8 +108,9 @@ def build_spec(level: str | None = None) -> tuple[str, Path, list[str]]:
     """(extension name, build folder, compiler flags) of the kernels for ISA ``level`` (default ``isa()``).
 
     The name and folder carry the level and a hash of the flags, the torch version and the compiler,
-    so each gets its own cache under torch's extension root (``TORCH_EXTENSIONS_DIR``, default
-    ``~/.cache/torch_extensions``); torch rebuilds within a folder when the source changes.
+    so each gets its own cache under torch's extension root (``TORCH_EXTENSIONS_DIR`` if set, else
+    ``cpp_extension.get_default_build_root()``, ``~/.cache/torch_extensions``: torch's own rule for
+    ``load``); torch rebuilds within a folder when the source changes.
 
     Raises:
         ValueError: ``level`` is not one of ``ISA_FLAGS``.
@@ -122,7 +123,8 @@ def build_spec(level: str | None = None) -> tuple[str, Path, list[str]]:
     flags = _COMMON_FLAGS + ISA_FLAGS[level] + SHARED_DEFINES
     key = hashlib.sha256(repr((flags, torch.__version__, _compiler_id(), sys.version_info[:2])).encode()).hexdigest()
     name = f"bnff_cpu_{level}_{key[:10]}"
-    return name, Path(cpp_extension.get_default_build_root()) / name, flags
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()
+    return name, Path(root) / name, flags
 
 
 def load_extension(name: str, sources: list[str], directory: Path, flags: list[str], verbose: bool = False) -> None:

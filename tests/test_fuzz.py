@@ -1,4 +1,5 @@
-"""Fuzzed graphs: hypothesis draws small CNNs of conv/BN/ReLU/ReLU6/GELU/add/concat/pool and checks
+"""Fuzzed graphs: hypothesis draws small CNNs of conv/BN/add/concat/pool and activations of the table
+(ReLU, ReLU6, GELU, SiLU, Hardswish, LeakyReLU, ELU, Sigmoid, Mish, identity) and checks
 that the restructured model trains like eager for a step, on both backends, by the suite's rule
 (fp32: every output, gradient and running statistic as close to float64 as eager's, ``helpers.K``),
 exactly in float64 on the reference backend, and that every BN is either fused or listed unfused.
@@ -21,13 +22,16 @@ import torch.nn.functional as F
 from torch import nn
 
 import bnff
+from bnff import activations
 from helpers import FLOAT64_BOUND, assert_as_accurate_as_eager, compare_with_float64, randomize_bn, train_side_by_side
 from helpers import every_backend  # noqa: F401  (each test runs on every backend)
 
 pytestmark = pytest.mark.exactness
 
 EXAMPLES = int(os.environ.get("BNFF_FUZZ_EXAMPLES", "25"))
-ACTS = {"relu": nn.ReLU, "relu6": nn.ReLU6, "gelu": nn.GELU, "none": nn.Identity}
+ACTS = {"relu": nn.ReLU, "relu6": nn.ReLU6, "gelu": nn.GELU, "silu": nn.SiLU, "hardswish": nn.Hardswish,
+        "leaky_relu": lambda: nn.LeakyReLU(0.1), "elu": nn.ELU, "sigmoid": nn.Sigmoid, "mish": nn.Mish,
+        "none": nn.Identity}
 
 
 @dataclass(frozen=True)
@@ -57,7 +61,7 @@ def blocks(draw) -> list[Block]:
         strides += stride == 2
         result.append(Block(kind=draw(st.sampled_from(["cbr", "res", "cat", "pool"])), out=2 * draw(st.integers(1, 4)),
                             kernel=draw(st.sampled_from([1, 3])), stride=stride, grouped=draw(st.booleans()),
-                            act=draw(st.sampled_from(["relu", "relu6", "relu", "gelu", "none"])),
+                            act=draw(st.sampled_from(["relu", "relu6", "relu", "none", *ACTS])),
                             bn_affine=draw(st.booleans()), bn_momentum=draw(st.sampled_from([0.1, None, 0.3])),
                             projection=draw(st.booleans()), pool=draw(st.sampled_from(["max", "avg"]))))
     return result
@@ -121,8 +125,8 @@ def _batch(gen):
 
 
 def closest_calls(model: nn.Module, x: torch.Tensor) -> float:
-    """The float64 forward's closest call, relative to each layer's scale: min over ReLU/ReLU6 inputs
-    of the distance to a threshold (0, and 6 for ReLU6), and over max-pool windows of the gap between
+    """The float64 forward's closest call, relative to each layer's scale: min over activation inputs
+    of the distance to a threshold of the activation table (0 for ReLU, 0 and 6 for ReLU6, ...), and over max-pool windows of the gap between
     the largest and second-largest value.
 
     A value closer to a threshold than fp32 rounding (~1e-6 of the scale) is decided either way by
@@ -137,9 +141,8 @@ def closest_calls(model: nn.Module, x: torch.Tensor) -> float:
 
     def act_hook(mod, args):
         z = args[0]
-        closest.append(relative(z.abs(), z))
-        if isinstance(mod, nn.ReLU6):
-            closest.append(relative((z - 6).abs(), z))
+        for t in activations.spec(activations.module_kind(mod)).thresholds:
+            closest.append(relative((z - t).abs(), z))
 
     def pool_hook(mod, args):
         z = args[0]
@@ -148,7 +151,7 @@ def closest_calls(model: nn.Module, x: torch.Tensor) -> float:
         closest.append(relative(top[:, :, 0] - top[:, :, 1], z))
 
     ref = copy.deepcopy(model).double()
-    handles = [m.register_forward_pre_hook(act_hook) for m in ref.modules() if isinstance(m, (nn.ReLU, nn.ReLU6))]
+    handles = [m.register_forward_pre_hook(act_hook) for m in ref.modules() if activations.module_kind(m)]
     handles += [m.register_forward_pre_hook(pool_hook) for m in ref.modules() if isinstance(m, nn.MaxPool2d)]
     with torch.no_grad():
         ref(x.double())

@@ -18,23 +18,20 @@ from test_patterns import C, Pattern
 
 pytestmark = pytest.mark.exactness  # also run in make test's AVX2 rehearsal
 
-_mask = reference.activation_mask
+_grad = reference.activation_grad
 
 
-def _shifted(a, act):
-    """The right mask moved by one element (flat order)."""
-    m = _mask(a, act)
-    return None if m is None else torch.roll(m.flatten(), 1).view_as(m)
+def _shifted(g, t, act):
+    """The derivative taken at the neighbour's value: the right mask moved by one element (flat order)."""
+    return _grad(g, None if t is None else torch.roll(t.flatten(), 1).view_as(t), act)
 
 
-def _closest_call_flipped(a, act):
+def _closest_call_flipped(g, t, act):
     """The mask with its closest call decided the other way: the smallest positive activation counts
     as inactive, as if the backward's recomputed value were a few ulps lower than the forward's."""
-    m = _mask(a, act)
-    if m is None or not bool((a > 0).any()):
-        return m
-    smallest = a[a > 0].min()
-    return m & (a != smallest)
+    if t is None or not bool((t > 0).any()):
+        return _grad(g, t, act)
+    return _grad(g, torch.where(t == t[t > 0].min(), torch.zeros_like(t), t), act)
 
 
 def _pattern_steps(gen, shortcut=None):
@@ -48,7 +45,7 @@ def _pattern_steps(gen, shortcut=None):
 @pytest.mark.parametrize("shortcut", [None, "projection"], ids=["lone BN", "with shortcut"])
 def test_per_tensor_rule_catches_a_wrong_mask(mutation, shortcut, gen, monkeypatch):
     assert_as_accurate_as_eager(_pattern_steps(gen, shortcut))  # unmutated: passes
-    monkeypatch.setattr(reference, "activation_mask", mutation)
+    monkeypatch.setattr(reference, "activation_grad", mutation)
     with pytest.raises(AssertionError, match="less accurate than eager"):
         assert_as_accurate_as_eager(_pattern_steps(gen, shortcut))
 
@@ -58,7 +55,7 @@ def test_whole_network_rule_catches_a_shifted_mask(gen, monkeypatch):
     model = resnet18(num_classes=10, small_input=True)
     randomize_bn(model, gen)
     batch = lambda: (torch.randn(2, 3, 16, 16, generator=gen), torch.randint(0, 10, (2,), generator=gen))  # noqa: E731
-    monkeypatch.setattr(reference, "activation_mask", _shifted)
+    monkeypatch.setattr(reference, "activation_grad", _shifted)
     fused = bnff.restructure(copy.deepcopy(model), backend="reference")
     with pytest.raises(AssertionError, match="median gradient error"):
         assert_aggregate_as_accurate_as_eager(compare_with_float64(model, batch, steps=2, fused=fused))

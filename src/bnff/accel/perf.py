@@ -55,7 +55,8 @@ PHASES = ("fp", "dgrad", "wgrad", "bp")  # "bp": a backward VecU pass
 OPS = {"bn_stats": 2, "bn_apply": 1, "bn_grad_stats": 2, "bn_dx": 2, "pointwise": 1}
 """MAC-unit operations per element in PreU/PostU: statistics x+acc and x*x+acc (seed 002 eq. 1,
 18); apply F1*x+F2 (eq. 9); S1, S2 dy+acc and dy*x+acc (eq. 16, 17); dx F1*dy + B*x + C as two
-MACs (eq. 12); ReLU/ReLU6, a mask, an add: one operation."""
+MACs (eq. 12); an add: one operation; an activation and its derivative: the activation table's
+counts (``bnff.activations``; ReLU and its mask one each)."""
 
 
 @dataclass
@@ -156,7 +157,7 @@ class _Machine:
         elif member:  # a fused group's BN, add, activation or concatenation: its steps say what runs
             pass
         elif layer.kind in MEMORY_INTENSIVE:
-            self.steps(eager_steps(layer.node.name, layer.kind.value, tuple(i.name for i in layer.inputs)).steps)
+            self.steps(eager_steps(layer.node.name, layer.kind.value, tuple(i.name for i in layer.inputs), layer.act).steps)
         elif not (layer.view or layer.kind == Kind.FLATTEN):  # pools, concatenations, other layers: VecU passes
             x = sum(lg.numel(i) for i in layer.inputs)
             self.vecu(layer, "fp", x + layer.out_numel)
@@ -240,7 +241,7 @@ class _Machine:
         return sum(self.lg.numel(self.lg.node(r.node)) for r in refs if not r.vector)
 
     def _ops(self, step: Step) -> int:
-        return sum(OPS[f.kind] * self.lg.numel(self.lg.node(f.over.node)) for f in step.flops)
+        return sum((OPS[f.kind] if f.count is None else f.count) * self.lg.numel(self.lg.node(f.over.node)) for f in step.flops)
 
     def _host(self, step: Step, group) -> tuple[Layer | None, str, str]:
         """(hosting layer or None, phase, "pre" | "post") of a fused step (module docstring)."""

@@ -2,7 +2,8 @@
 
 This classification is shared by ``bnff.restructure`` (pattern matching) and the analyses
 (traffic model), so that every part of bnff agrees on what counts as, say, a ReLU: the module
-``nn.ReLU``, ``F.relu``, ``torch.relu``, ``Tensor.relu`` and their in-place spellings.
+``nn.ReLU``, ``F.relu``, ``torch.relu``, ``Tensor.relu`` and their in-place spellings. Which calls are
+activations, and of which kind, is the activation table's to say (``bnff.activations.recognize``).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from bnff import activations
 from bnff.modules import SyncBatchNorm
 
 
@@ -43,7 +45,8 @@ class NodeInfo:
 
     Attributes:
         kind: the layer kind.
-        act: "relu" or "relu6" for activations (other activations are ``Kind.OTHER``).
+        act: the activation kind (``bnff.activations``: "relu", "silu", "leaky_relu(0.1)", ...) of an
+            activation; calls the table does not know are ``Kind.OTHER``.
         operands: the tensor inputs that matter for the kind (the BN/act input; the two addends).
         module: the called module for ``call_module`` nodes.
     """
@@ -54,8 +57,6 @@ class NodeInfo:
     module: nn.Module | None = None
 
 
-_RELU_FUNCS = {F.relu, torch.relu, torch.relu_, torch.nn.functional.relu_}
-_RELU6_FUNCS = {F.relu6}
 _ADD_FUNCS = {operator.add, operator.iadd, torch.add}
 _MAXPOOL_FUNCS = {F.max_pool2d, F.adaptive_max_pool2d}
 _AVGPOOL_FUNCS = {F.avg_pool2d, F.adaptive_avg_pool2d}
@@ -63,12 +64,6 @@ _AVGPOOL_FUNCS = {F.avg_pool2d, F.adaptive_avg_pool2d}
 
 def _plain_forward(m: nn.Module, base: type) -> bool:
     return type(m).forward is base.forward
-
-
-def _is_relu6_hardtanh(args: tuple, kwargs: dict) -> bool:
-    lo = args[1] if len(args) > 1 else kwargs.get("min_val", -1.0)
-    hi = args[2] if len(args) > 2 else kwargs.get("max_val", 1.0)
-    return lo == 0.0 and hi == 6.0
 
 
 def classify(node: fx.Node, modules: dict[str, nn.Module]) -> NodeInfo:
@@ -79,6 +74,9 @@ def classify(node: fx.Node, modules: dict[str, nn.Module]) -> NodeInfo:
         return NodeInfo(Kind.INPUT)
     if node.op == "output":
         return NodeInfo(Kind.OUTPUT)
+    act = activations.recognize(node, modules)
+    if act is not None and first:
+        return NodeInfo(Kind.ACT, act, first, modules.get(node.target) if node.op == "call_module" else None)
     if node.op == "call_module":
         m = modules[node.target]
         if isinstance(m, nn.Conv2d) and _plain_forward(m, nn.Conv2d):
@@ -87,10 +85,6 @@ def classify(node: fx.Node, modules: dict[str, nn.Module]) -> NodeInfo:
                 (isinstance(m, nn.SyncBatchNorm) and _plain_forward(m, nn.SyncBatchNorm)) or \
                 (isinstance(m, SyncBatchNorm) and _plain_forward(m, SyncBatchNorm)):
             return NodeInfo(Kind.BN, operands=first, module=m)
-        if isinstance(m, nn.ReLU):
-            return NodeInfo(Kind.ACT, "relu", first, m)
-        if isinstance(m, nn.Hardtanh) and m.min_val == 0.0 and m.max_val == 6.0:  # nn.ReLU6
-            return NodeInfo(Kind.ACT, "relu6", first, m)
         if isinstance(m, (nn.MaxPool2d, nn.AdaptiveMaxPool2d)):
             return NodeInfo(Kind.MAXPOOL, operands=first, module=m)
         if isinstance(m, (nn.AvgPool2d, nn.AdaptiveAvgPool2d)):
@@ -102,10 +96,6 @@ def classify(node: fx.Node, modules: dict[str, nn.Module]) -> NodeInfo:
         return NodeInfo(Kind.OTHER, module=m)
     if node.op == "call_function":
         fn = node.target
-        if fn in _RELU_FUNCS:
-            return NodeInfo(Kind.ACT, "relu", first)
-        if fn in _RELU6_FUNCS or (fn is F.hardtanh and _is_relu6_hardtanh(args, kwargs)):
-            return NodeInfo(Kind.ACT, "relu6", first)
         if fn in _ADD_FUNCS and _tensor_add(args, kwargs):
             return NodeInfo(Kind.ADD, operands=(args[0], args[1]))
         if fn in _MAXPOOL_FUNCS:
@@ -118,8 +108,6 @@ def classify(node: fx.Node, modules: dict[str, nn.Module]) -> NodeInfo:
             return NodeInfo(Kind.FLATTEN, operands=first)
         return NodeInfo(Kind.OTHER)
     if node.op == "call_method":
-        if node.target in ("relu", "relu_"):
-            return NodeInfo(Kind.ACT, "relu", first)
         if node.target in ("add", "add_") and _tensor_add(args, kwargs):
             return NodeInfo(Kind.ADD, operands=(args[0], args[1]))
         if node.target == "flatten":
@@ -127,18 +115,12 @@ def classify(node: fx.Node, modules: dict[str, nn.Module]) -> NodeInfo:
     return NodeInfo(Kind.OTHER)
 
 
-_INPLACE_FUNCS = {torch.relu_, torch.nn.functional.relu_, operator.iadd}
-
-
 def is_inplace(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     """Whether ``node`` writes its result into its (first) input's storage: ``nn.ReLU(inplace=True)``,
-    ``nn.ReLU6(inplace=True)``, ``F.relu(x, inplace=True)``, ``relu_``, ``out += identity``."""
+    ``nn.SiLU(inplace=True)``, ``F.relu(x, inplace=True)``, ``relu_``, ``out += identity``."""
     if node.op == "call_module":
         return bool(getattr(modules.get(node.target), "inplace", False))
-    if node.op == "call_function":
-        return node.target in _INPLACE_FUNCS or bool(node.kwargs.get("inplace", False)) or (
-            node.target in (F.relu, F.relu6, F.hardtanh) and len(node.args) > 1 and node.args[-1] is True)
-    return node.op == "call_method" and isinstance(node.target, str) and node.target.endswith("_")
+    return activations.is_inplace_call(node)
 
 
 def cat_dim(node: fx.Node) -> int | None:

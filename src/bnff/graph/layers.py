@@ -35,7 +35,7 @@ class Layer:
         node: the fx node (of ``LayerGraph.gm``).
         name: the module's qualified name ("layer1.0.conv1"), or the fx node name for functions.
         kind: the layer kind.
-        act: "relu"/"relu6" for activations, else None.
+        act: an activation's kind (``bnff.activations``: "relu", "silu", "leaky_relu(0.1)", ...), else None.
         inputs: the tensor-valued input nodes, in argument order.
         out_shape: output shape, e.g. (N, C, H, W).
         weight_numel: elements of the layer's parameters (conv/linear weight and bias, BN gamma/beta).

@@ -350,6 +350,8 @@ def _executor(spec: _Spec, flat: tuple, maps: list[Tensor], out_dtype: torch.dty
         return None
     if any(s is not None for s in spec.sync) or (spec.amp is not None and spec.amp != out_dtype):
         return None
+    if backends.cpu.act_why(spec.group.act_kind) is not None:
+        return None
     convs = []
     for w, sl in zip(spec.consumers, lay.params):
         geometry = getattr(w, "geometry", None)
@@ -463,8 +465,8 @@ class _ApplyConsume(torch.autograd.Function):
                                                   f1s[k], env.flat[lay.terms[k].beta], ctx.out_dtype)
                 sums_known(k)
             elif kind == "grad_stats":
-                env.t[dy_key], s1s, s2cs = be.grad_stats(env.t[g_key], env.t.get(a_key) if g.act else None,
-                                                         g.act_kind, env.all_sources(), env.means())
+                env.t[dy_key], s1s, s2cs = be.grad_stats(env.t[g_key], env.t.get(a_key), g.act_kind, env.all_sources(),
+                                                         env.means(), f1s, env.betas(), env.flat[lay.residuals])
                 for j in range(len(lay.terms)):
                     sums_known(j)
             elif kind in ("input_grad", "input_grad_x") and any(needs[lay.terms[k].sources]):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from bnff import activations
 from bnff.plan.steps import Ref, Schedule
 
 
@@ -33,7 +34,7 @@ class GroupPlan:
         residuals: identity-shortcut nodes added before the activation.
         add: the add node, or None.
         act: the activation node, or None.
-        act_kind: "relu", "relu6" or None.
+        act_kind: the activation kind (``bnff.activations``: "relu", "silu", "leaky_relu(0.1)", ...) or None.
         consumers: the nodes that take the result as pre-processing (empty: the result is
             materialized, i.e. written once and read by its users).
         materialized_because: why the result is materialized, or None.
@@ -80,11 +81,25 @@ class GroupPlan:
         return len(self.terms) == 1 and not self.residuals
 
     @property
+    def derivative_reads(self) -> str | None:
+        """What the activation's derivative is computed from (``bnff.activations``): "a", the result
+        (ReLU's mask, seed 002 eq. 19-20); "z", the pre-activation, recomputed from the BN inputs and
+        shortcuts (SiLU, GELU, ...); None without an activation, or for the identity."""
+        return activations.reads(self.act_kind)
+
+    @property
     def keeps_result(self) -> bool:
-        """A materialized result with an activation is kept for its mask (it is written anyway, and a
-        convolution reading it keeps it for its wgrad), unless the BN is lone: then both backward
-        sweeps recompute the mask from x, which they read anyway (seed 002 Table 2, patterns (4))."""
-        return not self.per_consumer and self.act is not None and not self.lone
+        """A materialized result whose activation's derivative reads it is kept for its mask (it is
+        written anyway, and a convolution reading it keeps it for its wgrad), unless the BN is lone:
+        then both backward sweeps recompute the mask from x, which they read anyway (seed 002 Table 2,
+        patterns (4))."""
+        return not self.per_consumer and self.derivative_reads == "a" and not self.lone
+
+    @property
+    def keeps_shortcuts(self) -> bool:
+        """The shortcuts are kept: the backward recomputes from them the result for the consumers'
+        wgrads, or the pre-activation z for an activation's derivative that reads it."""
+        return self.per_consumer or self.derivative_reads == "z"
 
     def x(self, k: int, source: str) -> Ref:
         """Feature map ``source`` of term ``k`` (charged to that BN)."""
@@ -106,6 +121,10 @@ class GroupPlan:
     def g_a(self) -> Ref:
         """The gradient arriving at the result."""
         return Ref(self.name, "grad", self.name)
+
+    def z(self) -> Ref:
+        """The pre-activation, recomputed on the way (never stored)."""
+        return Ref(self.name, "z", self.name)
 
     def dy(self) -> Ref:
         """The masked gradient dy, shared by every BN and shortcut of the group."""

@@ -10,13 +10,16 @@ bytes and FLOPs of every schedule; the hardware models read them too.
 ``bnff`` (sweeps around library convolutions; what ``bnff.ops`` executes)
     Forward: one statistics sweep per feature map the group owns (MVF; ICF: a map normalized by
     several BNs is swept once, by the first group), one apply sweep writing a, the consumers run.
-    Kept: the BN inputs, two (C,) vectors per BN, the shortcuts when a is recomputed, a itself only
-    when it is materialized with an activation and a shortcut (its mask).
+    Kept: the BN inputs, two (C,) vectors per BN, the shortcuts when a is recomputed or the
+    activation's derivative reads its input z (``bnff.activations``: SiLU, GELU, ...), a itself only
+    when it is materialized with an activation whose derivative reads it and a shortcut (its mask).
     Backward: a gradient arriving as a slice of a concatenation's gradient made dense once, a
     recomputed for the consumers' wgrads (a sweep writing it), the consumers' data
     gradients summed pairwise; then a lone BN (one BN, no shortcut) reduces S1, S2 and forms dx in
     two sweeps that read g_a and x and recompute the mask from x, writing no dy; any other group
-    writes dy once (it is also the shortcut's gradient) and forms dx per BN from it.
+    writes dy once (it is also the shortcut's gradient) and forms dx per BN from it; that sweep reads
+    the result a for the mask, or, for an activation whose derivative reads z, the shortcuts, and
+    recomputes z from them and the BN inputs on the way.
 ``fused`` (seed 002 section 2.3; PreU/PostU on the accelerator)
     Statistics, apply, mask, S1 and S2 run inside the convolutions on chip. Off chip remain: a
     consumer reading the BN inputs and shortcuts instead of its ifmap (all but the first are
@@ -27,19 +30,22 @@ bytes and FLOPs of every schedule; the hardware models read them too.
 
 from __future__ import annotations
 
+from bnff import activations
 from bnff.plan.group import GroupPlan
 from bnff.plan.steps import Flop, Ref, Schedule, Step
 
 SCHEMES = ("unfused", "bnff", "fused")
 
 
-def eager_steps(node: str, kind: str, inputs: tuple[str, ...]) -> Schedule:
+def eager_steps(node: str, kind: str, inputs: tuple[str, ...], act: str | None = None) -> Schedule:
     """A BN, activation or add executed as a layer of its own (seed 002 section 1.2).
 
     Args:
         node: the layer's fx node name.
         kind: "bn", "act" or "add" (``bnff.graph.Kind`` values).
         inputs: its tensor inputs' node names (one; two for an add).
+        act: an activation's kind (``bnff.activations``): its FLOPs, and whether its backward reads its
+            output or its input (None: ReLU's counts, the output).
     Raises:
         ValueError: another kind.
     """
@@ -54,8 +60,10 @@ def eager_steps(node: str, kind: str, inputs: tuple[str, ...]) -> Schedule:
              Step("bp", "bn_input_grad", (g_out, x), (g_x,), flops=(Flop("bn_dx", x),))))
     if kind == "act":
         x, g_x = Ref(inputs[0], "ofmap", node), Ref(inputs[0], "grad", node)
-        return Schedule((Step("fp", "act", (x,), (out,), flops=(Flop("pointwise", x),)),),
-                        (Step("bp", "act_backward", (g_out, out), (g_x,), flops=(Flop("pointwise", x),)),))
+        f = activations.spec(act or "relu")
+        return Schedule((Step("fp", "act", (x,), (out,), flops=(Flop("pointwise", x, f.entry.flops),)),),
+                        (Step("bp", "act_backward", (g_out, x if f.entry.eager_saves == "input" else out), (g_x,),
+                              flops=(Flop("pointwise", x, f.entry.grad_flops),)),))
     if kind == "add":
         return Schedule((Step("fp", "add", tuple(Ref(i, "ofmap", node) for i in inputs), (out,),
                               flops=(Flop("pointwise", out),)),), ())
@@ -69,19 +77,30 @@ def unfused(g: GroupPlan) -> Schedule:
         addends = tuple(t.bn for t in g.terms) + g.residuals
         parts.append(eager_steps(g.add, "add", addends))
     if g.act is not None:
-        parts.append(eager_steps(g.act, "act", (g.add or (g.terms[0].bn if g.terms else g.residuals[0]),)))
+        parts.append(eager_steps(g.act, "act", (g.add or (g.terms[0].bn if g.terms else g.residuals[0]),), g.act_kind))
     return Schedule(tuple(s for p in parts for s in p.forward), tuple(s for p in reversed(parts) for s in p.backward))
 
 
+def _z_flops(g: GroupPlan) -> tuple[Flop, ...]:
+    """The pre-activation's arithmetic: F1*(x-mu)+beta per BN element, one add per shortcut element."""
+    return tuple(Flop("bn_apply", x) for x in g.xs()) + tuple(Flop("pointwise", r) for r in g.rs())
+
+
 def _apply_flops(g: GroupPlan) -> tuple[Flop, ...]:
-    """The apply step's arithmetic: F1*(x-mu)+beta per BN element, one add per shortcut element,
-    the activation per result element."""
-    return (tuple(Flop("bn_apply", x) for x in g.xs()) + tuple(Flop("pointwise", r) for r in g.rs())
-            + ((Flop("pointwise", g.a()),) if g.act else ()))
+    """The apply step's arithmetic: the pre-activation, then the activation per result element (its
+    count from ``bnff.activations``)."""
+    return _z_flops(g) + ((Flop("pointwise", g.a(), activations.spec(g.act_kind).entry.flops),) if g.act else ())
 
 
 def _mask_flops(g: GroupPlan) -> tuple[Flop, ...]:
-    return (Flop("pointwise", g.a()),) if g.act else ()
+    """dy = g_a * f'(.) per result element (the table's count)."""
+    return (Flop("pointwise", g.a(), activations.spec(g.act_kind).entry.grad_flops),) if g.act else ()
+
+
+def _mask_reads(g: GroupPlan) -> tuple[Ref, ...]:
+    """What a backward sweep of a group with several terms or a shortcut reads for the activation's
+    derivative besides g_a and the BN inputs: the result a, or the shortcuts to recompute z from."""
+    return {"a": (g.a(),), "z": tuple(g.rs()), None: ()}[g.derivative_reads]
 
 
 def _vectors(g: GroupPlan, *roles: str) -> tuple[Ref, ...]:
@@ -89,9 +108,10 @@ def _vectors(g: GroupPlan, *roles: str) -> tuple[Ref, ...]:
 
 
 def _keeps(g: GroupPlan) -> tuple[Ref, ...]:
-    """What both fused schemes keep: each BN input, mean and var per BN, the shortcuts when a is
-    recomputed, a itself when it is materialized with an activation and a shortcut."""
-    return (tuple(g.xs()) + _vectors(g, "mean", "var") + (tuple(g.rs()) if g.per_consumer else ())
+    """What both fused schemes keep: each BN input, mean and var per BN, the shortcuts when a or z is
+    recomputed, a itself when it is materialized with an activation whose derivative reads it and a
+    shortcut."""
+    return (tuple(g.xs()) + _vectors(g, "mean", "var") + (tuple(g.rs()) if g.keeps_shortcuts else ())
             + ((g.a(),) if g.keeps_result else ()))
 
 
@@ -112,23 +132,24 @@ def bnff(g: GroupPlan) -> Schedule:
     fp.append(Step("fp", "apply", inputs, (a,), keeps=_keeps(g), flops=_apply_flops(g)))
     fp += [Step("fp", "consume", consumer=i) for i in range(len(g.consumers))]
     bp = [Step("bp", "grad_layout", (g_a,), (g_a,))] if g.grad_slice else []
-    if g.per_consumer or (g.act is not None and not g.lone and not g.keeps_result):
+    if g.per_consumer:
         bp.append(Step("bp", "recompute", inputs, (a,), recomputes=(a,), flops=_apply_flops(g)))
     bp += [Step("bp", "consumer_backward", consumer=i) for i in range(len(g.consumers))]
     bp += [Step("bp", "grad_add", (g_a, Ref(g.name, "dgrad", g.name)), (g_a,), flops=(Flop("pointwise", a),), consumer=i)
            for i in range(1, len(g.consumers))]
     if g.lone:
         x = tuple(g.xs(0))
-        again = (a,) if g.act else ()
+        again = {"a": (a,), "z": (g.z(),), None: ()}[g.derivative_reads]
         remask = tuple(Flop("bn_apply", r) for r in x) + _mask_flops(g) if g.act else ()
         bp.append(Step("bp", "grad_stats_x", (g_a, *x), _vectors(g, "s1", "s2"), recomputes=again,
                        flops=tuple(Flop("bn_grad_stats", r) for r in x) + remask, term=0))
         bp.append(Step("bp", "input_grad_x", (g_a, *x), _dx(g, 0), recomputes=again,
                        flops=tuple(Flop("bn_dx", r) for r in x) + remask, term=0))
     else:
-        mask = (a,) if g.act else ()
-        bp.append(Step("bp", "grad_stats", (g_a, *mask, *g.xs()), (g.dy(), *_vectors(g, "s1", "s2")),
-                       flops=tuple(Flop("bn_grad_stats", x) for x in g.xs()) + _mask_flops(g)))
+        z = g.derivative_reads == "z"
+        bp.append(Step("bp", "grad_stats", (g_a, *_mask_reads(g), *g.xs()), (g.dy(), *_vectors(g, "s1", "s2")),
+                       recomputes=(g.z(),) if z else (),
+                       flops=tuple(Flop("bn_grad_stats", x) for x in g.xs()) + (_z_flops(g) if z else ()) + _mask_flops(g)))
         bp += [Step("bp", "input_grad", (g.dy(), *g.xs(k)), _dx(g, k), flops=tuple(Flop("bn_dx", x) for x in g.xs(k)),
                     term=k) for k in range(len(g.terms))]
     return Schedule(tuple(fp), tuple(bp))
@@ -154,8 +175,9 @@ def fused(g: GroupPlan) -> Schedule:
         bp += [Step("bp", "grad_add", (Ref(g.name, "dgrad", g.name),), consumer=i) for i in range(1, len(g.consumers))]
         bp.append(Step("bp", "grad_stats", flops=tuple(Flop("bn_grad_stats", x) for x in g.xs()) + _mask_flops(g)))
     else:  # S2 needs x; a user hosting the post-process reads the kept result for its wgrad anyway
-        own = () if g.host else ((g.g_a(), *((a,) if g.act else ())), (g.dy(),))
-        bp.append(Step("bp", "grad_stats", tuple(g.xs()) + (own[0] if own else ()), own[1] if own else (),
+        z = tuple(g.rs()) if g.derivative_reads == "z" else ()  # a host reads the shortcuts for z too
+        own = z if g.host else (g.g_a(), *_mask_reads(g))
+        bp.append(Step("bp", "grad_stats", tuple(g.xs()) + own, () if g.host else (g.dy(),),
                        flops=tuple(Flop("bn_grad_stats", x) for x in g.xs()) + _mask_flops(g)))
     owned = {x for _, x in _owned(g)}
     bp += [Step("bp", "input_grad", tuple(x for x in g.xs(k) if x in owned), flops=tuple(Flop("bn_dx", x) for x in g.xs(k)),

@@ -17,6 +17,8 @@ ROLES = {
     "grad": "dL/d(the node's output): g_a at a group result, dx at a BN's feature map",
     "dgrad": "the data gradient one consumer's backward hands to the group result (the step names which)",
     "dy": "dL/d(BN output), the activation mask applied (seed 002 eq. 19, 20)",
+    "z": "the pre-activation sum_k BN_k(x_k) + sum_j r_j, recomputed on the way for an activation whose "
+         "derivative reads its input (SiLU, GELU, ...; bnff.activations)",
     "mean": "per-channel (C,) mean of a BN (vector)",
     "var": "per-channel (C,) biased variance of a BN (vector)",
     "s1": "per-channel (C,) S1 = sum(dy)/m of a BN (vector; seed 002 eq. 16)",
@@ -62,10 +64,15 @@ class Ref:
 
 @dataclass(frozen=True)
 class Flop:
-    """``FLOP_KINDS`` operations per element of ``over``'s tensor, charged to ``over.charge``."""
+    """``FLOP_KINDS`` operations per element of ``over``'s tensor, charged to ``over.charge``.
+
+    ``count``: the operations per element when the plan fixes them (an activation's and its
+    derivative's, from ``bnff.activations``); None: the models' own figure for ``kind``.
+    """
 
     kind: str
     over: Ref
+    count: int | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in FLOP_KINDS:

@@ -9,6 +9,7 @@ from rich.console import Console
 from rich.table import Table
 from torch import nn
 
+from bnff import activations
 from bnff.plan.match import Group, Unfused
 
 
@@ -22,7 +23,7 @@ class FusedGroup:
         sources: per BN, the layers producing the feature maps it normalizes (several when the
             BN's input is a concatenation: inter-composite-layer fusion).
         add: whether a residual add is fused.
-        act: "relu", "relu6" or None.
+        act: the activation kind (``bnff.activations``: "relu", "silu", "leaky_relu(0.1)", ...) or None.
         residuals: fx names of identity-shortcut tensors added.
         consumers: the layers that take the result as pre-processing (module names, or fx node
             names of functional pools); empty when it is materialized.
@@ -47,7 +48,7 @@ class FusedGroup:
         parts = ["ICF"] if self.icf else []
         parts += ["BN" if len(self.bns) == 1 else f"{len(self.bns)}xBN"] if self.bns else []
         parts += ["Add"] if self.add else []
-        parts += [self.act.upper() if self.act == "relu6" else "ReLU"] if self.act else []
+        parts += [activations.spec(self.act).display] if self.act else []
         return "+".join(parts)
 
 

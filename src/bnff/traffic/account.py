@@ -103,7 +103,7 @@ def _layer_io(led: _Ledger, layer: Layer) -> None:
                 add(layer, wb, bp_dgrad=w)
         add(layer, flops_fp=flops, flops_wgrad=flops, flops_dgrad=flops if dgrad else 0)
     elif k in MEMORY_INTENSIVE:
-        _charge(led, eager_steps(layer.node.name, k.value, tuple(i.name for i in layer.inputs)))
+        _charge(led, eager_steps(layer.node.name, k.value, tuple(i.name for i in layer.inputs), layer.act))
     elif k in (Kind.MAXPOOL, Kind.AVGPOOL):
         if a.count_layer_io:
             add(layer, fp_read=x, fp_write=out, bp_pointwise=out + x)
@@ -160,7 +160,7 @@ def _charge_steps(led: _Ledger, steps: tuple) -> None:
             if not ref.vector:
                 led.charge(lg.layer(ref.charge), "fp_write" if fp else "bp_pointwise", lg.numel(lg.node(ref.node)))
         for f in step.flops:
-            per = getattr(a, f"{f.kind}_flops")
+            per = f.count if f.count is not None else getattr(a, f"{f.kind}_flops")
             led.charge(lg.layer(f.over.charge), "flops_fp" if fp else _FLOP_FIELD.get(f.kind, "flops_dgrad"),
                        per * lg.numel(lg.node(f.over.node)))
         previous = step.reads if step.kind not in ("consume", "consumer_backward") else ()

@@ -6,14 +6,16 @@ Two policies (``Assumptions.footprint``):
     Each layer keeps what its backward reads, each storage once; an in-place layer or a view
     shares its input's storage. Executed on its own (``unfused``, and layers outside fused
     groups): a convolution or linear layer keeps its input; BN its input and four per-channel
-    vectors (running mean and variance, saved mean and inverse std); ReLU its output; ReLU6
-    (hardtanh) its input, which in-place ReLU6 first copies (its output overwrites it); a
-    max-pool its input and its argmax indices; an average pool its input (a global one, computed
+    vectors (running mean and variance, saved mean and inverse std); an activation what the
+    activation table says eager autograd keeps (``bnff.activations``: ReLU, Sigmoid and Tanh their
+    output, the others their input; in place, ReLU, LeakyReLU and the ELU family their output, the
+    others a copy of their input, which their output overwrites); a max-pool its input and its argmax indices; an average pool its input (a global one, computed
     as a mean, nothing); dropout its mask; an add, a concatenation or a view nothing; any other
     layer its inputs. A fused group (``bnff``, ``fused``) keeps its BN inputs (each feature map once,
     never their concatenation) and two per-channel vectors per BN, its shortcuts when its
-    consumers recompute the result in the backward, and its result when that is materialized with
-    an activation and a shortcut (the mask; seed 002 Table 2 patterns (4)). Its consumers keep
+    consumers recompute the result in the backward or its activation's derivative reads the
+    pre-activation, and its result when that is materialized with an activation whose derivative
+    reads its output, and a shortcut (the mask; seed 002 Table 2 patterns (4)). Its consumers keep
     nothing: their input is recomputed.
 ``all_outputs`` (seed 002 Table 2)
     Every ofmap a layer writes in the forward stays in off-chip memory until the backward:
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import torch.fx as fx
 
+from bnff import activations
 from bnff.graph.kinds import Kind
 from bnff.graph.layers import Layer, LayerGraph
 from bnff.plan import FusionPlan
@@ -65,12 +68,13 @@ def _eager(kept: _Kept, layer: Layer) -> None:
     elif k == Kind.BN:
         kept.tensor(ins[0], layer)
         kept.extra(layer, "vectors", 4 * layer.out_shape[1] * a.vector_bytes)
-    elif k == Kind.ACT and layer.act == "relu":
-        kept.tensor(layer.node, layer)
-    elif k == Kind.ACT and layer.inplace:  # in-place hardtanh_ keeps a copy of its input
-        kept.extra(layer, "input copy", layer.out_numel * a.element_bytes)
-    elif k == Kind.ACT:
-        kept.tensor(ins[0], layer)
+    elif k == Kind.ACT:  # what eager autograd keeps, from the activation table
+        entry = activations.spec(layer.act).entry
+        saves = entry.inplace_saves if layer.inplace else entry.eager_saves
+        if saves == "copy":  # e.g. in-place hardtanh_ or silu_ clone their input before overwriting it
+            kept.extra(layer, "input copy", layer.out_numel * a.element_bytes)
+        elif entry.name != "identity":
+            kept.tensor(layer.node if saves == "result" else ins[0], layer)
     elif k == Kind.MAXPOOL:
         kept.tensor(ins[0], layer)
         kept.extra(layer, "indices", layer.out_numel * a.index_bytes)

@@ -40,7 +40,9 @@ from bnff.ops.backends import reference
 _SOURCES = [Path(__file__).parent / "csrc" / "bnff_cpu.cpp", Path(__file__).parent / "csrc" / "bnff_group.cpp"]
 # Constants the kernels share with this module, defined here only and passed to the compiler as -D flags
 # (so they are part of the build cache's key).
-ACT_CODES = {None: 0, "relu": 1, "relu6": 2}  # the activation argument of apply / grad_stats / *_x
+# The activation argument of apply / grad_stats / *_x: the kinds of bnff.activations the kernels compute
+# (the identity is no activation to them); any other kind runs the reference sweeps (``act_why``)
+ACT_CODES = {None: 0, "identity": 0, "relu": 1, "relu6": 2}
 LAYOUT_CODES = {"nchw": 0, "nhwc": 1}  # the layout argument of every sweep (``_layout`` decides it)
 MAX_TERMS = 4  # BN terms or shortcuts of one call the kernels take; more run the reference
 # The plan's step kinds the group executor (csrc/bnff_group.cpp) runs, as its program encodes them
@@ -53,9 +55,10 @@ SHARED_DEFINES = [f"-DBNFF_ACT_NONE={ACT_CODES[None]}", f"-DBNFF_ACT_RELU={ACT_C
 # group_backward) rather than step by step in Python; BNFF_NO_GROUP_EXECUTOR=1 turns it off (A/B, debugging)
 GROUP_EXECUTOR = not os.environ.get("BNFF_NO_GROUP_EXECUTOR")
 _state: dict[str, object] = {}
-COVERAGE = ("float32 and bfloat16 feature maps (NCHW or channels_last) in the C++ kernels, a group with "
-            "convolution consumers as one C++ call per direction (the group executor); float64, mixed "
-            "or non-contiguous layouts in the reference sweeps (bnff.ops.backends.cpu.fallbacks() counts them "
+COVERAGE = ("float32 and bfloat16 feature maps (NCHW or channels_last) with ReLU, ReLU6 or no activation in "
+            "the C++ kernels, a group with convolution consumers as one C++ call per direction (the group "
+            "executor); float64, mixed or non-contiguous layouts and the other activations of "
+            "bnff.activations in the reference sweeps (bnff.ops.backends.cpu.fallbacks() counts them "
             "by reason, kernel_calls() the kernels' own entries)")
 
 # ATen's vector headers (at::vec::Vectorized) choose their implementation, and the inline namespace
@@ -345,6 +348,11 @@ def _falls_back(sweep: Callable) -> Callable:
     return run
 
 
+def act_why(act: str | None) -> str | None:
+    """Why the kernels do not compute activation ``act``, or None when they do (``ACT_CODES``)."""
+    return None if act in ACT_CODES else f"activation {act} (the kernels compute ReLU and ReLU6)"
+
+
 def _terms_why(n: int) -> str | None:
     return f"more than {MAX_TERMS} BN terms or shortcuts" if n > MAX_TERMS else None
 
@@ -397,7 +405,8 @@ def apply(sources: list[list[Tensor]], means: list[Tensor], f1s: list[Tensor], b
           residuals: list[Tensor], act: str | None, out_dtype: torch.dtype) -> Tensor:
     """``reference.apply`` in one fused sweep."""
     flat = [s for srcs in sources for s in srcs]
-    layout = _require("apply", *flat, *residuals, why=_out_why(out_dtype) or _terms_why(max(len(sources), len(residuals))))
+    layout = _require("apply", *flat, *residuals,
+                      why=act_why(act) or _out_why(out_dtype) or _terms_why(max(len(sources), len(residuals))))
     maps = _one_dtype([*flat, *residuals])
     flat, residuals = maps[:len(flat)], maps[len(flat):]
     return torch.ops.bnff.apply(flat, [len(s) for s in sources], [_f32(m) for m in means], [_f32(f) for f in f1s],
@@ -407,14 +416,18 @@ def apply(sources: list[list[Tensor]], means: list[Tensor], f1s: list[Tensor], b
 
 @_falls_back
 def grad_stats(g_a: Tensor, a: Tensor | None, act: str | None, sources: list[list[Tensor]],
-               means: list[Tensor]) -> tuple[Tensor, list[Tensor], list[Tensor]]:
-    """``reference.grad_stats`` in one fused sweep; dy keeps ``g_a``'s dtype (dz * mask is exact in it)."""
+               means: list[Tensor], f1s: list[Tensor] | None = None, betas: list[Tensor | None] | None = None,
+               residuals: list[Tensor] = ()) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+    """``reference.grad_stats`` in one fused sweep; dy keeps ``g_a``'s dtype (dz * mask is exact in it).
+    The kernels take the mask from a (``ACT_CODES``); ``f1s``, ``betas``, ``residuals`` serve the
+    reference's recomputed pre-activation for the other activations."""
     flat = [s for srcs in sources for s in srcs]
+    masked = bool(ACT_CODES.get(act))
     if flat:
         g_a, a = _like_layout(g_a, flat[0]), _like_layout(a, flat[0])
-    layout = _require("grad_stats", g_a, a if act is not None else None, *flat, why=_terms_why(len(sources)))
+    layout = _require("grad_stats", g_a, a if masked else None, *flat, why=act_why(act) or _terms_why(len(sources)))
     *flat, a = _one_dtype([*flat, a])
-    dy, s1s, s2cs = torch.ops.bnff.grad_stats(g_a, a if act is not None else None, ACT_CODES[act], flat,
+    dy, s1s, s2cs = torch.ops.bnff.grad_stats(g_a, a if masked else None, ACT_CODES[act], flat,
                                               [len(s) for s in sources], [_f32(m) for m in means], layout)
     return dy, list(s1s), list(s2cs)
 
@@ -424,7 +437,7 @@ def grad_stats_x(g_a: Tensor, act: str | None, sources: list[Tensor], mean: Tens
                  beta: Tensor | None, out_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """``reference.grad_stats_x`` in one sweep: reads g_a and x, writes nothing but S1, S2c."""
     g_a = _like_layout(g_a, sources[0])
-    layout = _require("grad_stats_x", g_a, *sources, why=_out_why(out_dtype))
+    layout = _require("grad_stats_x", g_a, *sources, why=act_why(act) or _out_why(out_dtype))
     sources = _one_dtype(sources)
     return tuple(torch.ops.bnff.grad_stats_x(g_a, sources, _f32(mean), _f32(f1),
                                              torch.zeros_like(_f32(f1)) if beta is None else _f32(beta),
@@ -436,7 +449,7 @@ def input_grad_x(g_a: Tensor, act: str | None, sources: list[Tensor], mean: Tens
                  beta: Tensor | None, out_dtype: torch.dtype, b: Tensor | None, s1: Tensor) -> list[Tensor]:
     """``reference.input_grad_x`` in one sweep: reads g_a and x, writes dx onto each source map."""
     g_a = _like_layout(g_a, sources[0])
-    layout = _require("input_grad_x", g_a, *sources, why=_out_why(out_dtype))
+    layout = _require("input_grad_x", g_a, *sources, why=act_why(act) or _out_why(out_dtype))
     sources = _one_dtype(sources)
     return list(torch.ops.bnff.input_grad_x(g_a, sources, _f32(mean), _f32(f1),
                                             torch.zeros_like(_f32(f1)) if beta is None else _f32(beta), ACT_CODES[act],

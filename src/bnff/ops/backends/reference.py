@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from bnff import activations
 from bnff.ops import bn_math
 from bnff.ops.bn_math import accumulation_dtype
 
@@ -52,14 +53,16 @@ def channel_stats(c: Tensor) -> tuple[Tensor, Tensor]:
     return mean, var
 
 
-def _activate(z: Tensor, act: str | None) -> Tensor:
-    if act is None:
-        return z
-    if act == "relu":
-        return torch.relu(z)
-    if act == "relu6":
-        return torch.clamp(z, 0.0, 6.0)
-    raise ValueError(f"unknown activation {act!r}; expected None, 'relu' or 'relu6'")
+def _preact(cs: list[Tensor], means: list[Tensor], f1s: list[Tensor], betas: list[Tensor | None],
+            residuals: list[Tensor], acc: torch.dtype) -> Tensor:
+    """z = sum_k [F1_k * (x_k - mu_k) + beta_k] + sum_j r_j in ``acc`` (``cs``: each term's joined input)."""
+    z = None
+    for c, mu, f1, beta in zip(cs, means, f1s, betas):
+        y = (c.to(acc) - _vec(mu.to(acc))) * _vec(f1.to(acc)) + (0 if beta is None else _vec(beta.to(acc)))
+        z = y if z is None else z + y
+    for r in residuals:
+        z = r.to(acc) if z is None else z + r.to(acc)
+    return z
 
 
 def apply(sources: list[list[Tensor]], means: list[Tensor], f1s: list[Tensor], betas: list[Tensor | None],
@@ -67,55 +70,51 @@ def apply(sources: list[list[Tensor]], means: list[Tensor], f1s: list[Tensor], b
     """Step 2 of the forward: a = act(sum_k [F1_k * (x_k - mu_k) + beta_k] + sum_j r_j).
 
     Seed 002 eq. 9 in centered form (see ``bn_math``), followed by the residual add (pattern (4))
-    and ReLU/ReLU6. ``sources[k]`` are the feature maps of BN k's input x_k (N, C, H, W once
-    concatenated), ``residuals`` tensors of the same shape; the sum is formed in the accumulation
-    dtype and the result cast to ``out_dtype``.
+    and the activation (``act``: a kind of ``bnff.activations``, or None). ``sources[k]`` are the
+    feature maps of BN k's input x_k (N, C, H, W once concatenated), ``residuals`` tensors of the
+    same shape; the sum and the activation are formed in the accumulation dtype and the result cast
+    to ``out_dtype``.
     """
     cs = [_join(s) for s in sources]
     acc = accumulation_dtype(*(t.dtype for t in cs + residuals), *(v.dtype for v in f1s))
-    z = None
-    for c, mu, f1, beta in zip(cs, means, f1s, betas):
-        y = (c.to(acc) - _vec(mu.to(acc))) * _vec(f1.to(acc)) + (0 if beta is None else _vec(beta.to(acc)))
-        z = y if z is None else z + y
-    for r in residuals:
-        z = r.to(acc) if z is None else z + r.to(acc)
-    return _activate(z, act).to(out_dtype)
+    return activations.forward(act, _preact(cs, means, f1s, betas, residuals, acc)).to(out_dtype)
 
 
-def activation_mask(a: Tensor, act: str | None) -> Tensor | None:
-    """1[a > 0] for ReLU (seed 002 eq. 19), 1[0 < a < 6] for ReLU6, None without activation.
-
-    ``a`` is the activation *output*; a > 0 iff its input z > 0, and 0 < a < 6 iff 0 < z < 6, so the
-    mask is PyTorch's own (threshold_backward on the result, hardtanh_backward on the input).
-    """
-    if act is None:
-        return None
-    if act == "relu":
-        return a > 0
-    if act == "relu6":
-        return (a > 0) & (a < 6)
-    raise ValueError(f"unknown activation {act!r}; expected None, 'relu' or 'relu6'")
+def activation_grad(g: Tensor, t: Tensor | None, act: str | None) -> Tensor:
+    """dy = g * act'(.) with PyTorch's own backward operator (``bnff.activations``); ``t`` is what the
+    derivative reads (``activations.reads(act)``): the activation output a (ReLU: 1[a > 0], seed 002
+    eq. 19; ReLU6: 1[0 < a < 6], as ``hardtanh_backward`` decides on the input, since a > 0 iff z > 0
+    and a < 6 iff z < 6) or the pre-activation z (SiLU, GELU, ...); g itself without activation."""
+    spec = activations.spec(act)
+    return g if spec is None or spec.reads is None else spec.backward(g, t.to(g.dtype))
 
 
 def grad_stats(g_a: Tensor, a: Tensor | None, act: str | None, sources: list[list[Tensor]],
-               means: list[Tensor]) -> tuple[Tensor, list[Tensor], list[Tensor]]:
-    """Step 1 of the backward: dy = g_a * act'(a) (seed 002 eq. 19/20) and, for every BN term k,
+               means: list[Tensor], f1s: list[Tensor] | None = None, betas: list[Tensor | None] | None = None,
+               residuals: list[Tensor] = ()) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+    """Step 1 of the backward: dy = g_a * act'(.) (seed 002 eq. 19/20) and, for every BN term k,
     S1_k = sum(dy) / m and S2c_k = sum(dy * (c_k - mu_k)) / m (eq. 16, 17, centered).
 
     Args:
         g_a: gradient w.r.t. the activation output a, (N, C, H, W).
-        a: the activation output (saved or recomputed), same shape; unused (may be None) without act.
-        act: None, "relu" or "relu6".
+        a: the activation output (saved or recomputed), same shape, when the activation's derivative
+            reads it (``activations.reads(act) == "a"``); else unused (may be None).
+        act: the activation kind (``bnff.activations``) or None.
         sources, means: each BN term's input (its feature maps, see ``apply``) and mean (C,).
+        f1s, betas, residuals: each term's F1 and beta and the shortcuts, from which the
+            pre-activation z is recomputed (as ``apply`` forms it) when the derivative reads z.
     Returns:
         (dy in the accumulation dtype, [S1_k], [S2c_k]).
     """
     cs = [_join(s) for s in sources]
     acc = accumulation_dtype(g_a.dtype, *(c.dtype for c in cs))
-    dy = g_a.to(acc)
-    mask = activation_mask(a, act)
-    if mask is not None:
-        dy = dy * mask
+    reads = activations.reads(act)
+    if reads == "z":
+        acc = accumulation_dtype(acc, *(r.dtype for r in residuals), *(v.dtype for v in f1s))
+        t = _preact(cs, means, f1s, betas, list(residuals), acc)
+    else:
+        t = a if reads == "a" else None
+    dy = activation_grad(g_a.to(acc), t, act)
     m = dy.numel() // dy.shape[1]
     s1s, s2cs = [], []
     for c, mu in zip(cs, means):
@@ -124,23 +123,35 @@ def grad_stats(g_a: Tensor, a: Tensor | None, act: str | None, sources: list[lis
     return dy, s1s, s2cs
 
 
+def _lone_dy(g_a: Tensor, act: str | None, sources: list[Tensor], mean: Tensor, f1: Tensor, beta: Tensor | None,
+             out_dtype: torch.dtype) -> Tensor:
+    """dy of a lone BN term from x: the mask from the recomputed a (rounded to ``out_dtype`` as the
+    forward stored it) or the derivative at the recomputed z (in the accumulation dtype, as the
+    forward formed it)."""
+    if activations.reads(act) == "z":
+        dy, _, _ = grad_stats(g_a, None, act, [sources], [mean], [f1], [beta])
+    else:
+        a = apply([sources], [mean], [f1], [beta], [], act, out_dtype)
+        dy, _, _ = grad_stats(g_a, a, act, [sources], [mean])
+    return dy
+
+
 def grad_stats_x(g_a: Tensor, act: str | None, sources: list[Tensor], mean: Tensor, f1: Tensor,
                  beta: Tensor | None, out_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """``grad_stats`` for one BN term without shortcut, the activation mask recomputed from x
-    (``apply`` in ``out_dtype``) instead of read from a saved a, and dy not returned (nobody else
-    needs it). Returns (S1, S2c), each (C,)."""
-    a = apply([sources], [mean], [f1], [beta], [], act, out_dtype)
-    _, s1s, s2cs = grad_stats(g_a, a, act, [sources], [mean])
-    return s1s[0], s2cs[0]
+    """``grad_stats`` for one BN term without shortcut, the activation's derivative recomputed from x
+    (the mask from ``apply`` in ``out_dtype``, or the derivative at the pre-activation) instead of read
+    from a saved a, and dy not returned (nobody else needs it). Returns (S1, S2c), each (C,)."""
+    dy = _lone_dy(g_a, act, sources, mean, f1, beta, out_dtype)
+    c = _join(sources)
+    m = dy.numel() // dy.shape[1]
+    return dy.sum(_REDUCE_DIMS) / m, (dy * (c.to(dy.dtype) - _vec(mean.to(dy.dtype)))).sum(_REDUCE_DIMS) / m
 
 
 def input_grad_x(g_a: Tensor, act: str | None, sources: list[Tensor], mean: Tensor, f1: Tensor,
                  beta: Tensor | None, out_dtype: torch.dtype, b: Tensor | None, s1: Tensor) -> list[Tensor]:
-    """``input_grad`` for one BN term without shortcut, from the gradient g_a of a and the mask
-    recomputed from x (dy = g_a * act'(a) is formed on the fly, never stored)."""
-    a = apply([sources], [mean], [f1], [beta], [], act, out_dtype)
-    dy, _, _ = grad_stats(g_a, a, act, [sources], [mean])
-    return input_grad(dy, sources, mean, f1, b, s1)
+    """``input_grad`` for one BN term without shortcut, from the gradient g_a of a and the activation's
+    derivative recomputed from x (dy = g_a * act'(.) is formed on the fly, never stored)."""
+    return input_grad(_lone_dy(g_a, act, sources, mean, f1, beta, out_dtype), sources, mean, f1, b, s1)
 
 
 def input_grad(dy: Tensor, sources: list[Tensor], mean: Tensor, f1: Tensor, b: Tensor | None,

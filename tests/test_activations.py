@@ -146,7 +146,7 @@ def test_cpu_backend_hands_other_activations_to_the_reference_and_says_so(kind, 
     by reason, and train as eager does (bf16 autocast, channels_last, a shortcut and a lone BN)."""
     if not cpu.available():
         pytest.skip("the cpu backend's kernels did not build")
-    before = cpu.fallbacks()
+    before, calls = cpu.fallbacks(), cpu.kernel_calls()
     for shortcut in (None, "identity"):
         model = _act_pattern(kind, shortcut, "conv")
         randomize_bn(model, gen)
@@ -158,6 +158,8 @@ def test_cpu_backend_hands_other_activations_to_the_reference_and_says_so(kind, 
     fell = cpu.fallbacks() - before
     assert fell and all(reason.startswith(f"activation {kind}") for _, reason in fell), fell
     assert {"apply", "grad_stats_x", "input_grad_x", "grad_stats"} <= {sweep for sweep, _ in fell}
+    ran = cpu.kernel_calls() - calls  # the statistics sweeps still run in C++
+    assert any(k.startswith("channel_stats/nhwc/") for k in ran), ran
 
 
 class _nothing:

@@ -8,6 +8,7 @@ rule (fp32 against float64) and equals eager in float64; what a group keeps foll
 autograd records it, and the footprint model prices eager's keeps as autograd does.
 """
 
+import contextlib
 import copy
 
 import pytest
@@ -24,7 +25,7 @@ from bnff.ops.record import Recorder
 from bnff.traffic import compare
 from bnff.memory import saved_activation_bytes
 from helpers import FLOAT64_BOUND, assert_as_accurate_as_eager, compare_with_float64, randomize_bn, train_side_by_side
-from test_patterns import C, Pattern
+from test_patterns import C, Pattern, _batch_of
 
 
 # one module per kind of the table (CELU's alpha 0.5: PyTorch's backward takes 1/alpha in float32,
@@ -126,8 +127,7 @@ def test_every_activation_in_every_pattern_trains_as_eager(kind, shortcut, consu
     randomize_bn(model, gen)
     report = bnff.fusion_report(bnff.restructure(copy.deepcopy(model), backend="reference"))
     assert len(report.fused_bns) == (2 if shortcut == "projection" else 1) and report.groups[0].act == (None if kind == "identity" else kind)  # fx traces nn.Identity away
-    batch = lambda: (torch.randn(6, C, 10, 10, generator=gen) * 2 + 0.5, torch.randint(0, 3, (6,), generator=gen))  # noqa: E731
-    assert_as_accurate_as_eager(compare_with_float64(model, batch, steps=2, backend="reference"))
+    assert_as_accurate_as_eager(compare_with_float64(model, _batch_of(gen, 6, 10, C), steps=2, backend="reference"))
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -150,8 +150,8 @@ def test_cpu_backend_hands_other_activations_to_the_reference_and_says_so(kind, 
     for shortcut in (None, "identity"):
         model = _act_pattern(kind, shortcut, "conv")
         randomize_bn(model, gen)
-        batch = lambda: (torch.randn(6, C, 10, 10, generator=gen) * 2 + 0.5, torch.randint(0, 3, (6,), generator=gen))  # noqa: E731
-        with pytest.warns(RuntimeWarning, match="activation") if not (cpu.fallbacks() - before) else _nothing():
+        batch = _batch_of(gen, 6, 10, C)
+        with pytest.warns(RuntimeWarning, match="activation") if not (cpu.fallbacks() - before) else contextlib.nullcontext():
             steps = compare_with_float64(model, batch, steps=2, backend="cpu", channels_last=True,
                                          autocast=torch.bfloat16)
         assert_as_accurate_as_eager(steps)
@@ -160,14 +160,6 @@ def test_cpu_backend_hands_other_activations_to_the_reference_and_says_so(kind, 
     assert {"apply", "grad_stats_x", "input_grad_x", "grad_stats"} <= {sweep for sweep, _ in fell}
     ran = cpu.kernel_calls() - calls  # the statistics sweeps still run in C++
     assert any(k.startswith("channel_stats/nhwc/") for k in ran), ran
-
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 @pytest.mark.parametrize("kind", ["silu", "relu", "gelu", "tanh"])

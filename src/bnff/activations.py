@@ -31,7 +31,6 @@ output and so supports only invertible activations (leaky ReLU, ELU, identity).
 from __future__ import annotations
 
 import functools
-import operator
 from dataclasses import dataclass
 from typing import Callable
 
@@ -58,11 +57,11 @@ class Entry:
         backward: ``(g, t, param, from_output) -> dy``: g * f' with PyTorch's backward operator, where t
             is a or z as ``reads`` says (or unused); ``from_output`` picks PyTorch's ``is_result`` form.
         reads: ``param -> "a" | "z" | None``: what the derivative is computed from (None: neither).
-        thresholds: ``param -> points`` where f' jumps or changes formula.
+        thresholds: the points where f' jumps or changes formula.
         flops, grad_flops: operations per element of f and of g * f' (module docstring's counting).
-        eager_saves: what eager autograd keeps for its backward: "result" or "input".
-        inplace_saves: what its in-place form keeps: "result" (its own output, the shared storage)
-            or "copy" (a copy of the input: autograd clones it before overwriting).
+        eager_saves: what eager autograd keeps for its backward: "result", "input" or None (nothing).
+        inplace_saves: what its in-place form keeps: "result" (its own output, the shared storage),
+            "copy" (a copy of the input: autograd clones it before overwriting) or None.
         modules: module classes whose plain forward computes it.
         functions: ``call_function`` targets.
         methods: ``Tensor`` method names.
@@ -75,20 +74,16 @@ class Entry:
     forward: Callable
     backward: Callable
     reads: Callable[[object], str | None]
-    thresholds: Callable[[object], tuple[float, ...]]
+    thresholds: tuple[float, ...]
     flops: int
     grad_flops: int
-    eager_saves: str
-    inplace_saves: str
+    eager_saves: str | None
+    inplace_saves: str | None
     modules: tuple[type, ...] = ()
     functions: tuple[Callable, ...] = ()
     methods: tuple[str, ...] = ()
     param: str | None = None
     default: object = None
-
-
-def _none(*_):
-    return ()
 
 
 def _on(what: str | None) -> Callable[[object], str | None]:
@@ -109,7 +104,7 @@ def _elu_family(name: str, display: str, fwd: Callable, modules, functions, para
     def backward(g, t, p, from_output, _name=name):
         alpha, scale, input_scale = _elu_args(_name, p)
         return aten.elu_backward(g, alpha, scale, input_scale, from_output, t)
-    return Entry(name, display, fwd, backward, functools.partial(_reads_elu, name), lambda p: (0.0,), flops, flops, "input", "result",
+    return Entry(name, display, fwd, backward, functools.partial(_reads_elu, name), (0.0,), flops, flops, "input", "result",
                  modules, functions, (), param, default)
 
 
@@ -120,42 +115,42 @@ def _reads_elu(name: str, p) -> str:
 
 
 TABLE: dict[str, Entry] = {e.name: e for e in (
-    Entry("identity", "Identity", lambda z, p: z, lambda g, t, p, o: g, _on(None), _none, 0, 0, "result", "result",
+    Entry("identity", "Identity", lambda z, p: z, lambda g, t, p, o: g, _on(None), (), 0, 0, None, None,
           (nn.Identity,)),
     Entry("relu", "ReLU", lambda z, p: torch.relu(z), lambda g, a, p, o: aten.threshold_backward(g, a, 0),
-          _on("a"), lambda p: (0.0,), 1, 1, "result", "result",
+          _on("a"), (0.0,), 1, 1, "result", "result",
           (nn.ReLU,), (F.relu, torch.relu, torch.relu_, F.relu_), ("relu", "relu_")),
     Entry("relu6", "ReLU6", lambda z, p: torch.clamp(z, 0.0, 6.0),
           lambda g, a, p, o: aten.hardtanh_backward(g, a, 0.0, 6.0),
-          _on("a"), lambda p: (0.0, 6.0), 2, 2, "input", "copy", (nn.ReLU6,), (F.relu6,)),
+          _on("a"), (0.0, 6.0), 2, 2, "input", "copy", (nn.ReLU6,), (F.relu6,)),
     Entry("leaky_relu", "LeakyReLU", lambda z, p: F.leaky_relu(z, p),
           lambda g, t, p, o: aten.leaky_relu_backward(g, t, p, o),
-          lambda p: "a" if p >= 0 else "z", lambda p: (0.0,), 2, 2, "input", "result",
+          lambda p: "a" if p >= 0 else "z", (0.0,), 2, 2, "input", "result",
           (nn.LeakyReLU,), (F.leaky_relu, F.leaky_relu_), (), "negative_slope", 0.01),
     _elu_family("elu", "ELU", lambda z, p: F.elu(z, p), (nn.ELU,), (F.elu, F.elu_), "alpha", 1.0, 4),
     _elu_family("celu", "CELU", lambda z, p: F.celu(z, p), (nn.CELU,), (F.celu, F.celu_), "alpha", 1.0, 5),
     _elu_family("selu", "SELU", lambda z, p: torch.selu(z), (nn.SELU,), (F.selu, torch.selu, torch.selu_), None,
                 None, 5),
     Entry("silu", "SiLU", lambda z, p: F.silu(z), lambda g, z, p, o: aten.silu_backward(g, z),
-          _on("z"), _none, 4, 8, "input", "copy", (nn.SiLU,), (F.silu,)),
+          _on("z"), (), 4, 8, "input", "copy", (nn.SiLU,), (F.silu,)),
     Entry("hardswish", "Hardswish", lambda z, p: F.hardswish(z), lambda g, z, p, o: aten.hardswish_backward(g, z),
-          _on("z"), lambda p: (-3.0, 3.0), 5, 5, "input", "copy", (nn.Hardswish,), (F.hardswish,)),
+          _on("z"), (-3.0, 3.0), 5, 5, "input", "copy", (nn.Hardswish,), (F.hardswish,)),
     Entry("hardsigmoid", "Hardsigmoid", lambda z, p: F.hardsigmoid(z),
           lambda g, z, p, o: aten.hardsigmoid_backward(g, z),
-          _on("z"), lambda p: (-3.0, 3.0), 4, 3, "input", "copy", (nn.Hardsigmoid,), (F.hardsigmoid,)),
+          _on("z"), (-3.0, 3.0), 4, 3, "input", "copy", (nn.Hardsigmoid,), (F.hardsigmoid,)),
     Entry("sigmoid", "Sigmoid", lambda z, p: torch.sigmoid(z), lambda g, a, p, o: aten.sigmoid_backward(g, a),
-          _on("a"), _none, 3, 3, "result", "result",
+          _on("a"), (), 3, 3, "result", "result",
           (nn.Sigmoid,), (torch.sigmoid, torch.sigmoid_, F.sigmoid), ("sigmoid", "sigmoid_")),
     Entry("tanh", "Tanh", lambda z, p: torch.tanh(z), lambda g, a, p, o: aten.tanh_backward(g, a),
-          _on("a"), _none, 1, 3, "result", "result",
+          _on("a"), (), 1, 3, "result", "result",
           (nn.Tanh,), (torch.tanh, torch.tanh_, F.tanh), ("tanh", "tanh_")),
     Entry("gelu", "GELU", lambda z, p: F.gelu(z), lambda g, z, p, o: aten.gelu_backward(g, z),
-          _on("z"), _none, 5, 11, "input", "copy", (nn.GELU,), (F.gelu,)),
+          _on("z"), (), 5, 11, "input", "copy", (nn.GELU,), (F.gelu,)),
     Entry("gelu_tanh", "GELU(tanh)", lambda z, p: F.gelu(z, approximate="tanh"),
           lambda g, z, p, o: aten.gelu_backward(g, z, approximate="tanh"),
-          _on("z"), _none, 9, 15, "input", "copy"),
+          _on("z"), (), 9, 15, "input", "copy"),
     Entry("mish", "Mish", lambda z, p: F.mish(z), lambda g, z, p, o: aten.mish_backward(g, z),
-          _on("z"), lambda p: (20.0,), 5, 11, "input", "copy", (nn.Mish,), (F.mish,)),
+          _on("z"), (20.0,), 5, 11, "input", "copy", (nn.Mish,), (F.mish,)),
 )}
 """Every activation bnff fuses, by stem name."""
 
@@ -182,7 +177,7 @@ class Spec:
     @property
     def thresholds(self) -> tuple[float, ...]:
         """Where f' jumps or changes formula."""
-        return self.entry.thresholds(self.param)
+        return self.entry.thresholds
 
     @property
     def display(self) -> str:
@@ -210,7 +205,7 @@ def kind_of(name: str, param=None) -> str:
     e = TABLE.get(name)
     if e is None:
         raise ValueError(f"unknown activation {name!r}; bnff's table has {', '.join(TABLE)}")
-    if e.param is None or e.name.startswith("gelu"):
+    if e.param is None:
         return name
     return f"{name}({float(e.default if param is None else param)!r})"
 
@@ -226,7 +221,7 @@ def spec(kind: str | None) -> Spec | None:
         return None
     name, _, rest = kind.partition("(")
     e = TABLE.get(name)
-    if e is None or (rest and e.param is None) or (not rest and e.param is not None and not name.startswith("gelu")):
+    if e is None or (rest and e.param is None) or (not rest and e.param is not None):
         raise ValueError(f"unknown activation kind {kind!r}; expected one of {', '.join(TABLE)} "
                          f"(with its parameter, e.g. 'leaky_relu(0.1)')")
     return Spec(kind, e, float(rest.rstrip(")")) if rest else None)
@@ -307,7 +302,7 @@ def is_inplace_call(node: fx.Node) -> bool:
     if node.op == "call_function":
         name = getattr(node.target, "__name__", "")
         act_fn = node.target in _BY_FUNCTION or node.target in (F.hardtanh, F.hardtanh_)
-        return (name.endswith("_") or bool(node.kwargs.get("inplace", False)) or node.target is operator.iadd
+        return (name.endswith("_") or bool(node.kwargs.get("inplace", False))
                 or (act_fn and len(node.args) > 1 and node.args[-1] is True))
     return node.op == "call_method" and isinstance(node.target, str) and node.target.endswith("_")
 

@@ -120,7 +120,7 @@ def is_inplace(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     ``nn.SiLU(inplace=True)``, ``F.relu(x, inplace=True)``, ``relu_``, ``out += identity``."""
     if node.op == "call_module":
         return bool(getattr(modules.get(node.target), "inplace", False))
-    return activations.is_inplace_call(node)
+    return (node.op == "call_function" and node.target is operator.iadd) or activations.is_inplace_call(node)
 
 
 def cat_dim(node: fx.Node) -> int | None:

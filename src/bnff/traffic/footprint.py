@@ -73,7 +73,7 @@ def _eager(kept: _Kept, layer: Layer) -> None:
         saves = entry.inplace_saves if layer.inplace else entry.eager_saves
         if saves == "copy":  # e.g. in-place hardtanh_ or silu_ clone their input before overwriting it
             kept.extra(layer, "input copy", layer.out_numel * a.element_bytes)
-        elif entry.name != "identity":
+        elif saves is not None:
             kept.tensor(layer.node if saves == "result" else ins[0], layer)
     elif k == Kind.MAXPOOL:
         kept.tensor(ins[0], layer)

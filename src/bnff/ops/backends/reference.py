@@ -123,17 +123,14 @@ def grad_stats(g_a: Tensor, a: Tensor | None, act: str | None, sources: list[lis
     return dy, s1s, s2cs
 
 
-def _lone_dy(g_a: Tensor, act: str | None, sources: list[Tensor], mean: Tensor, f1: Tensor, beta: Tensor | None,
-             out_dtype: torch.dtype) -> Tensor:
-    """dy of a lone BN term from x: the mask from the recomputed a (rounded to ``out_dtype`` as the
-    forward stored it) or the derivative at the recomputed z (in the accumulation dtype, as the
+def _lone_grad_stats(g_a: Tensor, act: str | None, sources: list[Tensor], mean: Tensor, f1: Tensor,
+                     beta: Tensor | None, out_dtype: torch.dtype) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+    """``grad_stats`` of a lone BN term from x: the mask from the recomputed a (rounded to ``out_dtype``
+    as the forward stored it) or the derivative at the recomputed z (in the accumulation dtype, as the
     forward formed it)."""
     if activations.reads(act) == "z":
-        dy, _, _ = grad_stats(g_a, None, act, [sources], [mean], [f1], [beta])
-    else:
-        a = apply([sources], [mean], [f1], [beta], [], act, out_dtype)
-        dy, _, _ = grad_stats(g_a, a, act, [sources], [mean])
-    return dy
+        return grad_stats(g_a, None, act, [sources], [mean], [f1], [beta])
+    return grad_stats(g_a, apply([sources], [mean], [f1], [beta], [], act, out_dtype), act, [sources], [mean])
 
 
 def grad_stats_x(g_a: Tensor, act: str | None, sources: list[Tensor], mean: Tensor, f1: Tensor,
@@ -141,17 +138,16 @@ def grad_stats_x(g_a: Tensor, act: str | None, sources: list[Tensor], mean: Tens
     """``grad_stats`` for one BN term without shortcut, the activation's derivative recomputed from x
     (the mask from ``apply`` in ``out_dtype``, or the derivative at the pre-activation) instead of read
     from a saved a, and dy not returned (nobody else needs it). Returns (S1, S2c), each (C,)."""
-    dy = _lone_dy(g_a, act, sources, mean, f1, beta, out_dtype)
-    c = _join(sources)
-    m = dy.numel() // dy.shape[1]
-    return dy.sum(_REDUCE_DIMS) / m, (dy * (c.to(dy.dtype) - _vec(mean.to(dy.dtype)))).sum(_REDUCE_DIMS) / m
+    _, s1s, s2cs = _lone_grad_stats(g_a, act, sources, mean, f1, beta, out_dtype)
+    return s1s[0], s2cs[0]
 
 
 def input_grad_x(g_a: Tensor, act: str | None, sources: list[Tensor], mean: Tensor, f1: Tensor,
                  beta: Tensor | None, out_dtype: torch.dtype, b: Tensor | None, s1: Tensor) -> list[Tensor]:
     """``input_grad`` for one BN term without shortcut, from the gradient g_a of a and the activation's
     derivative recomputed from x (dy = g_a * act'(.) is formed on the fly, never stored)."""
-    return input_grad(_lone_dy(g_a, act, sources, mean, f1, beta, out_dtype), sources, mean, f1, b, s1)
+    dy, _, _ = _lone_grad_stats(g_a, act, sources, mean, f1, beta, out_dtype)
+    return input_grad(dy, sources, mean, f1, b, s1)
 
 
 def input_grad(dy: Tensor, sources: list[Tensor], mean: Tensor, f1: Tensor, b: Tensor | None,

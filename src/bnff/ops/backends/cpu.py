@@ -37,7 +37,11 @@ from torch import Tensor
 
 from bnff.ops.backends import reference
 
-_SOURCES = [Path(__file__).parent / "csrc" / "bnff_cpu.cpp", Path(__file__).parent / "csrc" / "bnff_group.cpp"]
+_CSRC = Path(__file__).parent / "csrc"
+# Four translation units (the build compiles them side by side) and the header three of them share;
+# torch rebuilds when a source changes, the header's text is part of build_spec's key
+_SOURCES = [_CSRC / "bnff_cpu.cpp", _CSRC / "bnff_backward.cpp", _CSRC / "bnff_lone.cpp", _CSRC / "bnff_group.cpp"]
+_HEADERS = [_CSRC / "bnff_sweeps.h"]
 # Constants the kernels share with this module, defined here only and passed to the compiler as -D flags
 # (so they are part of the build cache's key).
 # The activation argument of apply / grad_stats / *_x: the kinds of bnff.activations the kernels compute
@@ -124,7 +128,8 @@ def build_spec(level: str | None = None) -> tuple[str, Path, list[str]]:
     if level not in ISA_FLAGS:
         raise ValueError(f"unknown ISA level {level!r}; expected one of {sorted(ISA_FLAGS)}")
     flags = _COMMON_FLAGS + ISA_FLAGS[level] + SHARED_DEFINES
-    key = hashlib.sha256(repr((flags, torch.__version__, _compiler_id(), sys.version_info[:2])).encode()).hexdigest()
+    headers = [h.read_bytes() for h in _HEADERS]
+    key = hashlib.sha256(repr((flags, torch.__version__, _compiler_id(), sys.version_info[:2], headers)).encode()).hexdigest()
     name = f"bnff_cpu_{level}_{key[:10]}"
     root = os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()
     return name, Path(root) / name, flags

@@ -164,6 +164,51 @@ def test_recomputed_mask_is_bit_identical(backend, fmt, dtype, act, thresholds, 
                    for sweep in ("apply", "input_grad_x", "grad_stats_x")), ran
 
 
+# every activation of the table with a threshold (where f' jumps or changes formula), those whose
+# derivative reads a and those that read z; the piecewise-linear ones compute the same values as
+# PyTorch's backward operators, bit for bit
+THRESHOLD_KINDS = ["leaky_relu(0.1)", "leaky_relu(-0.2)", "elu(0.5)", "celu(0.5)", "selu", "hardswish", "hardsigmoid",
+                   "mish"]
+PIECEWISE_LINEAR = {"leaky_relu(0.1)", "leaky_relu(-0.2)", "hardswish", "hardsigmoid"}
+
+
+@pytest.mark.exactness
+@pytest.mark.parametrize("fmt", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("act", THRESHOLD_KINDS)
+def test_recomputed_derivative_at_thresholds_is_the_forwards(fmt, dtype, act, gen):
+    """The lone-term backward recomputes f' from x: on inputs within a few ulps of each threshold of
+    ``act`` it takes, element for element, the branch the forward's value took, as the reference
+    decides it on the same pre-activation (the same bits: one formula, no contraction). Piecewise-linear
+    derivatives equal the reference's bit for bit, the others within 1e-5 (a wrong branch is off by
+    O(1)); the forward equals it likewise."""
+    from bnff import activations
+
+    before = cpu.kernel_calls()
+    thresholds = activations.spec(act).thresholds
+    shape = (4, 20, 6, 5)
+    mean, f1 = torch.randn(20, generator=gen), torch.rand(20, generator=gen) * 3 + 0.1
+    beta = torch.randn(20, generator=gen) * 4
+    x = _near_threshold(gen, shape, dtype, fmt, mean, f1, beta, thresholds)
+    z = reference._preact([x], [mean], [f1], [beta], [], torch.float32)
+    for t in thresholds:
+        assert 0 < int((z > t).sum()) and 0 < int((z <= t).sum() - (z < t - 1).sum())  # straddled
+    a, a_ref = (be.apply([[x]], [mean], [f1], [beta], [], act, dtype) for be in (cpu, reference))
+    g = (torch.rand(shape, generator=gen) + 0.5).to(dtype).contiguous(memory_format=fmt)
+    dx, dx_ref = (be.input_grad_x(g, act, [x], mean, f1, beta, dtype, None, torch.zeros(20))[0]  # F1 * g * f'
+                  for be in (cpu, reference))
+    if act in PIECEWISE_LINEAR:
+        assert torch.equal(a, a_ref) and torch.equal(dx, dx_ref)
+    else:
+        torch.testing.assert_close(a, a_ref, rtol=1e-5 if dtype == torch.float32 else 1e-2, atol=1e-30)
+        torch.testing.assert_close(dx, dx_ref, rtol=1e-5 if dtype == torch.float32 else 1e-2, atol=1e-30)
+    s1, s1_ref = (be.grad_stats_x(g, act, [x], mean, f1, beta, dtype)[0] for be in (cpu, reference))
+    torch.testing.assert_close(s1, s1_ref, rtol=1e-5, atol=1e-7)
+    ran = cpu.kernel_calls() - before
+    assert all(ran[f"{sweep}/{LAYOUT_NAME[fmt]}/{str(dtype).removeprefix('torch.')}"] >= 1
+               for sweep in ("apply", "input_grad_x", "grad_stats_x")), ran
+
+
 @pytest.mark.exactness
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("hw", [12, 120])
@@ -475,8 +520,21 @@ def test_fusion_report_says_where_the_sweeps_run():
 # runs (lone BNs feeding convolutions, block outputs with a shortcut, projection shortcuts, relu6 and
 # no activation, results feeding several convolutions, results read as a concatenation's slice).
 # bf16 autocast once (the executor only passes dtypes through; bf16 convolutions are slow at AVX2).
-EXECUTOR_MODELS = (("resnet50", torch.bfloat16), ("resnet50", torch.float32), ("densenet121", torch.float32),
-                   ("mobilenet_v2", torch.float32), ("inception_v3", torch.float32))
+# (model, dtype, the activation module that replaces its ReLU/ReLU6, or None): SiLU and Hardswish take the
+# derivative at z, recomputed in grad_stats from the BN inputs and the shortcuts
+EXECUTOR_MODELS = (("resnet50", torch.bfloat16, None), ("resnet50", torch.float32, None),
+                   ("densenet121", torch.float32, None), ("mobilenet_v2", torch.float32, None),
+                   ("inception_v3", torch.float32, None), ("resnet50", torch.bfloat16, nn.SiLU),
+                   ("mobilenet_v2", torch.float32, nn.Hardswish))
+
+
+def _swap_activations(net: nn.Module, make) -> nn.Module:
+    """``net`` with every nn.ReLU / nn.ReLU6 replaced by ``make()``."""
+    for parent in list(net.modules()):
+        for name, child in parent.named_children():
+            if type(child) in (nn.ReLU, nn.ReLU6):
+                setattr(parent, name, make())
+    return net
 
 
 @pytest.mark.exactness
@@ -508,9 +566,11 @@ def test_group_executor_equals_the_python_steps_bit_for_bit(gen, monkeypatch):
         nn.functional.cross_entropy(out.float(), y).backward()
         return [out] + [p.grad for p in net.parameters()] + list(net.buffers())
 
-    for name, dtype in EXECUTOR_MODELS:
+    for name, dtype, act in EXECUTOR_MODELS:
         amp = dtype == torch.bfloat16
         net = models.MODELS[name](num_classes=10, small_input=True).train().to(memory_format=torch.channels_last)
+        if act is not None:
+            net = _swap_activations(net, act)
         x = torch.randn(2, 3, 32, 32, generator=gen).contiguous(memory_format=torch.channels_last)
         y = torch.randint(0, 10, (2,), generator=gen)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):

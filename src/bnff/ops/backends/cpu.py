@@ -1,4 +1,4 @@
-"""The ``cpu`` backend: the sweeps of ``reference`` as fused C++ kernels (``csrc/bnff_cpu.cpp``).
+"""The ``cpu`` backend: the sweeps of ``reference`` as fused C++ kernels (``csrc/``: ``bnff_sweeps.h`` and its units).
 
 Each function has the signature and the mathematics of its ``bnff.ops.backends.reference``
 counterpart and makes one pass over its feature maps (channels_last or contiguous NCHW, float32 or
@@ -25,6 +25,7 @@ import functools
 import hashlib
 import os
 import platform
+import struct
 import subprocess
 import sys
 import warnings
@@ -35,35 +36,39 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from bnff import activations
 from bnff.ops.backends import reference
 
 _CSRC = Path(__file__).parent / "csrc"
 # Four translation units (the build compiles them side by side) and the header three of them share;
 # torch rebuilds when a source changes, the header's text is part of build_spec's key
-_SOURCES = [_CSRC / "bnff_cpu.cpp", _CSRC / "bnff_backward.cpp", _CSRC / "bnff_lone.cpp", _CSRC / "bnff_group.cpp"]
+_SOURCES = [_CSRC / "bnff_group.cpp", _CSRC / "bnff_backward.cpp", _CSRC / "bnff_lone.cpp", _CSRC / "bnff_cpu.cpp"]
 _HEADERS = [_CSRC / "bnff_sweeps.h"]
 # Constants the kernels share with this module, defined here only and passed to the compiler as -D flags
 # (so they are part of the build cache's key).
-# The activation argument of apply / grad_stats / *_x: the kinds of bnff.activations the kernels compute
-# (the identity is no activation to them); any other kind runs the reference sweeps (``act_why``)
-ACT_CODES = {None: 0, "identity": 0, "relu": 1, "relu6": 2}
+# The activations the kernels compute, by bnff.activations' entry name (the identity is no activation to
+# them); ``act_arg`` turns a kind into the kernels' activation argument
+ACT_CODES = {"identity": 0, "relu": 1, "relu6": 2, "leaky_relu": 3, "elu": 4, "celu": 5, "selu": 6, "silu": 7,
+             "hardswish": 8, "hardsigmoid": 9, "sigmoid": 10, "tanh": 11, "gelu": 12, "gelu_tanh": 13, "mish": 14}
+ACT_FROM_Z = 1 << 8  # the argument's bit for "the derivative is taken at the pre-activation z"
 LAYOUT_CODES = {"nchw": 0, "nhwc": 1}  # the layout argument of every sweep (``_layout`` decides it)
 MAX_TERMS = 4  # BN terms or shortcuts of one call the kernels take; more run the reference
 # The plan's step kinds the group executor (csrc/bnff_group.cpp) runs, as its program encodes them
 STEP_CODES = {"apply": 0, "consume": 1, "recompute": 2, "grad_layout": 3, "consumer_backward": 4, "grad_add": 5,
               "grad_stats_x": 6, "grad_stats": 7, "input_grad": 8, "input_grad_x": 9}
-SHARED_DEFINES = [f"-DBNFF_ACT_NONE={ACT_CODES[None]}", f"-DBNFF_ACT_RELU={ACT_CODES['relu']}",
-                  f"-DBNFF_ACT_RELU6={ACT_CODES['relu6']}", f"-DBNFF_LAYOUT_NHWC={LAYOUT_CODES['nhwc']}",
-                  f"-DBNFF_MAX_TERMS={MAX_TERMS}"] + [f"-DBNFF_STEP_{k.upper()}={v}" for k, v in STEP_CODES.items()]
+SHARED_DEFINES = ([f"-DBNFF_ACT_NONE={ACT_CODES['identity']}", f"-DBNFF_ACT_FROM_Z={ACT_FROM_Z}",
+                   f"-DBNFF_SELU_ALPHA={activations.SELU_ALPHA!r}f", f"-DBNFF_SELU_SCALE={activations.SELU_SCALE!r}f"]
+                  + [f"-DBNFF_ACT_{k.upper()}={v}" for k, v in ACT_CODES.items() if k != "identity"]
+                  + [f"-DBNFF_LAYOUT_NHWC={LAYOUT_CODES['nhwc']}", f"-DBNFF_MAX_TERMS={MAX_TERMS}"]
+                  + [f"-DBNFF_STEP_{k.upper()}={v}" for k, v in STEP_CODES.items()])
 # Whether a group whose whole call the kernels cover runs as one C++ call per direction (group_forward,
 # group_backward) rather than step by step in Python; BNFF_NO_GROUP_EXECUTOR=1 turns it off (A/B, debugging)
 GROUP_EXECUTOR = not os.environ.get("BNFF_NO_GROUP_EXECUTOR")
 _state: dict[str, object] = {}
-COVERAGE = ("float32 and bfloat16 feature maps (NCHW or channels_last) with ReLU, ReLU6 or no activation in "
-            "the C++ kernels, a group with convolution consumers as one C++ call per direction (the group "
-            "executor); float64, mixed or non-contiguous layouts and the other activations of "
-            "bnff.activations in the reference sweeps (bnff.ops.backends.cpu.fallbacks() counts them "
-            "by reason, kernel_calls() the kernels' own entries)")
+COVERAGE = ("float32 and bfloat16 feature maps (NCHW or channels_last) with every activation of "
+            "bnff.activations in the C++ kernels, a group with convolution consumers as one C++ call per "
+            "direction (the group executor); float64, mixed or non-contiguous layouts in the reference sweeps "
+            "(bnff.ops.backends.cpu.fallbacks() counts them by reason, kernel_calls() the kernels' own entries)")
 
 # ATen's vector headers (at::vec::Vectorized) choose their implementation, and the inline namespace
 # that keeps it apart from libtorch's own copies, from these macros, as ATen's per-level builds do.
@@ -184,7 +189,7 @@ def _register_fakes() -> None:
                            memory_format=fmt(like))
 
     @torch.library.register_fake("bnff::grad_stats")
-    def _(grad, a, act, sources, n_sources, means, layout):
+    def _(grad, a, act, sources, n_sources, means, f1s, betas, residuals, layout):
         c = grad.shape[1]
         vecs = [grad.new_empty(c, dtype=torch.float32) for _ in n_sources]
         return torch.empty_like(grad), vecs, [grad.new_empty(c, dtype=torch.float32) for _ in n_sources]
@@ -355,7 +360,22 @@ def _falls_back(sweep: Callable) -> Callable:
 
 def act_why(act: str | None) -> str | None:
     """Why the kernels do not compute activation ``act``, or None when they do (``ACT_CODES``)."""
-    return None if act in ACT_CODES else f"activation {act} (the kernels compute ReLU and ReLU6)"
+    s = activations.spec(act)
+    return None if s is None or s.entry.name in ACT_CODES else f"activation {act} (not in the kernels' ACT_CODES)"
+
+
+def act_arg(act: str | None) -> int:
+    """The kernels' activation argument for kind ``act`` (csrc/bnff_sweeps.h reads it): its code
+    (``ACT_CODES``) in bits 0-7, ``ACT_FROM_Z`` when the table says its derivative reads the
+    pre-activation z, its parameter (LeakyReLU's slope, ELU's and CELU's alpha) as float32 bits in bits
+    32-63. No activation and the identity are 0; ReLU and ReLU6 their bare codes."""
+    s = activations.spec(act)
+    if s is None:
+        return 0
+    arg = ACT_CODES[s.entry.name] | (ACT_FROM_Z if s.reads == "z" else 0)
+    if s.param is not None:
+        arg |= struct.unpack("<I", struct.pack("<f", s.param))[0] << 32
+    return arg - (1 << 64) if arg >= 1 << 63 else arg  # an int64 (a negative slope sets bit 63)
 
 
 def _terms_why(n: int) -> str | None:
@@ -416,24 +436,33 @@ def apply(sources: list[list[Tensor]], means: list[Tensor], f1s: list[Tensor], b
     flat, residuals = maps[:len(flat)], maps[len(flat):]
     return torch.ops.bnff.apply(flat, [len(s) for s in sources], [_f32(m) for m in means], [_f32(f) for f in f1s],
                                 [torch.zeros_like(_f32(f)) if b is None else _f32(b) for b, f in zip(betas, f1s)],
-                                residuals, ACT_CODES[act], out_dtype, layout)
+                                residuals, act_arg(act), out_dtype, layout)
 
 
 @_falls_back
 def grad_stats(g_a: Tensor, a: Tensor | None, act: str | None, sources: list[list[Tensor]],
                means: list[Tensor], f1s: list[Tensor] | None = None, betas: list[Tensor | None] | None = None,
                residuals: list[Tensor] = ()) -> tuple[Tensor, list[Tensor], list[Tensor]]:
-    """``reference.grad_stats`` in one fused sweep; dy keeps ``g_a``'s dtype (dz * mask is exact in it).
-    The kernels take the mask from a (``ACT_CODES``); ``f1s``, ``betas``, ``residuals`` serve the
-    reference's recomputed pre-activation for the other activations."""
+    """``reference.grad_stats`` in one fused sweep; dy keeps ``g_a``'s dtype. The derivative reads ``a``
+    or, for an activation whose derivative reads z, the pre-activation recomputed in the sweep from
+    the terms' sources, ``f1s``, ``betas`` and the shortcuts ``residuals``."""
     flat = [s for srcs in sources for s in srcs]
-    masked = bool(ACT_CODES.get(act))
+    reads = activations.reads(act)
+    a = a if reads == "a" else None
+    residuals = list(residuals) if reads == "z" else []
     if flat:
         g_a, a = _like_layout(g_a, flat[0]), _like_layout(a, flat[0])
-    layout = _require("grad_stats", g_a, a if masked else None, *flat, why=act_why(act) or _terms_why(len(sources)))
-    *flat, a = _one_dtype([*flat, a])
-    dy, s1s, s2cs = torch.ops.bnff.grad_stats(g_a, a if masked else None, ACT_CODES[act], flat,
-                                              [len(s) for s in sources], [_f32(m) for m in means], layout)
+        residuals = [_like_layout(r, flat[0]) for r in residuals]
+    layout = _require("grad_stats", g_a, a, *flat, *residuals,
+                      why=act_why(act) or _terms_why(max(len(sources), len(residuals))))
+    maps = _one_dtype([*flat, a, *residuals])
+    flat, a, residuals = maps[:len(flat)], maps[len(flat)], maps[len(flat) + 1:]
+    at_z = reads == "z"
+    dy, s1s, s2cs = torch.ops.bnff.grad_stats(
+        g_a, a, act_arg(act), flat, [len(s) for s in sources], [_f32(m) for m in means],
+        [_f32(f) for f in f1s] if at_z else [],
+        [torch.zeros_like(_f32(f)) if b is None else _f32(b) for b, f in zip(betas, f1s)] if at_z else [],
+        residuals, layout)
     return dy, list(s1s), list(s2cs)
 
 
@@ -446,7 +475,7 @@ def grad_stats_x(g_a: Tensor, act: str | None, sources: list[Tensor], mean: Tens
     sources = _one_dtype(sources)
     return tuple(torch.ops.bnff.grad_stats_x(g_a, sources, _f32(mean), _f32(f1),
                                              torch.zeros_like(_f32(f1)) if beta is None else _f32(beta),
-                                             ACT_CODES[act], out_dtype, layout))
+                                             act_arg(act), out_dtype, layout))
 
 
 @_falls_back
@@ -457,7 +486,7 @@ def input_grad_x(g_a: Tensor, act: str | None, sources: list[Tensor], mean: Tens
     layout = _require("input_grad_x", g_a, *sources, why=act_why(act) or _out_why(out_dtype))
     sources = _one_dtype(sources)
     return list(torch.ops.bnff.input_grad_x(g_a, sources, _f32(mean), _f32(f1),
-                                            torch.zeros_like(_f32(f1)) if beta is None else _f32(beta), ACT_CODES[act],
+                                            torch.zeros_like(_f32(f1)) if beta is None else _f32(beta), act_arg(act),
                                             out_dtype, None if b is None else _f32(b), _f32(s1), layout))
 
 
@@ -492,7 +521,7 @@ def group_forward(flat: list[Tensor | None], terms: tuple[int, ...], residuals: 
                   layout: int) -> list[Tensor]:
     """A group's forward steps in one C++ call (csrc/bnff_group.cpp; the integers are ``bnff.ops.fused``'s
     program of the group's plan): ``[a, *the consumers' outputs]``."""
-    return torch.ops.bnff.group_forward.default(flat, terms, residuals, convs, steps, ACT_CODES[act], eps, out_dtype,
+    return torch.ops.bnff.group_forward.default(flat, terms, residuals, convs, steps, act_arg(act), eps, out_dtype,
                                                 layout)
 
 
@@ -501,7 +530,7 @@ def group_backward(flat: list[Tensor | None], a: Tensor | None, grad_outs: list[
                    eps: list[float], batch: list[bool], needs: list[bool], per_consumer: bool, out_dtype: torch.dtype,
                    layout: int) -> list[Tensor | None]:
     """A group's backward steps in one C++ call: a gradient (or None) per entry of ``flat``."""
-    return torch.ops.bnff.group_backward.default(flat, a, grad_outs, terms, residuals, convs, steps, ACT_CODES[act], eps,
+    return torch.ops.bnff.group_backward.default(flat, a, grad_outs, terms, residuals, convs, steps, act_arg(act), eps,
                                                  [int(b) for b in batch], [int(n) for n in needs], per_consumer,
                                                  out_dtype, layout)
 

@@ -188,17 +188,24 @@ void apply_kernel(const std::vector<std::vector<Src>>& terms, const std::vector<
   }
   const auto sp = seg_ptrs<TX>(segments(C, terms), terms);
   with_act(act, [&](auto A) {
-    with_terms(K, R, [&](auto KK, auto RR) {
+    constexpr bool rows_of_z = runtime_act<decltype(A)>;  // z into a row buffer, then act_forward_n over it
+    with_terms_for(A, K, R, [&](auto KK, auto RR) {
       row_blocks(g.m(), n_chunks(g.m()), [&](int64_t, int64_t rb, int64_t nb) {
+        std::vector<float> buf(rows_of_z ? C : 0);
         for (int64_t r = rb; r < rb + nb; ++r) {
           for (const auto& q : sp) {
             with_width(q.n, [&](auto w) BNFF_LAMBDA {
-              const V z = applied(
+              const V z = preact(
                   KK, RR, vec.data(), [&](int64_t k) BNFF_LAMBDA { return ld(q.xp[k] + r * q.xs[k], w); },
                   [&](int64_t j) BNFF_LAMBDA { return ld(rp[j] + r * C + q.c0, w); },
-                  [&](const float* p) BNFF_LAMBDA { return per_lane(p, q.c0, w); }, A);
-              st(out + r * C + q.c0, z, w);
+                  [&](const float* p) BNFF_LAMBDA { return per_lane(p, q.c0, w); });
+              if constexpr (rows_of_z) st(buf.data() + q.c0, z, w);
+              else st(out + r * C + q.c0, activate(z, A), w);
             });
+          }
+          if constexpr (rows_of_z) {
+            act_forward_n(buf.data(), C, A);
+            vectors(0, C, [&](int64_t i, auto w) BNFF_LAMBDA { st(out + r * C + i, ld(buf.data() + i, w), w); });
           }
         }
       });
@@ -317,7 +324,7 @@ TORCH_LIBRARY(bnff, m) {
   m.def("apply(Tensor[] sources, int[] n_sources, Tensor[] means, Tensor[] f1s, Tensor[] betas, "
         "Tensor[] residuals, int act, ScalarType out_dtype, int layout) -> Tensor");
   m.def("grad_stats(Tensor grad, Tensor? a, int act, Tensor[] sources, int[] n_sources, Tensor[] means, "
-        "int layout) -> (Tensor, Tensor[], Tensor[])");
+        "Tensor[] f1s, Tensor[] betas, Tensor[] residuals, int layout) -> (Tensor, Tensor[], Tensor[])");
   m.def("input_grad(Tensor dy, Tensor[] sources, Tensor mean, Tensor f1, Tensor? b, Tensor s1, int layout) "
         "-> Tensor[]");
   m.def("grad_stats_x(Tensor grad, Tensor[] sources, Tensor mean, Tensor f1, Tensor beta, int act, "

@@ -5,7 +5,7 @@
 // sweeps, which cost more than the sweeps on small maps. When the cpu backend covers the whole call
 // (fused._executor says when), the same schedule, compiled into integers (fused._Program), runs
 // here instead: the same sweeps (called through the dispatcher by their registered names, so they
-// are the kernels of bnff_cpu.cpp, counted in kernel_calls), the same per-channel vectors and the
+// are the kernels of bnff_cpu.cpp and its sibling units, counted in kernel_calls), the same per-channel vectors and the
 // same convolution calls as the Python steps, in the same order, so the results are the same bits.
 // Nothing here decides what runs: the steps come from the plan, the layout and the coverage from
 // the Python side (bnff.ops.backends.cpu's rule), as for every sweep.
@@ -45,7 +45,8 @@ c10::TypedOperatorHandle<Sig> sweep(const char* name) {
 using ApplySig = Tensor(at::TensorList, at::IntArrayRef, at::TensorList, at::TensorList, at::TensorList, at::TensorList,
                         int64_t, at::ScalarType, int64_t);
 using GradStatsSig = std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>>(
-    const Tensor&, const OptTensor&, int64_t, at::TensorList, at::IntArrayRef, at::TensorList, int64_t);
+    const Tensor&, const OptTensor&, int64_t, at::TensorList, at::IntArrayRef, at::TensorList, at::TensorList,
+    at::TensorList, at::TensorList, int64_t);
 using InputGradSig = std::vector<Tensor>(const Tensor&, at::TensorList, const Tensor&, const Tensor&, const OptTensor&,
                                          const Tensor&, int64_t);
 using GradStatsXSig = std::tuple<Tensor, Tensor>(const Tensor&, at::TensorList, const Tensor&, const Tensor&,
@@ -257,17 +258,23 @@ std::vector<Tensor> group_backward(const c10::List<OptTensor>& flat, const OptTe
         break;
       }
       case BNFF_STEP_GRAD_STATS: {
-        std::vector<Tensor> srcs, means;
+        // the derivative reads a, or z recomputed from the terms and the shortcuts (the act argument's
+        // BNFF_ACT_FROM_Z bit, bnff_sweeps.h)
+        const bool at_z = (act & BNFF_ACT_FROM_Z) != 0, reads_a = act != BNFF_ACT_NONE && !at_z;
+        std::vector<Tensor> srcs, means, f1s, betas, res;
         std::vector<int64_t> ns;
-        for (const Term& t : c.terms) {
+        for (size_t k = 0; k < K; ++k) {
+          const Term& t = c.terms[k];
           for (const Tensor& x : c.sources(t)) srcs.push_back(x);
           ns.push_back(t.n);
           means.push_back(c.mean(t));
+          if (at_z) f1s.push_back(c.f1[k]), betas.push_back(c.beta(k));
         }
+        if (at_z) res.assign(c.flat.begin() + c.r0, c.flat.begin() + c.r0 + c.rn);
         g = c.dense(g);
         std::vector<Tensor> s1s, s2cs;
-        std::tie(dy, s1s, s2cs) = sw.grad_stats.call(g, act != BNFF_ACT_NONE ? opt(c.dense(a)) : std::nullopt, act,
-                                                    srcs, ns, means, layout);
+        std::tie(dy, s1s, s2cs) = sw.grad_stats.call(g, reads_a ? opt(c.dense(a)) : std::nullopt, act, srcs, ns, means,
+                                                    f1s, betas, res, layout);
         for (size_t k = 0; k < K; ++k) {
           s1[k] = s1s[k], s2c[k] = s2cs[k];
           sums_known(k);

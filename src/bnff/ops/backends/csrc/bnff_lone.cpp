@@ -27,8 +27,8 @@ BNFF_INLINE void lone_sums(V d, V x, V mu, V* acc) {
 // S1 and S2c of nv <= NV segments q[0..nv) (each of w lanes) over rows [rb, rb + nb), added in double to
 // s1 and s2 (indexed by channel): lone_step's arithmetic, each lane's sums in row order as a
 // row-by-row walk adds them, the tile's sums and constants in registers.
-template <int64_t NV, int64_t A, bool Round, typename TX, typename TG, typename Wd>
-BNFF_INLINE void lone_stats_tile(const SegPtr<TX>* q, const TG* gp, int64_t C, int64_t rb, int64_t nb,
+template <int64_t NV, typename AT, typename RT, typename TX, typename TG, typename Wd>
+BNFF_INLINE void lone_stats_tile(AT A, RT Round, const SegPtr<TX>* q, const TG* gp, int64_t C, int64_t rb, int64_t nb,
                                  const TermBwd& t, Wd w, int64_t nv, double* s1, double* s2) {
   V mu[NV], f1[NV], beta[NV], acc[NV][2];
   for (int64_t j = 0; j < NV; ++j) if (j < nv) {
@@ -109,18 +109,19 @@ void term_backward(const TG* gp, const std::vector<Src>& srcs, const std::vector
     dxp[i] = static_cast<TX*>(dxs[segs[i].src[0]]) + (segs[i].c0 - s.off);
   }
   std::vector<double> p1(mode == kStats ? nc * C : 0, 0.0), p2(mode == kStats ? nc * C : 0, 0.0);
-  if (mode == kStats && walk_tiles(C, kTileBwd, rows * C * int64_t(sizeof(TX) + sizeof(TG)))) {
-    // full segments in tiles of up to kTileBwd walked down each block, any other segment alone
-    with_act(t.act, [&](auto A) {
-      with_flag(t.round_bf16, [&](auto round) {
+  if (mode == kStats && inline_act(t.act) && walk_tiles(C, kTileBwd, rows * C * int64_t(sizeof(TX) + sizeof(TG)))) {
+    // full segments in tiles of up to kTileBwd walked down each block, any other segment alone (the
+    // activations other than none, ReLU and ReLU6 walk rows: a row of z and g, then lone_grad_n over it)
+    with_act<false>(t.act, [&](auto A) {
+      with_flag_for(A, t.round_bf16, [&](auto round) {
         row_blocks(rows, nc, [&](int64_t ch, int64_t rb, int64_t nb) {
           double *q1 = &p1[ch * C], *q2 = &p2[ch * C];
           for (size_t i = 0, e; i < ns; i = e) {
             for (e = i; e < ns && e - i < size_t(kTileBwd) && sp[e].n == W;) ++e;
             if (e == i)
-              lone_stats_tile<1, A, round>(&sp[e++], gp, C, rb, nb, t, sp[i].n, 1, q1, q2);
+              lone_stats_tile<1>(A, round, &sp[e++], gp, C, rb, nb, t, sp[i].n, 1, q1, q2);
             else
-              lone_stats_tile<kTileBwd, A, round>(&sp[i], gp, C, rb, nb, t, std::integral_constant<int64_t, W>{},
+              lone_stats_tile<kTileBwd>(A, round, &sp[i], gp, C, rb, nb, t, std::integral_constant<int64_t, W>{},
                                                   int64_t(e - i), q1, q2);
           }
         });
@@ -133,16 +134,32 @@ void term_backward(const TG* gp, const std::vector<Src>& srcs, const std::vector
   // the activation, the mode and the rounding as compile-time constants: no tests per vector
   with_act(t.act, [&](auto A) {
     with_flag(mode == kStats, [&](auto stats) {
-      with_flag(t.round_bf16, [&](auto round) {
+      with_flag_for(A, t.round_bf16, [&](auto round) {
         row_blocks(rows, nc, [&](int64_t ch, int64_t rb, int64_t nb) {
+          constexpr bool rows_of_z = runtime_act<decltype(A)>;
           std::vector<V> acc(stats ? 2 * ns : 0, V(0.f));  // per segment: the block's S1, then S2c sums
+          std::vector<float> gbuf(rows_of_z ? C : 0), zbuf(rows_of_z ? C : 0);
           for (int64_t r = rb; r < rb + nb; ++r) {
+            if constexpr (rows_of_z) {  // dy of the row into gbuf
+              for (const auto& q : sp)
+                with_width(q.n, [&](auto w) BNFF_LAMBDA {
+                  const auto get = [&](const float* p) BNFF_LAMBDA { return per_lane(p, q.c0, w); };
+                  st(zbuf.data() + q.c0, term(ld(q.xp[0] + r * q.xs[0], w), get(t.mu), get(t.f1), get(t.beta)), w);
+                  st(gbuf.data() + q.c0, ld(gp + r * C + q.c0, w), w);
+                });
+              lone_grad_n(gbuf.data(), zbuf.data(), C, A, round);
+            }
             for (size_t i = 0; i < ns; ++i) {
               const auto& q = sp[i];
               with_width(q.n, [&](auto w) BNFF_LAMBDA {
-                lone_step(ld(q.xp[0] + r * q.xs[0], w), ld(gp + r * C + q.c0, w), t,
-                          [&](const float* p) BNFF_LAMBDA { return per_lane(p, q.c0, w); }, A, round, stats,
-                          stats ? &acc[2 * i] : nullptr, stats ? nullptr : dxp[i] + r * q.xs[0], w);
+                const auto get = [&](const float* p) BNFF_LAMBDA { return per_lane(p, q.c0, w); };
+                const V x = ld(q.xp[0] + r * q.xs[0], w);
+                V* a = stats ? &acc[2 * i] : nullptr;
+                TX* dst = stats ? nullptr : dxp[i] + r * q.xs[0];
+                if constexpr (rows_of_z)
+                  lone_step(x, ld(gbuf.data() + q.c0, w), t, get, kNone, false, stats, a, dst, w);
+                else
+                  lone_step(x, ld(gp + r * C + q.c0, w), t, get, A, round, stats, a, dst, w);
               });
             }
           }

@@ -1,18 +1,19 @@
-// bnff's fused CPU sweeps: what the kernels of bnff_cpu.cpp (forward, vectors, registration) and
-// bnff_backward.cpp share: vectors, loads and stores, the workspace, the formulas, the geometry of a
-// call and its loop helpers. Two translation units, so the build uses both cores; every kernel that
-// recomputes a value calls the one formula written here, so recompute equals the forward bit for bit.
-//
+// bnff's fused CPU sweeps: what the kernels of bnff_cpu.cpp (forward, vectors, registration),
+// bnff_backward.cpp (grad_stats, input_grad) and bnff_lone.cpp (the lone-term backward) share:
+// vectors, loads and stores, the workspace, the formulas (BN terms and every activation of
+// bnff.activations), the geometry of a call and its loop helpers. Separate translation units, so the
+// build uses both cores; every kernel that recomputes a value calls the one formula written here, so
+// recompute equals the forward bit for bit.
 //
 // The same four sweeps as bnff/ops/backends/reference.py, same arguments, same math (seed 002
 // eq. 1, 9, 12, 16-20, in centered form), registered as torch.library ops "bnff::*":
 //   channel_stats  step 1 forward: per-channel mean and biased variance, one read (MVF)
 //   apply          step 2 forward: a = act(sum_k F1_k (x_k - mu_k) + beta_k + sum_j r_j), one read
 //                  of every input, one write of a
-//   grad_stats     step 1 backward: dy = g * act'(a), S1 = sum dy / m, S2c = sum dy (x - mu) / m
+//   grad_stats     step 1 backward: dy = g * act'(a or z), S1 = sum dy / m, S2c = sum dy (x - mu) / m
 //   input_grad     step 2 backward: dx = F1 dy + B (x - mu) - F1 S1, written onto each source map
 //   grad_stats_x, input_grad_x  the same two for a lone BN term without shortcut, dy never written:
-//                  each sweep recomputes the activation mask from x, which it reads anyway
+//                  each sweep recomputes the activation's derivative from x, which it reads anyway
 // A BN input may be several source maps (DenseNet ICF): they are read in place, never concatenated.
 // Layouts: every tensor of a call either channels_last (rows of C channels) or contiguous NCHW
 // (planes of H*W). The Python side decides which (its rule is the only one), passes it as `layout`
@@ -51,6 +52,7 @@
 #include <algorithm>
 #include <array>
 #include <atomic>
+#include <bit>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -216,37 +218,172 @@ inline Tensor workspace_empty(at::IntArrayRef sizes, const at::TensorOptions& op
       .make_tensor();
 }
 
-#if !defined(BNFF_ACT_NONE) || !defined(BNFF_ACT_RELU) || !defined(BNFF_ACT_RELU6) || !defined(BNFF_MAX_TERMS) || \
-    !defined(BNFF_LAYOUT_NHWC)
-#error "bnff_cpu.cpp is built by bnff.ops.backends.cpu, which passes the constants it shares with Python"
+#if !defined(BNFF_ACT_NONE) || !defined(BNFF_ACT_RELU) || !defined(BNFF_ACT_RELU6) || !defined(BNFF_ACT_FROM_Z) || \
+    !defined(BNFF_ACT_MISH) || !defined(BNFF_MAX_TERMS) || !defined(BNFF_LAYOUT_NHWC)
+#error "the bnff kernels are built by bnff.ops.backends.cpu, which passes the constants it shares with Python"
 #endif
-enum Act : int64_t { kNone = BNFF_ACT_NONE, kRelu = BNFF_ACT_RELU, kRelu6 = BNFF_ACT_RELU6 };
 
 // ---- the formulas, on W lanes (channels of a row, or positions of a plane) -----------------------
 // A BN term's contribution to z: F1 (x - mu) + beta (seed 002 eq. 12 with F1 = gamma / sigma).
 BNFF_INLINE V term(V x, V mu, V f1, V beta) { return (x - mu) * f1 + beta; }
 
-// The activation: one max (and min) per vector; NaN stays NaN, as in eager ReLU/ReLU6.
-BNFF_INLINE V activate(V z, int64_t act) {
-  if (act == kRelu) return at::vec::clamp_min(z, V(0.f));
-  if (act == kRelu6) return at::vec::clamp(z, V(0.f), V(6.f));
-  return z;
+// ---- the activations of bnff.activations' table -------------------------------------------------
+// The sweeps' `act` argument (cpu.act_arg writes it): bits 0-7 the activation's code (BNFF_ACT_*,
+// cpu.ACT_CODES), bit 8 (BNFF_ACT_FROM_Z) set when its derivative is taken at the pre-activation z
+// rather than from the output a (the table's `reads`), bits 32-63 its parameter as float32 bits
+// (LeakyReLU's slope, ELU's and CELU's alpha). No activation, ReLU and ReLU6 are bare codes, which
+// the channels_last loops make compile-time constants (with_act); every other activation runs
+// through act_forward / act_grad: one switch per vector, compiled once per translation unit.
+enum Act : int64_t { kNone = BNFF_ACT_NONE, kRelu = BNFF_ACT_RELU, kRelu6 = BNFF_ACT_RELU6 };
+constexpr int64_t act_code(int64_t act) { return act & 0xff; }
+constexpr bool from_z(int64_t act) { return (act & BNFF_ACT_FROM_Z) != 0; }
+constexpr float act_param(int64_t act) { return std::bit_cast<float>(static_cast<uint32_t>(static_cast<uint64_t>(act) >> 32)); }
+
+// Each activation's formulas, on vectors: fwd(z) = f(z) and grad(g, t) = g * f'(t), t the output a or
+// the pre-activation z as the act argument's BNFF_ACT_FROM_Z bit says, with ATen's vectorized formulas
+// (aten/src/ATen/native/cpu/Activation.cpp: the forward kernels and the backward operators
+// threshold_backward, leaky_relu_backward, elu_backward, silu_backward, hardswish_backward,
+// hardsigmoid_backward, sigmoid_backward, tanh_backward, gelu_backward, mish_backward); exp, expm1,
+// erf, tanh and log1p are ATen's Vectorized functions (SLEEF's at the AVX2 and AVX-512 levels).
+namespace act {
+inline const V zero(0.f), one(1.f), half(0.5f), three(3.f), six(6.f);
+struct Identity {
+  V fwd(V z) const { return z; }
+  V grad(V g, V) const { return g; }
+};
+struct Relu {  // NaN stays NaN; the mask of a NaN is 0, as in eager's threshold backward
+  V fwd(V z) const { return at::vec::clamp_min(z, zero); }
+  V grad(V g, V a) const { return g & (a > zero); }  // a > 0 iff z > 0
+};
+struct Relu6 {
+  V fwd(V z) const { return at::vec::clamp(z, zero, six); }
+  V grad(V g, V a) const { return g & (a > zero) & (a < six); }  // 0 < a < 6 iff 0 < z < 6
+};
+struct LeakyRelu {  // from a when the slope is >= 0 (a > 0 iff z > 0), else from z: the same formula
+  V slope;
+  V fwd(V z) const { return V::blendv(z * slope, z, z > zero); }
+  V grad(V g, V t) const { return V::blendv(g * slope, g, t > zero); }
+};
+// ELU, CELU and SELU as aten::elu's (negcoef = alpha * scale, poscoef = scale, negiptcoef =
+// input_scale): ELU(alpha) (alpha, 1, 1), CELU(alpha) (alpha, 1, 1/alpha), SELU (its constants, 1);
+// the derivative from a (is_result) when alpha > 0, else from z.
+struct Elu {
+  V neg, pos, ipt;
+  bool at_z;
+  V fwd(V z) const { return V::blendv((z * ipt).expm1() * neg, z * pos, z > zero); }
+  V grad(V g, V t) const {
+    return V::blendv(at_z ? g * ipt * neg * (t * ipt).exp() : g * ipt * (t + neg), g * pos, t > zero);
+  }
+};
+struct Silu {
+  V fwd(V z) const { return z / (one + z.neg().exp()); }
+  V grad(V g, V z) const {
+    const V s = one / (one + z.neg().exp());
+    return g * s * (one + z * (one - s));
+  }
+};
+struct Hardswish {  // f' on the open interval (-3, 3), 0 below, 1 above, as hardswish_backward
+  V fwd(V z) const { return z * at::vec::minimum(at::vec::maximum(z + three, zero), six) / six; }
+  V grad(V g, V z) const { return V::blendv(V::blendv(g, g * (z / three + half), z < three), zero, z <= V(-3.f)); }
+};
+struct Hardsigmoid {
+  V fwd(V z) const { return at::vec::minimum(at::vec::maximum(z + three, zero), six) / six; }
+  V grad(V g, V z) const { return (g * V(1.f / 6.f)) & (z > V(-3.f)) & (z < three); }
+};
+struct Sigmoid {
+  V fwd(V z) const { return one / (one + z.neg().exp()); }
+  V grad(V g, V a) const { return g * (one - a) * a; }
+};
+struct Tanh {
+  V fwd(V z) const { return z.tanh(); }
+  V grad(V g, V a) const { return g * (one - a * a); }
+};
+struct Gelu {
+  V fwd(V z) const { return z * half * (one + (z * V(float(M_SQRT1_2))).erf()); }
+  V grad(V g, V z) const {
+    const V cdf = half * (one + (z * V(float(M_SQRT1_2))).erf());
+    const V pdf = V(float(M_2_SQRTPI * M_SQRT1_2 * 0.5)) * (z * z * V(-0.5f)).exp();
+    return g * (cdf + z * pdf);
+  }
+};
+struct GeluTanh {
+  static V beta() { return V(float(M_SQRT2 * M_2_SQRTPI * 0.5)); }
+  V fwd(V z) const { return half * z * (one + (beta() * (z + V(0.044715f) * (z * z * z))).tanh()); }
+  V grad(V g, V z) const {
+    const V kappa(0.044715f), sq = z * z;
+    const V th = (beta() * (z + kappa * (sq * z))).tanh();
+    return g * (half * (one + th) + half * z * (one - th * th) * beta() * (one + three * kappa * sq));
+  }
+};
+struct Mish {
+  V fwd(V z) const { return z * z.exp().log1p().tanh(); }
+  V grad(V g, V z) const {
+    const V s = one / (one + z.neg().exp()), ts = z.exp().log1p().tanh();
+    return g * (ts + z * s * (one - ts * ts));
+  }
+};
+
+// f(the formulas of activation `act`): one switch per call, the formulas inlined in f's loops.
+template <typename F>
+BNFF_INLINE void dispatch(int64_t act, F&& f) {
+  const float p = act_param(act);
+  switch (act_code(act)) {
+    case BNFF_ACT_RELU: return f(Relu{});
+    case BNFF_ACT_RELU6: return f(Relu6{});
+    case BNFF_ACT_LEAKY_RELU: return f(LeakyRelu{V(p)});
+    case BNFF_ACT_ELU: return f(Elu{V(p), one, one, from_z(act)});
+    case BNFF_ACT_CELU: return f(Elu{V(p), one, V(static_cast<float>(1.0 / static_cast<double>(p))), from_z(act)});
+    case BNFF_ACT_SELU: return f(Elu{V(BNFF_SELU_ALPHA * BNFF_SELU_SCALE), V(BNFF_SELU_SCALE), one, false});
+    case BNFF_ACT_SILU: return f(Silu{});
+    case BNFF_ACT_HARDSWISH: return f(Hardswish{});
+    case BNFF_ACT_HARDSIGMOID: return f(Hardsigmoid{});
+    case BNFF_ACT_SIGMOID: return f(Sigmoid{});
+    case BNFF_ACT_TANH: return f(Tanh{});
+    case BNFF_ACT_GELU: return f(Gelu{});
+    case BNFF_ACT_GELU_TANH: return f(GeluTanh{});
+    case BNFF_ACT_MISH: return f(Mish{});
+    default: return f(Identity{});
+  }
 }
-// dy = g * act'(z), the mask taken from the activation's output a (a > 0 iff z > 0, 0 < a < 6 iff
-// 0 < z < 6); the mask of a NaN is 0, as in eager's threshold backward.
-BNFF_INLINE V masked(V g, V a, int64_t act) {
-  if (act == kRelu) return g & (a > V(0.f));
-  if (act == kRelu6) return g & (a > V(0.f)) & (a < V(6.f));
-  return g;
+}  // namespace act
+
+// a = f(z), and dy = g * f'(t), of one vector for any activation: the NCHW loops, which take the
+// activation at run time (one switch per vector); the channels_last loops use the *_n forms below.
+__attribute__((noinline)) inline V act_forward(V z, int64_t a) {
+  V out;
+  act::dispatch(a, [&](auto f) { out = f.fwd(z); });
+  return out;
 }
-// dy of a lone BN term from its input x: the activation recomputed (rounded to the stored
-// bfloat16 when the applied map is bfloat16: 5.99f stored as bfloat16 is 6, outside ReLU6's open
-// interval) and its mask applied to g.
+__attribute__((noinline)) inline V act_grad(V g, V t, int64_t a) {
+  V out;
+  act::dispatch(a, [&](auto f) { out = f.grad(g, t); });
+  return out;
+}
+
+// a = f(z) and dy = g * f'(t) for an activation argument: none, ReLU and ReLU6 inlined (the channels_last
+// loops make them compile-time constants, with_act), the others through act_forward / act_grad.
+BNFF_INLINE V activate(V z, int64_t a) {
+  if (a == kNone) return z;
+  if (a == kRelu) return act::Relu{}.fwd(z);
+  if (a == kRelu6) return act::Relu6{}.fwd(z);
+  return act_forward(z, a);
+}
+BNFF_INLINE V grad_of(V g, V t, int64_t a) {
+  if (a == kNone) return g;
+  if (a == kRelu) return act::Relu{}.grad(g, t);
+  if (a == kRelu6) return act::Relu6{}.grad(g, t);
+  return act_grad(g, t, a);
+}
+// dy of a lone BN term from its input x: the derivative at the recomputed z, or from the recomputed
+// a (rounded to the stored bfloat16 when the applied map is bfloat16: 5.99f stored as bfloat16 is 6,
+// outside ReLU6's open interval).
 BNFF_INLINE V lone_dy(V g, V x, V mu, V f1, V beta, int64_t act, bool round) {
   if (act == kNone) return g;
-  V z = activate(term(x, mu, f1, beta), act);
-  if (round) z = round_bf16(z);
-  return masked(g, z, act);
+  const V z = term(x, mu, f1, beta);
+  if (from_z(act)) return grad_of(g, z, act);
+  V a = activate(z, act);
+  if (round) a = round_bf16(a);
+  return grad_of(g, a, act);
 }
 // dx = F1 dy + B (x - mu) - F1 S1 (seed 002 eq. 17-20); F1 dy alone without mini-batch statistics
 // (B absent).
@@ -386,19 +523,38 @@ BNFF_INLINE void with_width(int64_t n, F&& f) {
   else f(n);
 }
 
-// f(act) with the activation a compile-time constant (no test per vector in the row loops).
-template <typename F>
+// Whether the loops compute activation argument `act` inline (none, ReLU, ReLU6); the others run
+// through act_forward / act_grad (NCHW) or over row buffers (*_n, channels_last).
+constexpr bool inline_act(int64_t act) { return act == kNone || act == kRelu || act == kRelu6; }
+// f(act) with no activation, ReLU and ReLU6 compile-time constants (no test per vector in the row
+// loops); any other activation at run time (the loops then take rows through the *_n forms), or, with
+// Runtime false (callers that take only inline activations), as none.
+template <bool Runtime = true, typename F>
 BNFF_INLINE void with_act(int64_t act, F&& f) {
   if (act == kRelu) f(std::integral_constant<int64_t, kRelu>{});
   else if (act == kRelu6) f(std::integral_constant<int64_t, kRelu6>{});
-  else f(std::integral_constant<int64_t, kNone>{});
+  else if constexpr (Runtime) {
+    if (act == kNone) f(std::integral_constant<int64_t, kNone>{});
+    else f(act);
+  } else f(std::integral_constant<int64_t, kNone>{});
 }
+// Whether with_act gave a run-time activation: its loops then take their counts at run time too
+// (one instantiation for all the activations of act_forward, which keeps the build short).
+template <typename A>
+constexpr bool runtime_act = std::is_same_v<std::decay_t<A>, int64_t>;
 
 // f(b) with a flag b a compile-time constant.
 template <typename F>
 BNFF_INLINE void with_flag(bool b, F&& f) {
   if (b) f(std::true_type{});
   else f(std::false_type{});
+}
+
+// with_flag for the constant activations, b at run time for a run-time one.
+template <typename A, typename F>
+BNFF_INLINE void with_flag_for(A, bool b, F&& f) {
+  if constexpr (runtime_act<A>) f(b);
+  else with_flag(b, f);
 }
 
 // f(k) with a count of BN terms of 1 or 2 (nearly every call) a compile-time constant; any other
@@ -408,6 +564,12 @@ BNFF_INLINE void with_count(int64_t k, F&& f) {
   if (k == 1) f(std::integral_constant<int64_t, 1>{});
   else if (k == 2) f(std::integral_constant<int64_t, 2>{});
   else f(k);
+}
+// with_count for the constant activations, k at run time for a run-time one.
+template <typename A, typename F>
+BNFF_INLINE void with_count_for(A, int64_t k, F&& f) {
+  if constexpr (runtime_act<A>) f(k);
+  else with_count(k, f);
 }
 
 // f(k, r) with the (BN terms, shortcuts) of the fusion patterns' groups as compile-time constants:
@@ -422,6 +584,12 @@ BNFF_INLINE void with_terms(int64_t k, int64_t r, F&& f) {
   else if (k == 1 && r == 1) f(I1{}, I1{});
   else if (k == 2 && r == 0) f(I2{}, I0{});
   else f(k, r);
+}
+// with_terms for the constant activations, (k, r) at run time for a run-time one.
+template <typename A, typename F>
+BNFF_INLINE void with_terms_for(A, int64_t k, int64_t r, F&& f) {
+  if constexpr (runtime_act<A>) f(k, r);
+  else with_terms(k, r, f);
 }
 
 // out[i] += sum over chunks of part[ch * width + i]: the per-chunk partial sums of a reduction.
@@ -506,6 +674,35 @@ BNFF_INLINE void vectors(int64_t i0, int64_t i1, F&& f) {
   if (i < i1) f(i, i1 - i);
 }
 
+// ---- the activations over a row of values ---------------------------------------------------------
+// The channels_last loops of an activation other than none, ReLU and ReLU6 form a row of z (or of t
+// and g) in a float buffer, then run one of these over it: the switch once per row, the formulas
+// inlined in a tight loop (one instantiation for every activation, which keeps the build short).
+// z[0, n) = f(z) in place.
+__attribute__((noinline)) inline void act_forward_n(float* z, int64_t n, int64_t a) {
+  act::dispatch(a, [&](auto f) { vectors(0, n, [&](int64_t i, auto w) BNFF_LAMBDA { st(z + i, f.fwd(ld(z + i, w)), w); }); });
+}
+// g[0, n) = g * f'(t) in place.
+__attribute__((noinline)) inline void act_grad_n(float* g, const float* t, int64_t n, int64_t a) {
+  act::dispatch(a, [&](auto f) {
+    vectors(0, n, [&](int64_t i, auto w) BNFF_LAMBDA { st(g + i, f.grad(ld(g + i, w), ld(t + i, w)), w); });
+  });
+}
+// g[0, n) = g * f'(.) from z[0, n): at z, or at a = f(z) (rounded to bfloat16 where `round`: the value
+// the forward stored) as the act argument says; z is overwritten.
+__attribute__((noinline)) inline void lone_grad_n(float* g, float* z, int64_t n, int64_t a, bool round) {
+  act::dispatch(a, [&](auto f) {
+    vectors(0, n, [&](int64_t i, auto w) BNFF_LAMBDA {
+      V t = ld(z + i, w);
+      if (!from_z(a)) {
+        t = f.fwd(t);
+        if (round) t = round_bf16(t);
+      }
+      st(g + i, f.grad(ld(g + i, w), t), w);
+    });
+  });
+}
+
 // ---- apply --------------------------------------------------------------------------------------
 // Per-term (C,) float vectors: mean, F1, beta (zeros without affine).
 struct TermVec {
@@ -519,14 +716,20 @@ inline std::vector<TermVec> vecs_of(at::TensorList means, at::TensorList f1s, at
   return v;
 }
 
-// z = sum_k term(x_k) + sum_j r_j, activated: the apply step on one vector. xs/rs give term k's and
+// z = sum_k term(x_k) + sum_j r_j: the pre-activation on one vector, as apply forms it and grad_stats
+// recomputes it (the same operations in the same order: the same bits). xs/rs give term k's and
 // shortcut j's vector, get(p) a per-channel constant's.
 template <typename X, typename R, typename Get>
-BNFF_INLINE V applied(int64_t K, int64_t Rn, const TermVec* vec, X xs, R rs, Get get, int64_t act) {
+BNFF_INLINE V preact(int64_t K, int64_t Rn, const TermVec* vec, X xs, R rs, Get get) {
   V z(0.f);
   for (int64_t k = 0; k < K; ++k) z += term(xs(k), get(vec[k].mu), get(vec[k].f1), get(vec[k].beta));
   for (int64_t j = 0; j < Rn; ++j) z += rs(j);
-  return activate(z, act);
+  return z;
+}
+// The apply step on one vector: act(z).
+template <typename X, typename R, typename Get>
+BNFF_INLINE V applied(int64_t K, int64_t Rn, const TermVec* vec, X xs, R rs, Get get, int64_t act) {
+  return activate(preact(K, Rn, vec, xs, rs, get), act);
 }
 
 // C per-channel sums divided by m, as a float (C,) tensor.
@@ -547,7 +750,8 @@ inline Tensor k0_of(const Tensor& f1, const Tensor& s1) {
 // ---- the backward sweeps (bnff_backward.cpp, bnff_lone.cpp), registered by bnff_cpu.cpp -----------
 std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>> grad_stats(
     const Tensor& grad, const std::optional<Tensor>& a, int64_t act, at::TensorList sources,
-    at::IntArrayRef n_sources, at::TensorList means, int64_t layout);
+    at::IntArrayRef n_sources, at::TensorList means, at::TensorList f1s, at::TensorList betas,
+    at::TensorList residuals, int64_t layout);
 std::vector<Tensor> input_grad(const Tensor& dy, at::TensorList sources, const Tensor& mean, const Tensor& f1,
                                const std::optional<Tensor>& b, const Tensor& s1, int64_t layout);
 std::tuple<Tensor, Tensor> grad_stats_x(const Tensor& grad, at::TensorList sources, const Tensor& mean,

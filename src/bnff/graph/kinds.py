@@ -19,6 +19,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from bnff import activations
+from bnff.graph import bn_forms
 from bnff.modules import SyncBatchNorm
 
 
@@ -96,6 +97,12 @@ def classify(node: fx.Node, modules: dict[str, nn.Module]) -> NodeInfo:
         return NodeInfo(Kind.OTHER, module=m)
     if node.op == "call_function":
         fn = node.target
+        named = bn_forms.bn_module(node, modules)
+        if named is not None:  # BN written another way (bnff.graph.bn_forms)
+            m = named[1]
+            if isinstance(m, nn.BatchNorm2d) or (isinstance(m, (nn.SyncBatchNorm, SyncBatchNorm))):
+                return NodeInfo(Kind.BN, operands=first, module=m)
+            return NodeInfo(Kind.OTHER, module=m)
         if fn in _ADD_FUNCS and _tensor_add(args, kwargs):
             return NodeInfo(Kind.ADD, operands=(args[0], args[1]))
         if fn in _MAXPOOL_FUNCS:
@@ -113,6 +120,16 @@ def classify(node: fx.Node, modules: dict[str, nn.Module]) -> NodeInfo:
         if node.target == "flatten":
             return NodeInfo(Kind.FLATTEN, operands=first)
     return NodeInfo(Kind.OTHER)
+
+
+def module_name(node: fx.Node) -> str:
+    """The qualified name of the module a layer node calls: its target for ``call_module``, the BN module
+    of a ``bn_forms.batch_norm`` call; else the node's own name."""
+    if node.op == "call_module":
+        return str(node.target)
+    if node.op == "call_function" and node.target is bn_forms.batch_norm:
+        return str(node.args[1].target)
+    return node.name
 
 
 def is_inplace(node: fx.Node, modules: dict[str, nn.Module]) -> bool:

@@ -21,7 +21,7 @@ import torch.fx as fx
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
-from bnff.graph.kinds import Kind, classify, is_inplace
+from bnff.graph.kinds import Kind, classify, is_inplace, module_name
 from bnff.graph.trace import LeafSpec, trace
 
 _VIEW_METHODS = {"view", "reshape", "flatten", "squeeze", "unsqueeze", "permute", "transpose", "contiguous"}
@@ -221,10 +221,10 @@ def build(model: nn.Module, input_shape: tuple[int, ...], leaf_modules: LeafSpec
         inputs: list[fx.Node] = []
         fx.node.map_arg((node.args, node.kwargs), inputs.append)
         inputs = [i for i in inputs if isinstance(i.meta.get("tensor_meta"), TensorMetadata)]
-        m = modules.get(node.target) if node.op == "call_module" else None
+        m = modules.get(node.target) if node.op == "call_module" else info.module
         out_shape = tuple(_tensor_meta(node).shape)
         in_numel = math.prod(_tensor_meta(inputs[0]).shape) if inputs else 0
-        name = node.target if node.op == "call_module" else node.name
+        name = module_name(node)
         calls[name] = calls.get(name, 0) + 1
         if calls[name] > 1:  # a module called several times (ResNet's shared ReLU): "layer1.0.relu:2"
             name = f"{name}:{calls[name]}"

@@ -1,6 +1,9 @@
 """torch.fx tracing with bnff's rules for leaf modules and clear errors.
 
-``nn.Identity`` calls are removed from the graph (they return their input). A submodule whose
+``nn.Identity`` calls are removed from the graph (they return their input). BN written other ways (a
+``BatchNorm2d`` subclass that applies its activation in its own forward, as timm's ``BatchNormAct2d``;
+functional ``batch_norm`` on a BN module's tensors) becomes ``bn_forms.batch_norm`` calls where it can
+(``bnff.graph.bn_forms``); a subclass it cannot map stays an opaque leaf, with the reason. A submodule whose
 ``forward`` fx cannot trace (data-dependent control flow, unsupported Python)
 is kept as an opaque leaf and tracing is retried, so the rest of the model can still be
 restructured; the modules kept this way are reported. A model whose *own* ``forward`` cannot be
@@ -9,12 +12,16 @@ traced raises ``TraceError`` naming the module, the source line and the ``leaf_m
 
 from __future__ import annotations
 
+import contextlib
 import traceback
 from dataclasses import dataclass, field
 from typing import Iterable
 
+import torch
 import torch.fx as fx
 from torch import nn
+
+from bnff.graph import bn_forms
 
 
 class TraceError(RuntimeError):
@@ -34,6 +41,8 @@ class _Tracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return (module_qualified_name in self.leaf_names or id(m) in self.leaf_ids
                 or (bool(self.leaf_types) and isinstance(m, self.leaf_types))
+                or bn_forms.is_subclass_with_forward(m)  # expanded after tracing (bn_forms)
+                or bn_forms.is_frozen_bn(m)  # one node, listed unfused with its reason
                 or super().is_leaf_module(m, module_qualified_name))
 
     def call_module(self, m, forward, args, kwargs):
@@ -99,6 +108,26 @@ def trace(model: nn.Module, leaf_modules: LeafSpec = ()) -> Traced:
     if missing:
         raise ValueError(f"leaf_modules names {missing} are not submodules of {type(model).__name__}")
     untraceable: dict[str, str] = {}
+    with _buffers_kept(model):
+        return _trace(model, names, types, ids, known, untraceable)
+
+
+@contextlib.contextmanager
+def _buffers_kept(model: nn.Module):
+    """Tracing runs Python on real buffers where a forward changes them in place without a proxy
+    (``self.num_batches_tracked.add_(1)`` in a BN subclass's forward: fx executes it, unrecorded);
+    tracing must not change the model, so every buffer is put back afterwards."""
+    saved = [(b, b.detach().clone()) for b in model.buffers() if b.device.type != "meta"]  # meta: no values
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, v in saved:
+                b.copy_(v)
+
+
+def _trace(model: nn.Module, names: set[str], types: list[type], ids: set[int], known: dict[str, nn.Module],
+           untraceable: dict[str, str]) -> Traced:
     for _ in range(len(known) + 1):
         tracer = _Tracer(names, tuple(types), ids)
         try:
@@ -115,10 +144,12 @@ def trace(model: nn.Module, leaf_modules: LeafSpec = ()) -> Traced:
                 f"bnff.restructure(model, leaf_modules=['name']) to keep it opaque (unfused), or make "
                 f"the forward traceable (no Python control flow on tensor values).") from exc
         _drop_identities(graph, known)
+        untraceable.update(bn_forms.expand_subclasses(graph, known))
+        bn_forms.functional_calls(graph, known)
         gm = fx.GraphModule(tracer.root, graph, class_name=type(model).__name__)
         standard = fx.Tracer()
         leaves = sorted({n.target for n in graph.nodes if n.op == "call_module"
-                         and not standard.is_leaf_module(known[n.target], n.target)})
+                         and not standard.is_leaf_module(known[n.target], n.target) and not bn_forms.is_frozen_bn(known[n.target])})
         return Traced(gm, leaves, untraceable)
     raise TraceError(f"could not trace {type(model).__name__}: every retry failed")  # pragma: no cover
 

@@ -29,11 +29,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Mapping
 
+import torch
 import torch.fx as fx
 from torch import nn
 
-from bnff.graph.kinds import Kind, NodeInfo, cat_dim, classify
-from bnff.graph import consumers
+from bnff.graph import bn_forms, consumers
+from bnff.graph.kinds import Kind, NodeInfo, cat_dim, classify, module_name
 
 _SOURCE_KINDS = (Kind.CONV, Kind.MAXPOOL, Kind.AVGPOOL)
 
@@ -150,8 +151,8 @@ class _Matcher:
         return next(iter(n.users)) if len(n.users) == 1 else None
 
     def describe(self, n: fx.Node) -> str:
-        if n.op == "call_module":
-            return f"{self.kind(n).value} '{n.target}' ({type(self.modules[n.target]).__name__})"
+        if n.op == "call_module" or self.info[n].kind == Kind.BN:
+            return f"{self.kind(n).value} '{module_name(n)}' ({type(self.info[n].module or self.modules[n.target]).__name__})"
         what = getattr(n.target, "__name__", str(n.target)) if n.op in ("call_function", "call_method") else n.op
         return f"{self.kind(n).value} '{n.name}' ({what})"
 
@@ -282,13 +283,16 @@ class _Matcher:
                 reason = "neither addend is the output of a fused BN"
             out.append(Unfused(n, k, reason))
         for n in self.graph.nodes:
-            if n.op == "call_module" and self.kind(n) == Kind.OTHER:
-                m = self.modules[n.target]
-                if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                    out.append(Unfused(n, Kind.BN, f"{type(m).__name__} is not supported (only BatchNorm2d "
-                                                   f"with its standard forward)"))
-            elif n.op == "call_function" and n.target is nn.functional.batch_norm:
-                out.append(Unfused(n, Kind.BN, "functional batch_norm call (not a BatchNorm2d module)"))
+            m = self.info[n].module
+            if n.op == "call_function" and n.target in (nn.functional.batch_norm, torch.batch_norm):
+                out.append(Unfused(n, Kind.BN, n.meta.get(bn_forms.WHY, "functional batch_norm call")))
+            elif n.op == "call_module" and bn_forms.is_frozen_bn(self.modules[n.target]):
+                out.append(Unfused(n, Kind.BN, f"{type(self.modules[n.target]).__name__} is a frozen BN (a fixed "
+                                               f"per-channel affine map, no statistics): left as it is"))
+            elif self.kind(n) == Kind.OTHER and isinstance(m, nn.modules.batchnorm._BatchNorm):
+                out.append(Unfused(n, Kind.BN, n.meta.get(bn_forms.WHY) or (
+                    f"{type(m).__name__} is not supported (BatchNorm2d and SyncBatchNorm, with their standard "
+                    f"forward or as BN followed by their activation)")))
         return out
 
 

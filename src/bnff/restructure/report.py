@@ -10,6 +10,7 @@ from rich.table import Table
 from torch import nn
 
 from bnff import activations
+from bnff.graph.kinds import module_name
 from bnff.plan.match import Group, Unfused
 
 
@@ -148,7 +149,7 @@ def _sources(names: tuple[str, ...]) -> str:
 
 
 def _name(node) -> str:
-    return str(node.target) if node.op == "call_module" else node.name
+    return module_name(node)
 
 
 def build(groups: list[Group], unfused: list[Unfused], opaque: dict[str, str], backend: str,
@@ -158,7 +159,7 @@ def build(groups: list[Group], unfused: list[Unfused], opaque: dict[str, str], b
     for g in groups:
         report.groups.append(FusedGroup(
             pattern=g.pattern,
-            bns=tuple(str(t.bn.target) for t in g.terms),
+            bns=tuple(module_name(t.bn) for t in g.terms),
             sources=tuple(tuple(_name(s) for s in t.sources) for t in g.terms),
             add=g.add is not None, act=g.act_kind,
             residuals=tuple(r.name for r in g.residuals),

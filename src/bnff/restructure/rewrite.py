@@ -24,6 +24,7 @@ import operator
 import torch.fx as fx
 
 from bnff.graph import consumers
+from bnff.graph.kinds import module_name
 from bnff.ops import fused
 from bnff.plan import FusionPlan
 from bnff.plan.match import Group
@@ -45,7 +46,7 @@ class _Rewriter:
         for g in groups:
             for t in g.terms:
                 for s in t.sources:
-                    self.bns_of_source.setdefault(s, []).append(str(t.bn.target))
+                    self.bns_of_source.setdefault(s, []).append(module_name(t.bn))
 
     def resolve(self, n: fx.Node) -> fx.Node:
         return self.replaced_by.get(n, n)
@@ -85,7 +86,7 @@ class _Rewriter:
         for term in group.terms:
             stats = tuple(self.feature_stats(s) for s in term.sources)
             sources = tuple(self.resolve(s) for s in term.sources)
-            bn = self.attr(str(term.bn.target))
+            bn = self.attr(module_name(term.bn))
             with graph.inserting_before(out):
                 st = graph.call_function(fused.bn_statistics, (sources, stats, bn, self.backend))
             terms.append((sources, st, bn))
@@ -108,6 +109,10 @@ class _Rewriter:
             self.replaced_by[c] = cursor
         for node in reversed(group.replaced()):
             graph.erase_node(node)
+        for term in group.terms:  # a bn_forms.batch_norm call's module, read by nothing else now
+            module = term.bn.args[1] if term.bn.op == "call_function" else None
+            if isinstance(module, fx.Node) and not module.users:
+                graph.erase_node(module)
 
 
 def rewrite(gm: fx.GraphModule, plan: FusionPlan, groups: list[Group], backend: str) -> None:

@@ -23,6 +23,11 @@ from helpers import every_backend  # noqa: F401  (each test runs on every backen
 
 # Small-input variants and the smallest input each handles quickly on 2 cores.
 FAMILIES = {"densenet121": 16, "inception_v3": 32, "mobilenet_v2": 16}
+# EfficientNet-B0 and MobileNetV3-Large (SiLU, Hardswish, squeeze-and-excitation, stochastic depth): every
+# BN fused; unfused only the activations inside squeeze-and-excitation (on pooled 1x1 vectors, after a
+# convolution without BN), the classifier's Hardswish, and EfficientNet's residual adds behind
+# stochastic depth (a per-sample multiply between the last BN and the add)
+NEW_FAMILIES = {"efficientnet_b0": 16, "mobilenet_v3_large": 16}
 
 
 def _model(name, gen, **kwargs):
@@ -37,10 +42,10 @@ def _batch(gen, hw, n=4):
 
 @pytest.mark.exactness
 @reference_only
-@pytest.mark.parametrize("name", sorted(FAMILIES))
+@pytest.mark.parametrize("name", sorted(FAMILIES | NEW_FAMILIES))
 def test_float64_every_gradient_and_running_stat_exact(name, gen):
     model = _model(name, gen).double()
-    for e in train_side_by_side(model, _batch(gen, FAMILIES[name], n=2), steps=2, dtype=torch.float64):
+    for e in train_side_by_side(model, _batch(gen, (FAMILIES | NEW_FAMILIES)[name], n=2), steps=2, dtype=torch.float64):
         assert max(e.output, e.input_grad, e.param_grad, e.buffers) <= FLOAT64_BOUND, e
 
 
@@ -110,6 +115,35 @@ def test_mobilenet_v2_report_patterns():
     assert acts.count("relu6") == 35 and acts.count(None) == 17  # 17 linear bottlenecks
     assert sum(g.pattern == "(4)-1" for g in report.groups) == 10  # blocks with a shortcut
     assert report.groups[-1].pattern == "head"
+
+
+@reference_only  # no sweep runs: restructuring and the report only
+@pytest.mark.parametrize("name, acts, unfused", [
+    # stem + head + 16 depthwise + 15 expansions with SiLU; 16 linear projections
+    ("efficientnet_b0", {"silu": 2 + 16 + 15, None: 16}, {"act": 16, "add": 9}),
+    # ReLU blocks 0-5 (block 0 has no expansion), Hardswish blocks 6-14 with the stem and head; 15 projections
+    ("mobilenet_v3_large", {"relu": 1 + 5 * 2, "hardswish": 9 * 2 + 2, None: 15}, {"act": 8 + 1}),
+])
+def test_new_families_fuse_every_batchnorm(name, acts, unfused):
+    model = models.MODELS[name]()
+    report = bnff.fusion_report(bnff.restructure(model))
+    assert sorted(report.fused_bns) == _all_bns(model), str(report)
+    got = {}
+    for g in report.groups:
+        if g.bns:
+            got[g.act] = got.get(g.act, 0) + 1
+    assert got == acts, got
+    kinds = {}
+    for u in report.unfused:
+        kinds[u.kind] = kinds.get(u.kind, 0) + 1
+    assert kinds == unfused, str(report)
+
+
+@pytest.mark.parametrize("name", sorted(NEW_FAMILIES))
+def test_new_families_fp32_as_accurate_as_eager(name, gen):
+    """Stochastic depth on (the same masks in every run, helpers._run seeds them)."""
+    steps = compare_with_float64(_model(name, gen), _batch(gen, NEW_FAMILIES[name], n=2), steps=2)
+    assert_aggregate_as_accurate_as_eager(steps)
 
 
 def test_inception_train_and_eval_graphs_follow_the_mode(gen):

@@ -6,7 +6,8 @@ from bnff import models
 # torchvision's published parameter counts (num_classes=1000).
 COUNTS = {"resnet18": 11_689_512, "resnet34": 21_797_672, "resnet50": 25_557_032, "resnet101": 44_549_160,
           "densenet121": 7_978_856, "densenet169": 14_149_480, "densenet201": 20_013_928,
-          "inception_v3": 27_161_264, "mobilenet_v2": 3_504_872}
+          "inception_v3": 27_161_264, "mobilenet_v2": 3_504_872, "efficientnet_b0": 5_288_548,
+          "mobilenet_v3_large": 5_483_032}
 
 
 @pytest.mark.parametrize("name", sorted(COUNTS))
@@ -50,6 +51,14 @@ def test_other_families_state_dict_names_are_torchvision_names():
         "mobilenet_v2": {"features.0.0.weight": (32, 3, 3, 3), "features.1.conv.0.0.weight": (32, 1, 3, 3),
                          "features.2.conv.1.1.running_var": (96,), "features.17.conv.2.weight": (320, 960, 1, 1),
                          "features.18.1.weight": (1280,), "classifier.1.weight": (1000, 1280)},
+        "efficientnet_b0": {"features.0.0.weight": (32, 3, 3, 3), "features.1.0.block.0.0.weight": (32, 1, 3, 3),
+                            "features.1.0.block.1.fc1.weight": (8, 32, 1, 1), "features.1.0.block.1.fc2.bias": (32,),
+                            "features.2.0.block.0.1.running_var": (96,), "features.6.3.block.3.0.weight": (192, 1152, 1, 1),
+                            "features.8.0.weight": (1280, 320, 1, 1), "classifier.1.weight": (1000, 1280)},
+        "mobilenet_v3_large": {"features.0.0.weight": (16, 3, 3, 3), "features.1.block.0.0.weight": (16, 1, 3, 3),
+                               "features.4.block.2.fc1.weight": (24, 72, 1, 1), "features.4.block.2.fc2.weight": (72, 24, 1, 1),
+                               "features.15.block.3.1.running_mean": (160,), "features.16.0.weight": (960, 160, 1, 1),
+                               "classifier.0.weight": (1280, 960), "classifier.3.weight": (1000, 1280)},
     }
     for name, expected in samples.items():
         sd = models.MODELS[name]().state_dict()
@@ -57,7 +66,8 @@ def test_other_families_state_dict_names_are_torchvision_names():
             assert tuple(sd[key].shape) == shape, (name, key)
 
 
-@pytest.mark.parametrize("name, size", [("densenet121", 32), ("inception_v3", 32), ("mobilenet_v2", 32)])
+@pytest.mark.parametrize("name, size", [("densenet121", 32), ("inception_v3", 32), ("mobilenet_v2", 32),
+                                        ("efficientnet_b0", 32), ("mobilenet_v3_large", 32)])
 def test_small_input_variants_of_other_families(name, size, gen):
     m = models.MODELS[name](num_classes=10, small_input=True).eval()
     assert m(torch.randn(2, 3, size, size, generator=gen)).shape == (2, 10)

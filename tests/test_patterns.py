@@ -259,8 +259,9 @@ class MobileNetLike(nn.Module):
     def __init__(self):
         super().__init__()
         mb = models.mobilenet
-        self.features = nn.Sequential(mb.Conv2dNormActivation(C, 8, stride=1), mb.InvertedResidual(8, 8, 1, 2),
-                                      mb.InvertedResidual(8, 12, 2, 2), mb.Conv2dNormActivation(12, 16, 1))
+        relu6 = dict(activation_layer=nn.ReLU6)
+        self.features = nn.Sequential(mb.Conv2dNormActivation(C, 8, stride=1, **relu6), mb.InvertedResidual(8, 8, 1, 2),
+                                      mb.InvertedResidual(8, 12, 2, 2), mb.Conv2dNormActivation(12, 16, 1, **relu6))
         self.fc = nn.Linear(16, 3)
 
     def forward(self, x):

@@ -100,9 +100,8 @@ def classify(node: fx.Node, modules: dict[str, nn.Module]) -> NodeInfo:
         named = bn_forms.bn_module(node, modules)
         if named is not None:  # BN written another way (bnff.graph.bn_forms)
             m = named[1]
-            if isinstance(m, nn.BatchNorm2d) or (isinstance(m, (nn.SyncBatchNorm, SyncBatchNorm))):
-                return NodeInfo(Kind.BN, operands=first, module=m)
-            return NodeInfo(Kind.OTHER, module=m)
+            kind = Kind.BN if isinstance(m, (nn.BatchNorm2d, nn.SyncBatchNorm, SyncBatchNorm)) else Kind.OTHER
+            return NodeInfo(kind, operands=first, module=m)
         if fn in _ADD_FUNCS and _tensor_add(args, kwargs):
             return NodeInfo(Kind.ADD, operands=(args[0], args[1]))
         if fn in _MAXPOOL_FUNCS:

@@ -19,28 +19,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-
-def _make_divisible(v: float, divisor: int, min_value: int | None = None) -> int:
-    """Round ``v`` to a multiple of ``divisor``, never more than 10% down (torchvision's rule)."""
-    min_value = divisor if min_value is None else min_value
-    new_v = max(min_value, int(v + divisor / 2) // divisor * divisor)
-    if new_v < 0.9 * v:
-        new_v += divisor
-    return new_v
-
-
-class Conv2dNormActivation(nn.Sequential):
-    """conv (no bias) -> BatchNorm2d -> ReLU6, "same" padding; torchvision's ``ops.Conv2dNormActivation``."""
-
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1,
-                 groups: int = 1) -> None:
-        padding = (kernel_size - 1) // 2
-        super().__init__(
-            nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, groups=groups, bias=False),
-            nn.BatchNorm2d(out_channels),
-            nn.ReLU6(inplace=True),
-        )
-        self.out_channels = out_channels
+from bnff.models.blocks import Conv2dNormActivation, init_weights
+from bnff.models.blocks import make_divisible as _make_divisible
 
 
 class InvertedResidual(nn.Module):
@@ -55,9 +35,9 @@ class InvertedResidual(nn.Module):
         self.use_res_connect = stride == 1 and inp == oup
         layers: list[nn.Module] = []
         if expand_ratio != 1:
-            layers.append(Conv2dNormActivation(inp, hidden_dim, kernel_size=1))
+            layers.append(Conv2dNormActivation(inp, hidden_dim, kernel_size=1, activation_layer=nn.ReLU6))
         layers += [
-            Conv2dNormActivation(hidden_dim, hidden_dim, stride=stride, groups=hidden_dim),
+            Conv2dNormActivation(hidden_dim, hidden_dim, stride=stride, groups=hidden_dim, activation_layer=nn.ReLU6),
             nn.Conv2d(hidden_dim, oup, 1, 1, 0, bias=False),
             nn.BatchNorm2d(oup),
         ]
@@ -91,7 +71,8 @@ class MobileNetV2(nn.Module):
         super().__init__()
         input_channel = _make_divisible(32 * width_mult, round_nearest)
         self.last_channel = _make_divisible(1280 * max(1.0, width_mult), round_nearest)
-        features: list[nn.Module] = [Conv2dNormActivation(3, input_channel, stride=1 if small_input else 2)]
+        features: list[nn.Module] = [Conv2dNormActivation(3, input_channel, stride=1 if small_input else 2,
+                                                           activation_layer=nn.ReLU6)]
         for stage, (t, c, n, s) in enumerate(self.SETTING):
             output_channel = _make_divisible(c * width_mult, round_nearest)
             if small_input and stage == 1:
@@ -99,21 +80,11 @@ class MobileNetV2(nn.Module):
             for i in range(n):
                 features.append(InvertedResidual(input_channel, output_channel, s if i == 0 else 1, expand_ratio=t))
                 input_channel = output_channel
-        features.append(Conv2dNormActivation(input_channel, self.last_channel, kernel_size=1))
+        features.append(Conv2dNormActivation(input_channel, self.last_channel, kernel_size=1, activation_layer=nn.ReLU6))
         self.features = nn.Sequential(*features)
         self.classifier = nn.Sequential(nn.Dropout(p=dropout), nn.Linear(self.last_channel, num_classes))
 
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out")
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0, 0.01)
-                nn.init.zeros_(m.bias)
+        init_weights(self)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.features(x)

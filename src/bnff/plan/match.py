@@ -33,6 +33,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from bnff import activations
 from bnff.graph import bn_forms, consumers
 from bnff.graph.kinds import Kind, NodeInfo, cat_dim, classify, module_name
 
@@ -247,8 +248,9 @@ class _Matcher:
                 group = Group([], residuals=[self.info[n].operands[0]], act=n, act_kind=self.info[n].act)
                 self.attach_consumers(group)
                 if not group.consumers:  # materializing relu(conv) saves nothing over eager
-                    unfused.append(Unfused(n, k, f"ReLU after a convolution is fused only into a consumer, "
-                                                 f"and {group.materialized_because}"))
+                    what = activations.spec(self.info[n].act).display
+                    unfused.append(Unfused(n, k, f"{what} after a convolution (no BN) is fused only into a "
+                                                 f"consumer, and {group.materialized_because}"))
                     continue
             else:
                 continue

@@ -107,11 +107,12 @@ class _Rewriter:
             cursor.meta.update(c.meta)
             c.replace_all_uses_with(cursor)
             self.replaced_by[c] = cursor
+        # a bn_forms.batch_norm call's module (a get_attr node), read by nothing else once the call is gone
+        modules = [t.bn.args[1] for t in group.terms if t.bn.op == "call_function"]
         for node in reversed(group.replaced()):
             graph.erase_node(node)
-        for term in group.terms:  # a bn_forms.batch_norm call's module, read by nothing else now
-            module = term.bn.args[1] if term.bn.op == "call_function" else None
-            if isinstance(module, fx.Node) and not module.users:
+        for module in modules:
+            if not module.users:
                 graph.erase_node(module)
 
 

@@ -23,11 +23,13 @@ from helpers import every_backend  # noqa: F401  (each test runs on every backen
 
 # Small-input variants and the smallest input each handles quickly on 2 cores.
 FAMILIES = {"densenet121": 16, "inception_v3": 32, "mobilenet_v2": 16}
-# EfficientNet-B0 and MobileNetV3-Large (SiLU, Hardswish, squeeze-and-excitation, stochastic depth): every
+# EfficientNet-B0, MobileNetV3-Large and RegNetY-1.6GF (SiLU, Hardswish, squeeze-and-excitation, stochastic
+# depth, grouped convolutions; the report test below covers RegNetY, the training tests the first two): every
 # BN fused; unfused only the activations inside squeeze-and-excitation (on pooled 1x1 vectors, after a
 # convolution without BN), the classifier's Hardswish, and EfficientNet's residual adds behind
 # stochastic depth (a per-sample multiply between the last BN and the add)
 NEW_FAMILIES = {"efficientnet_b0": 16, "mobilenet_v3_large": 16}
+FLOAT64_ONLY = {"regnet_y_1_6gf": 16}  # float64 exactness only, to keep make test under its budget
 
 
 def _model(name, gen, **kwargs):
@@ -42,10 +44,11 @@ def _batch(gen, hw, n=4):
 
 @pytest.mark.exactness
 @reference_only
-@pytest.mark.parametrize("name", sorted(FAMILIES | NEW_FAMILIES))
+@pytest.mark.parametrize("name", sorted(FAMILIES | NEW_FAMILIES | FLOAT64_ONLY))
 def test_float64_every_gradient_and_running_stat_exact(name, gen):
     model = _model(name, gen).double()
-    for e in train_side_by_side(model, _batch(gen, (FAMILIES | NEW_FAMILIES)[name], n=2), steps=2, dtype=torch.float64):
+    size = (FAMILIES | NEW_FAMILIES | FLOAT64_ONLY)[name]
+    for e in train_side_by_side(model, _batch(gen, size, n=2), steps=2, dtype=torch.float64):
         assert max(e.output, e.input_grad, e.param_grad, e.buffers) <= FLOAT64_BOUND, e
 
 
@@ -123,6 +126,9 @@ def test_mobilenet_v2_report_patterns():
     ("efficientnet_b0", {"silu": 2 + 16 + 15, None: 16}, {"act": 16, "add": 9}),
     # ReLU blocks 0-5 (block 0 has no expansion), Hardswish blocks 6-14 with the stem and head; 15 projections
     ("mobilenet_v3_large", {"relu": 1 + 5 * 2, "hardswish": 9 * 2 + 2, None: 15}, {"act": 8 + 1}),
+    # stem, a and b of 27 blocks; c with its shortcut (22 identity, 4 projections: 2 BNs in one group);
+    # unfused only the 27 squeeze-and-excitation sigmoids (its ReLU joins fc1 and fc2, pattern (1))
+    ("regnet_y_1_6gf", {"relu": 1 + 27 * 2 + 27}, {"act": 27}),
 ])
 def test_new_families_fuse_every_batchnorm(name, acts, unfused):
     model = models.MODELS[name]()

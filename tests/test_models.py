@@ -7,7 +7,7 @@ from bnff import models
 COUNTS = {"resnet18": 11_689_512, "resnet34": 21_797_672, "resnet50": 25_557_032, "resnet101": 44_549_160,
           "densenet121": 7_978_856, "densenet169": 14_149_480, "densenet201": 20_013_928,
           "inception_v3": 27_161_264, "mobilenet_v2": 3_504_872, "efficientnet_b0": 5_288_548,
-          "mobilenet_v3_large": 5_483_032}
+          "mobilenet_v3_large": 5_483_032, "regnet_y_1_6gf": 11_202_430}
 
 
 @pytest.mark.parametrize("name", sorted(COUNTS))
@@ -59,6 +59,11 @@ def test_other_families_state_dict_names_are_torchvision_names():
                                "features.4.block.2.fc1.weight": (24, 72, 1, 1), "features.4.block.2.fc2.weight": (72, 24, 1, 1),
                                "features.15.block.3.1.running_mean": (160,), "features.16.0.weight": (960, 160, 1, 1),
                                "classifier.0.weight": (1280, 960), "classifier.3.weight": (1000, 1280)},
+        "regnet_y_1_6gf": {"stem.0.weight": (32, 3, 3, 3), "trunk_output.block1.block1-0.proj.0.weight": (48, 32, 1, 1),
+                           "trunk_output.block1.block1-0.f.b.0.weight": (48, 24, 3, 3),
+                           "trunk_output.block1.block1-0.f.se.fc1.weight": (8, 48, 1, 1),
+                           "trunk_output.block3.block3-16.f.c.1.running_var": (336,),
+                           "trunk_output.block4.block4-1.f.a.0.weight": (888, 888, 1, 1), "fc.weight": (1000, 888)},
     }
     for name, expected in samples.items():
         sd = models.MODELS[name]().state_dict()
@@ -67,7 +72,7 @@ def test_other_families_state_dict_names_are_torchvision_names():
 
 
 @pytest.mark.parametrize("name, size", [("densenet121", 32), ("inception_v3", 32), ("mobilenet_v2", 32),
-                                        ("efficientnet_b0", 32), ("mobilenet_v3_large", 32)])
+                                        ("efficientnet_b0", 32), ("mobilenet_v3_large", 32), ("regnet_y_1_6gf", 32)])
 def test_small_input_variants_of_other_families(name, size, gen):
     m = models.MODELS[name](num_classes=10, small_input=True).eval()
     assert m(torch.randn(2, 3, size, size, generator=gen)).shape == (2, 10)

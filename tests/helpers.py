@@ -54,6 +54,9 @@ def every_backend(request, monkeypatch):
 
 
 reference_only = pytest.mark.parametrize("every_backend", ["reference"], indirect=True)
+cpu_only = pytest.mark.parametrize("every_backend", ["cpu"], indirect=True)
+"""For whole-network fp32 tests whose math the reference backend already passes in float64 and in the
+pattern tests: one run, on the fused kernels (keeps make test within its time budget)."""
 """For float64 tests (the cpu kernels do not cover float64: it would run the reference sweeps again)
 and tests that run no sweep (restructuring and reports only): one run, on ``reference``."""
 

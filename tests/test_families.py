@@ -18,7 +18,7 @@ import bnff
 from bnff import models
 from bnff.memory import saved_activation_bytes
 from helpers import (FLOAT64_BOUND, K, assert_aggregate_as_accurate_as_eager, assert_rule, compare_with_float64,
-                     errors_vs_float64, randomize_bn, reference_only, train_side_by_side)
+                     errors_vs_float64, randomize_bn, reference_only, cpu_only, train_side_by_side)
 from helpers import every_backend  # noqa: F401  (each test runs on every backend)
 
 # Small-input variants and the smallest input each handles quickly on 2 cores.
@@ -145,6 +145,7 @@ def test_new_families_fuse_every_batchnorm(name, acts, unfused):
     assert kinds == unfused, str(report)
 
 
+@cpu_only
 @pytest.mark.parametrize("name", sorted(NEW_FAMILIES))
 def test_new_families_fp32_as_accurate_as_eager(name, gen):
     """Stochastic depth on (the same masks in every run, helpers._run seeds them)."""

@@ -8,19 +8,16 @@ kept bytes equal its keeps, exactly. The ``reference`` backend runs several PyTo
 and is exempt.
 """
 
-from dataclasses import replace
 
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bnff import activations, models
+from bnff import models
 from bnff.ops.backends import cpu
 from helpers import assert_moves_what_the_plan_says, randomize_bn
-from test_fuzz import ACTS, EXAMPLES, FuzzNet, blocks
-
-ACT_KINDS = {name: activations.module_kind(make()) for name, make in ACTS.items()}
+from test_fuzz import EXAMPLES, FuzzNet, blocks
 
 CASES = {"resnet50": 32, "densenet121": 16, "inception_v3": 32, "mobilenet_v2": 16}
 
@@ -47,8 +44,6 @@ def test_fuzzed_network_moves_what_its_plan_says(spec, seed, channels_last):
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    # the activations the kernels compute (the others run the reference sweeps, whose bytes are not the plan's)
-    spec = [replace(b, act=b.act if cpu.act_why(ACT_KINDS[b.act]) is None else "relu") for b in spec]
     model = FuzzNet(spec).to(memory_format=fmt)
     randomize_bn(model, gen)
     x = (torch.randn(4, 3, 8, 8, generator=gen) * 2 + 0.5).to(memory_format=fmt)

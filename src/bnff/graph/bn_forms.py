@@ -182,7 +182,6 @@ def functional_calls(graph: fx.Graph, modules: dict[str, nn.Module]) -> None:
             continue
         mine = {k: getattr(bn, k) for k in ("running_mean", "running_var", "weight", "bias")}
         batch_stats = bn.training or not bn.track_running_stats
-        momentum = bn.momentum if bn.momentum is not None else None
         counts = [u for u in graph.nodes if u.op == "call_method" and u.target == "add_" and u.args[1:] == (1,)
                   and _owner(u.args[0], "num_batches_tracked", modules) == name]
         counted = bn.training and bn.track_running_stats
@@ -191,7 +190,7 @@ def functional_calls(graph: fx.Graph, modules: dict[str, nn.Module]) -> None:
             why = "functional batch_norm that leaves out some of its module's tensors"
         elif a["training"] is not batch_stats or a["eps"] != bn.eps:
             why = "functional batch_norm with another mode or eps than its module's"
-        elif momentum is None or (counted and a["momentum"] != momentum):
+        elif bn.momentum is None or (counted and a["momentum"] != bn.momentum):
             why = "functional batch_norm with another momentum than its module's (or a cumulative average)"
         elif len(counts) > (1 if counted else 0) or any(c.users for c in counts):
             why = "functional batch_norm whose graph counts num_batches_tracked otherwise than its module"

@@ -412,6 +412,11 @@ def _f32(v: Tensor) -> Tensor:
     return v if v.dtype == torch.float32 and v.is_contiguous() else v.detach().to(torch.float32).contiguous()
 
 
+def _beta(beta: Tensor | None, f1: Tensor) -> Tensor:
+    """A BN term's beta as the kernels read it (``_f32``): zeros without an affine BN."""
+    return torch.zeros_like(_f32(f1)) if beta is None else _f32(beta)
+
+
 def dense_like(t: Tensor, like: Tensor) -> Tensor:
     """``t`` in the layout of the feature map ``like`` (NCHW or channels_last), copied only if it is not
     (a channel slice of a concatenation's gradient), so the kernels read it as it is."""
@@ -435,7 +440,7 @@ def apply(sources: list[list[Tensor]], means: list[Tensor], f1s: list[Tensor], b
     maps = _one_dtype([*flat, *residuals])
     flat, residuals = maps[:len(flat)], maps[len(flat):]
     return torch.ops.bnff.apply(flat, [len(s) for s in sources], [_f32(m) for m in means], [_f32(f) for f in f1s],
-                                [torch.zeros_like(_f32(f)) if b is None else _f32(b) for b, f in zip(betas, f1s)],
+                                [_beta(b, f) for b, f in zip(betas, f1s)],
                                 residuals, act_arg(act), out_dtype, layout)
 
 
@@ -461,7 +466,7 @@ def grad_stats(g_a: Tensor, a: Tensor | None, act: str | None, sources: list[lis
     dy, s1s, s2cs = torch.ops.bnff.grad_stats(
         g_a, a, act_arg(act), flat, [len(s) for s in sources], [_f32(m) for m in means],
         [_f32(f) for f in f1s] if at_z else [],
-        [torch.zeros_like(_f32(f)) if b is None else _f32(b) for b, f in zip(betas, f1s)] if at_z else [],
+        [_beta(b, f) for b, f in zip(betas, f1s)] if at_z else [],
         residuals, layout)
     return dy, list(s1s), list(s2cs)
 
@@ -474,7 +479,7 @@ def grad_stats_x(g_a: Tensor, act: str | None, sources: list[Tensor], mean: Tens
     layout = _require("grad_stats_x", g_a, *sources, why=act_why(act) or _out_why(out_dtype))
     sources = _one_dtype(sources)
     return tuple(torch.ops.bnff.grad_stats_x(g_a, sources, _f32(mean), _f32(f1),
-                                             torch.zeros_like(_f32(f1)) if beta is None else _f32(beta),
+                                             _beta(beta, f1),
                                              act_arg(act), out_dtype, layout))
 
 
@@ -486,7 +491,7 @@ def input_grad_x(g_a: Tensor, act: str | None, sources: list[Tensor], mean: Tens
     layout = _require("input_grad_x", g_a, *sources, why=act_why(act) or _out_why(out_dtype))
     sources = _one_dtype(sources)
     return list(torch.ops.bnff.input_grad_x(g_a, sources, _f32(mean), _f32(f1),
-                                            torch.zeros_like(_f32(f1)) if beta is None else _f32(beta), act_arg(act),
+                                            _beta(beta, f1), act_arg(act),
                                             out_dtype, None if b is None else _f32(b), _f32(s1), layout))
 
 

@@ -108,7 +108,7 @@ void grad_stats_kernel(const TG* gp, const Reads<TX>& rd, int64_t act, const std
   // (the activations other than none, ReLU and ReLU6 walk rows: a row of t and g, then act_grad_n over it)
   if (inline_act(act) && walk_tiles(C, kTileBwd, rows * C * int64_t(sizeof(TX) * (maps - 2) + sizeof(TG) * 2))) {
     with_act<false>(act, [&](auto A) {
-      with_count_for(A, K, [&](auto KK) {
+      with_count(K, [&](auto KK) {
         row_blocks(rows, nc, [&](int64_t ch, int64_t rb, int64_t nb) {
           double *q1 = &p1[ch * C], *q2 = &p2[ch * K * C];
           for (size_t i = 0, e; i < ns; i = e) {

@@ -113,7 +113,7 @@ void term_backward(const TG* gp, const std::vector<Src>& srcs, const std::vector
     // full segments in tiles of up to kTileBwd walked down each block, any other segment alone (the
     // activations other than none, ReLU and ReLU6 walk rows: a row of z and g, then lone_grad_n over it)
     with_act<false>(t.act, [&](auto A) {
-      with_flag_for(A, t.round_bf16, [&](auto round) {
+      with_flag(t.round_bf16, [&](auto round) {
         row_blocks(rows, nc, [&](int64_t ch, int64_t rb, int64_t nb) {
           double *q1 = &p1[ch * C], *q2 = &p2[ch * C];
           for (size_t i = 0, e; i < ns; i = e) {

@@ -28,7 +28,8 @@ FAMILIES = {"densenet121": 16, "inception_v3": 32, "mobilenet_v2": 16}
 # BN fused; unfused only the activations inside squeeze-and-excitation (on pooled 1x1 vectors, after a
 # convolution without BN), the classifier's Hardswish, and EfficientNet's residual adds behind
 # stochastic depth (a per-sample multiply between the last BN and the add)
-NEW_FAMILIES = {"efficientnet_b0": 16, "mobilenet_v3_large": 16}
+NEW_FAMILIES = {"efficientnet_b0": 16, "mobilenet_v3_large": 16, "cspdarknet53": 32}  # cspdarknet53 at 16x16: a 1x1 last
+# stage, BN over 2 values per channel: too ill-conditioned for the float64 bound
 FLOAT64_ONLY = {"regnet_y_1_6gf": 16}  # float64 exactness only, to keep make test under its budget
 
 
@@ -121,16 +122,22 @@ def test_mobilenet_v2_report_patterns():
 
 
 @reference_only  # no sweep runs: restructuring and the report only
-@pytest.mark.parametrize("name, acts, unfused", [
-    # stem + head + 16 depthwise + 15 expansions with SiLU; 16 linear projections
-    ("efficientnet_b0", {"silu": 2 + 16 + 15, None: 16}, {"act": 16, "add": 9}),
-    # ReLU blocks 0-5 (block 0 has no expansion), Hardswish blocks 6-14 with the stem and head; 15 projections
-    ("mobilenet_v3_large", {"relu": 1 + 5 * 2, "hardswish": 9 * 2 + 2, None: 15}, {"act": 8 + 1}),
+@pytest.mark.parametrize("name, acts, squeezed, unfused", [
+    # stem + head + 16 depthwise + 15 expansions with SiLU; 16 linear projections; 16 SE blocks taken
+    # into their projections; unfused the 9 adds after stochastic depth (a multiplication between the
+    # last BN and the add)
+    ("efficientnet_b0", {"silu": 2 + 16 + 15, None: 16}, 16, {"add": 9}),
+    # ReLU blocks 0-5 (block 0 has no expansion), Hardswish blocks 6-14 with the stem and head; 15
+    # projections; 8 SE blocks; unfused the classifier's Hardswish on a (N, 1280) vector
+    ("mobilenet_v3_large", {"relu": 1 + 5 * 2, "hardswish": 9 * 2 + 2, None: 15}, 8, {"act": 1}),
     # stem, a and b of 27 blocks; c with its shortcut (22 identity, 4 projections: 2 BNs in one group);
-    # unfused only the 27 squeeze-and-excitation sigmoids (its ReLU joins fc1 and fc2, pattern (1))
-    ("regnet_y_1_6gf", {"relu": 1 + 27 * 2 + 27}, {"act": 27}),
+    # 27 SE blocks taken into the c convolutions, their ReLUs and sigmoids with them
+    ("regnet_y_1_6gf", {"relu": 1 + 27 * 2 + 27}, 27, {}),
+    # timm's BatchNormAct2d everywhere (expanded by bnff.graph.bn_forms), LeakyReLU(0.01); unfused the 23
+    # Darknet-block adds, which come after the activation
+    ("cspdarknet53", {"leaky_relu(0.01)": 67}, 0, {"add": 23}),
 ])
-def test_new_families_fuse_every_batchnorm(name, acts, unfused):
+def test_new_families_fuse_every_batchnorm(name, acts, squeezed, unfused):
     model = models.MODELS[name]()
     report = bnff.fusion_report(bnff.restructure(model))
     assert sorted(report.fused_bns) == _all_bns(model), str(report)
@@ -139,6 +146,7 @@ def test_new_families_fuse_every_batchnorm(name, acts, unfused):
         if g.bns:
             got[g.act] = got.get(g.act, 0) + 1
     assert got == acts, got
+    assert sum(bool(g.squeeze) for g in report.groups) == squeezed
     kinds = {}
     for u in report.unfused:
         kinds[u.kind] = kinds.get(u.kind, 0) + 1

@@ -1,5 +1,6 @@
-"""Fuzzed graphs: hypothesis draws small CNNs of conv/BN/add/concat/pool and activations of the table
-(ReLU, ReLU6, GELU, SiLU, Hardswish, LeakyReLU, ELU, Sigmoid, Mish, identity) and checks
+"""Fuzzed graphs: hypothesis draws small CNNs of conv/BN/add/concat/pool/squeeze-and-excitation blocks
+and activations of the table (ReLU, ReLU6, GELU, SiLU, Hardswish, LeakyReLU, ELU, Sigmoid, Mish,
+identity) and checks
 that the restructured model trains like eager for a step, on both backends, by the suite's rule
 (fp32: every output, gradient and running statistic as close to float64 as eager's, ``helpers.K``),
 exactly in float64 on the reference backend, and that every BN is either fused or listed unfused.
@@ -37,7 +38,8 @@ ACTS = {"relu": nn.ReLU, "relu6": nn.ReLU6, "gelu": nn.GELU, "silu": nn.SiLU, "h
 @dataclass(frozen=True)
 class Block:
     """One drawn block: ``kind`` is "cbr" (conv->BN->act), "res" (two convs with BN, a shortcut add,
-    then act), "cat" (two conv->BN->act branches concatenated) or "pool" (max or average)."""
+    then act), "cat" (two conv->BN->act branches concatenated), "pool" (max or average) or "se"
+    (conv->BN->act, squeeze-and-excitation with a sigmoid or hard-sigmoid gate, 1x1 conv->BN)."""
 
     kind: str
     out: int
@@ -59,7 +61,7 @@ def blocks(draw) -> list[Block]:
     for _ in range(n):
         stride = draw(st.sampled_from([1, 2])) if strides < 2 else 1
         strides += stride == 2
-        result.append(Block(kind=draw(st.sampled_from(["cbr", "res", "cat", "pool"])), out=2 * draw(st.integers(1, 4)),
+        result.append(Block(kind=draw(st.sampled_from(["cbr", "res", "cat", "pool", "se"])), out=2 * draw(st.integers(1, 4)),
                             kernel=draw(st.sampled_from([1, 3])), stride=stride, grouped=draw(st.booleans()),
                             act=draw(st.sampled_from(["relu", "relu6", "relu", "none", *ACTS])),
                             bn_affine=draw(st.booleans()), bn_momentum=draw(st.sampled_from([0.1, None, 0.3])),
@@ -99,6 +101,12 @@ class FuzzNet(nn.Module):
                 mods.update(dict(conv1=conv(c, b.out, b.stride), bn1=bn(b.out), act1=ACTS[b.act](),
                             conv2=conv(c, b.out // 2, b.stride), bn2=bn(b.out // 2), act2=nn.ReLU()))
                 c = b.out + b.out // 2
+            elif b.kind == "se":
+                mods.update(dict(conv=conv(c, b.out, b.stride), bn=bn(b.out), act=ACTS[b.act](),
+                                 fc1=nn.Conv2d(b.out, 2, 1), fc2=nn.Conv2d(2, b.out, 1),
+                                 gate=nn.Sigmoid() if b.pool == "max" else nn.Hardsigmoid(),
+                                 proj=nn.Conv2d(b.out, b.out, 1, bias=False), proj_bn=bn(b.out)))
+                c = b.out
             else:
                 mods.update(dict(pool=nn.MaxPool2d(3, b.stride, 1) if b.pool == "max" else nn.AvgPool2d(3, b.stride, 1),
                             conv=nn.Conv2d(c, c, 1, bias=False), bn=bn(c), act=ACTS[b.act]()))
@@ -115,6 +123,10 @@ class FuzzNet(nn.Module):
                 x = m["act"](y + (m["proj_bn"](m["proj"](x)) if "proj" in m else x))
             elif b.kind == "cat":
                 x = torch.cat([m["act1"](m["bn1"](m["conv1"](x))), m["act2"](m["bn2"](m["conv2"](x)))], 1)
+            elif b.kind == "se":
+                a = m["act"](m["bn"](m["conv"](x)))
+                a = a * m["gate"](m["fc2"](F.relu(m["fc1"](a.mean((2, 3), keepdim=True)))))
+                x = m["proj_bn"](m["proj"](a))
             else:
                 x = m["act"](m["bn"](m["conv"](m["pool"](x))))
         return self.fc(x.mean((2, 3)))

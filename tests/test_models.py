@@ -3,11 +3,12 @@ import torch
 
 from bnff import models
 
-# torchvision's published parameter counts (num_classes=1000).
+# torchvision's published parameter counts (num_classes=1000); timm's for cspdarknet53.
 COUNTS = {"resnet18": 11_689_512, "resnet34": 21_797_672, "resnet50": 25_557_032, "resnet101": 44_549_160,
           "densenet121": 7_978_856, "densenet169": 14_149_480, "densenet201": 20_013_928,
           "inception_v3": 27_161_264, "mobilenet_v2": 3_504_872, "efficientnet_b0": 5_288_548,
-          "mobilenet_v3_large": 5_483_032, "regnet_y_1_6gf": 11_202_430}
+          "mobilenet_v3_large": 5_483_032, "regnet_y_1_6gf": 11_202_430,
+          "cspdarknet53": 27_642_184}
 
 
 @pytest.mark.parametrize("name", sorted(COUNTS))
@@ -64,6 +65,15 @@ def test_other_families_state_dict_names_are_torchvision_names():
                            "trunk_output.block1.block1-0.f.se.fc1.weight": (8, 48, 1, 1),
                            "trunk_output.block3.block3-16.f.c.1.running_var": (336,),
                            "trunk_output.block4.block4-1.f.a.0.weight": (888, 888, 1, 1), "fc.weight": (1000, 888)},
+        # timm's names (timm/models/cspnet.py: ConvNormAct's conv and bn, a BatchNormAct2d)
+        "cspdarknet53": {"stem.conv1.conv.weight": (32, 3, 3, 3), "stages.0.conv_down.conv.weight": (64, 32, 3, 3),
+                         "stages.0.conv_exp.conv.weight": (128, 64, 1, 1),
+                         "stages.0.blocks.0.conv1.conv.weight": (32, 64, 1, 1),
+                         "stages.0.blocks.0.conv2.conv.weight": (64, 32, 3, 3),
+                         "stages.0.conv_transition_b.conv.weight": (64, 64, 1, 1),
+                         "stages.0.conv_transition.conv.weight": (64, 128, 1, 1),
+                         "stages.2.blocks.7.conv2.bn.running_var": (128,), "stages.4.conv_transition.bn.weight": (1024,),
+                         "head.fc.weight": (1000, 1024)},
     }
     for name, expected in samples.items():
         sd = models.MODELS[name]().state_dict()
@@ -72,7 +82,8 @@ def test_other_families_state_dict_names_are_torchvision_names():
 
 
 @pytest.mark.parametrize("name, size", [("densenet121", 32), ("inception_v3", 32), ("mobilenet_v2", 32),
-                                        ("efficientnet_b0", 32), ("mobilenet_v3_large", 32), ("regnet_y_1_6gf", 32)])
+                                        ("efficientnet_b0", 32), ("mobilenet_v3_large", 32), ("regnet_y_1_6gf", 32),
+                                        ("cspdarknet53", 32)])
 def test_small_input_variants_of_other_families(name, size, gen):
     m = models.MODELS[name](num_classes=10, small_input=True).eval()
     assert m(torch.randn(2, 3, size, size, generator=gen)).shape == (2, 10)

@@ -102,7 +102,8 @@ def test_footprint_matches_measured_saved_bytes_resnet50_b8_224(gen):
     assert res["bnff"].summary()["footprint_bytes"] == pytest.approx(restructured, rel=0.05)
 
 
-@pytest.mark.parametrize("name", ["densenet121", "inception_v3", "mobilenet_v2"])
+@pytest.mark.parametrize("name", ["densenet121", "inception_v3", "mobilenet_v2", "efficientnet_b0",
+                                  "mobilenet_v3_large", "cspdarknet53"])
 def test_footprint_matches_measured_saved_bytes_other_families(name, gen):
     model = MODELS[name](num_classes=10, small_input=True).train()
     x = torch.randn(2, 3, 32, 32, generator=gen)

@@ -72,6 +72,22 @@ def _probe_input(bn: _BatchNorm, gen: torch.Generator) -> Tensor:
     return torch.randn((4, bn.num_features, *shape), generator=gen).to(device=device, dtype=dtype)
 
 
+def _probe_copy(bn: _BatchNorm, gen: torch.Generator) -> _BatchNorm:
+    """``bn`` itself, or, when its tensors are on the meta device (``bnff.traffic`` analyses a meta copy),
+    a CPU copy with random parameters and statistics to probe."""
+    if not any(t.is_meta for t in (*bn.parameters(), *bn.buffers())):
+        return bn
+    probe = copy.deepcopy(bn).to_empty(device="cpu")
+    with torch.no_grad():
+        for name, t in (*probe.named_parameters(), *probe.named_buffers()):
+            if t.is_floating_point():
+                t.copy_(torch.rand(t.shape, generator=gen) + 0.5 if name.endswith("running_var") else
+                        torch.randn(t.shape, generator=gen))
+            else:
+                t.zero_()
+    return probe
+
+
 def subclass_parts(bn: _BatchNorm) -> tuple[list[str] | None, str]:
     """The child modules a BN subclass's forward applies after BN, in order, or None, with the reason.
 
@@ -86,6 +102,7 @@ def subclass_parts(bn: _BatchNorm) -> tuple[list[str] | None, str]:
             return None, (f"{type(bn).__name__} applies its child '{name}' ({type(c).__name__}) after BN, "
                           f"which is neither an identity nor an activation bnff fuses")
     gen = torch.Generator().manual_seed(0)
+    bn = _probe_copy(bn, gen)
     x = _probe_input(bn, gen)
     for mode in (True, False):
         a, b = copy.deepcopy(bn).train(mode), copy.deepcopy(bn).train(mode)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import math
+import operator
 from dataclasses import dataclass, field
 
 import torch
@@ -23,6 +24,21 @@ from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
 from bnff.graph.kinds import Kind, classify, is_inplace, module_name
 from bnff.graph.trace import LeafSpec, trace
+
+_SPLITS = {"split", "chunk", "tensor_split", "unbind", "split_with_sizes"}
+
+
+def _piece_of(node: fx.Node) -> fx.Node | None:
+    """The tensor that ``node`` is a part of when it is ``parts[i]`` of a split (``x.split``, ``torch.chunk``,
+    ...: views of ``x``), else None."""
+    if node.op != "call_function" or node.target is not operator.getitem or not isinstance(node.args[0], fx.Node):
+        return None
+    parts = node.args[0]
+    name = parts.target if parts.op == "call_method" else getattr(parts.target, "__name__", None)
+    if parts.op not in ("call_method", "call_function") or name not in _SPLITS or not parts.args:
+        return None
+    return parts.args[0] if isinstance(parts.args[0], fx.Node) else None
+
 
 _VIEW_METHODS = {"view", "reshape", "flatten", "squeeze", "unsqueeze", "permute", "transpose", "contiguous"}
 
@@ -221,6 +237,9 @@ def build(model: nn.Module, input_shape: tuple[int, ...], leaf_modules: LeafSpec
         inputs: list[fx.Node] = []
         fx.node.map_arg((node.args, node.kwargs), inputs.append)
         inputs = [i for i in inputs if isinstance(i.meta.get("tensor_meta"), TensorMetadata)]
+        piece = _piece_of(node)
+        if piece is not None:  # one part of x.split(...) / x.chunk(...): a view of x
+            inputs = [piece]
         m = modules.get(node.target) if node.op == "call_module" else info.module
         out_shape = tuple(_tensor_meta(node).shape)
         in_numel = math.prod(_tensor_meta(inputs[0]).shape) if inputs else 0
@@ -228,7 +247,7 @@ def build(model: nn.Module, input_shape: tuple[int, ...], leaf_modules: LeafSpec
         calls[name] = calls.get(name, 0) + 1
         if calls[name] > 1:  # a module called several times (ResNet's shared ReLU): "layer1.0.relu:2"
             name = f"{name}:{calls[name]}"
-        view = info.kind == Kind.FLATTEN or (node.op == "call_method" and node.target in _VIEW_METHODS)
+        view = info.kind == Kind.FLATTEN or (node.op == "call_method" and node.target in _VIEW_METHODS) or piece is not None
         dropout = isinstance(m, nn.Dropout) or node.target is nn.functional.dropout
         adaptive = isinstance(m, nn.AdaptiveAvgPool2d) or node.target is nn.functional.adaptive_avg_pool2d
         layers.append(Layer(

@@ -1,6 +1,7 @@
-"""torchvision-compatible architectures (same module names and parameter counts)."""
+"""torchvision- and timm-compatible architectures (same module names and parameter counts)."""
 
 from bnff.names import MODEL_NAMES
+from bnff.models.cspdarknet import CspDarknet, cspdarknet53
 from bnff.models.densenet import DenseNet, densenet121, densenet169, densenet201
 from bnff.models.inception import Inception3, InceptionOutputs, inception_v3
 from bnff.models.efficientnet import EfficientNet, efficientnet_b0
@@ -14,4 +15,4 @@ MODELS = {name: globals()[name] for name in MODEL_NAMES}
 __all__ = ["MODELS", "ResNet", "resnet18", "resnet34", "resnet50", "resnet101", "DenseNet", "densenet121",
            "densenet169", "densenet201", "Inception3", "InceptionOutputs", "inception_v3", "MobileNetV2",
            "mobilenet_v2", "MobileNetV3", "mobilenet_v3_large", "EfficientNet", "efficientnet_b0", "RegNet",
-           "regnet_y_1_6gf"]
+           "regnet_y_1_6gf", "CspDarknet", "cspdarknet53"]

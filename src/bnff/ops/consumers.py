@@ -115,29 +115,78 @@ class RecomputeConsumer:
         return g_a.contiguous(memory_format=fmt), ()
 
 
+class GatedConsumer:
+    """A squeeze-and-excitation in front of a layer: ``out = layer(a * gate(a))``, the (N, C, 1, 1) gate
+    computed from ``a`` by ``gate`` (global average pool, two small layers, activations; Hu et al.,
+    CVPR 2018). Neither the gate nor the scaled map ``a * gate`` is stored: the backward recomputes
+    both from the recomputed ``a``, runs the layer's backward on the scaled map, then the gate's
+    under autograd (a few (N, C) vectors), which gives dL/da = dL/ds * gate + the pool's share.
+
+    Its parameters are the gate's (as the model holds them: under autocast its layers cast them,
+    as eager does) followed by the layer's (``Consumer.params``). The gate's layers must keep no
+    state and draw no random numbers (``bnff.plan.match`` admits only such).
+    """
+
+    def __init__(self, gate: nn.Module, layer: Consumer) -> None:
+        self.gate, self.layer = gate, layer
+        self.names = tuple(name for name, _ in gate.named_parameters())
+
+    def params(self, amp_dtype):
+        return tuple(p for _, p in self.gate.named_parameters()) + tuple(self.layer.params(amp_dtype))
+
+    def _scaled(self, a: Tensor, params, amp_dtype) -> tuple[Tensor, tuple]:
+        """(a * gate(a) as eager computes it, the layer's parameters)."""
+        k = len(self.names)
+        with torch.autocast(a.device.type, dtype=amp_dtype or torch.get_autocast_dtype(a.device.type),
+                            enabled=amp_dtype is not None):
+            gate = torch.func.functional_call(self.gate, dict(zip(self.names, params[:k])), (a,))
+            return a * gate, params[k:]
+
+    def forward(self, a, params, amp_dtype):
+        s, layer_params = self._scaled(a, params, amp_dtype)
+        return self.layer.forward(s, layer_params, amp_dtype)
+
+    def backward(self, a, grad_out, params, amp_dtype, needs):
+        k = len(self.names)
+        with torch.enable_grad():
+            a = a.detach().requires_grad_(True)
+            gate_params = [p.detach().requires_grad_(True) for p in params[:k]]
+            s, layer_params = self._scaled(a, (*gate_params, *params[k:]), amp_dtype)
+            g_s, layer_grads = self.layer.backward(s.detach(), grad_out, layer_params, amp_dtype, (True, *needs[1 + k:]))
+            g_a, *g_gate = torch.autograd.grad(s, [a, *gate_params], g_s)
+        fmt = torch.channels_last if a.is_contiguous(memory_format=torch.channels_last) and not a.is_contiguous() \
+            else torch.contiguous_format
+        return g_a.contiguous(memory_format=fmt), (*g_gate, *layer_grads)
+
+
 FunctionalSpec = tuple[str, tuple, dict]
+GatedSpec = tuple[nn.Module, "nn.Module | FunctionalSpec"]
 
 
 _MADE: "weakref.WeakKeyDictionary[nn.Module, Consumer]" = weakref.WeakKeyDictionary()
 
 
-def make(module: nn.Module | FunctionalSpec) -> Consumer:
-    """The consumer wrapper for ``module``, or for a functional pool given as ``(name, args, kwargs)``
-    (``name`` in ``FUNCTIONAL``; ``args`` follow the input tensor). A module's wrapper is made once
-    and reused (the fused operator asks for it on every call).
+def make(module: nn.Module | FunctionalSpec | GatedSpec) -> Consumer:
+    """The consumer wrapper for ``module``, for a functional pool given as ``(name, args, kwargs)``
+    (``name`` in ``FUNCTIONAL``; ``args`` follow the input tensor), or for a layer behind a
+    squeeze-and-excitation gate given as ``(gate, layer)`` (``GatedConsumer``). A module's wrapper is
+    made once and reused (the fused operator asks for it on every call).
 
     Raises:
         TypeError: ``module`` is not a supported consumer (see ``unsupported_reason``).
     """
-    if isinstance(module, nn.Module):
-        made = _MADE.get(module)
+    key = module[0] if isinstance(module, tuple) and isinstance(module[0], nn.Module) else module
+    if isinstance(key, nn.Module):
+        made = _MADE.get(key)
         if made is None:
-            made = _MADE[module] = _make(module)
+            made = _MADE[key] = _make(module)
         return made
     return _make(module)
 
 
-def _make(module: nn.Module | FunctionalSpec) -> Consumer:
+def _make(module: nn.Module | FunctionalSpec | GatedSpec) -> Consumer:
+    if isinstance(module, tuple) and isinstance(module[0], nn.Module):
+        return GatedConsumer(module[0], make(module[1]))
     if isinstance(module, tuple):
         name, args, kwargs = module
         if name not in FUNCTIONAL:

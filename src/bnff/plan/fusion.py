@@ -73,14 +73,15 @@ class FusionPlan:
 
 
 def _group_plan(g: Group, owns: tuple[str, ...]) -> GroupPlan:
-    users = [u for u in g.output.users if u.meta.get("bnff_kind") is not None]
+    users = [u for u in g.output.users if u.meta.get("bnff_kind") is not None and u not in g.squeeze]
     plan = GroupPlan(
         name=g.output.name, pattern=g.pattern,
         terms=tuple(TermPlan(t.bn.name, tuple(s.name for s in t.sources), t.cat.name if t.cat is not None else None)
                     for t in g.terms),
         residuals=tuple(r.name for r in g.residuals), add=g.add.name if g.add is not None else None,
         act=g.act.name if g.act is not None else None, act_kind=g.act_kind,
-        consumers=tuple(c.name for c in g.consumers), materialized_because=g.materialized_because,
+        consumers=tuple(c.name for c in g.consumers), squeeze=tuple(n.name for n in g.squeeze),
+        materialized_because=g.materialized_because,
         host=any(u.meta["bnff_kind"] in _HOSTS for u in users), owns=owns,
         grad_slice=not g.consumers and len(users) == 1 and users[0].meta["bnff_kind"] == Kind.CAT
         and len(users[0].args[0]) > 1,

@@ -37,6 +37,11 @@ class GroupPlan:
         act_kind: the activation kind (``bnff.activations``: "relu", "silu", "leaky_relu(0.1)", ...) or None.
         consumers: the nodes that take the result as pre-processing (empty: the result is
             materialized, i.e. written once and read by its users).
+        squeeze: a squeeze-and-excitation run inside the (one) consumer, its nodes in graph order: the
+            global average pool, the gate's layers, the multiplication ``a * gate`` (empty: none). The
+            consumer computes the (N, C, 1, 1) gate from ``a`` and takes ``a * gate``; its backward
+            recomputes both, so neither the gate nor the scaled map is kept. Its nodes are priced
+            as layers of their own (``bnff.traffic``), like the consumer.
         materialized_because: why the result is materialized, or None.
         host: the ``fused`` scheme's question for a materialized result: a user (convolution,
             pool, linear layer) can take the pre-processing.
@@ -58,6 +63,7 @@ class GroupPlan:
     act: str | None = None
     act_kind: str | None = None
     consumers: tuple[str, ...] = ()
+    squeeze: tuple[str, ...] = ()
     materialized_because: str | None = None
     host: bool = False
     grad_slice: bool = False

@@ -17,6 +17,10 @@ then has several *sources*, each feature map's statistics are computed once by t
 produced it and shared by every BN that normalizes it (inter-composite-layer fusion, ICF; seeds
 001/004). A source is a layer output: a convolution, a pool, or an earlier group's result.
 
+A squeeze-and-excitation between the result and a layer (``a * gate(avgpool(a))`` feeding a convolution;
+MBConv, MobileNetV3, RegNetY) is taken into that consumer: the gate is computed inside it and recomputed
+in its backward, so neither ``a`` nor the scaled map is stored (``Group.squeeze``).
+
 The result goes to its users as pre-processing when every user accepts it (``bnff.graph.consumers``)
 and applying it once per user moves fewer bytes than writing it once (``per_consumer_pays``);
 otherwise it is materialized (e.g. a block output feeding a convolution and a shortcut add, or a
@@ -26,6 +30,7 @@ with the reason.
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
 from typing import Mapping
 
@@ -38,6 +43,35 @@ from bnff.graph import bn_forms, consumers
 from bnff.graph.kinds import Kind, NodeInfo, cat_dim, classify, module_name
 
 _SOURCE_KINDS = (Kind.CONV, Kind.MAXPOOL, Kind.AVGPOOL)
+_SQUEEZE_MAX = 16  # nodes in a squeeze-and-excitation gate: a few layers, never a network
+_RESHAPES = ("view", "reshape", "flatten", "unsqueeze", "squeeze")
+_RESHAPE_FUNCS = (torch.flatten, torch.reshape, torch.unsqueeze, torch.squeeze)
+_MULS = (operator.mul, torch.mul)
+
+
+def _global_pool(n: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """``n`` averages its input over H and W to (N, C, 1, 1): ``AdaptiveAvgPool2d(1)``,
+    ``F.adaptive_avg_pool2d(x, 1)`` or ``x.mean((2, 3), keepdim=True)``."""
+    one = (1, (1, 1), [1, 1])
+    if n.op == "call_module":
+        m = modules[n.target]
+        return isinstance(m, nn.AdaptiveAvgPool2d) and m.output_size in one
+    if n.op == "call_function" and n.target is nn.functional.adaptive_avg_pool2d:
+        return len(n.args) == 2 and n.args[1] in one and not n.kwargs
+    if (n.op == "call_method" and n.target == "mean") or (n.op == "call_function" and n.target is torch.mean):
+        dim = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim")
+        keep = n.args[2] if len(n.args) > 2 else n.kwargs.get("keepdim", False)
+        return isinstance(dim, (tuple, list)) and sorted(d % 4 for d in dim) == [2, 3] and keep is True
+    return False
+
+
+def _times(n: fx.Node, x: fx.Node) -> fx.Node | None:
+    """The other factor when ``n`` is ``x * other`` or ``other * x`` of two graph values, else None."""
+    is_mul = (n.op == "call_function" and n.target in _MULS) or (n.op == "call_method" and n.target == "mul")
+    if not is_mul or n.kwargs or len(n.args) != 2 or not all(isinstance(a, fx.Node) for a in n.args):
+        return None
+    a, b = n.args
+    return b if a is x and b is not x else a if b is x and a is not x else None
 
 
 @dataclass
@@ -61,6 +95,7 @@ class Group:
     act_kind: str | None = None
     consumers: list[fx.Node] = field(default_factory=list)
     materialized_because: str | None = None
+    squeeze: list[fx.Node] = field(default_factory=list)
 
     @property
     def output(self) -> fx.Node:
@@ -74,9 +109,10 @@ class Group:
         return nodes + [t.cat for t in self.terms if t.cat is not None and len(t.cat.users) == 1]
 
     def replaced(self) -> list[fx.Node]:
-        """Nodes the fused operator replaces, in graph order: its ``members()`` and the consumers."""
+        """Nodes the fused operator replaces, in graph order: its ``members()``, the squeeze-and-excitation
+        nodes and the consumers."""
         order = {n: i for i, n in enumerate(self.output.graph.nodes)}
-        return sorted(self.members() + self.consumers, key=order.__getitem__)
+        return sorted(self.members() + self.squeeze + self.consumers, key=order.__getitem__)
 
     @property
     def pattern(self) -> str:
@@ -216,8 +252,54 @@ class _Matcher:
             return f"'{user.name}' concatenates it (torch.cat takes no pre-processing)"
         return f"its user {self.describe(user)} takes no pre-processing"
 
+    def squeeze_excitation(self, out: fx.Node) -> tuple[list[fx.Node], fx.Node] | None:
+        """``out``'s squeeze-and-excitation and the layer it feeds, or None: ``out`` has two users, a global
+        average pool P and a multiplication M = out * gate, where the gate is computed from P alone
+        by parameter layers, activations and reshapes whose values nothing else reads (torchvision's
+        ``SqueezeExcitation``, timm's ``SqueezeExcite``), and M feeds one layer that takes pre-processing.
+
+        Returns:
+            (the nodes P .. gate, M in graph order, the layer M feeds).
+        """
+        users = list(out.users)
+        if len(users) != 2:
+            return None
+        pool = next((u for u in users if _global_pool(u, self.modules)), None)
+        mul = next((u for u in users if u is not pool and _times(u, out) is not None), None)
+        if pool is None or mul is None or len(mul.users) != 1:
+            return None
+        gate = _times(mul, out)
+        inside, todo = {pool}, [gate]
+        while todo:
+            n = todo.pop()
+            if n in inside:
+                continue
+            if n is out or len(inside) > _SQUEEZE_MAX or not self.gate_layer(n):
+                return None
+            inside.add(n)
+            fx.node.map_arg((n.args, n.kwargs), todo.append)
+        if any(u not in inside and u is not mul for n in inside for u in n.users) or len(gate.users) != 1:
+            return None
+        (layer,) = mul.users
+        if self.consumer_reason(layer, mul) is not None:
+            return None
+        order = {n: i for i, n in enumerate(self.graph.nodes)}
+        return sorted(inside, key=order.__getitem__) + [mul], layer
+
+    def gate_layer(self, n: fx.Node) -> bool:
+        """Whether ``n`` may compute part of a squeeze-and-excitation gate: recomputed in the backward, it
+        must be deterministic and keep no state (a convolution, linear layer, activation or reshape; no
+        dropout, no BN updating its running statistics)."""
+        if self.kind(n) in (Kind.CONV, Kind.LINEAR, Kind.ACT, Kind.FLATTEN):
+            return n.op != "call_module" or not any(True for _ in self.modules[n.target].buffers())
+        return (n.op == "call_method" and n.target in _RESHAPES) or (n.op == "call_function" and n.target in _RESHAPE_FUNCS)
+
     def attach_consumers(self, group: Group) -> None:
         out = group.output
+        se = self.squeeze_excitation(out)
+        if se is not None and per_consumer_pays(len(group.terms), len(group.residuals), 1, group.act is not None):
+            group.squeeze, group.consumers = se[0], [se[1]]
+            return
         users = list(out.users)
         reasons = [(u, self.consumer_reason(u, out)) for u in users]
         bad = [(u, r) for u, r in reasons if r is not None]
@@ -275,6 +357,12 @@ class _Matcher:
             src = self.info[n].operands[0] if self.info[n].operands else None
             if src is None:
                 reason = "its input is not a graph value"
+            elif k == Kind.ADD and any(o in self.group_outputs and self.kind(o) == Kind.ACT and len(o.users) == 1
+                                       for o in self.info[n].operands):
+                ending = next(o for o in self.info[n].operands if o in self.group_outputs)
+                reason = (f"it adds after the activation of the group ending at '{ending.name}' (BN -> activation -> +, "
+                          f"as in Darknet blocks); a group adds its shortcut before its activation (seed 002's "
+                          f"patterns (4))")
             elif src in self.taken:
                 reason = f"its input '{src.name}' has {len(src.users)} users, so it cannot join that group"
             elif k == Kind.ACT:

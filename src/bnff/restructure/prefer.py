@@ -4,7 +4,8 @@ By default (``prefer="memory"``) ``bnff.restructure`` fuses every group it can, 
 footprint. A fused group still pays a fixed cost per call (its autograd Function's Python and
 per-channel work), so on some CPUs a small group runs slower than eager's BN/ReLU/Add kernels.
 With ``prefer="speed"`` the model is first traced, planned and rewritten on a copy; every group
-is then cut out of both graphs (the original's BN/Add/ReLU nodes with its consumers, and the
+is then cut out of both graphs (the original's BN/Add/ReLU nodes with its consumers and a
+squeeze-and-excitation in front of one, and the
 rewritten graph's ``bn_apply`` with the statistics steps the group carries) and each part is
 timed, forward and backward, on random tensors shaped, typed and laid out as the example
 mini-batch gives them, under the caller's autocast. A group whose fused form is slower than eager
@@ -162,7 +163,7 @@ def measure(model: nn.Module, example_input: Tensor, backend: str, leaf_modules:
     with torch.no_grad():
         ShapeProp(gm).propagate(example_input)
     plan, groups, _ = plan_graph(gm)
-    eager = {g.output.name: _Part.cut(gm, set(g.members()) | set(g.consumers)) for g in groups}
+    eager = {g.output.name: _Part.cut(gm, set(g.replaced())) for g in groups}
     rewrite(gm, plan, groups, backend)
     gen = torch.Generator().manual_seed(0)
     timings = {}

@@ -29,6 +29,8 @@ class FusedGroup:
         consumers: the layers that take the result as pre-processing (module names, or fx node
             names of functional pools); empty when it is materialized.
         materialized_because: why the result is materialized instead (when ``consumers`` is empty).
+        squeeze: the squeeze-and-excitation run inside the consumer (its pool, gate layers and
+            multiplication, as module or fx node names), empty when there is none.
     """
 
     pattern: str
@@ -39,6 +41,18 @@ class FusedGroup:
     residuals: tuple[str, ...]
     consumers: tuple[str, ...]
     materialized_because: str | None
+    squeeze: tuple[str, ...] = ()
+
+    def consumer(self) -> str:
+        """Who takes the result: the consumers (a squeeze-and-excitation in front of one named by the
+        module holding its layers), or why it is materialized."""
+        if not self.consumers:
+            return f"materialized: {self.materialized_because}"
+        if not self.squeeze:
+            return ", ".join(self.consumers)
+        dotted = [n.split(".") for n in self.squeeze if "." in n]
+        common = ".".join(p[0] for p in zip(*dotted) if len(set(p)) == 1) if dotted else ""
+        return f"squeeze-excitation {common or self.squeeze[0]} -> {self.consumers[0]}"
 
     @property
     def icf(self) -> bool:
@@ -110,8 +124,7 @@ class FusionReport:
             table.add_column(col)
         for g in self.groups:
             bns = ", ".join(f"{b} <- {_sources(s)}" for b, s in zip(g.bns, g.sources))
-            consumer = ", ".join(g.consumers) or f"materialized: {g.materialized_because}"
-            table.add_row(g.pattern, g.describe(), bns, ", ".join(g.residuals), consumer)
+            table.add_row(g.pattern, g.describe(), bns, ", ".join(g.residuals), g.consumer())
         console.print(table)
         if self.unfused:
             left = Table(title="left unfused")
@@ -164,7 +177,7 @@ def build(groups: list[Group], unfused: list[Unfused], opaque: dict[str, str], b
             add=g.add is not None, act=g.act_kind,
             residuals=tuple(r.name for r in g.residuals),
             consumers=tuple(_name(c) for c in g.consumers),
-            materialized_because=g.materialized_because))
+            materialized_because=g.materialized_because, squeeze=tuple(_name(n) for n in g.squeeze)))
     for u in unfused:
         report.unfused.append(UnfusedNode(_name(u.node), u.kind.value, u.reason))
     for name, module in modules.items():  # BNs hidden inside opaque submodules

@@ -30,11 +30,12 @@ from bnff.plan import FusionPlan
 from bnff.plan.match import Group
 
 PLANS_ATTR = "_bnff_groups"
+GATES_ATTR = "_bnff_gates"
 
 
 class _Rewriter:
     def __init__(self, gm: fx.GraphModule, plan: FusionPlan, groups: list[Group], backend: str) -> None:
-        self.graph, self.backend, self.plan = gm.graph, backend, plan
+        self.gm, self.graph, self.backend, self.plan = gm, gm.graph, backend, plan
         self.owner = plan.owner_of_stats()
         # A consumer is replaced by its group's output and is often the producer of a later
         # group's BN input or shortcut: later groups look those nodes up here.
@@ -74,6 +75,21 @@ class _Rewriter:
             self.stats[source] = st
         return self.stats[source]
 
+    def gate(self, group: Group) -> fx.Node:
+        """The squeeze-and-excitation gate of ``group`` as a module of its own, ``a -> gate`` (N, C, 1, 1):
+        its nodes (global pool .. gate, not the multiplication) copied into a ``GraphModule`` that shares
+        the model's layers, kept in the plain attribute ``GATES_ATTR`` (not a submodule: the model's
+        ``state_dict`` keys do not change), and the graph node that fetches it."""
+        sub = fx.Graph()
+        env = {group.output: sub.placeholder("a")}
+        for n in group.squeeze[:-1]:
+            env[n] = sub.node_copy(n, env.__getitem__)
+        sub.output(env[group.squeeze[-2]])
+        getattr(self.gm, GATES_ATTR)[group.output.name] = fx.GraphModule(self.gm, sub, "SqueezeExcitationGate")
+        with self.graph.inserting_before(group.output):
+            gates = self.graph.create_node("get_attr", GATES_ATTR)
+            return self.graph.call_function(operator.getitem, (gates, group.output.name))
+
     def consumer_arg(self, node: fx.Node):
         if node.op == "call_module":
             return self.attr(str(node.target))
@@ -92,6 +108,8 @@ class _Rewriter:
             terms.append((sources, st, bn))
         residuals = tuple(self.resolve(r) for r in group.residuals)
         layers = tuple(self.consumer_arg(c) for c in group.consumers)
+        if group.squeeze:  # the gate in front of the one consumer
+            layers = ((self.gate(group), layers[0]),)
         with graph.inserting_before(out):
             plans = graph.create_node("get_attr", PLANS_ATTR)  # a plain attribute: get_attr() would warn
             gp = graph.call_function(operator.getitem, (plans, out.name))
@@ -118,11 +136,13 @@ class _Rewriter:
 
 def rewrite(gm: fx.GraphModule, plan: FusionPlan, groups: list[Group], backend: str) -> None:
     """Replace every group in ``gm.graph`` by fused operators executing ``plan``, in place; store the
-    group plans in ``gm._bnff_groups`` and recompile ``gm``.
+    group plans in ``gm._bnff_groups``, the squeeze-and-excitation gates in ``gm._bnff_gates`` and
+    recompile ``gm``.
 
     ``groups`` are the fx groups ``plan`` was made from (``bnff.plan.plan_graph``), in the same order.
     """
     setattr(gm, PLANS_ATTR, {g.name: g for g in plan.groups})
+    setattr(gm, GATES_ATTR, {})
     r = _Rewriter(gm, plan, groups, backend)
     for group in groups:
         r.group(group)

@@ -9,14 +9,18 @@ Two policies (``Assumptions.footprint``):
     vectors (running mean and variance, saved mean and inverse std); an activation what the
     activation table says eager autograd keeps (``bnff.activations``: ReLU, Sigmoid and Tanh their
     output, the others their input; in place, ReLU, LeakyReLU and the ELU family their output, the
-    others a copy of their input, which their output overwrites); a max-pool its input and its argmax indices; an average pool its input (a global one, computed
-    as a mean, nothing); dropout its mask; an add, a concatenation or a view nothing; any other
+    others a copy of their input, which their output overwrites); a max-pool its input and its
+    argmax indices; an average pool its input (a global one, computed as a mean, nothing; so does a
+    mean over dimensions); dropout its mask; a product of two tensors each factor whose partner needs
+    a gradient (stochastic depth keeps only its mask); an add, a concatenation or a view nothing
+    (a part of a split is a view); any other
     layer its inputs. A fused group (``bnff``, ``fused``) keeps its BN inputs (each feature map once,
     never their concatenation) and two per-channel vectors per BN, its shortcuts when its
     consumers recompute the result in the backward or its activation's derivative reads the
     pre-activation, and its result when that is materialized with an activation whose derivative
     reads its output, and a shortcut (the mask; seed 002 Table 2 patterns (4)). Its consumers keep
-    nothing: their input is recomputed.
+    nothing: their input is recomputed, and so is a squeeze-and-excitation in front of one (its
+    pool, gate layers and multiplication keep nothing).
 ``all_outputs`` (seed 002 Table 2)
     Every ofmap a layer writes in the forward stays in off-chip memory until the backward:
     unfused, every layer's output; fused, every output of a layer outside the groups and each
@@ -29,6 +33,9 @@ only prices it.
 
 from __future__ import annotations
 
+import operator
+
+import torch
 import torch.fx as fx
 
 from bnff import activations
@@ -59,6 +66,17 @@ class _Kept:
         return out
 
 
+def _is_mean(node: fx.Node) -> bool:
+    """``x.mean(...)`` / ``torch.mean(x, ...)``: its backward needs only the input's shape."""
+    return (node.op == "call_method" and node.target == "mean") or (node.op == "call_function" and node.target is torch.mean)
+
+
+def _is_mul(node: fx.Node) -> bool:
+    """A product of two tensors (``a * b``, ``torch.mul``, ``Tensor.mul``)."""
+    return (node.op == "call_function" and node.target in (operator.mul, torch.mul)) or \
+        (node.op == "call_method" and node.target == "mul")
+
+
 def _eager(kept: _Kept, layer: Layer) -> None:
     """What ``layer`` executed on its own keeps for its backward (module docstring)."""
     a = kept.a
@@ -80,8 +98,12 @@ def _eager(kept: _Kept, layer: Layer) -> None:
         kept.extra(layer, "indices", layer.out_numel * a.index_bytes)
     elif layer.dropout:
         kept.extra(layer, "mask", layer.out_numel * a.mask_bytes)
-    elif k in (Kind.ADD, Kind.CAT, Kind.FLATTEN, Kind.AVGPOOL) or layer.view:
+    elif k in (Kind.ADD, Kind.CAT, Kind.FLATTEN, Kind.AVGPOOL) or layer.view or _is_mean(layer.node):
         pass
+    elif _is_mul(layer.node) and len(ins) == 2:  # each factor is kept for the other's gradient
+        for i, other in ((ins[0], ins[1]), (ins[1], ins[0])):
+            if kept.lg.requires_grad(other):
+                kept.tensor(i, layer)
     else:
         for i in ins:
             kept.tensor(i, layer)
@@ -101,7 +123,8 @@ def footprint(lg: LayerGraph, plan: FusionPlan, scheme: str, a: Assumptions) -> 
     kept = _Kept(lg, a)
     groups = plan.groups if scheme != "unfused" else []
     members = {lg.node(m) for g in groups for m in g.members}
-    fed = {lg.node(c) for g in groups for c in g.consumers}  # consumers whose input a group recomputes
+    # consumers whose input a group recomputes, and the squeeze-and-excitation it recomputes inside one
+    fed = {lg.node(c) for g in groups for c in g.consumers + g.squeeze}
     if a.footprint == "all_outputs":
         materialized = {lg.node(g.name) for g in groups if not g.per_consumer}
         for layer in lg.layers:

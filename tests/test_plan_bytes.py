@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from bnff import models
 from bnff.ops.backends import cpu
 from helpers import assert_moves_what_the_plan_says, randomize_bn
-from test_fuzz import EXAMPLES, FuzzNet, blocks
+from test_fuzz import EXAMPLES, INPUT, FuzzNet, blocks
 
 CASES = {"resnet50": 32, "densenet121": 16, "inception_v3": 32, "mobilenet_v2": 16}
 
@@ -38,13 +38,15 @@ def test_recorded_bytes_equal_the_plan(name):
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 @given(spec=blocks(), seed=st.integers(0, 2 ** 16), channels_last=st.booleans())
 def test_fuzzed_network_moves_what_its_plan_says(spec, seed, channels_last):
-    """Random architectures (tests/test_fuzz.py), NCHW or channels_last: the same, exactly."""
+    """Random architectures (tests/test_fuzz.py; 1-D, 2-D or 3-D), dense or channels-last: the same, exactly."""
     if not cpu.available():
         pytest.skip("the cpu backend's kernels did not build")
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    dims = spec[0].dims
+    fmt = {2: torch.channels_last, 3: torch.channels_last_3d}.get(dims) if channels_last else None
+    fmt = fmt or torch.contiguous_format
     model = FuzzNet(spec).to(memory_format=fmt)
     randomize_bn(model, gen)
-    x = (torch.randn(4, 3, 8, 8, generator=gen) * 2 + 0.5).to(memory_format=fmt)
+    x = (torch.randn(*INPUT[dims], generator=gen) * 2 + 0.5).to(memory_format=fmt)
     assert_moves_what_the_plan_says(model, x)

@@ -137,7 +137,7 @@ def test_bad_input_is_named():
     with pytest.raises(ValueError, match="scheme"):
         analyze(nn.Conv2d(3, 3, 1), (1, 3, 4, 4), scheme="magic")
     with pytest.raises(ValueError, match=r"\(N, C, H, W\)"):
-        analyze(nn.Conv2d(3, 3, 1), (3, 4, 4))
+        analyze(nn.Conv2d(3, 3, 1), (3, 4))
     with pytest.raises(ValueError, match=r"cannot run on input of shape \(1, 5, 4, 4\)"):
         analyze(nn.Conv2d(3, 3, 1), (1, 5, 4, 4))
     with pytest.raises(ValueError, match="footprint"):

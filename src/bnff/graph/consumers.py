@@ -2,9 +2,9 @@
 
 The table that pattern matching (``bnff.plan.match``) consults and that the execution wrappers
 (``bnff.ops.consumers``) implement. A consumer must be able to run its backward on an input that
-is recomputed instead of stored: a ``Conv2d`` with zero padding expressible as explicit symmetric
-padding (its dgrad/wgrad then run on the recomputed input), or a parameter-free pool (re-run under
-autograd). Functional pools travel through graphs by name (``FUNCTIONAL``), since fx graphs cannot
+is recomputed instead of stored: a ``Conv1d``, ``Conv2d`` or ``Conv3d`` with zero padding expressible
+as explicit symmetric padding (its dgrad/wgrad then run on the recomputed input), or a parameter-free
+pool (re-run under autograd). Functional pools travel through graphs by name (``FUNCTIONAL``), since fx graphs cannot
 hold function objects as arguments.
 """
 
@@ -24,16 +24,17 @@ FUNCTIONAL = {
 """Functional pools a fused operator can feed, by the name used in the rewritten graph."""
 
 
-def conv_padding(conv: nn.Conv2d) -> tuple[int, int] | None:
-    """Explicit symmetric padding (rows, columns) of ``conv``, or None when ``padding='same'`` needs
-    an asymmetric one (an even total padding is split evenly; an odd one cannot be)."""
+def conv_padding(conv: nn.Conv1d | nn.Conv2d | nn.Conv3d) -> tuple[int, ...] | None:
+    """Explicit symmetric padding of ``conv``, one entry per spatial dimension (rows, columns for a
+    ``Conv2d``), or None when ``padding='same'`` needs an asymmetric one (an even total padding is
+    split evenly; an odd one cannot be)."""
     if isinstance(conv.padding, str):
         if conv.padding == "valid":
-            return (0, 0)
+            return (0,) * len(conv.kernel_size)
         total = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size)]
         if any(t % 2 for t in total):
             return None
-        return (total[0] // 2, total[1] // 2)
+        return tuple(t // 2 for t in total)
     return tuple(conv.padding)
 
 
@@ -47,7 +48,7 @@ def functional_name(fn: object, kwargs: dict) -> str | None:
 
 def unsupported_reason(module: nn.Module) -> str | None:
     """Why ``module`` cannot take a BN apply step as pre-processing, or None if it can."""
-    if isinstance(module, nn.Conv2d):
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
         if module.padding_mode != "zeros":
             return f"consumer convolution uses padding_mode={module.padding_mode!r}"
         if conv_padding(module) is None:

@@ -58,6 +58,11 @@ class NodeInfo:
     module: nn.Module | None = None
 
 
+CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+"""Convolutions over (N, C, L), (N, C, H, W) and (N, C, D, H, W) maps: producers and consumers of groups."""
+BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+"""BN modules fused (with ``SyncBatchNorm``); a ``BatchNorm1d`` only on a convolution's (N, C, L) output."""
+
 _ADD_FUNCS = {operator.add, operator.iadd, torch.add}
 _MAXPOOL_FUNCS = {F.max_pool2d, F.adaptive_max_pool2d}
 _AVGPOOL_FUNCS = {F.avg_pool2d, F.adaptive_avg_pool2d}
@@ -80,9 +85,9 @@ def classify(node: fx.Node, modules: dict[str, nn.Module]) -> NodeInfo:
         return NodeInfo(Kind.ACT, act, first, modules.get(node.target) if node.op == "call_module" else None)
     if node.op == "call_module":
         m = modules[node.target]
-        if isinstance(m, nn.Conv2d) and _plain_forward(m, nn.Conv2d):
+        if isinstance(m, CONVS) and _plain_forward(m, next(c for c in CONVS if isinstance(m, c))):
             return NodeInfo(Kind.CONV, operands=first, module=m)
-        if (isinstance(m, nn.BatchNorm2d) and _plain_forward(m, _BatchNorm)) or \
+        if (isinstance(m, BATCH_NORMS) and _plain_forward(m, _BatchNorm)) or \
                 (isinstance(m, nn.SyncBatchNorm) and _plain_forward(m, nn.SyncBatchNorm)) or \
                 (isinstance(m, SyncBatchNorm) and _plain_forward(m, SyncBatchNorm)):
             return NodeInfo(Kind.BN, operands=first, module=m)
@@ -100,7 +105,7 @@ def classify(node: fx.Node, modules: dict[str, nn.Module]) -> NodeInfo:
         named = bn_forms.bn_module(node, modules)
         if named is not None:  # BN written another way (bnff.graph.bn_forms)
             m = named[1]
-            kind = Kind.BN if isinstance(m, (nn.BatchNorm2d, nn.SyncBatchNorm, SyncBatchNorm)) else Kind.OTHER
+            kind = Kind.BN if isinstance(m, (*BATCH_NORMS, nn.SyncBatchNorm, SyncBatchNorm)) else Kind.OTHER
             return NodeInfo(kind, operands=first, module=m)
         if fn in _ADD_FUNCS and _tensor_add(args, kwargs):
             return NodeInfo(Kind.ADD, operands=(args[0], args[1]))

@@ -185,9 +185,8 @@ def _block(node: fx.Node, modules: dict[str, nn.Module]) -> str:
 
 
 def _macs(m: nn.Module, out_shape: tuple[int, ...]) -> int:
-    if isinstance(m, nn.Conv2d):
-        kh, kw = m.kernel_size
-        return math.prod(out_shape) * (m.in_channels // m.groups) * kh * kw
+    if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        return math.prod(out_shape) * (m.in_channels // m.groups) * math.prod(m.kernel_size)
     if isinstance(m, nn.Linear):
         return math.prod(out_shape) * m.in_features
     return 0
@@ -214,10 +213,12 @@ def build(model: nn.Module, input_shape: tuple[int, ...], leaf_modules: LeafSpec
         The ``LayerGraph``.
     Raises:
         TraceError: the model cannot be traced.
-        ValueError: ``input_shape`` is not 4-D, or the model rejects it (the message is the model's).
+        ValueError: ``input_shape`` is not (N, C, *spatial) with 1 to 3 spatial dimensions, or the model
+            rejects it (the message is the model's).
     """
-    if len(input_shape) != 4 or any(int(s) <= 0 for s in input_shape):
-        raise ValueError(f"input_shape must be a positive (N, C, H, W), got {tuple(input_shape)}")
+    if not 3 <= len(input_shape) <= 5 or any(int(s) <= 0 for s in input_shape):
+        raise ValueError(f"input_shape must be a positive (N, C, H, W) (or (N, C, L), (N, C, D, H, W)), "
+                         f"got {tuple(input_shape)}")
     meta = _meta_copy(model).train()
     gm = trace(meta, leaf_modules).gm
     try:

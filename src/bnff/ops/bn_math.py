@@ -36,6 +36,34 @@ import torch
 from torch import Tensor, nn
 
 
+def as_4d(t: Tensor) -> Tensor:
+    """A feature map (N, C, L), (N, C, H, W) or (N, C, D, H, W) as the (N, C, H', W') view the sweeps
+    take: (N, C, L, 1), itself, (N, C, D*H, W). BN's statistics and apply are per channel over every
+    other dimension, so the view changes nothing; NCL / NCDHW stay NCHW-dense, channels_last_3d
+    becomes channels_last.
+
+    Raises:
+        ValueError: ``t`` has fewer than 3 or more than 5 dimensions.
+    """
+    if t.dim() == 4:
+        return t
+    if t.dim() == 3:
+        return t.unsqueeze(-1)
+    if t.dim() == 5:
+        return t.flatten(2, 3)
+    raise ValueError(f"expected a 3-D, 4-D or 5-D feature map (N, C, ...), got a {t.dim()}-D tensor of shape "
+                     f"{tuple(t.shape)}")
+
+
+def from_4d(t: Tensor, spatial: tuple[int, ...]) -> Tensor:
+    """The inverse of ``as_4d`` for a map whose own spatial size is ``spatial`` (L; H, W; D, H, W)."""
+    if len(spatial) == 2:
+        return t
+    if len(spatial) == 1:
+        return t.squeeze(-1)
+    return t.unflatten(2, tuple(spatial[:2]))
+
+
 def accumulation_dtype(*dtypes: torch.dtype) -> torch.dtype:
     """float64 if any of ``dtypes`` is float64, else float32 (bf16/fp16 inputs accumulate in fp32)."""
     return torch.float64 if torch.float64 in dtypes else torch.float32

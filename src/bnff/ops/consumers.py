@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bnff.graph.consumers import FUNCTIONAL, conv_padding, unsupported_reason
-from bnff.ops.bn_math import as_dtype
+from bnff.ops.bn_math import as_4d, as_dtype, from_4d
 
 
 class Consumer(Protocol):
@@ -50,22 +50,27 @@ def _cast(t: Tensor | None, amp_dtype: torch.dtype | None) -> Tensor | None:
     return t.to(amp_dtype)
 
 
-class Conv2dConsumer:
-    """A ``nn.Conv2d`` fed by the apply step; its input is recomputed, never stored.
+_CONV_FUNCS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
-    Forward: ``out = conv2d(a, weight, bias)``. Under autocast, weight and bias come cast to the
+
+class ConvConsumer:
+    """A ``nn.Conv1d``, ``nn.Conv2d`` or ``nn.Conv3d`` fed by the apply step; its input is recomputed,
+    never stored.
+
+    Forward: ``out = conv(a, weight, bias)``. Under autocast, weight and bias come cast to the
     autocast dtype by ``params`` outside the fused operator, as eager autocast casts them (one copy
     per forward, whose gradient autograd turns back into the parameters' dtype; the backward uses
     the same copy), and ``a`` is cast likewise. Backward: dgrad and wgrad by
     ``aten.convolution_backward`` on the recomputed ``a``.
     """
 
-    def __init__(self, conv: nn.Conv2d) -> None:
+    def __init__(self, conv: nn.Conv1d | nn.Conv2d | nn.Conv3d) -> None:
         self.conv = conv
         self.padding = conv_padding(conv)
+        self.fn = _CONV_FUNCS[len(conv.kernel_size)]
         # (has bias, stride, padding, dilation (rows, columns each), groups): how the cpu backend's
-        # group executor runs this convolution (bnff.ops.fused), None when the padding is asymmetric
-        self.geometry = None if self.padding is None else (
+        # group executor runs a Conv2d (bnff.ops.fused); None for the others and for asymmetric padding
+        self.geometry = None if self.padding is None or len(conv.kernel_size) != 2 else (
             int(conv.bias is not None), *conv.stride, *self.padding, *conv.dilation, conv.groups)
 
     def params(self, amp_dtype):
@@ -75,7 +80,7 @@ class Conv2dConsumer:
         weight, bias = params
         c = self.conv
         with torch.autocast(a.device.type, enabled=False):
-            return F.conv2d(_cast(a, amp_dtype), weight, bias, c.stride, self.padding, c.dilation, c.groups)
+            return self.fn(_cast(a, amp_dtype), weight, bias, c.stride, self.padding, c.dilation, c.groups)
 
     def backward(self, a, grad_out, params, amp_dtype, needs):
         weight, bias = params
@@ -84,9 +89,15 @@ class Conv2dConsumer:
         g_a, g_w, g_b = torch.ops.aten.convolution_backward(
             as_dtype(grad_out, weight.dtype), a, weight,
             None if bias is None else [bias.shape[0]], list(c.stride), list(self.padding), list(c.dilation), False,
-            [0, 0], c.groups, [needs[0], needs[1], bias is not None and needs[2]])
+            [0] * len(self.padding), c.groups, [needs[0], needs[1], bias is not None and needs[2]])
         g_w = None if g_w is None else as_dtype(g_w, weight.dtype)
         return g_a, (g_w, None if g_b is None else as_dtype(g_b, bias.dtype))
+
+
+def _in_layout_of(g: Tensor, a: Tensor) -> Tensor:
+    """``g`` with ``a``'s strides (a global average pool's backward gives NCHW, for example): converted
+    once here, as the consumer's own work, rather than by every sweep that reads it."""
+    return g if g.stride() == a.stride() else torch.empty_like(a, dtype=g.dtype).copy_(g)
 
 
 class RecomputeConsumer:
@@ -108,11 +119,7 @@ class RecomputeConsumer:
             a = a.detach().requires_grad_(True)
             out = self.module(a)
             (g_a,) = torch.autograd.grad(out, a, grad_out)
-        # in a's layout (a global average pool's backward gives NCHW): converted once here, as this
-        # layer's own work, rather than by every sweep that reads it
-        fmt = torch.channels_last if a.is_contiguous(memory_format=torch.channels_last) and not a.is_contiguous() \
-            else torch.contiguous_format
-        return g_a.contiguous(memory_format=fmt), ()
+        return _in_layout_of(g_a, a), ()
 
 
 class GatedConsumer:
@@ -154,9 +161,26 @@ class GatedConsumer:
             s, layer_params = self._scaled(a, (*gate_params, *params[k:]), amp_dtype)
             g_s, layer_grads = self.layer.backward(s.detach(), grad_out, layer_params, amp_dtype, (True, *needs[1 + k:]))
             g_a, *g_gate = torch.autograd.grad(s, [a, *gate_params], g_s)
-        fmt = torch.channels_last if a.is_contiguous(memory_format=torch.channels_last) and not a.is_contiguous() \
-            else torch.contiguous_format
-        return g_a.contiguous(memory_format=fmt), (*g_gate, *layer_grads)
+        return _in_layout_of(g_a, a), (*g_gate, *layer_grads)
+
+
+class NativeShape:
+    """A consumer of (N, C, L) or (N, C, D, H, W) maps (``Conv1d``, ``Conv3d``) behind the fused operator,
+    which runs on their 4-D views (``bn_math.as_4d``): ``a`` goes to ``inner`` in its own shape and its
+    gradient comes back as the view."""
+
+    def __init__(self, inner: Consumer, spatial: tuple[int, ...]) -> None:
+        self.inner, self.spatial = inner, spatial
+
+    def params(self, amp_dtype):
+        return self.inner.params(amp_dtype)
+
+    def forward(self, a, params, amp_dtype):
+        return self.inner.forward(from_4d(a, self.spatial), params, amp_dtype)
+
+    def backward(self, a, grad_out, params, amp_dtype, needs):
+        g_a, grads = self.inner.backward(from_4d(a, self.spatial), grad_out, params, amp_dtype, needs)
+        return as_4d(g_a), grads
 
 
 FunctionalSpec = tuple[str, tuple, dict]
@@ -196,6 +220,6 @@ def _make(module: nn.Module | FunctionalSpec | GatedSpec) -> Consumer:
     reason = unsupported_reason(module)
     if reason is not None:
         raise TypeError(reason)
-    if isinstance(module, nn.Conv2d):
-        return Conv2dConsumer(module)
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        return ConvConsumer(module)
     return RecomputeConsumer(module)

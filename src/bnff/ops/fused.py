@@ -55,21 +55,20 @@ def feature_statistics(f: Tensor, bns: tuple[nn.modules.batchnorm._BatchNorm, ..
     statistics (all in eval mode with running statistics).
 
     Args:
-        f: the feature map (N, C, H, W), NCHW or channels_last.
+        f: the feature map (N, C, H, W), NCHW or channels_last; or (N, C, L), (N, C, D, H, W) (swept as
+            ``bn_math.as_4d`` views them).
         bns: the BatchNorm2d modules that will use the statistics (read at call time).
         backend: name of the sweep backend.
         group: the fused group whose plan carries this statistics step (for ``bnff.ops.record``).
     Returns:
         (mean, var), each (C,) in the accumulation dtype, or None.
     Raises:
-        ValueError: ``f`` is not 4-D.
+        ValueError: ``f`` is not 3-D, 4-D or 5-D.
     """
     if not any(bn_math.uses_batch_stats(bn) for bn in bns):
         return None
-    if f.dim() != 4:
-        raise ValueError(f"expected 4D input (got {f.dim()}D input)")
     with torch.no_grad(), record.scope(group, "fp"):
-        return backends.get(backend).channel_stats(f)
+        return backends.get(backend).channel_stats(bn_math.as_4d(f))
 
 
 def bn_statistics(sources: tuple[Tensor, ...], stats: tuple[Stats | None, ...],
@@ -84,20 +83,20 @@ def bn_statistics(sources: tuple[Tensor, ...], stats: tuple[Stats | None, ...],
     section 3); in eval mode with running statistics, copies of those are returned.
 
     Args:
-        sources: the feature maps, each (N, C_j, H, W), with sum(C_j) == bn.num_features.
+        sources: the feature maps, each (N, C_j, *spatial) of the rank ``bn`` takes, with
+            sum(C_j) == bn.num_features.
         stats: ``feature_statistics`` of each source (None where it was skipped).
         bn: the BatchNorm2d module (read at call time: mode, momentum, eps).
         backend: name of the backend whose ``running_update`` blends the running statistics.
     Returns:
         (mean, var), each (num_features,) in the accumulation dtype, not requiring grad.
     Raises:
-        ValueError: a source is not 4-D, or there is one value per channel in training (PyTorch's
-            message).
+        ValueError: a source has a rank ``bn`` does not take, or there is one value per channel in
+            training (PyTorch's messages).
         RuntimeError: the channel count differs from ``bn.num_features``.
     """
     for s in sources:
-        if s.dim() != 4:
-            raise ValueError(f"expected 4D input (got {s.dim()}D input)")
+        bn._check_input_dim(s)  # PyTorch's own message for a map of the wrong rank
     channels = sum(s.shape[1] for s in sources)
     if channels != bn.num_features:
         shapes = ", ".join(str(tuple(s.shape)) for s in sources)
@@ -507,7 +506,8 @@ def bn_apply(group: GroupPlan, terms: tuple[Term, ...], residuals: tuple[Tensor,
     Args:
         group: the group's plan (``bnff.plan.GroupPlan``): its terms, shortcuts, activation and
             consumers in the order of the arguments below, and its schedules.
-        terms: ``(sources_k, (mean_k, var_k), bn_k)`` per BN: the feature maps (N, C_j, H, W) whose
+        terms: ``(sources_k, (mean_k, var_k), bn_k)`` per BN: the feature maps (N, C_j, H, W) (or
+            (N, C_j, L), (N, C_j, D, H, W), with ``BatchNorm1d`` / ``BatchNorm3d``) whose
             channel concatenation the BN normalizes, its statistics (C,) each, and the
             BatchNorm2d module that owns gamma, beta and eps.
         residuals: identity-shortcut tensors (N, C, H, W) added before the activation.
@@ -519,6 +519,13 @@ def bn_apply(group: GroupPlan, terms: tuple[Term, ...], residuals: tuple[Tensor,
         The tuple of consumer outputs, or the (N, C, H, W) activation ``a`` when there is none.
     """
     wrapped = tuple(consumers.make(c) for c in consumer_layers)
+    first = (residuals or terms[0][0])[0]
+    spatial = tuple(first.shape[2:])
+    if len(spatial) != 2:  # 1-D and 3-D maps run as the 4-D views the sweeps take (bn_math.as_4d)
+        terms = tuple((tuple(bn_math.as_4d(x) for x in xs), st, bn) for xs, st, bn in terms)
+        residuals = tuple(bn_math.as_4d(r) for r in residuals)
+        wrapped = tuple(consumers.NativeShape(w, spatial) for w in wrapped)
     spec, flat = _spec(group, terms, residuals, wrapped, backend)
     with record.scope(group.name, "fp"):
-        return _ApplyConsume.apply(spec, *flat)
+        out = _ApplyConsume.apply(spec, *flat)
+    return out if group.per_consumer or len(spatial) == 2 else bn_math.from_4d(out, spatial)

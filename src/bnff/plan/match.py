@@ -1,6 +1,6 @@
 """Pattern matching of seed 002's connections on an fx graph (DESIGN.md section 4).
 
-A *group* is what one fused operator replaces: one or two BatchNorm2d nodes (their statistics
+A *group* is what one fused operator replaces: one or two BatchNorm1d/2d/3d nodes (their statistics
 step joins the layers that produce their input), an optional residual add, an optional
 ReLU/ReLU6, and the consumers that take the result as pre-processing:
 
@@ -50,18 +50,21 @@ _MULS = (operator.mul, torch.mul)
 
 
 def _global_pool(n: fx.Node, modules: dict[str, nn.Module]) -> bool:
-    """``n`` averages its input over H and W to (N, C, 1, 1): ``AdaptiveAvgPool2d(1)``,
-    ``F.adaptive_avg_pool2d(x, 1)`` or ``x.mean((2, 3), keepdim=True)``."""
-    one = (1, (1, 1), [1, 1])
+    """``n`` averages its input over its spatial dimensions, keeping them as 1s (N, C, 1, 1):
+    ``AdaptiveAvgPool1d/2d/3d(1)``, ``F.adaptive_avg_pool2d(x, 1)``, ``x.mean((2, 3), keepdim=True)``.
+    The rank is not known here, so a mean over any dimensions with ``keepdim=True`` counts: the
+    consumer that takes the pattern recomputes whatever the gate computes (``GatedConsumer``), so
+    only statelessness matters for correctness, which ``gate_layer`` checks."""
+    one = (1, (1,), (1, 1), (1, 1, 1), [1, 1])
     if n.op == "call_module":
         m = modules[n.target]
-        return isinstance(m, nn.AdaptiveAvgPool2d) and m.output_size in one
+        return isinstance(m, (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)) and m.output_size in one
     if n.op == "call_function" and n.target is nn.functional.adaptive_avg_pool2d:
         return len(n.args) == 2 and n.args[1] in one and not n.kwargs
     if (n.op == "call_method" and n.target == "mean") or (n.op == "call_function" and n.target is torch.mean):
         dim = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim")
         keep = n.args[2] if len(n.args) > 2 else n.kwargs.get("keepdim", False)
-        return isinstance(dim, (tuple, list)) and sorted(d % 4 for d in dim) == [2, 3] and keep is True
+        return isinstance(dim, (tuple, list)) and len(dim) > 0 and all(isinstance(d, int) for d in dim) and keep is True
     return False
 
 
@@ -381,7 +384,7 @@ class _Matcher:
                                                f"per-channel affine map, no statistics): left as it is"))
             elif self.kind(n) == Kind.OTHER and isinstance(m, nn.modules.batchnorm._BatchNorm):
                 out.append(Unfused(n, Kind.BN, n.meta.get(bn_forms.WHY) or (
-                    f"{type(m).__name__} is not supported (BatchNorm2d and SyncBatchNorm, with their standard "
+                    f"{type(m).__name__} is not supported (BatchNorm1d/2d/3d and SyncBatchNorm, with their standard "
                     f"forward or as BN followed by their activation)")))
         return out
 

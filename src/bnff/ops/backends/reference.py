@@ -53,12 +53,23 @@ def channel_stats(c: Tensor) -> tuple[Tensor, Tensor]:
     return mean, var
 
 
+def term(x: Tensor, mu: Tensor, f1: Tensor, beta: Tensor | None) -> Tensor:
+    """One BN term F1 (x - mu) + beta of ``x`` (N, C, H, W) with (C,) vectors, in ``x``'s dtype: the
+    centred form (no cancellation when |mu| >> std), each operation rounded, the same form as the cpu
+    kernels' (``csrc/bnff_sweeps.h`` ``term``). Near an activation threshold it is as close to float64
+    as eager's x * alpha + (beta - mu * alpha) (``tests/test_patterns.py``, issue 29 item 7)."""
+    y = (x - _vec(mu)) * _vec(f1)
+    return y if beta is None else y + _vec(beta)
+
+
 def _preact(cs: list[Tensor], means: list[Tensor], f1s: list[Tensor], betas: list[Tensor | None],
             residuals: list[Tensor], acc: torch.dtype) -> Tensor:
-    """z = sum_k [F1_k * (x_k - mu_k) + beta_k] + sum_j r_j in ``acc`` (``cs``: each term's joined input)."""
+    """z = sum_k [F1_k * (x_k - mu_k) + beta_k] + sum_j r_j in ``acc`` (``cs``: each term's joined input).
+
+    Each term is ``term``'s form."""
     z = None
     for c, mu, f1, beta in zip(cs, means, f1s, betas):
-        y = (c.to(acc) - _vec(mu.to(acc))) * _vec(f1.to(acc)) + (0 if beta is None else _vec(beta.to(acc)))
+        y = term(c.to(acc), mu.to(acc), f1.to(acc), None if beta is None else beta.to(acc))
         z = y if z is None else z + y
     for r in residuals:
         z = r.to(acc) if z is None else z + r.to(acc)

@@ -159,7 +159,7 @@ struct Call {
   }
 };
 
-// The consumers' convolutions run as the Python consumer runs them (consumers.Conv2dConsumer), with
+// The consumers' convolutions run as the Python consumer runs them (consumers.ConvConsumer), with
 // autocast off: fused._executor sends only calls whose inputs are in the convolutions' dtype already.
 struct NoAutocast {
   c10::impl::ExcludeDispatchKeyGuard guard{c10::autocast_dispatch_keyset};

@@ -224,7 +224,11 @@ inline Tensor workspace_empty(at::IntArrayRef sizes, const at::TensorOptions& op
 #endif
 
 // ---- the formulas, on W lanes (channels of a row, or positions of a plane) -----------------------
-// A BN term's contribution to z: F1 (x - mu) + beta (seed 002 eq. 12 with F1 = gamma / sigma).
+// A BN term's contribution to z: F1 (x - mu) + beta (seed 002 eq. 12 with F1 = gamma / sigma), in the
+// centred form, each operation rounded,
+// as the reference backend forms it (reference.term): no cancellation when |mu| >> std, and near an
+// activation threshold as close to float64 as eager's x * alpha + (beta - mu alpha)
+// (tests/test_patterns.py::test_apply_near_a_threshold_as_accurate_as_eager).
 BNFF_INLINE V term(V x, V mu, V f1, V beta) { return (x - mu) * f1 + beta; }
 
 // ---- the activations of bnff.activations' table -------------------------------------------------
@@ -266,7 +270,8 @@ struct LeakyRelu {  // from a when the slope is >= 0 (a > 0 iff z > 0), else fro
 };
 // ELU, CELU and SELU as aten::elu's (negcoef = alpha * scale, poscoef = scale, negiptcoef =
 // input_scale): ELU(alpha) (alpha, 1, 1), CELU(alpha) (alpha, 1, 1/alpha), SELU (its constants, 1);
-// the derivative from a (is_result) when alpha > 0, else from z.
+// the derivative from z when the act argument says so (the table's choice, bnff.activations), else
+// from a (aten's is_result form).
 struct Elu {
   V neg, pos, ipt;
   bool at_z;
@@ -333,7 +338,7 @@ BNFF_INLINE void dispatch(int64_t act, F&& f) {
     case BNFF_ACT_LEAKY_RELU: return f(LeakyRelu{V(p)});
     case BNFF_ACT_ELU: return f(Elu{V(p), one, one, from_z(act)});
     case BNFF_ACT_CELU: return f(Elu{V(p), one, V(static_cast<float>(1.0 / static_cast<double>(p))), from_z(act)});
-    case BNFF_ACT_SELU: return f(Elu{V(BNFF_SELU_ALPHA * BNFF_SELU_SCALE), V(BNFF_SELU_SCALE), one, false});
+    case BNFF_ACT_SELU: return f(Elu{V(BNFF_SELU_ALPHA * BNFF_SELU_SCALE), V(BNFF_SELU_SCALE), one, from_z(act)});
     case BNFF_ACT_SILU: return f(Silu{});
     case BNFF_ACT_HARDSWISH: return f(Hardswish{});
     case BNFF_ACT_HARDSIGMOID: return f(Hardsigmoid{});

@@ -585,3 +585,17 @@ def test_group_executor_equals_the_python_steps_bit_for_bit(gen, monkeypatch):
             assert (f is None and s is None) or torch.equal(f, s), f"{name} {dtype}: result {i} differs"
     assert ran["group_forward"] >= ran["group_backward"] > 0
     assert kinds == set(cpu.STEP_CODES.values()), f"step kinds never run: {set(cpu.STEP_CODES.values()) - kinds}"
+
+
+def test_the_declared_ninja_is_found_without_an_activated_environment(monkeypatch):
+    """torch's builder runs ``ninja`` by name; ``make test`` runs ``.venv/bin/python`` without activating the
+    environment, so on a machine without a system ninja the kernels would not build (issue 30). The
+    builder puts the ``ninja`` package's binary first on PATH."""
+    import shutil
+
+    import ninja
+
+    monkeypatch.setenv("PATH", os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep) if p != ninja.BIN_DIR))
+    cpu._ninja_on_path()
+    assert os.environ["PATH"].split(os.pathsep)[0] == ninja.BIN_DIR
+    assert shutil.which("ninja") == os.path.join(ninja.BIN_DIR, "ninja")

@@ -140,6 +140,19 @@ def build_spec(level: str | None = None) -> tuple[str, Path, list[str]]:
     return name, Path(root) / name, flags
 
 
+def _ninja_on_path() -> None:
+    """Put the ``ninja`` package's binary (a declared dependency) first on PATH: torch's builder runs
+    ``ninja`` by name, and a virtual environment's bin folder is on PATH only while it is activated
+    (``make test`` runs ``.venv/bin/python`` directly). Without the package, PATH is left as it is."""
+    try:
+        import ninja
+    except ImportError:
+        return
+    path = os.environ.get("PATH", "")
+    if ninja.BIN_DIR not in path.split(os.pathsep):
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + path
+
+
 def load_extension(name: str, sources: list[str], directory: Path, flags: list[str], verbose: bool = False) -> None:
     """Build (if needed) and load a C++ extension into ``directory``, safe against killed builds.
 
@@ -153,6 +166,7 @@ def load_extension(name: str, sources: list[str], directory: Path, flags: list[s
     """
     from torch.utils import cpp_extension
 
+    _ninja_on_path()
     directory.mkdir(parents=True, exist_ok=True)
     with open(directory.parent / f".{directory.name}.flock", "a") as guard:
         fcntl.flock(guard, fcntl.LOCK_EX)

@@ -257,3 +257,15 @@ def test_other_families_simulate(name):
     if name == "mobilenet_v2":  # a depthwise 3x3 keeps 1 of a PU's 32 MACs busy
         dw = _layer(sim, "features.2.conv.1.0", "fp")
         assert dw.utilisation == pytest.approx(1 / 32)
+
+
+def test_bad_options_are_usage_errors_without_tracebacks(capsys):
+    """Issue 30: input the user can fix exits with status 2 and one line naming the option and the way out."""
+    assert main(["simulate", "--model", "resnet18", "--gpu", "h100"]) == 2
+    assert "neither a built-in machine (rtx2080ti, v100) nor a TOML file" in capsys.readouterr().err
+    assert main(["traffic", "--model", "resnet18", "--onchip-bytes", "-5"]) == 2
+    assert "--onchip-bytes: onchip_bytes must be >= 0, got -5" in capsys.readouterr().err
+    assert main(["tile", "--model", "resnet18", "--buffer-entries", "10"]) == 2
+    assert "give --buffer-entries a larger buffer" in capsys.readouterr().err
+    assert main(["tile", "--model", "resnet18", "--sweep-buffer", "10,64K"]) == 2
+    assert "--sweep-buffer sizes must hold" in capsys.readouterr().err

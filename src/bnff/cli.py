@@ -146,8 +146,11 @@ def _traffic(args: argparse.Namespace) -> int:
     from bnff import models
     from bnff.traffic import Assumptions, compare, patterns, published, report
 
-    a = Assumptions(onchip_bytes=args.onchip_bytes, footprint=args.footprint,
-                    count_layer_io=not args.memory_intensive_only)
+    try:
+        a = Assumptions(onchip_bytes=args.onchip_bytes, footprint=args.footprint,
+                        count_layer_io=not args.memory_intensive_only)
+    except ValueError as exc:  # e.g. "onchip_bytes must be >= 0, got -5": the option is --onchip-bytes
+        raise UsageError(f"--{str(exc).split()[0].replace('_', '-')}: {exc}") from None
     if args.patterns:
         table = patterns.table()
         print(report.patterns_text(table), end="")
@@ -324,16 +327,24 @@ def _tile(args: argparse.Namespace) -> int:
         ol = ops(model, args.image_size, rank)
         rows = []
         for entries in sizes:
-            base = baseline(ol, entries)
-            rows.append({"buffer_entries": entries, **report.summary(base, optimized(ol, entries, args.order, not args.no_fusion)),
-                         "scan_only_reduction": report.summary(base, optimized(ol, entries, args.order, False))["energy_reduction"]})
+            try:
+                base = baseline(ol, entries)
+                opt = optimized(ol, entries, args.order, not args.no_fusion)
+                scan = optimized(ol, entries, args.order, False)
+            except ValueError as exc:  # a size too small for some layer
+                raise UsageError(f"{exc}: --sweep-buffer sizes must hold every layer's smallest tile") from None
+            rows.append({"buffer_entries": entries, **report.summary(base, opt),
+                         "scan_only_reduction": report.summary(base, scan)["energy_reduction"]})
         print(report.sweep_text(args.model, rows), end="")
         if args.json:
             write_json(args.json, {"model": args.model, "cp_rank": rank, "rows": rows})
         if args.plot:
             report.write_sweep_plot(args.plot, args.model, rows)
         return 0
-    ol, base, opt = run(args.model, rank, args.order, not args.no_fusion)
+    try:
+        ol, base, opt = run(args.model, rank, args.order, not args.no_fusion)
+    except ValueError as exc:  # the buffer holds no tiling of some layer
+        raise UsageError(f"{exc}: give --buffer-entries a larger buffer") from None
     if not ol.ops:
         raise UsageError(f"{args.model} has no pointwise or depthwise layers to tile (try --cp-rank 0.5)")
     print(report.text(args.model, args.buffer_entries, dram.DDR3_1333_X8.name, base, opt, assumptions(rank),

@@ -228,9 +228,12 @@ def load_roofline(name_or_path: str) -> RooflineConfig:
 
     Raises:
         ConfigError: a missing, unknown or out-of-range key (named with its unit).
-        FileNotFoundError: no such file.
+        FileNotFoundError: neither a shipped name nor a file (the message lists the shipped names).
     """
     shipped = ROOFLINES.get(name_or_path)
+    if shipped is None and not Path(name_or_path).is_file():
+        raise FileNotFoundError(f"--gpu {name_or_path}: neither a built-in machine ({', '.join(sorted(ROOFLINES))}) "
+                                f"nor a TOML file")
     data, source = _read(None if shipped else name_or_path, shipped or "")
     names = [f.name for f in fields(RooflineConfig) if f.name != "source"]
     if set(data) - {"roofline"}:

@@ -266,6 +266,16 @@ def test_bad_options_are_usage_errors_without_tracebacks(capsys):
     assert main(["traffic", "--model", "resnet18", "--onchip-bytes", "-5"]) == 2
     assert "--onchip-bytes: onchip_bytes must be >= 0, got -5" in capsys.readouterr().err
     assert main(["tile", "--model", "resnet18", "--buffer-entries", "10"]) == 2
-    assert "give --buffer-entries a larger buffer" in capsys.readouterr().err
+    assert "(give --buffer-entries a larger buffer)" in capsys.readouterr().err
     assert main(["tile", "--model", "resnet18", "--sweep-buffer", "10,64K"]) == 2
     assert "--sweep-buffer sizes must hold" in capsys.readouterr().err
+    assert main(["tile", "--model", "resnet18", "--image-size", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "ResNet cannot run on input of shape (1, 3, 3, 3)" in err and "(try another --image-size)" in err
+    assert "Traceback" not in err
+    assert main(["plan", "--model", "inception_v3", "--image-size", "32"]) == 2
+    err = capsys.readouterr().err
+    assert "Kernel size can't be greater than actual input size (try another --image-size)" in err
+    assert "Traceback" not in err and len(err.splitlines()) == 1
+    assert main(["train", "--data", "imagenet"]) == 2
+    assert "unknown --data 'imagenet'" in capsys.readouterr().err

@@ -62,7 +62,10 @@ def _train_here(args: argparse.Namespace, procs) -> int:
     from bnff.train import TrainConfig, train
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    ds = data_mod.load(args.data, image_size=args.image_size, seed=args.seed)
+    try:
+        ds = data_mod.load(args.data, image_size=args.image_size, seed=args.seed)
+    except ValueError as exc:  # an unknown --data form, a folder without images, ...
+        raise UsageError(str(exc)) from None
     if procs.main:
         on = f", {procs.world} processes" if procs.world > 1 else ""
         print(f"data {ds.name}: {len(ds.train_y)} train / {len(ds.test_y)} test images, "
@@ -197,7 +200,10 @@ def _plan(args: argparse.Namespace) -> int:
     size = args.image_size or (299 if args.model.startswith("inception") else 224)
     with torch.device("meta"):
         model = models.MODELS[args.model]()
-    lg = build(model, (args.batch, 3, size, size))
+    try:
+        lg = build(model, (args.batch, 3, size, size))
+    except ValueError as exc:  # the model cannot take that input (too small an image)
+        raise UsageError(f"{exc} (try another --image-size)") from None
     plan, _, _ = plan_graph(lg.gm)
     a = Assumptions().with_dtype({"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype])
     console = Console(file=io.StringIO() if args.quiet else None, width=200)
@@ -343,8 +349,9 @@ def _tile(args: argparse.Namespace) -> int:
         return 0
     try:
         ol, base, opt = run(args.model, rank, args.order, not args.no_fusion)
-    except ValueError as exc:  # the buffer holds no tiling of some layer
-        raise UsageError(f"{exc}: give --buffer-entries a larger buffer") from None
+    except ValueError as exc:  # the model cannot take the image size, or the buffer holds no tiling of a layer
+        hint = "try another --image-size" if "cannot run on input" in str(exc) else "give --buffer-entries a larger buffer"
+        raise UsageError(f"{exc} ({hint})") from None
     if not ol.ops:
         raise UsageError(f"{args.model} has no pointwise or depthwise layers to tile (try --cp-rank 0.5)")
     print(report.text(args.model, args.buffer_entries, dram.DDR3_1333_X8.name, base, opt, assumptions(rank),

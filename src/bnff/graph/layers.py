@@ -12,7 +12,9 @@ this IR and the fusion plan ``bnff.plan`` makes of ``LayerGraph.gm``.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import math
 import operator
 from dataclasses import dataclass, field
@@ -222,10 +224,12 @@ def build(model: nn.Module, input_shape: tuple[int, ...], leaf_modules: LeafSpec
     meta = _meta_copy(model).train()
     gm = trace(meta, leaf_modules).gm
     try:
-        ShapeProp(gm).propagate(torch.empty(tuple(int(s) for s in input_shape), device="meta"))
+        with contextlib.redirect_stderr(io.StringIO()):  # ShapeProp prints the traceback it then raises
+            ShapeProp(gm).propagate(torch.empty(tuple(int(s) for s in input_shape), device="meta"))
     except Exception as exc:  # the model's own error (wrong channel count, too small an image...)
+        root = exc.__cause__ or exc  # ShapeProp wraps it in a dump of the failing node
         raise ValueError(f"{type(model).__name__} cannot run on input of shape {tuple(input_shape)}: "
-                         f"{type(exc).__name__}: {str(exc).splitlines()[0]}") from exc
+                         f"{type(root).__name__}: {str(root).splitlines()[0]}") from exc
     modules = dict(gm.named_modules())
     layers: list[Layer] = []
     calls: dict[str, int] = {}

@@ -126,6 +126,17 @@ def classify(node: fx.Node, modules: dict[str, nn.Module]) -> NodeInfo:
     return NodeInfo(Kind.OTHER)
 
 
+def is_mul(node: fx.Node) -> bool:
+    """A product ``a * b``, ``torch.mul(a, b)`` or ``a.mul(b)`` (its operands not checked)."""
+    return (node.op == "call_function" and node.target in (operator.mul, torch.mul)) or \
+        (node.op == "call_method" and node.target == "mul")
+
+
+def is_mean(node: fx.Node) -> bool:
+    """A mean over dimensions, ``x.mean(...)`` or ``torch.mean(x, ...)``."""
+    return (node.op == "call_method" and node.target == "mean") or (node.op == "call_function" and node.target is torch.mean)
+
+
 def module_name(node: fx.Node) -> str:
     """The qualified name of the module a layer node calls: its target for ``call_module``, the BN module
     of a ``bn_forms.batch_norm`` call; else the node's own name."""

@@ -30,7 +30,6 @@ with the reason.
 
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass, field
 from typing import Mapping
 
@@ -40,13 +39,12 @@ from torch import nn
 
 from bnff import activations
 from bnff.graph import bn_forms, consumers
-from bnff.graph.kinds import Kind, NodeInfo, cat_dim, classify, module_name
+from bnff.graph.kinds import Kind, NodeInfo, cat_dim, classify, is_mean, is_mul, module_name
 
 _SOURCE_KINDS = (Kind.CONV, Kind.MAXPOOL, Kind.AVGPOOL)
 _SQUEEZE_MAX = 16  # nodes in a squeeze-and-excitation gate: a few layers, never a network
 _RESHAPES = ("view", "reshape", "flatten", "unsqueeze", "squeeze")
 _RESHAPE_FUNCS = (torch.flatten, torch.reshape, torch.unsqueeze, torch.squeeze)
-_MULS = (operator.mul, torch.mul)
 
 
 def _global_pool(n: fx.Node, modules: dict[str, nn.Module]) -> bool:
@@ -61,7 +59,7 @@ def _global_pool(n: fx.Node, modules: dict[str, nn.Module]) -> bool:
         return isinstance(m, (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)) and m.output_size in one
     if n.op == "call_function" and n.target is nn.functional.adaptive_avg_pool2d:
         return len(n.args) == 2 and n.args[1] in one and not n.kwargs
-    if (n.op == "call_method" and n.target == "mean") or (n.op == "call_function" and n.target is torch.mean):
+    if is_mean(n):
         dim = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim")
         keep = n.args[2] if len(n.args) > 2 else n.kwargs.get("keepdim", False)
         return isinstance(dim, (tuple, list)) and len(dim) > 0 and all(isinstance(d, int) for d in dim) and keep is True
@@ -70,8 +68,7 @@ def _global_pool(n: fx.Node, modules: dict[str, nn.Module]) -> bool:
 
 def _times(n: fx.Node, x: fx.Node) -> fx.Node | None:
     """The other factor when ``n`` is ``x * other`` or ``other * x`` of two graph values, else None."""
-    is_mul = (n.op == "call_function" and n.target in _MULS) or (n.op == "call_method" and n.target == "mul")
-    if not is_mul or n.kwargs or len(n.args) != 2 or not all(isinstance(a, fx.Node) for a in n.args):
+    if not is_mul(n) or n.kwargs or len(n.args) != 2 or not all(isinstance(a, fx.Node) for a in n.args):
         return None
     a, b = n.args
     return b if a is x and b is not x else a if b is x and a is not x else None

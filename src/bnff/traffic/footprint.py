@@ -33,13 +33,10 @@ only prices it.
 
 from __future__ import annotations
 
-import operator
-
-import torch
 import torch.fx as fx
 
 from bnff import activations
-from bnff.graph.kinds import Kind
+from bnff.graph.kinds import Kind, is_mean, is_mul
 from bnff.graph.layers import Layer, LayerGraph
 from bnff.plan import FusionPlan
 from bnff.traffic.assumptions import Assumptions
@@ -66,17 +63,6 @@ class _Kept:
         return out
 
 
-def _is_mean(node: fx.Node) -> bool:
-    """``x.mean(...)`` / ``torch.mean(x, ...)``: its backward needs only the input's shape."""
-    return (node.op == "call_method" and node.target == "mean") or (node.op == "call_function" and node.target is torch.mean)
-
-
-def _is_mul(node: fx.Node) -> bool:
-    """A product of two tensors (``a * b``, ``torch.mul``, ``Tensor.mul``)."""
-    return (node.op == "call_function" and node.target in (operator.mul, torch.mul)) or \
-        (node.op == "call_method" and node.target == "mul")
-
-
 def _eager(kept: _Kept, layer: Layer) -> None:
     """What ``layer`` executed on its own keeps for its backward (module docstring)."""
     a = kept.a
@@ -98,9 +84,9 @@ def _eager(kept: _Kept, layer: Layer) -> None:
         kept.extra(layer, "indices", layer.out_numel * a.index_bytes)
     elif layer.dropout:
         kept.extra(layer, "mask", layer.out_numel * a.mask_bytes)
-    elif k in (Kind.ADD, Kind.CAT, Kind.FLATTEN, Kind.AVGPOOL) or layer.view or _is_mean(layer.node):
+    elif k in (Kind.ADD, Kind.CAT, Kind.FLATTEN, Kind.AVGPOOL) or layer.view or is_mean(layer.node):
         pass
-    elif _is_mul(layer.node) and len(ins) == 2:  # each factor is kept for the other's gradient
+    elif is_mul(layer.node) and len(ins) == 2:  # each factor is kept for the other's gradient
         for i, other in ((ins[0], ins[1]), (ins[1], ins[0])):
             if kept.lg.requires_grad(other):
                 kept.tensor(i, layer)

@@ -62,6 +62,8 @@ class Layer:
         inplace: the result overwrites the first input's storage (``ReLU(inplace=True)``, ``+=``).
         view: the result is a view of the first input (flatten, reshape): no data moves.
         dropout: a dropout layer (its backward keeps a one-byte mask per element).
+        resize: an interpolation (``nn.Upsample``, ``F.interpolate``; nearest, linear, cubic): its backward
+            needs only the input's size, so it keeps nothing.
         global_pool: an adaptive average pool to 1x1, which PyTorch computes as a mean over H and W.
         block: the outermost enclosing module that is not a plain container ("layer1.0" for
             "layer1.0.downsample.0", "features.denseblock1", "Mixed_5b"), for per-block sums.
@@ -79,6 +81,7 @@ class Layer:
     inplace: bool = False
     view: bool = False
     dropout: bool = False
+    resize: bool = False
     global_pool: bool = False
     block: str = ""
 
@@ -254,13 +257,14 @@ def build(model: nn.Module, input_shape: tuple[int, ...], leaf_modules: LeafSpec
             name = f"{name}:{calls[name]}"
         view = info.kind == Kind.FLATTEN or (node.op == "call_method" and node.target in _VIEW_METHODS) or piece is not None
         dropout = isinstance(m, nn.Dropout) or node.target is nn.functional.dropout
+        resize = isinstance(m, nn.Upsample) or node.target is nn.functional.interpolate
         adaptive = isinstance(m, nn.AdaptiveAvgPool2d) or node.target is nn.functional.adaptive_avg_pool2d
         layers.append(Layer(
             node=node, name=name, kind=info.kind, act=info.act, inputs=tuple(inputs), out_shape=out_shape,
             weight_numel=sum(p.numel() for p in m.parameters(recurse=False)) if m is not None else 0,
             macs=_macs(m, out_shape) if m is not None else 0,
             window=_window(node, m, in_numel, math.prod(out_shape)) if info.kind in (Kind.MAXPOOL, Kind.AVGPOOL) else 0,
-            inplace=is_inplace(node, modules), view=view, dropout=dropout,
+            inplace=is_inplace(node, modules), view=view, dropout=dropout, resize=resize,
             global_pool=adaptive and tuple(out_shape[-2:]) == (1, 1), block=_block(node, modules)))
     return LayerGraph(gm, layers, input_shape=tuple(int(s) for s in input_shape))
 

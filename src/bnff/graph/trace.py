@@ -3,7 +3,9 @@
 ``nn.Identity`` calls are removed from the graph (they return their input). BN written other ways (a
 ``BatchNorm2d`` subclass that applies its activation in its own forward, as timm's ``BatchNormAct2d``;
 functional ``batch_norm`` on a BN module's tensors) becomes ``bn_forms.batch_norm`` calls where it can
-(``bnff.graph.bn_forms``); a subclass it cannot map stays an opaque leaf, with the reason. A submodule whose
+(``bnff.graph.bn_forms``); a subclass it cannot map stays an opaque leaf, with the reason. A split into a
+number of parts its arguments fix (``list(x.chunk(2, 1))``, as Ultralytics' ``C2f`` writes it) can be
+iterated while tracing (``_Parts``). A submodule whose
 ``forward`` fx cannot trace (data-dependent control flow, unsupported Python)
 is kept as an opaque leaf and tracing is retried, so the rest of the model can still be
 restructured; the modules kept this way are reported. A model whose *own* ``forward`` cannot be
@@ -31,6 +33,44 @@ class TraceError(RuntimeError):
 LeafSpec = Iterable[str | type | nn.Module]
 
 
+def _part_count(node: fx.Node) -> int | None:
+    """How many tensors ``node`` returns when it splits a tensor into a number of parts fixed by its
+    arguments alone: ``chunk(x, n)`` (n), ``split(x, [sizes])`` and ``split_with_sizes`` (the number of
+    sizes), ``tensor_split(x, n)`` (n) or ``tensor_split(x, [indices])`` (indices + 1); None otherwise
+    (``split(x, size)`` and ``unbind`` depend on the shape, unknown while tracing)."""
+    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", None)
+    if node.op not in ("call_method", "call_function") or name not in ("chunk", "split", "split_with_sizes",
+                                                                        "tensor_split"):
+        return None
+    if node.op == "call_function" and getattr(torch, name, None) is not node.target:
+        return None
+    key = {"chunk": "chunks", "split": "split_size_or_sections", "split_with_sizes": "split_sizes",
+           "tensor_split": "indices_or_sections"}[name]
+    arg = node.args[1] if len(node.args) > 1 else node.kwargs.get(key, node.kwargs.get("split_size"))
+    if isinstance(arg, int) and name in ("chunk", "tensor_split"):
+        return arg
+    if isinstance(arg, (list, tuple)) and all(isinstance(a, int) for a in arg):
+        return len(arg) + (name == "tensor_split")
+    return None
+
+
+class _Parts(fx.Proxy):
+    """The proxy of a split into a known number of parts (``_part_count``): it can be iterated and
+    measured (``list(x.chunk(2, 1))``, ``a, b = x.split([c, c], 1)`` in any form), one ``getitem``
+    node per part, as Python would index the real tuple. A tensor with fewer parts than that at run
+    time (``chunk`` of a dimension smaller than n) fails there with Python's IndexError."""
+
+    def __init__(self, node: fx.Node, tracer: fx.Tracer, count: int) -> None:
+        super().__init__(node, tracer)
+        self.count = count
+
+    def __iter__(self):
+        return iter([self[i] for i in range(self.count)])
+
+    def __len__(self) -> int:
+        return self.count
+
+
 class _Tracer(fx.Tracer):
     def __init__(self, leaf_names: set[str], leaf_types: tuple[type, ...], leaf_ids: set[int]) -> None:
         super().__init__()
@@ -44,6 +84,10 @@ class _Tracer(fx.Tracer):
                 or bn_forms.is_subclass_with_forward(m)  # expanded after tracing (bn_forms)
                 or bn_forms.is_frozen_bn(m)  # one node, listed unfused with its reason
                 or super().is_leaf_module(m, module_qualified_name))
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        count = _part_count(node)
+        return _Parts(node, self, count) if count is not None else super().proxy(node)
 
     def call_module(self, m, forward, args, kwargs):
         name = self.path_of_module(m)

@@ -12,8 +12,8 @@ Two policies (``Assumptions.footprint``):
     others a copy of their input, which their output overwrites); a max-pool its input and its
     argmax indices; an average pool its input (a global one, computed as a mean, nothing; so does a
     mean over dimensions); dropout its mask; a product of two tensors each factor whose partner needs
-    a gradient (stochastic depth keeps only its mask); an add, a concatenation or a view nothing
-    (a part of a split is a view); any other
+    a gradient (stochastic depth keeps only its mask); an add, a concatenation, a view (a part of a
+    split is one) or an interpolation (``nn.Upsample``: its backward needs only sizes) nothing; any other
     layer its inputs. A fused group (``bnff``, ``fused``) keeps its BN inputs (each feature map once,
     never their concatenation) and two per-channel vectors per BN, its shortcuts when its
     consumers recompute the result in the backward or its activation's derivative reads the
@@ -84,7 +84,7 @@ def _eager(kept: _Kept, layer: Layer) -> None:
         kept.extra(layer, "indices", layer.out_numel * a.index_bytes)
     elif layer.dropout:
         kept.extra(layer, "mask", layer.out_numel * a.mask_bytes)
-    elif k in (Kind.ADD, Kind.CAT, Kind.FLATTEN, Kind.AVGPOOL) or layer.view or is_mean(layer.node):
+    elif k in (Kind.ADD, Kind.CAT, Kind.FLATTEN, Kind.AVGPOOL) or layer.view or layer.resize or is_mean(layer.node):
         pass
     elif is_mul(layer.node) and len(ins) == 2:  # each factor is kept for the other's gradient
         for i, other in ((ins[0], ins[1]), (ins[1], ins[0])):

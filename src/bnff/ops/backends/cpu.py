@@ -449,6 +449,8 @@ def apply(sources: list[list[Tensor]], means: list[Tensor], f1s: list[Tensor], b
           residuals: list[Tensor], act: str | None, out_dtype: torch.dtype) -> Tensor:
     """``reference.apply`` in one fused sweep."""
     flat = [s for srcs in sources for s in srcs]
+    if flat:  # a shortcut that is a channel slice (a part of a split) is copied dense, as grad_stats does
+        residuals = [_like_layout(r, flat[0]) for r in residuals]
     layout = _require("apply", *flat, *residuals,
                       why=act_why(act) or _out_why(out_dtype) or _terms_why(max(len(sources), len(residuals))))
     maps = _one_dtype([*flat, *residuals])

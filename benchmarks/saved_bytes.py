@@ -1,4 +1,4 @@
-"""Saved-activation bytes of eager vs bnff, side by side in one process (DESIGN.md section 5).
+"""Saved-activation bytes of eager vs bnff, side by side in one process (docs/design.md section 5).
 
     .venv/bin/python benchmarks/saved_bytes.py --model resnet50 densenet121 inception_v3 mobilenet_v2 --batch 8
 

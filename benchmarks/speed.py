@@ -1,4 +1,4 @@
-"""The README's speed table: ``bnff bench`` for each setting in several fresh processes.
+"""The speed table of docs/speed.md: ``bnff bench`` for each setting in several fresh processes.
 
     .venv/bin/python benchmarks/speed.py [--processes 3] [--steps 10] [--json benchmarks/results/speed.json]
                                          [--models M ...] [--allocators A ...] [--prefer memory|speed]

@@ -130,7 +130,7 @@ def test_doubling_bandwidth_never_slows_anything():
 def test_the_reproduction_is_pinned_and_near_table_4(resnet50_sim):
     """Golden figures (batch 32, the shipped configuration). Table 4 read with its rows swapped
     (issue 15): ResNet-50 +87.0% / +100.7%, ResNet-18 +48.5% / +54.5%; targets within 10
-    percentage points. ResNet-50 BP misses (README: why)."""
+    percentage points. ResNet-50 BP misses (docs/simulate.md: why)."""
     with torch.device("meta"):
         r18 = accel.simulate(models.resnet18(), 32, name="resnet18").summary()
     r50 = resnet50_sim.summary()
@@ -226,7 +226,7 @@ def test_a_gpu_roofline_worked_by_hand_and_its_files():
     assert fp.time_s == pytest.approx(max(flops / 14.2e12, nbytes / 616e9)) and fp.bound == "memory"
     with torch.device("meta"):
         times = roofline.layer_times(models.resnet50(), 32, gpu)
-    rel = roofline.relative_to_conv(times)  # pinned; seed 002 measured 0.85 / 1.11 (README: why lower)
+    rel = roofline.relative_to_conv(times)  # pinned; seed 002 measured 0.85 / 1.11 (docs/simulate.md: why lower)
     assert rel["fp"]["total"] == pytest.approx(0.78, abs=0.01) and rel["bp"]["total"] == pytest.approx(0.58, abs=0.01)
     assert rel["fp"]["total"] == pytest.approx(rel["fp"]["bn"] + rel["fp"]["act"] + rel["fp"]["add"])
     assert roofline.fusion_gain(times) == pytest.approx(0.112, abs=0.005)

@@ -1,4 +1,4 @@
-"""Every fusion pattern of DESIGN.md section 4, in every spelling and BN configuration the issue
+"""Every fusion pattern of docs/design.md section 4, in every spelling and BN configuration the issue
 lists, trained on fresh random inputs and checked against float64 with the suite's rule (bnff's fp32
 error at most ``helpers.K`` times eager's, tensor by tensor), plus float64 exactness and the
 statistics' accuracy."""

@@ -146,7 +146,7 @@ def test_bad_input_is_named():
 
 def test_reproduce_rows_cover_every_published_figure():
     rows = reproduce(batch=8)
-    # the papers' figures (DESIGN.md section 6): seed 000's traffic model, seeds 001/004's "up to about 19%"
+    # the papers' figures (docs/design.md section 6): seed 000's traffic model, seeds 001/004's "up to about 19%"
     assert {(r["model"], r["source"]): r["published"] for r in rows} == {
         ("resnet50", "seed 000"): -0.33, ("inception_v3", "seed 000"): -0.22, ("densenet121", "seed 000"): -0.31,
         ("resnet50", "seeds 001/004"): -0.19, ("densenet121", "seeds 001/004"): -0.19}

@@ -1,4 +1,4 @@
-"""The activation table: every activation bnff fuses after BN, in one place (DESIGN.md section 12).
+"""The activation table: every activation bnff fuses after BN, in one place (docs/design.md section 12).
 
 Each ``Entry`` says, for one activation f:
 

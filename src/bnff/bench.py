@@ -1,5 +1,5 @@
 """Side-by-side speed of training steps: eager, ``torch.compile``, bnff, bnff under ``torch.compile``, and
-the conv floor (DESIGN.md section 5).
+the conv floor (docs/design.md section 5).
 
 In one process, on one synthetic mini-batch and the same initial weights, ``run`` times full
 training steps (forward, backward, SGD step) of each variant, interleaved round by round after

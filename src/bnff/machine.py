@@ -1,6 +1,6 @@
 """The machine a measurement ran on, as speed figures must name it: CPU model, ISA flags, ATen's level.
 
-Speed claims are ratios measured on one machine (DESIGN.md section 5); the CPU changes from one
+Speed claims are ratios measured on one machine (docs/design.md section 5); the CPU changes from one
 machine to the next (AVX-512 with or without AMX, AVX2 only), so every benchmark result carries
 these facts.
 """

@@ -1,4 +1,4 @@
-"""Measuring the activations a training step keeps for its backward pass (DESIGN.md section 5).
+"""Measuring the activations a training step keeps for its backward pass (docs/design.md section 5).
 
 Every tensor autograd saves passes through ``torch.autograd.graph.saved_tensors_hooks``; we count
 the bytes of each distinct storage once. Parameters, and the casts autocast makes of them (a

@@ -8,7 +8,7 @@ running-statistics blend (``running_update``): the reference backend from the fu
 backend in one C++ call each, F1, B, dgamma and dbeta with the same operations in the same order (bit
 for bit the same values). On small maps a BN's handful of small ATen ops cost more than its sweeps.
 
-Equations (seed 002, Yang/Wang/Zhang 2022; DESIGN.md section 3):
+Equations (seed 002, Yang/Wang/Zhang 2022; docs/design.md section 3):
 
     F1 = gamma / sqrt(var + eps)                      (eq. 10)
     F2 = beta - mu * F1                               (eq. 11, corrected)
@@ -92,7 +92,7 @@ def backward_coefficient(var: Tensor, f1: Tensor, s2c: Tensor, eps: float) -> Te
 
 
 def affine_grads(var: Tensor, s1: Tensor, s2c: Tensor, m: int, eps: float) -> tuple[Tensor, Tensor]:
-    """dgamma = m * S2c / sqrt(var + eps) and dbeta = m * S1 (DESIGN.md section 3), shapes (C,)."""
+    """dgamma = m * S2c / sqrt(var + eps) and dbeta = m * S1 (docs/design.md section 3), shapes (C,)."""
     return s2c * m * invstd(as_dtype(var, s2c.dtype), eps), s1 * m
 
 

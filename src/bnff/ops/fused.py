@@ -79,7 +79,7 @@ def bn_statistics(sources: tuple[Tensor, ...], stats: tuple[Stats | None, ...],
     concatenation). Per-channel statistics of a concatenation are those of its parts, so the
     parts' ``feature_statistics`` are concatenated, not recomputed (ICF). In training mode (or
     without running statistics) the mini-batch statistics are returned and ``running_mean`` /
-    ``running_var`` / ``num_batches_tracked`` are updated exactly as PyTorch does (DESIGN.md
+    ``running_var`` / ``num_batches_tracked`` are updated exactly as PyTorch does (docs/design.md
     section 3); in eval mode with running statistics, copies of those are returned.
 
     Args:

@@ -1,4 +1,4 @@
-"""Pattern matching of seed 002's connections on an fx graph (DESIGN.md section 4).
+"""Pattern matching of seed 002's connections on an fx graph (docs/design.md section 4).
 
 A *group* is what one fused operator replaces: one or two BatchNorm1d/2d/3d nodes (their statistics
 step joins the layers that produce their input), an optional residual add, an optional

@@ -1,6 +1,6 @@
 """The steps of a fused group under each execution scheme: the one place a group's policy is written.
 
-What a group reads, writes, keeps for the backward and recomputes, per scheme (DESIGN.md
+What a group reads, writes, keeps for the backward and recomputes, per scheme (docs/design.md
 section 8). Execution (``bnff.ops.fused``) runs the ``bnff`` schedule; ``bnff.traffic`` sums the
 bytes and FLOPs of every schedule; the hardware models read them too.
 

@@ -1,6 +1,6 @@
 """The vocabulary of a fusion plan: tensors named by layer and role, and steps that move them.
 
-A ``Step`` is plain data, ``(phase, kind, reads, writes, keeps, recomputes, flops)`` (DESIGN.md
+A ``Step`` is plain data, ``(phase, kind, reads, writes, keeps, recomputes, flops)`` (docs/design.md
 section 8). Tensors are named, never sized: a ``Ref`` gives the fx node whose output shape the
 tensor has and the tensor's role, so one plan serves any mini-batch and image size; bytes and
 FLOPs follow from the shapes of a given input (``bnff.traffic``). ``reads`` and ``writes`` of a

@@ -76,7 +76,7 @@ def restructure(model: nn.Module, backend: str | None = None, leaf_modules: Leaf
                 example_input: Tensor | None = None) -> Restructured:
     """Return ``model`` restructured for BN fission-and-fusion training, with identical semantics.
 
-    Every BatchNorm2d fed by a convolution is split (seed 002 section 2.2; DESIGN.md section 3):
+    Every BatchNorm2d fed by a convolution is split (seed 002 section 2.2; docs/design.md section 3):
     its statistics step (one-sweep mean and variance, running-statistics update) follows the
     producing convolution, and its apply step, fused with a residual add and ReLU/ReLU6, becomes
     the pre-processing of the consuming convolution or pool, whose input is then recomputed in the

@@ -12,7 +12,7 @@ schedule moves becomes DRAM accesses in the order it moves them, priced by ``dra
   that output feeds only the add and neither is in a fused chain): the GEMM's epilogue reads the
   shortcut's tile as each C tile is written and writes the sum, so the add moves no data of its
   own. This is bnff's residual Add done inside a convolution (seed 002 section 2.3); it was added
-  after the first reproduction, which left ResNet-50's adds as separate passes (README).
+  after the first reproduction, which left ResNet-50's adds as separate passes (docs/tile.md).
 * A fused chain (thesis section 4; ``layers.chains``) runs band by band: for R rows of its final
   output it reads the input rows they need (the halo of every depthwise stage included, so rows
   on a band boundary are read again), keeps every intermediate band on chip, reads the residual

@@ -45,7 +45,7 @@ def channel_stats(c: Tensor) -> tuple[Tensor, Tensor]:
     merged with Chan's formula, in float32 (float64 for float64 input). It is the accuracy bar for
     every backend: the raw one-sweep var = S_xx/m - mu^2 cancels catastrophically when
     |mean| >> std, and even on shifted data it is ~10x less accurate, which a 50-layer backward
-    amplifies into visibly worse gradients (measured against float64; DESIGN.md section 3).
+    amplifies into visibly worse gradients (measured against float64; docs/design.md section 3).
     Returns (mean, var), each (C,).
     """
     acc = accumulation_dtype(c.dtype)

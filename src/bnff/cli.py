@@ -63,13 +63,15 @@ def _train_here(args: argparse.Namespace, procs) -> int:
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     try:
-        ds = data_mod.load(args.data, image_size=args.image_size, seed=args.seed)
+        ds = data_mod.load(args.data, image_size=args.image_size, seed=args.seed, normalization=args.normalize)
     except ValueError as exc:  # an unknown --data form, a folder without images, ...
         raise UsageError(str(exc)) from None
     if procs.main:
         on = f", {procs.world} processes" if procs.world > 1 else ""
-        print(f"data {ds.name}: {len(ds.train_y)} train / {len(ds.test_y)} test images, "
-              f"{ds.train_x.shape[-1]}x{ds.train_x.shape[-1]}, {len(ds.classes)} classes{on}")
+        how = (f", decoded by {args.workers or 'the main process'}{' workers' if args.workers else ''}, normalized by "
+               f"{args.normalize} mean/std" if ds.streamed else "")
+        print(f"data {ds.name}: {len(ds.train)} train / {len(ds.test)} test images, "
+              f"{ds.image_size}x{ds.image_size}, {len(ds.classes)} classes{on}{how}")
     cfg = TrainConfig(model=args.model, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                       dtype=args.dtype, backend=args.backend, seed=args.seed, limit_batches=args.limit_batches,
                       compare=args.compare, workers=args.workers, augment=args.augment, sync_bn=args.sync_bn)
@@ -402,7 +404,12 @@ def build_parser() -> argparse.ArgumentParser:
                                    "interrupted run); with --compare, also an eager copy from the same initial weights "
                                    "on the same batches, comparing loss, accuracy, images/s and saved activations.")
     t.add_argument("--data", default="digits", help="digits (default, shipped with scikit-learn), cifar10:PATH "
-                                                   "(python-pickle batches) or folder:PATH (one sub-folder per class)")
+                                                   "(python-pickle batches) or folder:PATH (PATH/train/<class>/* and "
+                                                   "PATH/val/<class>/*, or PATH/<class>/* split 80/20; images decoded "
+                                                   "as they are read, in the --workers)")
+    t.add_argument("--normalize", default="sampled", choices=["sampled", "imagenet"],
+                   help="a folder's per-channel mean and std: sampled from 64 of its training images (default) or "
+                        "ImageNet's fixed values; saved in the checkpoint")
     t.add_argument("--model", default="resnet18", choices=sorted(MODEL_NAMES),
                    help="architecture (small-input variant for images of 64 pixels or less)")
     t.add_argument("--epochs", type=_positive, default=3)
@@ -416,8 +423,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                                     "this many batches' worth of test images")
     t.add_argument("--compare", action="store_true", help="also train an eager copy side by side and compare")
     t.add_argument("--augment", default="auto", choices=AUGMENTATIONS,
-                   help="random crop (padding of 1/8 of the size) and horizontal flip, from kornia; auto: crop for "
-                        "digits (a mirrored digit is another glyph), crop-flip otherwise")
+                   help="random crop (padding of 1/8 of the size; for a folder, an ImageNet-style random-resized "
+                        "crop) and horizontal flip, from kornia; auto: crop for digits (a mirrored digit is another "
+                        "glyph), crop-flip otherwise")
     t.add_argument("--workers", type=_count, default=0, help="DataLoader worker processes (default 0: load in the "
                                                           "training process)")
     t.add_argument("--nproc-per-node", type=_positive, default=1, metavar="N",

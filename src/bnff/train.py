@@ -16,13 +16,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm import tqdm
 
 import bnff
 from bnff import models
 from bnff.atomic import atomic_open, save_figure, write_json
-from bnff.data import Dataset, augment
+from bnff.data import Dataset, augment, folder
 from bnff.memory import SavedActivations
 from bnff.modules import SyncBatchNorm
 from bnff.names import UsageError
@@ -46,6 +46,17 @@ class TrainConfig:
     workers: int = 0
     augment: str = "auto"
     sync_bn: bool = False
+
+
+@dataclass
+class LoaderHistory:
+    """Per-epoch figures of a streamed folder's loading (``bnff.data.folder``): what the workers can
+    deliver (images per second of their time, times their number), the unreadable images skipped,
+    and the first of their paths."""
+
+    images_per_s: list[float] = field(default_factory=list)
+    skipped_images: list[int] = field(default_factory=list)
+    skipped_files: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -94,15 +105,20 @@ def save_checkpoint(path: Path, state: dict) -> None:
         torch.save(state, f)
 
 
-def _correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, amp: bool, batch: int = 256) -> int:
-    """How many of the images ``x`` (N, 3, S, S) ``model`` classifies as ``y`` (N,), in eval mode."""
+def _evaluate(model: nn.Module, loader: DataLoader, amp: bool) -> tuple[int, int, list[str]]:
+    """(images ``model`` classifies right, images evaluated, unreadable files passed over) over ``loader``'s
+    mini-batches (``(images, labels[, skipped paths, seconds])``), in eval mode."""
     model.eval()
-    correct = 0
+    correct = seen = 0
+    skipped: list[str] = []
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
-        for i in range(0, len(y), batch):
-            correct += (model(x[i:i + batch]).argmax(1) == y[i:i + batch]).sum().item()
+        for x, y, *rest in loader:
+            skipped += rest[0] if rest else []
+            if len(y):
+                correct += (model(x).argmax(1) == y).sum().item()
+                seen += len(y)
     model.train()
-    return correct
+    return correct, seen, skipped
 
 
 def max_param_difference(a: nn.Module, b: nn.Module) -> float:
@@ -130,32 +146,44 @@ def _resume_state(path: Path, cfg: TrainConfig, data: Dataset, procs: Processes)
     if state.get("processes", 1) != procs.world:
         raise ValueError(f"--resume {path}: it was trained by {state.get('processes', 1)} processes, this run has "
                          f"{procs.world}; each process's share of the data depends on it")
-    if state["data"] != [data.name, len(data.train_y), len(data.test_y)]:
+    if state["data"] != [data.name, len(data.train), len(data.test)]:
         raise ValueError(f"--resume {path}: it was trained on {state['data']}, not on this data")
     return state
 
 
 def _loader(data: Dataset, cfg: TrainConfig, procs: Processes) -> tuple[DataLoader, DistributedSampler, int]:
     """Mini-batches of ``cfg.batch_size`` images for this process: a ``DistributedSampler`` share of
-    the shuffled training set (the whole set when alone), loaded by ``cfg.workers`` workers; and
-    the number of steps per epoch.
+    the shuffled training set (the whole set when alone), loaded by ``cfg.workers`` workers (for a
+    streamed folder, each image decoded and augmented there; ``bnff.data.folder``); its sampler (whose
+    ``set_epoch`` starts an epoch); and the number of steps per epoch.
 
     Raises:
         UsageError: the training set has fewer images than one mini-batch per process.
     """
-    images = TensorDataset(data.train_x, data.train_y)
-    sampler = DistributedSampler(images, num_replicas=procs.world, rank=procs.rank, shuffle=True, seed=cfg.seed,
+    sampler = DistributedSampler(data.train, num_replicas=procs.world, rank=procs.rank, shuffle=True, seed=cfg.seed,
                                  drop_last=True)
     n_batches = len(sampler) // cfg.batch_size
     if n_batches == 0:
         per = f" x {procs.world} processes" if procs.world > 1 else ""
-        raise UsageError(f"--batch-size {cfg.batch_size}{per} needs more than the {len(images)} training images "
+        raise UsageError(f"--batch-size {cfg.batch_size}{per} needs more than the {len(data.train)} training images "
                          f"of {data.name}; use a smaller --batch-size")
     if cfg.limit_batches:
         n_batches = min(n_batches, cfg.limit_batches)
-    loader = DataLoader(images, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.workers,
-                        drop_last=True, persistent_workers=cfg.workers > 0)
+    extra = {}
+    if data.streamed:  # per image in the workers, its draws seeded by (seed, epoch, index)
+        data.train.augment, data.train.seed = cfg.augment, cfg.seed
+        sampler = folder.EpochSampler(sampler)
+        extra = dict(collate_fn=folder.collate)
+    loader = DataLoader(data.train, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.workers,
+                        drop_last=True, persistent_workers=cfg.workers > 0, pin_memory=False, **extra)  # no GPU to pin for
     return loader, sampler, n_batches
+
+
+def _test_loader(data: Dataset, cfg: TrainConfig, procs: Processes, n_test: int) -> DataLoader:
+    """This process's share of the first ``n_test`` test images (every ``world``-th from its rank)."""
+    share = Subset(data.test, range(procs.rank, n_test, procs.world))
+    extra = dict(collate_fn=folder.collate, num_workers=cfg.workers) if data.streamed else {}
+    return DataLoader(share, batch_size=max(cfg.batch_size, 64), pin_memory=False, **extra)
 
 
 def train(cfg: TrainConfig, data: Dataset, out_dir: Path, log=print, resume: Path | None = None) -> dict:
@@ -184,7 +212,7 @@ def train(cfg: TrainConfig, data: Dataset, out_dir: Path, log=print, resume: Pat
     log = log if procs.main else (lambda *a, **k: None)
     cfg = replace(cfg, backend=backends.resolve(cfg.backend), augment=augment.resolve(cfg.augment, data.name))
     torch.manual_seed(cfg.seed)  # the same initial weights in every process
-    image_size = data.train_x.shape[-1]
+    image_size = data.image_size
     base = build_model(cfg.model, len(data.classes), image_size)
     if cfg.sync_bn:
         base = nn.SyncBatchNorm.convert_sync_batchnorm(base)
@@ -200,6 +228,11 @@ def train(cfg: TrainConfig, data: Dataset, out_dir: Path, log=print, resume: Pat
     gen = torch.Generator().manual_seed(cfg.seed)
     first = 0
     state = _resume_state(Path(resume), cfg, data, procs) if resume is not None else None
+    if state is not None and data.streamed and state.get("normalization"):  # the run's own, not a new sample
+        mean, std = (tuple(v) for v in state["normalization"])
+        data.normalization = (mean, std)
+        for split in (data.train, data.test):
+            split.mean, split.std = mean, std
     if state is not None:
         for k, m in nets.items():
             m.load_state_dict(state["runs"][k]["model"])
@@ -216,9 +249,11 @@ def train(cfg: TrainConfig, data: Dataset, out_dir: Path, log=print, resume: Pat
         torch.set_rng_state(state["torch_rng"])
         first = state["epoch"]
         log(f"resumed from {resume} after epoch {first}")
-    n_test = len(data.test_y) if not cfg.limit_batches else min(len(data.test_y), cfg.limit_batches * cfg.batch_size)
-    test_x, test_y = data.test_x[procs.rank:n_test:procs.world], data.test_y[procs.rank:n_test:procs.world]
-    transform = augment.augmentation(cfg.augment, image_size)
+    n_test = len(data.test) if not cfg.limit_batches else min(len(data.test), cfg.limit_batches * cfg.batch_size)
+    test_loader = _test_loader(data, cfg, procs, n_test)
+    # in-memory data is augmented here, a mini-batch at a time; a streamed folder's images in the workers
+    transform = None if data.streamed else augment.augmentation(cfg.augment, image_size)
+    loading = LoaderHistory(**state["loading"]) if state is not None and state.get("loading") else LoaderHistory()
     amp = cfg.dtype == "bf16"
     names = " + ".join(runs)
     bar = tqdm(total=total, initial=first * n_batches, desc=f"training {names}", unit="step", dynamic_ncols=True,
@@ -227,7 +262,17 @@ def train(cfg: TrainConfig, data: Dataset, out_dir: Path, log=print, resume: Pat
         sampler.set_epoch(epoch)
         losses = {k: 0.0 for k in runs}
         seconds = {k: 0.0 for k in runs}
-        for b, (x, y) in zip(range(n_batches), loader):
+        batches = iter(loader)
+        busy, delivered, skipped = 0.0, 0, []
+        for b in range(n_batches):
+            x, y, *rest = next(batches)
+            if rest:  # a streamed folder's batch: unreadable files left out, the workers' seconds
+                skipped += rest[0]
+                busy += rest[1]
+                delivered += len(y) + len(rest[0])
+            if len(y) == 0:  # every image of the batch unreadable
+                bar.update(1)
+                continue
             # one seed per step and process: the same crops and dropout masks for both runs, other
             # ones in each process, and the same again in a resumed run
             seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen)) * procs.world + procs.rank
@@ -254,20 +299,33 @@ def train(cfg: TrainConfig, data: Dataset, out_dir: Path, log=print, resume: Pat
             bar.update(1)
             bar.set_postfix({f"loss_{k}": f"{losses[k] / (b + 1):.3f}" for k in runs})
         for k, m in nets.items():
-            loss_sum, correct = procs.sum([losses[k], _correct(m, test_x, test_y, amp)])
+            correct, seen, test_skipped = _evaluate(m, test_loader, amp)
+            loss_sum, correct, seen = procs.sum([losses[k], correct, seen])
             hist[k].loss.append(loss_sum / (procs.world * n_batches))
-            hist[k].test_accuracy.append(correct / n_test)
+            hist[k].test_accuracy.append(correct / max(seen, 1))
             hist[k].images_per_s.append(procs.world * n_batches * cfg.batch_size / max(procs.max([seconds[k]])[0], 1e-9))
+        if data.streamed:
+            n_skipped, busy_s, n_read = procs.sum([len(skipped) + len(test_skipped), busy, delivered])
+            loading.skipped_images.append(int(n_skipped))
+            loading.skipped_files = (loading.skipped_files + skipped + test_skipped)[:20]
+            # what the workers can deliver: images per second of one worker's time, times the workers
+            loading.images_per_s.append(n_read / max(busy_s, 1e-9) * max(cfg.workers, 1) * procs.world)
         line = " | ".join(f"{k}: loss {hist[k].loss[-1]:.4f} acc {hist[k].test_accuracy[-1]:.2%} "
                           f"{hist[k].images_per_s[-1]:.1f} img/s" for k in runs)
         if cfg.compare:
             line += f" | max |param diff| {max_param_difference(nets['eager'], nets['bnff']):.2e}"
+        if data.streamed:  # the loader's own capacity beside the steps' rate: is loading the bottleneck?
+            line += (f" | loader {loading.images_per_s[-1]:.0f} img/s ({max(cfg.workers, 1)} worker"
+                     f"{'s' if cfg.workers > 1 else ''}{' per process' if procs.world > 1 else ''})")
+            if loading.skipped_images[-1]:
+                line += f", {loading.skipped_images[-1]} unreadable images skipped (first: {loading.skipped_files[0]})"
         if procs.main:
             bar.write(f"epoch {epoch + 1}/{cfg.epochs}  {line}")
             out_dir.mkdir(parents=True, exist_ok=True)
             save_checkpoint(out_dir / "checkpoint.pt", {
                 "model": cfg.model, "config": asdict(cfg), "epoch": epoch + 1, "processes": procs.world,
-                "state_dict": nets["bnff"].state_dict(), "data": [data.name, len(data.train_y), len(data.test_y)],
+                "state_dict": nets["bnff"].state_dict(), "data": [data.name, len(data.train), len(data.test)],
+                "normalization": data.normalization, "loading": asdict(loading),
                 "runs": {k: {"model": nets[k].state_dict(), "optimizer": opts[k].state_dict(),
                              "scheduler": scheds[k].state_dict(), "history": asdict(hist[k])} for k in runs},
                 "generator": gen.get_state(), "torch_rng": torch.get_rng_state()})
@@ -283,7 +341,8 @@ def train(cfg: TrainConfig, data: Dataset, out_dir: Path, log=print, resume: Pat
     metrics = {
         "config": asdict(cfg), "data": data.name, "image_size": image_size, "processes": procs.world,
         "global_batch_size": procs.world * cfg.batch_size,
-        "train_images": len(data.train_y), "test_images": n_test,
+        "train_images": len(data.train), "test_images": n_test,
+        "loading": asdict(loading) if data.streamed else None, "normalization": data.normalization,
         "runs": {k: asdict(h) for k, h in hist.items()},
         "max_param_difference": max_param_difference(nets["eager"], nets["bnff"]) if cfg.compare else None,
         "fusion": bnff.fusion_report(nets["bnff"]).summary(),

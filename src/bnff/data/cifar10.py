@@ -40,4 +40,4 @@ def load_cifar10(root: Path, image_size: int = 32) -> Dataset:
         test = F.interpolate(test, size=(image_size, image_size), mode="bilinear", align_corners=False)
     train_x, test = normalize(train_x, test)
     train_y = torch.from_numpy(np.concatenate([b[1] for b in train]))
-    return Dataset("cifar10", train_x, train_y, test, torch.from_numpy(test_y), CLASSES)
+    return Dataset.in_memory("cifar10", train_x, train_y, test, torch.from_numpy(test_y), CLASSES)

@@ -18,4 +18,4 @@ def load_digits(image_size: int = 32, seed: int = 0) -> Dataset:
     y = torch.tensor(digits.target, dtype=torch.int64)
     tr, te = train_test_split(range(len(y)), test_size=0.2, random_state=seed, stratify=digits.target)
     train_x, test_x = normalize(x[tr], x[te])
-    return Dataset("digits", train_x, y[tr], test_x, y[te], [str(i) for i in range(10)])
+    return Dataset.in_memory("digits", train_x, y[tr], test_x, y[te], [str(i) for i in range(10)])

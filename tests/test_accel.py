@@ -271,11 +271,17 @@ def test_bad_options_are_usage_errors_without_tracebacks(capsys):
     assert "--sweep-buffer sizes must hold" in capsys.readouterr().err
     assert main(["tile", "--model", "resnet18", "--image-size", "3"]) == 2
     err = capsys.readouterr().err
-    assert "ResNet cannot run on input of shape (1, 3, 3, 3)" in err and "(try another --image-size)" in err
-    assert "Traceback" not in err
+    # the smallest size, by hand: ResNet-18's stem (7x7/2, pad 3), max-pool (3x3/2, pad 1) and three stride-2
+    # stages take 33 to 17, 9, 5, 3, 2 (a 2x2 map: BN has 4 values per channel at batch 1) and 32 to 16, 8, 4,
+    # 2, 1 (one value: training-mode BN refuses it)
+    assert "ResNet cannot run on 3-pixel images" in err and "the smallest size that works is 33" in err
+    assert "(try another --image-size)" in err and "Traceback" not in err
     assert main(["plan", "--model", "inception_v3", "--image-size", "32"]) == 2
     err = capsys.readouterr().err
-    assert "Kernel size can't be greater than actual input size (try another --image-size)" in err
+    assert "Kernel size can't be greater than actual input size); the smallest size that works is" in err
     assert "Traceback" not in err and len(err.splitlines()) == 1
+    assert main(["train", "--model", "inception_v3", "--image-size", "8", "--epochs", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("bnff: error: --image-size 8: Inception3 cannot run on 8-pixel images") and "smallest" in err
     assert main(["train", "--data", "imagenet"]) == 2
     assert "unknown --data 'imagenet'" in capsys.readouterr().err

@@ -352,7 +352,7 @@ def _tile(args: argparse.Namespace) -> int:
     try:
         ol, base, opt = run(args.model, rank, args.order, not args.no_fusion)
     except ValueError as exc:  # the model cannot take the image size, or the buffer holds no tiling of a layer
-        hint = "try another --image-size" if "cannot run on input" in str(exc) else "give --buffer-entries a larger buffer"
+        hint = "try another --image-size" if "cannot run on" in str(exc) else "give --buffer-entries a larger buffer"
         raise UsageError(f"{exc} ({hint})") from None
     if not ol.ops:
         raise UsageError(f"{args.model} has no pointwise or depthwise layers to tile (try --cp-rank 0.5)")

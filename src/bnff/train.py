@@ -23,6 +23,7 @@ import bnff
 from bnff import models
 from bnff.atomic import atomic_open, save_figure, write_json
 from bnff.data import Dataset, augment, folder
+from bnff.graph.layers import check_input_size
 from bnff.memory import SavedActivations
 from bnff.modules import SyncBatchNorm
 from bnff.names import UsageError
@@ -204,7 +205,8 @@ def train(cfg: TrainConfig, data: Dataset, out_dir: Path, log=print, resume: Pat
 
     Raises:
         ValueError: a bad ``cfg.dtype`` or a checkpoint that does not fit this run.
-        UsageError: a mini-batch larger than the training set, or an unknown ``cfg.augment``.
+        UsageError: a mini-batch larger than the training set, an unknown ``cfg.augment``, or images too
+            small for the model (the message gives the smallest size that works).
     """
     if cfg.dtype not in ("fp32", "bf16"):
         raise ValueError(f"--dtype must be fp32 or bf16, got {cfg.dtype!r}")
@@ -214,6 +216,10 @@ def train(cfg: TrainConfig, data: Dataset, out_dir: Path, log=print, resume: Pat
     torch.manual_seed(cfg.seed)  # the same initial weights in every process
     image_size = data.image_size
     base = build_model(cfg.model, len(data.classes), image_size)
+    try:  # before tracing: an image too small for the model's downsampling, with the size that works
+        check_input_size(base, (cfg.batch_size, 3, image_size, image_size))
+    except ValueError as exc:
+        raise UsageError(f"--image-size {image_size}: {exc}") from None
     if cfg.sync_bn:
         base = nn.SyncBatchNorm.convert_sync_batchnorm(base)
     nets = {"bnff": bnff.restructure(copy.deepcopy(base), backend=cfg.backend)}

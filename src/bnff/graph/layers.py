@@ -207,6 +207,43 @@ def _window(node: fx.Node, m: nn.Module | None, in_numel: int, out_numel: int) -
     return max(1, in_numel // max(1, out_numel))  # adaptive pools: each input element is read once
 
 
+def _run_error(meta: nn.Module, shape: tuple[int, ...]) -> Exception | None:
+    """What the meta-device ``meta`` raises on an input of ``shape``, or None (nothing is computed)."""
+    try:
+        with torch.no_grad():
+            meta(torch.empty(shape, device="meta"))
+        return None
+    except Exception as exc:  # the model's own complaint: a kernel larger than its input, one value per channel...
+        return exc
+
+
+def check_input_size(model: nn.Module, input_shape: tuple[int, ...], largest: int = 2048) -> None:
+    """Raise a clear error, before any tracing, when ``model`` (in training mode) cannot take an input of
+    ``input_shape`` (N, C, S, S) because S is too small for its downsampling, naming the smallest
+    square size that works (found by bisection over S on meta tensors; nothing is computed).
+
+    Raises:
+        ValueError: the model rejects ``input_shape``; the message gives the model's reason and the
+            smallest size that works, or says that no size up to ``largest`` does (a wrong channel
+            count, say).
+    """
+    meta = _meta_copy(model).train()
+    shape = tuple(int(s) for s in input_shape)
+    exc = _run_error(meta, shape)
+    if exc is None:
+        return
+    why = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"
+    at = lambda s: shape[:2] + (s,) * (len(shape) - 2)  # noqa: E731
+    lo, hi = shape[-1], largest
+    if lo >= hi or _run_error(meta, at(hi)) is not None:
+        raise ValueError(f"{type(model).__name__} cannot run on input of shape {shape}: {why}")
+    while hi - lo > 1:  # the smallest size that runs: a model's strides and kernels only ever need more
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if _run_error(meta, at(mid)) is None else (mid, hi)
+    raise ValueError(f"{type(model).__name__} cannot run on {shape[-1]}-pixel images ({why}); the smallest "
+                     f"size that works is {hi}")
+
+
 def build(model: nn.Module, input_shape: tuple[int, ...], leaf_modules: LeafSpec = ()) -> LayerGraph:
     """Trace ``model`` in training mode and give every layer its shapes, without computing anything.
 
@@ -224,6 +261,8 @@ def build(model: nn.Module, input_shape: tuple[int, ...], leaf_modules: LeafSpec
     if not 3 <= len(input_shape) <= 5 or any(int(s) <= 0 for s in input_shape):
         raise ValueError(f"input_shape must be a positive (N, C, H, W) (or (N, C, L), (N, C, D, H, W)), "
                          f"got {tuple(input_shape)}")
+    if len(input_shape) == 4 and input_shape[-1] == input_shape[-2]:
+        check_input_size(model, input_shape)
     meta = _meta_copy(model).train()
     gm = trace(meta, leaf_modules).gm
     try:
@@ -269,4 +308,4 @@ def build(model: nn.Module, input_shape: tuple[int, ...], leaf_modules: LeafSpec
     return LayerGraph(gm, layers, input_shape=tuple(int(s) for s in input_shape))
 
 
-__all__ = ["Layer", "LayerGraph", "build"]
+__all__ = ["Layer", "LayerGraph", "build", "check_input_size"]

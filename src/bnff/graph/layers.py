@@ -234,9 +234,11 @@ def check_input_size(model: nn.Module, input_shape: tuple[int, ...], largest: in
         return
     why = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"
     at = lambda s: shape[:2] + (s,) * (len(shape) - 2)  # noqa: E731
-    lo, hi = shape[-1], largest
-    if lo >= hi or _run_error(meta, at(hi)) is not None:
-        raise ValueError(f"{type(model).__name__} cannot run on input of shape {shape}: {why}")
+    lo, hi = shape[-1], 2 * shape[-1]
+    while _run_error(meta, at(hi)) is not None:  # doubling up to a size that runs
+        if hi >= largest:
+            raise ValueError(f"{type(model).__name__} cannot run on input of shape {shape}: {why}")
+        lo, hi = hi, min(2 * hi, largest)
     while hi - lo > 1:  # the smallest size that runs: a model's strides and kernels only ever need more
         mid = (lo + hi) // 2
         lo, hi = (lo, mid) if _run_error(meta, at(mid)) is None else (mid, hi)

@@ -54,6 +54,7 @@ def test_float64_every_gradient_and_running_stat_exact(name, gen):
 
 
 @pytest.mark.exactness
+@cpu_only  # the reference backend's math: the float64 test above and the pattern tests (make test's budget)
 @pytest.mark.parametrize("name", sorted(FAMILIES))
 def test_fp32_as_accurate_as_eager_against_float64(name, gen):
     """Three steps (weights fixed, running statistics accumulating): outputs, input gradient and every

@@ -102,16 +102,15 @@ def test_folder_errors_name_the_problem(tmp_path):
         load(f"folder:{one}")
 
 
-@pytest.mark.parametrize("procs", [1, 2])
-def test_train_resnet18_on_a_folder_of_3000_jpegs(procs, tmp_path_factory):
-    root = tmp_path_factory.getbasetemp() / "jpegs"
-    if not root.exists():
-        _folder(root, classes=3, per_class=1000, size=20)
-    out = tmp_path_factory.mktemp("run")
+def test_train_resnet18_on_a_folder_of_3000_jpegs(tmp_path):
+    """Two processes (torchrun's launcher), two workers each; one process with two workers is
+    ``test_train_cli.py``'s resume test on a folder."""
+    procs = 2
+    root = _folder(tmp_path / "jpegs", classes=3, per_class=1000, size=20)
+    out = tmp_path / "run"
     args = ["train", "--data", f"folder:{root}", "--model", "resnet18", "--workers", "2", "--epochs", "1",
-            "--batch-size", "16", "--image-size", "16", "--limit-batches", "4", "--out", str(out)]
-    if procs > 1:
-        args += ["--nproc-per-node", str(procs)]
+            "--batch-size", "16", "--image-size", "16", "--limit-batches", "3", "--out", str(out),
+            "--nproc-per-node", str(procs)]
     assert cli.main(args) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["train_images"] == 2400 and metrics["processes"] == procs

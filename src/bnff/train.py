@@ -183,7 +183,8 @@ def _loader(data: Dataset, cfg: TrainConfig, procs: Processes) -> tuple[DataLoad
 def _test_loader(data: Dataset, cfg: TrainConfig, procs: Processes, n_test: int) -> DataLoader:
     """This process's share of the first ``n_test`` test images (every ``world``-th from its rank)."""
     share = Subset(data.test, range(procs.rank, n_test, procs.world))
-    extra = dict(collate_fn=folder.collate, num_workers=cfg.workers) if data.streamed else {}
+    extra = dict(collate_fn=folder.collate, num_workers=cfg.workers, persistent_workers=cfg.workers > 0) \
+        if data.streamed else {}
     return DataLoader(share, batch_size=max(cfg.batch_size, 64), pin_memory=False, **extra)
 
 

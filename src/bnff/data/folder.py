@@ -240,6 +240,8 @@ def load_folder(root: Path, image_size: int = 32, seed: int = 0, normalization: 
         test_index = _Index(where / "test", root, [paths[i] for i in te], [labels[i] for i in te])
     if len(classes) < 2 or len(train_index) == 0 or len(test_index) == 0:
         raise DataError(f"image folder {root} needs at least two classes with images in both splits")
+    import kornia.augmentation  # noqa: F401  (here, once: forked DataLoader workers inherit the import)
+
     train = ImageFiles(train_index, image_size, "crop-flip", seed)
     if normalization == "imagenet":
         mean, std = IMAGENET_NORMALIZATION

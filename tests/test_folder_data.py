@@ -102,13 +102,17 @@ def test_folder_errors_name_the_problem(tmp_path):
         load(f"folder:{one}")
 
 
-def test_train_resnet18_on_a_folder_of_3000_jpegs(tmp_path):
-    """Two processes (torchrun's launcher), two workers each; one process with two workers is
-    ``test_train_cli.py``'s resume test on a folder."""
-    procs = 2
-    root = _folder(tmp_path / "jpegs", classes=3, per_class=1000, size=20)
+@pytest.fixture(scope="module")
+def jpegs(tmp_path_factory):
+    """3,000 small JPEGs in 3 classes, made once for this module's runs."""
+    return _folder(tmp_path_factory.mktemp("jpegs") / "data", classes=3, per_class=1000, size=20)
+
+
+@pytest.mark.parametrize("procs", [1, 2])
+def test_train_resnet18_on_a_folder_of_3000_jpegs(procs, jpegs, tmp_path):
+    """Two workers per process; one process, and two (torchrun's launcher, each reading its share)."""
     out = tmp_path / "run"
-    args = ["train", "--data", f"folder:{root}", "--model", "resnet18", "--workers", "2", "--epochs", "1",
+    args = ["train", "--data", f"folder:{jpegs}", "--model", "resnet18", "--workers", "2", "--epochs", "1",
             "--batch-size", "16", "--image-size", "16", "--limit-batches", "3", "--out", str(out),
             "--nproc-per-node", str(procs)]
     assert cli.main(args) == 0

@@ -16,7 +16,8 @@ bytes and FLOPs of every schedule; the hardware models read them too.
     Backward: a gradient arriving as a slice of a concatenation's gradient made dense once, a
     recomputed for the consumers' wgrads (a sweep writing it), the consumers' data
     gradients summed pairwise; then a lone BN (one BN, no shortcut) reduces S1, S2 and forms dx in
-    two sweeps that read g_a and x and recompute the mask from x, writing no dy; any other group
+    two sweeps that read g_a and x and recompute the mask from x, writing no dy, unless its
+    activation's derivative is costly (``GroupPlan.writes_dy``: SiLU, GELU, Mish); any other group
     writes dy once (it is also the shortcut's gradient) and forms dx per BN from it; that sweep reads
     the result a for the mask, or, for an activation whose derivative reads z, the shortcuts, and
     recomputes z from them and the BN inputs on the way.
@@ -137,7 +138,7 @@ def bnff(g: GroupPlan) -> Schedule:
     bp += [Step("bp", "consumer_backward", consumer=i) for i in range(len(g.consumers))]
     bp += [Step("bp", "grad_add", (g_a, Ref(g.name, "dgrad", g.name)), (g_a,), flops=(Flop("pointwise", a),), consumer=i)
            for i in range(1, len(g.consumers))]
-    if g.lone:
+    if not g.writes_dy:
         x = tuple(g.xs(0))
         again = {"a": (a,), "z": (g.z(),), None: ()}[g.derivative_reads]
         remask = tuple(Flop("bn_apply", r) for r in x) + _mask_flops(g) if g.act else ()

@@ -227,7 +227,11 @@ def check_input_size(model: nn.Module, input_shape: tuple[int, ...], largest: in
             smallest size that works, or says that no size up to ``largest`` does (a wrong channel
             count, say).
     """
-    meta = _meta_copy(model).train()
+    _check_meta_input(_meta_copy(model).train(), type(model).__name__, input_shape, largest)
+
+
+def _check_meta_input(meta: nn.Module, name: str, input_shape: tuple[int, ...], largest: int = 2048) -> None:
+    """``check_input_size`` on ``meta``, a training-mode meta copy of the model called ``name``."""
     shape = tuple(int(s) for s in input_shape)
     exc = _run_error(meta, shape)
     if exc is None:
@@ -237,12 +241,12 @@ def check_input_size(model: nn.Module, input_shape: tuple[int, ...], largest: in
     lo, hi = shape[-1], 2 * shape[-1]
     while _run_error(meta, at(hi)) is not None:  # doubling up to a size that runs
         if hi >= largest:
-            raise ValueError(f"{type(model).__name__} cannot run on input of shape {shape}: {why}")
+            raise ValueError(f"{name} cannot run on input of shape {shape}: {why}")
         lo, hi = hi, min(2 * hi, largest)
     while hi - lo > 1:  # the smallest size that runs: a model's strides and kernels only ever need more
         mid = (lo + hi) // 2
         lo, hi = (lo, mid) if _run_error(meta, at(mid)) is None else (mid, hi)
-    raise ValueError(f"{type(model).__name__} cannot run on {shape[-1]}-pixel images ({why}); the smallest "
+    raise ValueError(f"{name} cannot run on {shape[-1]}-pixel images ({why}); the smallest "
                      f"size that works is {hi}")
 
 
@@ -263,9 +267,9 @@ def build(model: nn.Module, input_shape: tuple[int, ...], leaf_modules: LeafSpec
     if not 3 <= len(input_shape) <= 5 or any(int(s) <= 0 for s in input_shape):
         raise ValueError(f"input_shape must be a positive (N, C, H, W) (or (N, C, L), (N, C, D, H, W)), "
                          f"got {tuple(input_shape)}")
-    if len(input_shape) == 4 and input_shape[-1] == input_shape[-2]:
-        check_input_size(model, input_shape)
     meta = _meta_copy(model).train()
+    if len(input_shape) == 4 and input_shape[-1] == input_shape[-2]:
+        _check_meta_input(meta, type(model).__name__, input_shape)
     gm = trace(meta, leaf_modules).gm
     try:
         with contextlib.redirect_stderr(io.StringIO()):  # ShapeProp prints the traceback it then raises

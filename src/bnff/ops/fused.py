@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from bnff.ops import backends, bn_math, consumers, record
-from bnff.plan import GroupPlan
+from bnff.plan import GroupPlan, Schedule
 
 Stats = tuple[Tensor, Tensor]
 
@@ -150,6 +150,8 @@ class _Layout:
         kept_made: the ``(node, role)`` of those a step produces (the result a).
         saved_params: positions of gamma, beta and the consumers' parameters, saved besides the keeps.
         free_after: per backward step, the produced tensors no later step uses.
+        backward: the backward steps this operator runs (the schedule's, less the ``reread`` steps,
+            which the rereading convolutions run: ``conv_reread``).
         program: the same schedule as the integers of the cpu backend's group executor (``_Program``),
             or None when it has a step that executor does not run.
     """
@@ -161,6 +163,7 @@ class _Layout:
     kept_made: tuple[tuple[str, str], ...]
     saved_params: tuple[int, ...]
     free_after: tuple[tuple[tuple[str, str], ...], ...]
+    backward: tuple = ()
     program: "_Program | None" = None
 
 
@@ -205,11 +208,13 @@ def _make_layout(group: GroupPlan, n_params: tuple[int, ...]) -> _Layout:
         params.append(slice(i, i + n))
         i += n
     sched = group.schedules["bnff"]
+    # the reread steps run in the rereading convolutions' backward (conv_reread), not in this operator's
+    sched = Schedule(sched.forward, tuple(s for s in sched.backward if s.kind != "reread"))
     keys = [(r.node, r.role) for r in sched.keeps]
     saved = tuple(j for tp in terms for j in (tp.gamma, tp.beta)) + tuple(j for sl in params for j in range(sl.start, sl.stop))
     free_after = _free_after(group.name, sched.backward)
     return _Layout(tuple(terms), residuals, tuple(params), tuple(where[k] for k in keys if k in where),
-                   tuple(k for k in keys if k not in where), saved, free_after,
+                   tuple(k for k in keys if k not in where), saved, free_after, sched.backward,
                    _program(group, tuple(terms), residuals, sched, free_after))
 
 
@@ -438,7 +443,7 @@ class _ApplyConsume(torch.autograd.Function):
             x0 = env.flat[lay.terms[j].sources.start]
             vecs[j] = be.backward_vectors(env.flat[lay.terms[j].var], f1s[j], s1s[j], s2cs[j], s2d[j],
                                           x0.numel() // x0.shape[1], spec.eps[j], spec.batch[j])
-        for i, step in enumerate(sched.backward):
+        for i, step in enumerate(lay.backward):
             k, kind = step.term, step.kind
             if kind == "recompute":
                 env.t[a_key] = env.apply(be, f1s, ctx.out_dtype)

@@ -7,10 +7,10 @@ forward and backward with the tensors each reads, writes, keeps and recomputes, 
 imports execution code.
 """
 
-from bnff.plan.fusion import FusionPlan, UnfusedPlan, plan_graph, steps_table
+from bnff.plan.fusion import FusionPlan, RereadPlan, UnfusedPlan, plan_graph, steps_table
 from bnff.plan.group import GroupPlan, TermPlan
 from bnff.plan.schemes import SCHEMES, eager_steps
 from bnff.plan.steps import Flop, Ref, Schedule, Step
 
-__all__ = ["Flop", "FusionPlan", "GroupPlan", "Ref", "SCHEMES", "Schedule", "Step", "TermPlan", "UnfusedPlan",
+__all__ = ["Flop", "FusionPlan", "GroupPlan", "Ref", "RereadPlan", "SCHEMES", "Schedule", "Step", "TermPlan", "UnfusedPlan",
            "eager_steps", "plan_graph", "steps_table"]

@@ -33,6 +33,17 @@ class UnfusedPlan:
     reason: str
 
 
+@dataclass(frozen=True)
+class RereadPlan:
+    """A convolution outside the groups that rebuilds its input in its backward rather than keeping it
+    (``bnff.plan.match``, module docstring): the results of ``groups``, recomputed by each group's
+    ``reread`` step, passed through ``cats`` (concatenations, copied again) and views to its input."""
+
+    conv: str
+    groups: tuple[str, ...]
+    cats: tuple[str, ...] = ()
+
+
 @dataclass
 class FusionPlan:
     """The plan of one traced graph.
@@ -40,10 +51,12 @@ class FusionPlan:
     Attributes:
         groups: the fused groups in graph order.
         unfused: the BN, activation and add nodes no group takes, with reasons.
+        rereads: the convolutions that rebuild their input from groups' results, in graph order.
     """
 
     groups: list[GroupPlan] = field(default_factory=list)
     unfused: list[UnfusedPlan] = field(default_factory=list)
+    rereads: list[RereadPlan] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self._by_name = {g.name: g for g in self.groups}
@@ -65,7 +78,8 @@ class FusionPlan:
 
     def as_dict(self) -> dict:
         """The plan as JSON-ready data (``schedules`` per scheme: forward and backward steps)."""
-        return {"groups": [asdict(g) for g in self.groups], "unfused": [asdict(u) for u in self.unfused]}
+        return {"groups": [asdict(g) for g in self.groups], "unfused": [asdict(u) for u in self.unfused],
+                "rereads": [asdict(r) for r in self.rereads]}
 
     def to_json(self, indent: int | None = 1) -> str:
         """``as_dict`` as a JSON string."""
@@ -85,7 +99,7 @@ def _group_plan(g: Group, owns: tuple[str, ...]) -> GroupPlan:
         host=any(u.meta["bnff_kind"] in _HOSTS for u in users), owns=owns,
         grad_slice=not g.consumers and len(users) == 1 and users[0].meta["bnff_kind"] == Kind.CAT
         and len(users[0].args[0]) > 1,
-        members=tuple(n.name for n in g.members()))
+        members=tuple(n.name for n in g.members()), rereaders=tuple(c.name for c in g.rereaders))
     return replace(plan, schedules={s: schemes.BUILDERS[s](plan) for s in schemes.SCHEMES})
 
 
@@ -98,7 +112,7 @@ def plan_graph(gm: fx.GraphModule, exclude: Mapping[str, str] | None = None
         (the plan, the matched groups and the unfused nodes as fx objects, for rewriting and the
         fusion report). The graph is not modified (``node.meta`` gets ``bnff_kind``/``bnff_module``).
     """
-    groups, unfused = match(gm, exclude)
+    groups, unfused, rereads = match(gm, exclude)
     seen: set[fx.Node] = set()
     plans = []
     for g in groups:
@@ -109,7 +123,10 @@ def plan_graph(gm: fx.GraphModule, exclude: Mapping[str, str] | None = None
                     seen.add(s)
                     owns.append(s.name)
         plans.append(_group_plan(g, tuple(owns)))
-    plan = FusionPlan(plans, [UnfusedPlan(u.node.name, u.kind.value, u.reason) for u in unfused])
+    plan = FusionPlan(plans, [UnfusedPlan(u.node.name, u.kind.value, u.reason) for u in unfused],
+                      [RereadPlan(r.conv.name, tuple(g.name for g in r.groups),
+                                  tuple(n.name for n in r.passage if n.meta.get("bnff_kind") == Kind.CAT))
+                       for r in rereads])
     return plan, groups, unfused
 
 
@@ -132,4 +149,4 @@ def steps_table(plan: FusionPlan, scheme: str = "bnff") -> list[dict]:
     return rows
 
 
-__all__ = ["FusionPlan", "UnfusedPlan", "plan_graph", "steps_table"]
+__all__ = ["FusionPlan", "RereadPlan", "UnfusedPlan", "plan_graph", "steps_table"]

@@ -60,6 +60,9 @@ class GroupPlan:
             normalizes them (inter-composite-layer fusion, seeds 001/004).
         members: the nodes the fused operator absorbs (BNs, the concatenations only they read, the
             add, the activation; not the consumers, which still run as layers).
+        rereaders: convolutions that read the materialized result (whole, a part of a split, or inside a
+            concatenation) and recompute it in their backward instead of keeping it (``FusionPlan.rereads``;
+            lone groups only: the BN input they recompute it from is kept anyway).
         schedules: scheme name -> ``Schedule``.
     """
 
@@ -77,6 +80,7 @@ class GroupPlan:
     grad_slice: bool = False
     owns: tuple[str, ...] = ()
     members: tuple[str, ...] = ()
+    rereaders: tuple[str, ...] = ()
     schedules: dict[str, Schedule] = field(default_factory=dict)
 
     @property

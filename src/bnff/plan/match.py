@@ -26,12 +26,22 @@ and applying it once per user moves fewer bytes than writing it once (``per_cons
 otherwise it is materialized (e.g. a block output feeding a convolution and a shortcut add, or a
 branch output feeding a concatenation). Every BN, ReLU and Add that joins no group is returned
 with the reason.
+
+A materialized result is still not kept when every layer that would keep it can rebuild it instead
+(``rereads``): a convolution whose input is the result of lone groups (one BN, no shortcut), taken
+whole, as parts of a split or chunk, upsampled, or concatenated (CSPNet's halves, its transition's
+concatenation, a YOLO neck's upsampled map), recomputes those results in its backward from the BN inputs their groups keep
+anyway, and so keeps nothing, provided every other user of those results keeps nothing either (a
+plain add, another such convolution). Its group's result is then written once in the forward and
+freed.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Mapping
+
+import operator
 
 import torch
 import torch.fx as fx
@@ -45,6 +55,7 @@ _SOURCE_KINDS = (Kind.CONV, Kind.MAXPOOL, Kind.AVGPOOL)
 _SQUEEZE_MAX = 16  # nodes in a squeeze-and-excitation gate: a few layers, never a network
 _RESHAPES = ("view", "reshape", "flatten", "unsqueeze", "squeeze")
 _RESHAPE_FUNCS = (torch.flatten, torch.reshape, torch.unsqueeze, torch.squeeze)
+_SPLITS = ("split", "chunk", "tensor_split", "split_with_sizes")
 
 
 def _global_pool(n: fx.Node, modules: dict[str, nn.Module]) -> bool:
@@ -96,6 +107,7 @@ class Group:
     consumers: list[fx.Node] = field(default_factory=list)
     materialized_because: str | None = None
     squeeze: list[fx.Node] = field(default_factory=list)
+    rereaders: list[fx.Node] = field(default_factory=list)
 
     @property
     def output(self) -> fx.Node:
@@ -128,6 +140,17 @@ class Group:
         if self.add is not None:
             return "(4)-2" if len(self.terms) == 2 else "(4)-1"
         return "(3)" if self.act is not None else "(2)"
+
+
+@dataclass
+class Reread:
+    """A convolution that rebuilds its input in its backward instead of keeping it: the results of
+    ``groups`` (their output nodes), passed through ``passage`` (splits, their parts, concatenations,
+    ``contiguous``; graph order) to its input."""
+
+    conv: fx.Node
+    groups: list[fx.Node]
+    passage: list[fx.Node]
 
 
 @dataclass
@@ -344,7 +367,74 @@ class _Matcher:
             self.group_outputs.add(group.output)
             groups.append(group)
         unfused += self.leftovers(unfused)
-        return groups, unfused
+        return groups, unfused, self.rereads(groups)
+
+    def passage(self, n: fx.Node) -> bool:
+        """``n`` only rearranges tensors and keeps nothing for its backward: a split or chunk, a part of
+        one, a concatenation, ``contiguous``, an interpolation (``nn.Upsample``, ``F.interpolate``)."""
+        if n.op == "call_module":
+            return isinstance(self.modules[n.target], nn.Upsample)
+        if n.op == "call_function" and n.target is nn.functional.interpolate:
+            return True
+        if n.op == "call_function" and n.target is operator.getitem:
+            return isinstance(n.args[0], fx.Node) and self.passage(n.args[0]) and n.args[0].op != "placeholder"
+        name = n.target if n.op == "call_method" else getattr(n.target, "__name__", None)
+        return (self.kind(n) == Kind.CAT or (n.op in ("call_method", "call_function") and name in _SPLITS)
+                or (n.op == "call_method" and n.target == "contiguous"))
+
+    def rebuilt_from(self, n: fx.Node, leaves: set[fx.Node], path: list[fx.Node]) -> list[fx.Node] | None:
+        """The leaves ``n`` is made of through passage nodes (appended to ``path``), or None."""
+        if n in leaves:
+            return [n]
+        if n in self.taken or not self.passage(n):
+            return None
+        parts: list[fx.Node] = []
+        fx.node.map_arg((n.args, n.kwargs), parts.append)
+        found: list[fx.Node] = []
+        for p in parts:
+            got = self.rebuilt_from(p, leaves, path)
+            if got is None:
+                return None
+            found += [g for g in got if g not in found]
+        if n not in path:
+            path.append(n)
+        return found
+
+    def keeps_nothing(self, n: fx.Node, rereaders: set[fx.Node]) -> bool:
+        """No user of ``n`` keeps it: each is a rereading convolution, a plain add outside the groups,
+        or a passage node whose users keep nothing."""
+        for u in n.users:
+            if u in rereaders or (self.kind(u) == Kind.ADD and u not in self.taken):
+                continue
+            if u in self.taken or not self.passage(u) or not self.keeps_nothing(u, rereaders):
+                return False
+        return True
+
+    def rereads(self, groups: list[Group]) -> list[Reread]:
+        """The convolutions that rebuild their input from lone groups' results (module docstring), each
+        admitted only when, with the others, it lets every result it reads go unkept; the groups'
+        ``rereaders`` are set."""
+        leaves = {g.output: g for g in groups if not g.consumers and not g.residuals and len(g.terms) == 1}
+        found: dict[fx.Node, Reread] = {}
+        for n in self.graph.nodes:
+            if self.kind(n) != Kind.CONV or n in self.taken or n.op != "call_module" or len(n.args) != 1 or n.kwargs:
+                continue
+            if consumers.unsupported_reason(self.modules[n.target]) is not None or not isinstance(n.args[0], fx.Node):
+                continue
+            path: list[fx.Node] = []
+            made = self.rebuilt_from(n.args[0], set(leaves), path)
+            if made:
+                order = {m: i for i, m in enumerate(self.graph.nodes)}
+                found[n] = Reread(n, made, sorted(path, key=order.__getitem__))
+        while True:  # drop the convolutions whose results another user keeps anyway, until none is left to drop
+            keep = {c: r for c, r in found.items() if all(self.keeps_nothing(g, set(found)) for g in r.groups)}
+            if len(keep) == len(found):
+                break
+            found = keep
+        for r in found.values():
+            for g in r.groups:
+                leaves[g].rereaders.append(r.conv)
+        return list(found.values())
 
     def leftovers(self, unfused: list[Unfused]) -> list[Unfused]:
         """Every activation and add outside the groups, and norms bnff does not handle at all."""
@@ -386,8 +476,10 @@ class _Matcher:
         return out
 
 
-def match(gm: fx.GraphModule, exclude: Mapping[str, str] | None = None) -> tuple[list[Group], list[Unfused]]:
-    """Find every fusable group in ``gm`` and every BN/ReLU/Add left unfused, with reasons.
+def match(gm: fx.GraphModule, exclude: Mapping[str, str] | None = None
+          ) -> tuple[list[Group], list[Unfused], list[Reread]]:
+    """Find every fusable group in ``gm``, every BN/ReLU/Add left unfused, with reasons, and the
+    convolutions that rebuild their input from groups' results (``Reread``; module docstring).
 
     Groups are disjoint and returned in graph order. The graph is not modified (apart from
     ``node.meta`` annotations ``bnff_kind`` and ``bnff_module``).

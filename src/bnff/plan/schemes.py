@@ -13,8 +13,10 @@ bytes and FLOPs of every schedule; the hardware models read them too.
     Kept: the BN inputs, two (C,) vectors per BN, the shortcuts when a is recomputed or the
     activation's derivative reads its input z (``bnff.activations``: SiLU, GELU, ...), a itself only
     when it is materialized with an activation whose derivative reads it and a shortcut (its mask).
-    Backward: a gradient arriving as a slice of a concatenation's gradient made dense once, a
-    recomputed for the consumers' wgrads (a sweep writing it), the consumers' data
+    Backward: a materialized a recomputed (read x, write a) inside the backward of each convolution
+    that reads it without keeping it (``GroupPlan.rereaders``; ``reread`` steps, which run when
+    that convolution's backward does, before the group's own); a gradient arriving as a slice of a
+    concatenation's gradient made dense once, a recomputed for the consumers' wgrads (a sweep writing it), the consumers' data
     gradients summed pairwise; then a lone BN (one BN, no shortcut) reduces S1, S2 and forms dx in
     two sweeps that read g_a and x and recompute the mask from x, writing no dy, unless its
     activation's derivative is costly (``GroupPlan.writes_dy``: SiLU, GELU, Mish); any other group
@@ -132,7 +134,9 @@ def bnff(g: GroupPlan) -> Schedule:
                flops=(Flop("bn_stats", x),), term=k) for k, x in _owned(g)]
     fp.append(Step("fp", "apply", inputs, (a,), keeps=_keeps(g), flops=_apply_flops(g)))
     fp += [Step("fp", "consume", consumer=i) for i in range(len(g.consumers))]
-    bp = [Step("bp", "grad_layout", (g_a,), (g_a,))] if g.grad_slice else []
+    bp = [Step("bp", "reread", inputs, (a,), recomputes=(a,), flops=_apply_flops(g), consumer=i)
+          for i in range(len(g.rereaders))]
+    bp += [Step("bp", "grad_layout", (g_a,), (g_a,))] if g.grad_slice else []
     if g.per_consumer:
         bp.append(Step("bp", "recompute", inputs, (a,), recomputes=(a,), flops=_apply_flops(g)))
     bp += [Step("bp", "consumer_backward", consumer=i) for i in range(len(g.consumers))]
@@ -169,7 +173,8 @@ def fused(g: GroupPlan) -> Schedule:
     for i in range(max(1, len(g.consumers))):
         fp.append(Step("fp", "apply", extra, () if g.per_consumer else (a,), keeps=_keeps(g) if i == 0 else (),
                        flops=_apply_flops(g), consumer=i if g.per_consumer else None))
-    bp = []
+    # a rereader reads the BN inputs (the result's shape: lone groups) for its wgrad in place of a
+    bp = [Step("bp", "reread", beyond, recomputes=(a,), flops=_apply_flops(g), consumer=i) for i in range(len(g.rereaders))]
     if g.per_consumer:  # each wgrad reads the inputs instead of the result, the consumers' dL/da summed
         bp += [Step("bp", "recompute", beyond, recomputes=(a,), flops=_apply_flops(g), consumer=i)
                for i in range(len(g.consumers))]

@@ -87,6 +87,8 @@ STEP_KINDS = {
     "consume": "a consumer (convolution, pool) runs on a; its own traffic is its layer's",
     "recompute": "a recomputed in the backward from the BN inputs and shortcuts instead of stored",
     "consumer_backward": "a consumer's dgrad and wgrad on the recomputed a; its own traffic is its layer's",
+    "reread": "a recomputed, for a convolution that reads the materialized a without keeping it (a rereader), in "
+              "that convolution's backward",
     "grad_add": "one consumer's data gradient added to g_a",
     "grad_layout": "g_a, arriving as a channel slice of a concatenation's gradient, copied dense (the sweeps read dense maps)",
     "grad_stats": "dy = g_a * act'(a), written, with S1, S2 per BN (seed 002 eq. 16, 17, 19, 20)",
@@ -117,7 +119,8 @@ class Step:
         recomputes: tensors this step recomputes instead of reading them stored.
         flops: the step's arithmetic.
         term: the BN term (index into the group's terms) a per-term step works on, else None.
-        consumer: the consumer (index into the group's consumers) a per-consumer step works on.
+        consumer: the consumer (index into the group's consumers) a per-consumer step works on; for a
+            ``reread`` step, the rereader (index into the group's ``rereaders``).
     """
 
     phase: str

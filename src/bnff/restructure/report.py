@@ -31,6 +31,8 @@ class FusedGroup:
         materialized_because: why the result is materialized instead (when ``consumers`` is empty).
         squeeze: the squeeze-and-excitation run inside the consumer (its pool, gate layers and
             multiplication, as module or fx node names), empty when there is none.
+        rereaders: the convolutions that read the materialized result without keeping it, recomputing
+            it in their backward (module names).
     """
 
     pattern: str
@@ -42,12 +44,14 @@ class FusedGroup:
     consumers: tuple[str, ...]
     materialized_because: str | None
     squeeze: tuple[str, ...] = ()
+    rereaders: tuple[str, ...] = ()
 
     def consumer(self) -> str:
         """Who takes the result: the consumers (a squeeze-and-excitation in front of one named by the
-        module holding its layers), or why it is materialized."""
+        module holding its layers), or why it is materialized (and which convolutions reread it)."""
         if not self.consumers:
-            return f"materialized: {self.materialized_because}"
+            again = f"; not kept: recomputed in the backward of {', '.join(self.rereaders)}" if self.rereaders else ""
+            return f"materialized: {self.materialized_because}{again}"
         if not self.squeeze:
             return ", ".join(self.consumers)
         dotted = [n.split(".") for n in self.squeeze if "." in n]
@@ -177,7 +181,8 @@ def build(groups: list[Group], unfused: list[Unfused], opaque: dict[str, str], b
             add=g.add is not None, act=g.act_kind,
             residuals=tuple(r.name for r in g.residuals),
             consumers=tuple(_name(c) for c in g.consumers),
-            materialized_because=g.materialized_because, squeeze=tuple(_name(n) for n in g.squeeze)))
+            materialized_because=g.materialized_because, squeeze=tuple(_name(n) for n in g.squeeze),
+            rereaders=tuple(_name(c) for c in g.rereaders)))
     for u in unfused:
         report.unfused.append(UnfusedNode(_name(u.node), u.kind.value, u.reason))
     for name, module in modules.items():  # BNs hidden inside opaque submodules

@@ -26,11 +26,13 @@ import torch.fx as fx
 from bnff.graph import consumers
 from bnff.graph.kinds import module_name
 from bnff.ops import fused
-from bnff.plan import FusionPlan
+from bnff.ops import reread as reread_op
+from bnff.plan import FusionPlan, RereadPlan
 from bnff.plan.match import Group
 
 PLANS_ATTR = "_bnff_groups"
 GATES_ATTR = "_bnff_gates"
+REBUILDS_ATTR = "_bnff_rebuilds"
 
 
 class _Rewriter:
@@ -40,6 +42,7 @@ class _Rewriter:
         # A consumer is replaced by its group's output and is often the producer of a later
         # group's BN input or shortcut: later groups look those nodes up here.
         self.replaced_by: dict[fx.Node, fx.Node] = {}
+        self.applied: dict[str, fx.Node] = {}  # group name -> its bn_apply node
         self.stats: dict[fx.Node, fx.Node] = {}
         self.attrs: dict[str, fx.Node] = {}
         self.top: set[fx.Node] = set()
@@ -114,6 +117,7 @@ class _Rewriter:
             plans = graph.create_node("get_attr", PLANS_ATTR)  # a plain attribute: get_attr() would warn
             gp = graph.call_function(operator.getitem, (plans, out.name))
             new = graph.call_function(fused.bn_apply, (gp, tuple(terms), residuals, layers, self.backend))
+        self.applied[out.name] = new
         if not group.consumers:
             new.meta.update(out.meta)
             out.replace_all_uses_with(new)
@@ -134,17 +138,49 @@ class _Rewriter:
                 graph.erase_node(module)
 
 
+    def reread(self, reread: RereadPlan) -> None:
+        """Replace the convolution ``reread.conv`` by ``conv_reread``: its input's path from the groups'
+        ``bn_apply`` nodes (splits, parts, concatenations) copied into a ``GraphModule`` of its own, kept in
+        the plain attribute ``REBUILDS_ATTR``, which the backward runs on the recomputed results."""
+        graph = self.graph
+        conv = next(n for n in graph.nodes if n.name == reread.conv)
+        leaves = [self.applied[g] for g in reread.groups]
+        sub = fx.Graph()
+        env = {leaf: sub.placeholder(f"a{i}") for i, leaf in enumerate(leaves)}
+
+        def copy(n: fx.Node) -> fx.Node:
+            if n not in env:
+                fx.node.map_arg((n.args, n.kwargs), copy)
+                env[n] = sub.node_copy(n, env.__getitem__)
+            return env[n]
+        sub.output(copy(conv.args[0]))
+        getattr(self.gm, REBUILDS_ATTR)[conv.name] = fx.GraphModule(self.gm, sub, "Rebuild")
+        with graph.inserting_before(conv):
+            rebuilds = graph.create_node("get_attr", REBUILDS_ATTR)
+            rebuild = graph.call_function(operator.getitem, (rebuilds, conv.name))
+            new = graph.call_function(reread_op.conv_reread, (
+                conv.args[0], self.attr(str(conv.target)), rebuild,
+                tuple((leaf.args[0], leaf.args[1]) for leaf in leaves), self.backend, conv.name))
+        new.meta.update(conv.meta)
+        conv.replace_all_uses_with(new)
+        graph.erase_node(conv)
+
+
 def rewrite(gm: fx.GraphModule, plan: FusionPlan, groups: list[Group], backend: str) -> None:
-    """Replace every group in ``gm.graph`` by fused operators executing ``plan``, in place; store the
-    group plans in ``gm._bnff_groups``, the squeeze-and-excitation gates in ``gm._bnff_gates`` and
-    recompile ``gm``.
+    """Replace every group in ``gm.graph`` by fused operators executing ``plan`` and every rereading
+    convolution by ``conv_reread``, in place; store the group plans in ``gm._bnff_groups``, the
+    squeeze-and-excitation gates in ``gm._bnff_gates``, the rereaders' input paths in
+    ``gm._bnff_rebuilds`` and recompile ``gm``.
 
     ``groups`` are the fx groups ``plan`` was made from (``bnff.plan.plan_graph``), in the same order.
     """
     setattr(gm, PLANS_ATTR, {g.name: g for g in plan.groups})
     setattr(gm, GATES_ATTR, {})
+    setattr(gm, REBUILDS_ATTR, {})
     r = _Rewriter(gm, plan, groups, backend)
     for group in groups:
         r.group(group)
+    for reread in plan.rereads:
+        r.reread(reread)
     gm.graph.lint()
     gm.recompile()

@@ -11,7 +11,9 @@ over. A tensor read by the step just before, in the same phase, is not read agai
 Layers outside fused groups cost what they cost executed on their own: convolutions, linear layers
 and pools their ifmap, ofmap, weights and dgrad/wgrad operands (``count_layer_io``), a BN,
 activation or add the plan's ``eager_steps``, a concatenation its copy, any other layer one
-pointwise pass. A tensor whose gradient arrives from g users is summed g-1 times in the backward
+pointwise pass; under ``bnff``, a convolution that rebuilds its input (``FusionPlan.rereads``) copies
+the concatenations on its input's path once more in its backward (the groups' results it recomputes
+are their ``reread`` steps). A tensor whose gradient arrives from g users is summed g-1 times in the backward
 (autograd: read 2, write 1 each; the ``fused`` scheme's producer pre-process reads each extra one
 once); a result applied inside its consumers is summed inside its group (the plan's ``grad_add``).
 
@@ -163,7 +165,7 @@ def _charge_steps(led: _Ledger, steps: tuple) -> None:
             per = f.count if f.count is not None else getattr(a, f"{f.kind}_flops")
             led.charge(lg.layer(f.over.charge), "flops_fp" if fp else _FLOP_FIELD.get(f.kind, "flops_dgrad"),
                        per * lg.numel(lg.node(f.over.node)))
-        previous = step.reads if step.kind not in ("consume", "consumer_backward") else ()
+        previous = step.reads if step.kind not in ("consume", "consumer_backward", "reread") else ()
 
 
 @dataclass(frozen=True)
@@ -233,6 +235,9 @@ def account(lg: LayerGraph, plan: FusionPlan, scheme: str, a: Assumptions) -> di
             _accumulate(led, layer, scheme)
     for g in groups:
         _charge(led, g.schedules[scheme])
+    if scheme == "bnff":  # a rereading convolution's backward copies the concatenations on its input's path again
+        for r in plan.rereads:
+            led.charge(lg.layer(r.conv), "bp_pointwise", sum(2 * lg.numel(lg.node(c)) for c in r.cats))
     return led.costs
 
 

@@ -20,7 +20,8 @@ Two policies (``Assumptions.footprint``):
     pre-activation, and its result when that is materialized with an activation whose derivative
     reads its output, and a shortcut (the mask; seed 002 Table 2 patterns (4)). Its consumers keep
     nothing: their input is recomputed, and so is a squeeze-and-excitation in front of one (its
-    pool, gate layers and multiplication keep nothing).
+    pool, gate layers and multiplication keep nothing); nor do the convolutions that rebuild their
+    input from its result (``GroupPlan.rereaders``).
 ``all_outputs`` (seed 002 Table 2)
     Every ofmap a layer writes in the forward stays in off-chip memory until the backward:
     unfused, every layer's output; fused, every output of a layer outside the groups and each
@@ -109,8 +110,9 @@ def footprint(lg: LayerGraph, plan: FusionPlan, scheme: str, a: Assumptions) -> 
     kept = _Kept(lg, a)
     groups = plan.groups if scheme != "unfused" else []
     members = {lg.node(m) for g in groups for m in g.members}
-    # consumers whose input a group recomputes, and the squeeze-and-excitation it recomputes inside one
-    fed = {lg.node(c) for g in groups for c in g.consumers + g.squeeze}
+    # consumers whose input a group recomputes, the squeeze-and-excitation it recomputes inside one, and
+    # the convolutions that rebuild their input from groups' results
+    fed = {lg.node(c) for g in groups for c in g.consumers + g.squeeze + g.rereaders}
     if a.footprint == "all_outputs":
         materialized = {lg.node(g.name) for g in groups if not g.per_consumer}
         for layer in lg.layers:

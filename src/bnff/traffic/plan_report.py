@@ -31,7 +31,8 @@ def plan_table(lg: LayerGraph, plan: FusionPlan, scheme: str, a: Assumptions) ->
     for g in plan.groups:
         c: GroupCost = costs[g.name]
         sched = g.schedules[scheme]
-        dest = ", ".join(g.consumers) if g.per_consumer else "materialized"
+        dest = ", ".join(g.consumers) if g.per_consumer else "materialized" + (
+            f", reread by {', '.join(g.rereaders)}" if g.rereaders else "")
         steps = " ".join(sched.kinds("fp")) + " | " + " ".join(sched.kinds("bp"))
         t.add_row(g.name, g.pattern, _what(g), dest, steps, f"{c.fp_bytes / MiB:.2f}", f"{c.bp_bytes / MiB:.2f}",
                   f"{c.kept_bytes / MiB:.2f}")

@@ -4,8 +4,8 @@
                                          [--models M ...] [--allocators A ...] [--prefer memory|speed]
                                          [--variants eager compile bnff conv_floor]
 
-Settings: ResNet-50 batch 16 224x224 bf16 and fp32, DenseNet-121 and MobileNetV2 batch 16 224x224
-bf16; each times eager, torch.compile (compile time apart), bnff (default backend), bnff under
+Settings: ResNet-50 batch 16 224x224 bf16 and fp32; DenseNet-121, MobileNetV2, EfficientNet-B0,
+MobileNetV3-Large, RegNetY-1.6GF and CSPDarknet-53 batch 16 224x224 bf16; each times eager, torch.compile (compile time apart), bnff (default backend), bnff under
 torch.compile (bnff+compile) and the conv floor, interleaved after warm-up (``bnff.bench``;
 ``--variants`` leaves some out: eager, bnff and the floor are needed). Every setting runs with the default allocator
 (what a user gets: eager faults in fresh pages for its large intermediates, bnff reuses its
@@ -29,7 +29,9 @@ from bnff.atomic import atomic_open
 from bnff.machine import cpu_info, describe
 from bnff.names import BENCH_VARIANTS
 
-SETTINGS = (("resnet50", "bf16"), ("resnet50", "fp32"), ("densenet121", "bf16"), ("mobilenet_v2", "bf16"))
+SETTINGS = (("resnet50", "bf16"), ("resnet50", "fp32"), ("densenet121", "bf16"), ("mobilenet_v2", "bf16"),
+            ("efficientnet_b0", "bf16"), ("mobilenet_v3_large", "bf16"), ("regnet_y_1_6gf", "bf16"),
+            ("cspdarknet53", "bf16"))
 ALLOCATORS = ("default", "tuned-malloc")
 LEVEL = 0.02  # a median ratio within 2% of 1.0 is level
 

@@ -161,3 +161,98 @@ def test_recorded_bytes_equal_the_plan(fmt, gen):
         randomize_bn(model, gen)
         x = torch.randn(2, 3, 12, 12, generator=gen).to(memory_format=fmt)
         assert assert_moves_what_the_plan_says(model, x) >= 1
+
+
+class Net3x3(Net):
+    """``Net`` with a 3x3 convolution after the squeeze-and-excitation: the gate cannot go into its weights."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv2 = nn.Conv2d(C, D, 3, padding=1)
+
+
+@reference_only
+def test_gate_is_folded_into_a_pointwise_consumer_only():
+    assert [g.gate_folded for g in bnff.fusion_plan(bnff.restructure(Net())).groups] == [True]
+    assert [g.gate_folded for g in bnff.fusion_plan(bnff.restructure(Net3x3())).groups] == [False]
+
+
+@reference_only
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=["nchw", "channels_last"])
+def test_folded_gate_consumer_equals_the_scaled_map_in_float64(fmt, gen):
+    """``FoldedGateConsumer`` (weights W * gate[n], batched matrix products, no scaled map) against
+    ``GatedConsumer`` (a * gate, then the convolution and its backward by ATen, autograd for the gate), both in
+    float64 on the same map and gradient: outputs and every gradient within float64 rounding; and so does
+    its scaled-map path, taken by a map in neither layout (here a strided view)."""
+    from bnff.ops.consumers import FoldedGateConsumer, GatedConsumer, make
+
+    se = SE().double()
+
+    class Gate(nn.Module):  # SE's gate: a -> sigmoid(fc2(silu(fc1(pool(a)))))
+        def __init__(self, pool=True):
+            super().__init__()
+            self.se, self.pool = se, pool
+
+        def forward(self, a):
+            return self.se.gate(self.se.fc2(self.se.act(self.se.fc1(self.se.pool(a) if self.pool else a))))
+
+    conv = nn.Conv2d(C, D, 1).double()
+    # the folded consumer pools itself: its gate module starts from the pooled map
+    folded, plain = FoldedGateConsumer(Gate(pool=False), make(conv)), GatedConsumer(Gate(), make(conv))
+    params = folded.params(None)
+    for a in (torch.randn(3, C, 5, 7, generator=gen, dtype=torch.float64).to(memory_format=fmt),
+              torch.randn(3, C, 5, 14, generator=gen, dtype=torch.float64)[..., ::2]):
+        g = torch.randn(3, D, 5, 7, generator=gen, dtype=torch.float64)
+        needs = (True,) * (1 + len(params))
+        out_f, out_p = folded.forward(a, params, None), plain.forward(a, params, None)
+        (ga_f, grads_f), (ga_p, grads_p) = folded.backward(a, g, params, None, needs), plain.backward(a, g, params, None, needs)
+        for got, want in [(out_f, out_p), (ga_f, ga_p), *zip(grads_f, grads_p)]:
+            assert rel_err(got, want) < 1e-13
+        assert ga_f.stride() == a.stride() or not a.is_contiguous(memory_format=fmt)
+
+
+def test_folded_gate_forms_no_scaled_map(gen):
+    """On the cpu backend (whose apply step is one kernel), no operator of a training step writes a map of
+    the scaled map's shape except the apply step, the input gradient and the gate's pool gradient: the
+    multiplication a * gate never runs on a map; two batched matrix products and the per-sample weight
+    gradient's one run instead."""
+    if not cpu.available():
+        pytest.skip("the cpu backend's kernels did not build")
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            self.seen.append((func.name(), tuple(out.shape) if isinstance(out, torch.Tensor) else None))
+            return out
+
+    model = Net()
+    randomize_bn(model, gen)
+    fused = bnff.restructure(model, backend="cpu")
+    x = torch.randn(2, 3, 8, 8, generator=gen)
+    with Ops() as ops:
+        fused(x).square().sum().backward()
+    names = [n for n, _ in ops.seen]
+    assert names.count("aten::bmm") == 3, names
+    assert not [n for n, shape in ops.seen if shape == (2, C, 8, 8) and n.startswith("aten::mul")], ops.seen
+
+
+def test_bf16_channels_last_mbconv_tracks_eager(every_backend, gen):
+    """bf16 autocast, channels_last, MBConv blocks with their gate folded into the project convolution: bnff
+    as close to float64 as eager (the suite's rule on the median tensor and the output)."""
+    from helpers import K, errors_vs_float64
+
+    for seed in (0, 1):
+        g = torch.Generator().manual_seed(seed)
+        torch.manual_seed(seed)
+        model = MBConvNet().to(memory_format=torch.channels_last)
+        randomize_bn(model, g)
+        x = torch.randn(4, 3, 12, 12, generator=g).to(memory_format=torch.channels_last)
+        eager, fused = errors_vs_float64(model, x, autocast=torch.bfloat16)
+        mid = len(eager) // 2
+        assert sorted(fused)[mid] <= K * sorted(eager)[mid], (sorted(fused)[mid], sorted(eager)[mid])
+        assert fused[0] <= K * eager[0], (fused[0], eager[0])

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bnff.graph.consumers import FUNCTIONAL, conv_padding, unsupported_reason
+from bnff.graph.consumers import FUNCTIONAL, conv_padding, fold_pays, unsupported_reason
 from bnff.ops.bn_math import as_4d, as_dtype, from_4d
 
 
@@ -164,6 +164,112 @@ class GatedConsumer:
         return _in_layout_of(g_a, a), (*g_gate, *layer_grads)
 
 
+def _rows(t: Tensor) -> tuple[Tensor, bool] | None:
+    """A dense (N, C, H, W) map as the (N, H*W, C) rows of a channels_last one (True) or the (N, C, H*W)
+    columns of an NCHW one (False), as views; None for any other strides."""
+    n, c, h, w = t.shape
+    if t.is_contiguous(memory_format=torch.channels_last):
+        return t.permute(0, 2, 3, 1).reshape(n, h * w, c), True
+    if t.is_contiguous():
+        return t.view(n, c, h * w), False
+    return None
+
+
+class FoldedGateConsumer:
+    """A squeeze-and-excitation in front of a 1x1 convolution (stride 1, one group; ``GroupPlan.gate_folded``),
+    the gate folded into the weights per sample, as F1 is folded into the apply step:
+    ``out[n] = (W * gate[n]) @ a[n] (+ bias)``, one batched matrix product (``torch.bmm``) over the rows
+    (channels_last) or columns (NCHW) of ``a``, so the scaled map ``a * gate`` is never formed. Where that
+    does not pay (``bnff.graph.consumers.fold_pays``: more output channels than pixels) or ``a`` is dense in
+    neither layout, the scaled map is formed and the layer runs on it (``GatedConsumer``'s way).
+
+    The global average pool is taken here, as a sum over the pixels divided by their count (ATen's
+    mean of a bf16 channels_last map runs some 14x slower than its sum), and ``gate`` maps the pooled
+    (N, C, 1, 1) to the gate. Backward, from the recomputed ``a`` and gate: dL/da = (W * gate[n])^T g[n]
+    (one ``bmm``), the per-sample weight gradient G[n] = g[n] a[n]^T (one ``bmm``, (N, C_out, C)), from
+    which dL/dW = sum_n G[n] * gate[n] and dL/dgate[n] = sum_o G[n] * W (summed in float32 at least);
+    the gate's layers' backward runs under autograd on the (N, C) vectors, and the pool's share of
+    dL/da, dL/dpooled / (H*W), is added to dL/da in place.
+    """
+
+    def __init__(self, gate: nn.Module, layer: "ConvConsumer") -> None:
+        self.gate, self.layer = gate, layer
+        self.names = tuple(name for name, _ in gate.named_parameters())
+
+    def params(self, amp_dtype):
+        return tuple(p for _, p in self.gate.named_parameters()) + tuple(self.layer.params(amp_dtype))
+
+    def _gate(self, a: Tensor, params, amp_dtype, grad: bool = False):
+        """(pooled, gate): the pooled map, requiring grad when ``grad``, and the gate computed from it."""
+        pooled = a.detach().sum((2, 3), keepdim=True) / (a.shape[2] * a.shape[3])
+        if grad:
+            pooled.requires_grad_(True)
+        with torch.autocast(a.device.type, dtype=amp_dtype or torch.get_autocast_dtype(a.device.type),
+                            enabled=amp_dtype is not None):
+            return pooled, torch.func.functional_call(self.gate, dict(zip(self.names, params[:len(self.names)])),
+                                                      (pooled,))
+
+    def _folds(self, a: Tensor, weight: Tensor) -> tuple[Tensor, bool] | None:
+        rows = _rows(a)
+        return rows if rows is not None and fold_pays(a.shape[2] * a.shape[3], weight.shape[0]) else None
+
+    def forward(self, a, params, amp_dtype):
+        k = len(self.names)
+        weight, bias = params[k:]
+        _, gate = self._gate(a, params, amp_dtype)
+        rows = self._folds(a, weight)
+        if rows is None:
+            return self.layer.forward(a * gate, params[k:], amp_dtype)
+        x, last = rows
+        n, c, h, w = a.shape
+        wn = weight.view(1, -1, c) * _cast(gate, weight.dtype).view(n, 1, c)  # (N, C_out, C)
+        x = _cast(x, amp_dtype)
+        if last:
+            out = torch.bmm(x, wn.transpose(1, 2)).view(n, h, w, -1).permute(0, 3, 1, 2)
+        else:
+            out = torch.bmm(wn, x).view(n, -1, h, w)
+        return out if bias is None else out + bias.view(1, -1, 1, 1)
+
+    def backward(self, a, grad_out, params, amp_dtype, needs):
+        k = len(self.names)
+        weight, bias = params[k:]
+        n, c, h, w = a.shape
+        gate_params = [p.detach().requires_grad_(True) for p in params[:k]]
+        with torch.enable_grad():
+            pooled, gate = self._gate(a, (*gate_params, *params[k:]), amp_dtype, grad=True)
+        rows = self._folds(a, weight)
+        if rows is None:  # the scaled map, as GatedConsumer
+            s = a * gate.detach()
+            g_s, layer_grads = self.layer.backward(s, grad_out, params[k:], amp_dtype, (True, *needs[1 + k:]))
+            g_x = _in_layout_of(g_s * gate.detach(), a)
+            g_gate = (g_s * a).sum((2, 3), keepdim=True, dtype=torch.promote_types(a.dtype, torch.float32))
+        else:
+            x, last = rows
+            x = _cast(x, amp_dtype)
+            g = grad_out.to(weight.dtype).contiguous(memory_format=torch.channels_last if last else torch.contiguous_format)
+            g = g.permute(0, 2, 3, 1).reshape(n, h * w, -1) if last else g.view(n, -1, h * w)
+            gv = _cast(gate.detach(), weight.dtype).view(n, 1, c)
+            wn = weight.view(1, -1, c) * gv
+            if last:
+                g_x = torch.bmm(g, wn).view(n, h, w, c).permute(0, 3, 1, 2)  # channels_last (N, C, H, W)
+                g_wn = torch.bmm(g.transpose(1, 2), x)
+            else:
+                g_x = torch.bmm(wn.transpose(1, 2), g).view(n, c, h, w)
+                g_wn = torch.bmm(g, x.transpose(1, 2))
+            acc = torch.promote_types(g_wn.dtype, torch.float32)  # sums over samples and output channels
+            g_wn = g_wn.to(acc)  # (N, C_out, C)
+            g_weight = (g_wn * gv.to(acc)).sum(0).view_as(weight).to(weight.dtype) if needs[1 + k] else None
+            g_bias = None
+            if bias is not None and needs[2 + k]:
+                g_bias = grad_out.sum((0, 2, 3), dtype=acc).to(bias.dtype)
+            layer_grads = (g_weight, g_bias)
+            g_gate = (g_wn * weight.view(1, -1, c).to(acc)).sum(1).view(n, c, 1, 1)
+            g_x = _in_layout_of(g_x.to(a.dtype), a)
+        g_pooled, *g_gate_params = torch.autograd.grad(gate, [pooled, *gate_params], g_gate.to(gate.dtype))
+        g_x.add_((g_pooled / (h * w)).to(g_x.dtype))
+        return g_x, (*g_gate_params, *layer_grads)
+
+
 class NativeShape:
     """A consumer of (N, C, L) or (N, C, D, H, W) maps (``Conv1d``, ``Conv3d``) behind the fused operator,
     which runs on their 4-D views (``bn_math.as_4d``): ``a`` goes to ``inner`` in its own shape and its
@@ -184,7 +290,7 @@ class NativeShape:
 
 
 FunctionalSpec = tuple[str, tuple, dict]
-GatedSpec = tuple[nn.Module, "nn.Module | FunctionalSpec"]
+GatedSpec = tuple[nn.Module, "nn.Module | FunctionalSpec", bool]
 
 
 _MADE: "weakref.WeakKeyDictionary[nn.Module, Consumer]" = weakref.WeakKeyDictionary()
@@ -193,7 +299,8 @@ _MADE: "weakref.WeakKeyDictionary[nn.Module, Consumer]" = weakref.WeakKeyDiction
 def make(module: nn.Module | FunctionalSpec | GatedSpec) -> Consumer:
     """The consumer wrapper for ``module``, for a functional pool given as ``(name, args, kwargs)``
     (``name`` in ``FUNCTIONAL``; ``args`` follow the input tensor), or for a layer behind a
-    squeeze-and-excitation gate given as ``(gate, layer)`` (``GatedConsumer``). A module's wrapper is
+    squeeze-and-excitation gate given as ``(gate, layer, folded)`` (``GatedConsumer``; with ``folded``, a
+    1x1 convolution ``layer`` whose weights take the gate: ``FoldedGateConsumer``). A module's wrapper is
     made once and reused (the fused operator asks for it on every call).
 
     Raises:
@@ -210,7 +317,7 @@ def make(module: nn.Module | FunctionalSpec | GatedSpec) -> Consumer:
 
 def _make(module: nn.Module | FunctionalSpec | GatedSpec) -> Consumer:
     if isinstance(module, tuple) and isinstance(module[0], nn.Module):
-        return GatedConsumer(module[0], make(module[1]))
+        return (FoldedGateConsumer if module[2] else GatedConsumer)(module[0], make(module[1]))
     if isinstance(module, tuple):
         name, args, kwargs = module
         if name not in FUNCTIONAL:

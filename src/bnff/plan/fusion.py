@@ -94,7 +94,7 @@ def _group_plan(g: Group, owns: tuple[str, ...]) -> GroupPlan:
                     for t in g.terms),
         residuals=tuple(r.name for r in g.residuals), add=g.add.name if g.add is not None else None,
         act=g.act.name if g.act is not None else None, act_kind=g.act_kind,
-        consumers=tuple(c.name for c in g.consumers), squeeze=tuple(n.name for n in g.squeeze),
+        consumers=tuple(c.name for c in g.consumers), squeeze=tuple(n.name for n in g.squeeze), gate_folded=g.gate_folded,
         materialized_because=g.materialized_because,
         host=any(u.meta["bnff_kind"] in _HOSTS for u in users), owns=owns,
         grad_slice=not g.consumers and len(users) == 1 and users[0].meta["bnff_kind"] == Kind.CAT

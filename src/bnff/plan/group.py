@@ -50,6 +50,9 @@ class GroupPlan:
             consumer computes the (N, C, 1, 1) gate from ``a`` and takes ``a * gate``; its backward
             recomputes both, so neither the gate nor the scaled map is kept. Its nodes are priced
             as layers of their own (``bnff.traffic``), like the consumer.
+        gate_folded: the squeeze-and-excitation's consumer is a 1x1 convolution (stride 1, one group), and the
+            gate is folded into its weights per sample, ``out[n] = (W * gate[n]) a[n]``, like F1 into
+            the apply step: the scaled map ``a * gate`` is never formed, in the forward or the backward.
         materialized_because: why the result is materialized, or None.
         host: the ``fused`` scheme's question for a materialized result: a user (convolution,
             pool, linear layer) can take the pre-processing.
@@ -75,6 +78,7 @@ class GroupPlan:
     act_kind: str | None = None
     consumers: tuple[str, ...] = ()
     squeeze: tuple[str, ...] = ()
+    gate_folded: bool = False
     materialized_because: str | None = None
     host: bool = False
     grad_slice: bool = False

@@ -19,7 +19,9 @@ produced it and shared by every BN that normalizes it (inter-composite-layer fus
 
 A squeeze-and-excitation between the result and a layer (``a * gate(avgpool(a))`` feeding a convolution;
 MBConv, MobileNetV3, RegNetY) is taken into that consumer: the gate is computed inside it and recomputed
-in its backward, so neither ``a`` nor the scaled map is stored (``Group.squeeze``).
+in its backward, so neither ``a`` nor the scaled map is stored (``Group.squeeze``). When that layer is a
+1x1 convolution (stride 1, one group), the gate is folded into its weights per sample instead, like F1
+into the apply step, and the scaled map is never formed (``Group.gate_folded``).
 
 The result goes to its users as pre-processing when every user accepts it (``bnff.graph.consumers``)
 and applying it once per user moves fewer bytes than writing it once (``per_consumer_pays``);
@@ -77,6 +79,19 @@ def _global_pool(n: fx.Node, modules: dict[str, nn.Module]) -> bool:
     return False
 
 
+def _spatial_mean_2d(n: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """``n`` is a global average pool of a 4-D map over its two spatial dimensions, keeping them as 1s:
+    ``AdaptiveAvgPool2d(1)``, ``F.adaptive_avg_pool2d(x, 1)``, ``x.mean((2, 3), keepdim=True)`` (or (-2, -1))."""
+    if n.op == "call_module":
+        return isinstance(modules[n.target], nn.AdaptiveAvgPool2d) and modules[n.target].output_size in (1, (1, 1))
+    if n.op == "call_function" and n.target is nn.functional.adaptive_avg_pool2d:
+        return _global_pool(n, modules)
+    if is_mean(n) and _global_pool(n, modules):
+        dim = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim")
+        return sorted(dim) in ([2, 3], [-2, -1])
+    return False
+
+
 def _times(n: fx.Node, x: fx.Node) -> fx.Node | None:
     """The other factor when ``n`` is ``x * other`` or ``other * x`` of two graph values, else None."""
     if not is_mul(n) or n.kwargs or len(n.args) != 2 or not all(isinstance(a, fx.Node) for a in n.args):
@@ -107,6 +122,7 @@ class Group:
     consumers: list[fx.Node] = field(default_factory=list)
     materialized_because: str | None = None
     squeeze: list[fx.Node] = field(default_factory=list)
+    gate_folded: bool = False
     rereaders: list[fx.Node] = field(default_factory=list)
 
     @property
@@ -322,6 +338,8 @@ class _Matcher:
         se = self.squeeze_excitation(out)
         if se is not None and per_consumer_pays(len(group.terms), len(group.residuals), 1, group.act is not None):
             group.squeeze, group.consumers = se[0], [se[1]]
+            layer = self.modules.get(se[1].target) if se[1].op == "call_module" else None
+            group.gate_folded = consumers.pointwise(layer) and _spatial_mean_2d(se[0][0], self.modules)
             return
         users = list(out.users)
         reasons = [(u, self.consumer_reason(u, out)) for u in users]

@@ -79,14 +79,17 @@ class _Rewriter:
         return self.stats[source]
 
     def gate(self, group: Group) -> fx.Node:
-        """The squeeze-and-excitation gate of ``group`` as a module of its own, ``a -> gate`` (N, C, 1, 1):
-        its nodes (global pool .. gate, not the multiplication) copied into a ``GraphModule`` that shares
+        """The squeeze-and-excitation gate of ``group`` as a module of its own, ``a -> gate`` (N, C, 1, 1), or,
+        with the gate folded into the consumer, ``pooled -> gate`` (the consumer pools): its nodes (global
+        pool .. gate, not the multiplication) copied into a ``GraphModule`` that shares
         the model's layers, kept in the plain attribute ``GATES_ATTR`` (not a submodule: the model's
         ``state_dict`` keys do not change), and the graph node that fetches it."""
         sub = fx.Graph()
-        env = {group.output: sub.placeholder("a")}
+        # with the gate folded, FoldedGateConsumer pools itself: the module maps the pooled (N, C, 1, 1)
+        env = {group.squeeze[0]: sub.placeholder("pooled")} if group.gate_folded else {group.output: sub.placeholder("a")}
         for n in group.squeeze[:-1]:
-            env[n] = sub.node_copy(n, env.__getitem__)
+            if n not in env:
+                env[n] = sub.node_copy(n, env.__getitem__)
         sub.output(env[group.squeeze[-2]])
         getattr(self.gm, GATES_ATTR)[group.output.name] = fx.GraphModule(self.gm, sub, "SqueezeExcitationGate")
         with self.graph.inserting_before(group.output):
@@ -112,7 +115,7 @@ class _Rewriter:
         residuals = tuple(self.resolve(r) for r in group.residuals)
         layers = tuple(self.consumer_arg(c) for c in group.consumers)
         if group.squeeze:  # the gate in front of the one consumer
-            layers = ((self.gate(group), layers[0]),)
+            layers = ((self.gate(group), layers[0], group.gate_folded),)
         with graph.inserting_before(out):
             plans = graph.create_node("get_attr", PLANS_ATTR)  # a plain attribute: get_attr() would warn
             gp = graph.call_function(operator.getitem, (plans, out.name))

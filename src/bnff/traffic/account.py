@@ -23,10 +23,12 @@ Per-layer records separate FP reads and writes, BP traffic of dgrad, wgrad and t
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch.fx as fx
 
+from bnff.graph.consumers import fold_pays
 from bnff.graph.kinds import Kind
 from bnff.graph.layers import Layer, LayerGraph
 from bnff.plan import FusionPlan, Schedule, eager_steps
@@ -208,6 +210,12 @@ def group_costs(lg: LayerGraph, plan: FusionPlan, scheme: str, a: Assumptions) -
     return out
 
 
+def _folds(lg: LayerGraph, g) -> bool:
+    """The group's gate goes into its 1x1 consumer's weights at this input's shapes (``fold_pays``)."""
+    conv = lg.layer(g.consumers[0])
+    return fold_pays(math.prod(conv.out_shape[2:]), conv.out_shape[1])
+
+
 def account(lg: LayerGraph, plan: FusionPlan, scheme: str, a: Assumptions) -> dict[str, Cost]:
     """Per-layer traffic and FLOPs of one training step of ``lg`` under ``scheme``.
 
@@ -227,6 +235,8 @@ def account(lg: LayerGraph, plan: FusionPlan, scheme: str, a: Assumptions) -> di
     led = _Ledger(lg, a)
     groups = plan.groups if scheme != "unfused" else []
     members = {m for g in groups for m in g.members}
+    # a squeeze-and-excitation's multiplication folded into its 1x1 convolution's weights forms no map
+    members |= {g.squeeze[-1] for g in groups if g.gate_folded and _folds(lg, g)}
     summed_inside = {g.name for g in groups if g.per_consumer}  # its consumers' gradients: grad_add steps
     for layer in lg.layers:
         if layer.node.name not in members:

@@ -327,3 +327,29 @@ def assert_moves_what_the_plan_says(model: nn.Module, x: torch.Tensor) -> int:
     ran = {k[0] for k in rec.moved if "/" not in k[0]}  # "group/consumer0", "group/user": those layers' work
     assert ran <= {g.name for g in plan.groups}, f"sweeps ran outside the plan's groups: {ran}"
     return len(plan.groups)
+
+
+def assert_bf16_tracks_eager(model: nn.Module, x: Tensor) -> None:
+    """bf16 autocast keeps 8 mantissa bits, so eager bf16 is itself far off float64: bnff must be as close
+    by the rule on the median tensor (output, input gradient, parameter gradients; ``errors_vs_float64``)
+    and on the output, each within ``K`` times eager's error."""
+    eager, fused = errors_vs_float64(model, x, autocast=torch.bfloat16)
+    mid = len(eager) // 2
+    assert sorted(fused)[mid] <= K * sorted(eager)[mid], (sorted(fused)[mid], sorted(eager)[mid])
+    assert fused[0] <= K * eager[0], (fused[0], eager[0])
+
+
+def measured_footprints(model: nn.Module, x: Tensor) -> tuple[int, int]:
+    """(eager's, bnff's) saved-activation bytes of one training step on ``x``, measured
+    (``bnff.memory.saved_activation_bytes``; bnff on the reference backend), after asserting that the
+    footprint model (``bnff.traffic.compare``) prices both exactly as measured."""
+    from bnff.memory import saved_activation_bytes
+    from bnff.traffic import compare
+
+    eager = saved_activation_bytes(copy.deepcopy(model), x)
+    restructured = saved_activation_bytes(bnff.restructure(copy.deepcopy(model), backend="reference"), x)
+    res = compare(model, tuple(x.shape))
+    assert res["unfused"].summary()["footprint_bytes"] == eager
+    assert res["bnff"].summary()["footprint_bytes"] == restructured
+    return eager, restructured
+

@@ -23,9 +23,8 @@ from bnff.graph.kinds import Kind, classify, is_inplace
 from bnff.ops.backends import cpu
 from bnff.ops.record import Recorder
 from bnff.plan.group import GroupPlan, TermPlan
-from bnff.traffic import compare
-from bnff.memory import saved_activation_bytes
-from helpers import FLOAT64_BOUND, assert_as_accurate_as_eager, compare_with_float64, randomize_bn, train_side_by_side
+from helpers import (FLOAT64_BOUND, assert_as_accurate_as_eager, compare_with_float64, measured_footprints, randomize_bn,
+                     train_side_by_side)
 from test_patterns import C, Pattern, _batch_of
 
 
@@ -229,8 +228,4 @@ class _Net(nn.Module):
 def test_footprint_model_prices_eager_and_bnff_as_autograd_keeps(kind, inplace, gen):
     model = _Net(kind, inplace).train()
     x = torch.randn(2, 3, 8, 8, generator=gen)
-    eager = saved_activation_bytes(copy.deepcopy(model), x)
-    restructured = saved_activation_bytes(bnff.restructure(copy.deepcopy(model), backend="reference"), x)
-    res = compare(model, tuple(x.shape))
-    assert res["unfused"].summary()["footprint_bytes"] == eager
-    assert res["bnff"].summary()["footprint_bytes"] == restructured
+    eager, restructured = measured_footprints(model, x)

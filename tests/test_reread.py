@@ -5,20 +5,17 @@ concatenation and the split result; bnff keeps neither, recomputes both from the
 keep anyway, bit for bit the forward's, and trains as eager does (float64; fp32 and bf16 by the suite's
 rule on both backends). The footprint model and the byte recorder agree with what runs."""
 
-import copy
 
 import pytest
 import torch
 from torch import nn
 
 import bnff
-from bnff.memory import saved_activation_bytes
 from bnff.models.cspdarknet import ConvNormAct, CrossStage
 from bnff.ops import reread
 from bnff.ops.backends import cpu
-from bnff.traffic import compare
 from helpers import (FLOAT64_BOUND, assert_as_accurate_as_eager, assert_moves_what_the_plan_says, compare_with_float64,
-                     randomize_bn, reference_only, train_side_by_side)
+                     measured_footprints, randomize_bn, reference_only, train_side_by_side)
 from helpers import every_backend  # noqa: F401  (each test runs on every backend)
 
 pytestmark = pytest.mark.exactness
@@ -139,11 +136,7 @@ def test_bf16_as_accurate_as_eager(gen):
 def test_footprint_is_what_autograd_keeps_and_the_kernels_move_the_plan(gen):
     model = _model(gen)
     x = torch.randn(2, 3, 12, 12, generator=gen)
-    eager = saved_activation_bytes(copy.deepcopy(model), x)
-    restructured = saved_activation_bytes(bnff.restructure(copy.deepcopy(model), backend="reference"), x)
-    res = compare(model, tuple(x.shape))
-    assert res["unfused"].summary()["footprint_bytes"] == eager
-    assert res["bnff"].summary()["footprint_bytes"] == restructured
+    eager, restructured = measured_footprints(model, x)
     # per stage, eager keeps 16 + 5n half-width maps and bnff 7 + 3n (the split result and the
     # concatenation are no longer kept): the two stages here (n = 1, 2) come to well under 0.6
     assert restructured < 0.6 * eager, (restructured, eager)

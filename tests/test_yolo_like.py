@@ -12,11 +12,9 @@ import pytest
 import torch
 
 import bnff
-from bnff.memory import saved_activation_bytes
 from bnff.ops.backends import cpu
-from bnff.traffic import compare
 from helpers import (FLOAT64_BOUND, assert_as_accurate_as_eager, assert_moves_what_the_plan_says, compare_with_float64,
-                     randomize_bn, reference_only, rel_err, train_side_by_side)
+                     measured_footprints, randomize_bn, reference_only, rel_err, train_side_by_side)
 from helpers import every_backend  # noqa: F401  (each test runs on every backend)
 from yolo_like import C2f, YoloLike
 
@@ -100,11 +98,8 @@ def test_footprint_is_what_autograd_keeps_and_the_kernels_move_the_plan(gen):
     """The upsample keeps nothing (its backward needs only sizes): the footprint model says so too."""
     model = _model(gen)
     x = torch.randn(2, 3, 32, 32, generator=gen)
-    eager = saved_activation_bytes(copy.deepcopy(model), x)
-    restructured = saved_activation_bytes(bnff.restructure(copy.deepcopy(model), backend="reference"), x)
-    res = compare(model, tuple(x.shape))
-    assert res["unfused"].summary()["footprint_bytes"] == eager
-    assert res["bnff"].summary()["footprint_bytes"] == restructured < 0.7 * eager
+    eager, restructured = measured_footprints(model, x)
+    assert restructured < 0.7 * eager
     if cpu.available():
         assert assert_moves_what_the_plan_says(model.to(memory_format=torch.channels_last),
                                                x.contiguous(memory_format=torch.channels_last)) == 19

@@ -395,7 +395,7 @@ class _Matcher:
         if n.op == "call_function" and n.target is nn.functional.interpolate:
             return True
         if n.op == "call_function" and n.target is operator.getitem:
-            return isinstance(n.args[0], fx.Node) and self.passage(n.args[0]) and n.args[0].op != "placeholder"
+            return isinstance(n.args[0], fx.Node) and self.passage(n.args[0])
         name = n.target if n.op == "call_method" else getattr(n.target, "__name__", None)
         return (self.kind(n) == Kind.CAT or (n.op in ("call_method", "call_function") and name in _SPLITS)
                 or (n.op == "call_method" and n.target == "contiguous"))

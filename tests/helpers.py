@@ -353,3 +353,10 @@ def measured_footprints(model: nn.Module, x: Tensor) -> tuple[int, int]:
     assert res["bnff"].summary()["footprint_bytes"] == restructured
     return eager, restructured
 
+
+def assert_float64_exact(model: nn.Module, make_input, steps: int = 2) -> None:
+    """Train eager and bnff copies of ``model`` in float64 side by side (``train_side_by_side``): outputs,
+    input gradients, parameter gradients and running statistics within ``FLOAT64_BOUND`` every step."""
+    for e in train_side_by_side(model.double(), make_input, steps=steps, dtype=torch.float64):
+        assert max(e.output, e.input_grad, e.param_grad, e.buffers) <= FLOAT64_BOUND, e
+

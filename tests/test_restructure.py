@@ -12,9 +12,9 @@ import bnff
 from bnff import models
 from bnff.graph import TraceError
 from bnff.memory import saved_activation_bytes
-from helpers import (FLOAT64_BOUND, FLOOR, K, assert_aggregate_as_accurate_as_eager, assert_as_accurate_as_eager,
-                     assert_bf16_tracks_eager, assert_rule, compare_with_float64, errors_vs_float64, randomize_bn, reference_only,
-                     train_side_by_side)
+from helpers import (FLOOR, K, assert_aggregate_as_accurate_as_eager, assert_as_accurate_as_eager,
+                     assert_bf16_tracks_eager, assert_float64_exact, assert_rule, compare_with_float64,
+                     errors_vs_float64, randomize_bn, reference_only)
 from helpers import every_backend  # noqa: F401  (each test runs on every backend)
 
 
@@ -38,16 +38,14 @@ def test_resnet18_small_input_as_accurate_as_eager(gen):
 def test_resnet18_float64_every_gradient_exact(gen):
     model = models.resnet18(num_classes=10, small_input=True).double()
     randomize_bn(model, gen)
-    for e in train_side_by_side(model, _batch(gen, n=4), steps=2, dtype=torch.float64):
-        assert max(e.output, e.input_grad, e.param_grad, e.buffers) <= FLOAT64_BOUND, e
+    assert_float64_exact(model, _batch(gen, n=4))
 
 
 @reference_only
 def test_resnet50_float64_exact(gen):
     model = models.resnet50(num_classes=10).double()
     randomize_bn(model, gen)
-    for e in train_side_by_side(model, _batch(gen, n=4, hw=64), steps=2, dtype=torch.float64):
-        assert max(e.output, e.input_grad, e.param_grad, e.buffers) <= FLOAT64_BOUND, e
+    assert_float64_exact(model, _batch(gen, n=4, hw=64))
 
 
 @pytest.mark.exactness

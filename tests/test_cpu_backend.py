@@ -174,6 +174,42 @@ PIECEWISE_LINEAR = {"leaky_relu(0.1)", "leaky_relu(-0.2)", "hardswish", "hardsig
 
 @pytest.mark.exactness
 @pytest.mark.parametrize("fmt", LAYOUTS)
+def test_silu_fast_exponential_only_where_bfloat16_rounds_it_away(fmt, gen):
+    """SiLU over bfloat16 maps takes ATen's exp_u20 (csrc/bnff_sweeps.h, BNFF_ACT_FAST_EXP): its 20 ulp of
+    float32 (2^-18 relative) lie far inside bfloat16's half ulp (2^-9), so the result is float64's SiLU
+    of the same pre-activation rounded to bfloat16, but for the rare value within 2^-18 of a rounding
+    boundary, which may round the other way (one ulp); forward a and backward dy alike. Over float32
+    maps SiLU keeps SLEEF's 1-ulp expf, as eager's silu: a equals the reference's (torch's silu) bit for
+    bit, dy lies within a bound on its terms' size."""
+    shape, c = (4, 40, 9, 7), 40
+    before = cpu.kernel_calls()
+    mean, f1 = torch.randn(c, generator=gen), torch.rand(c, generator=gen) * 3 + 0.1
+    beta = torch.randn(c, generator=gen) * 2
+    for dtype in DTYPES:
+        x = _t(gen, shape, dtype, fmt, 4)  # z over about (-40, 40): both tails of the sigmoid
+        z = _d(reference._preact([x], [mean], [f1], [beta], [], torch.float32))  # the kernels' float32 z
+        silu64 = z * torch.sigmoid(z)
+        g = _t(gen, shape, dtype, fmt, 1, 0.5)
+        dsilu64 = _d(g) * torch.sigmoid(z) * (1 + z * (1 - torch.sigmoid(z)))
+        a = cpu.apply([[x]], [mean], [f1], [beta], [], "silu", dtype)
+        dy = cpu.grad_stats(g, None, "silu", [[x]], [mean], [f1], [beta])[0]
+        for got, exact, what in ((a, silu64, "a"), (dy, dsilu64, "dy")):
+            if dtype == torch.bfloat16:
+                rounded = exact.to(torch.bfloat16).double()
+                off = _d(got) != rounded
+                ulp = 2.0 ** (torch.floor(torch.log2(rounded.abs().clamp_min(2.0 ** -120))) - 7)
+                assert bool(((_d(got) - rounded).abs() <= ulp)[off].all()), f"{what}: more than one bf16 ulp off"
+                assert float(off.double().mean()) < 0.01, f"{what}: {int(off.sum())} values round differently"
+            elif what == "a":  # eager's silu: the same formula on the same z with the same exponential
+                assert torch.equal(got, reference.apply([[x]], [mean], [f1], [beta], [], "silu", dtype))
+            else:  # f'(z) = s (1 + z (1 - s)) cancels near its zero and as s -> 1: a bound on the terms' size
+                assert bool(((_d(got) - exact).abs() <= 16 * U32 * _d(g).abs() * (1 + z.abs())).all()), "dy"
+    ran = cpu.kernel_calls() - before
+    assert all(ran[f"{s}/{LAYOUT_NAME[fmt]}/{d}"] >= 1 for s in ("apply", "grad_stats") for d in ("float32", "bfloat16")), ran
+
+
+@pytest.mark.exactness
+@pytest.mark.parametrize("fmt", LAYOUTS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("act", THRESHOLD_KINDS)
 def test_recomputed_derivative_at_thresholds_is_the_forwards(fmt, dtype, act, gen):

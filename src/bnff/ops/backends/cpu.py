@@ -51,12 +51,13 @@ _HEADERS = [_CSRC / "bnff_sweeps.h"]
 ACT_CODES = {"identity": 0, "relu": 1, "relu6": 2, "leaky_relu": 3, "elu": 4, "celu": 5, "selu": 6, "silu": 7,
              "hardswish": 8, "hardsigmoid": 9, "sigmoid": 10, "tanh": 11, "gelu": 12, "gelu_tanh": 13, "mish": 14}
 ACT_FROM_Z = 1 << 8  # the argument's bit for "the derivative is taken at the pre-activation z"
+ACT_FAST_EXP = 1 << 9  # the bit the kernels set on SiLU over bfloat16 maps (csrc/bnff_sweeps.h, act_for)
 LAYOUT_CODES = {"nchw": 0, "nhwc": 1}  # the layout argument of every sweep (``_layout`` decides it)
 MAX_TERMS = 4  # BN terms or shortcuts of one call the kernels take; more run the reference
 # The plan's step kinds the group executor (csrc/bnff_group.cpp) runs, as its program encodes them
 STEP_CODES = {"apply": 0, "consume": 1, "recompute": 2, "grad_layout": 3, "consumer_backward": 4, "grad_add": 5,
               "grad_stats_x": 6, "grad_stats": 7, "input_grad": 8, "input_grad_x": 9}
-SHARED_DEFINES = ([f"-DBNFF_ACT_NONE={ACT_CODES['identity']}", f"-DBNFF_ACT_FROM_Z={ACT_FROM_Z}",
+SHARED_DEFINES = ([f"-DBNFF_ACT_NONE={ACT_CODES['identity']}", f"-DBNFF_ACT_FROM_Z={ACT_FROM_Z}", f"-DBNFF_ACT_FAST_EXP={ACT_FAST_EXP}",
                    f"-DBNFF_SELU_ALPHA={activations.SELU_ALPHA!r}f", f"-DBNFF_SELU_SCALE={activations.SELU_SCALE!r}f"]
                   + [f"-DBNFF_ACT_{k.upper()}={v}" for k, v in ACT_CODES.items() if k != "identity"]
                   + [f"-DBNFF_LAYOUT_NHWC={LAYOUT_CODES['nhwc']}", f"-DBNFF_MAX_TERMS={MAX_TERMS}"]

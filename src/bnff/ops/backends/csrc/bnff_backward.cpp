@@ -66,9 +66,10 @@ BNFF_INLINE void grad_stats_tile(const SegPtr<TX>* q, const TG* gp, const Reads<
 }
 
 template <typename TX, typename TG>
-void grad_stats_kernel(const TG* gp, const Reads<TX>& rd, int64_t act, const std::vector<std::vector<Src>>& terms,
+void grad_stats_kernel(const TG* gp, const Reads<TX>& rd, int64_t act_arg, const std::vector<std::vector<Src>>& terms,
                        const std::vector<const float*>& mus, const Geo& g, TG* dy, std::vector<double>& s1,
                        std::vector<double>& s2) {
+  const int64_t act = act_for<TX>(act_arg);
   const int64_t C = g.c, K = terms.size();
   TORCH_CHECK(K <= kMaxTerms, "bnff cpu grad_stats: at most ", kMaxTerms, " BN terms");
   s1.assign(C, 0.0);  // dy's channel sums are the same for every term
@@ -126,7 +127,7 @@ void grad_stats_kernel(const TG* gp, const Reads<TX>& rd, int64_t act, const std
     add_chunks(p2, nc, K * C, s2.data());
     return;
   }
-  with_act(act, [&](auto A) {
+  with_act<true, TX>(act, [&](auto A) {
     constexpr bool rows_of_t = runtime_act<decltype(A)>;
     with_count_for(A, K, [&](auto KK) {
       row_blocks(rows, nc, [&](int64_t ch, int64_t rb, int64_t nb) {

@@ -166,7 +166,8 @@ std::tuple<Tensor, Tensor> channel_stats(const Tensor& x, int64_t layout) {
 
 template <typename TX, typename TO>
 void apply_kernel(const std::vector<std::vector<Src>>& terms, const std::vector<TermVec>& vec,
-                  const std::vector<Src>& residuals, int64_t act, const Geo& g, TO* out) {
+                  const std::vector<Src>& residuals, int64_t act_arg, const Geo& g, TO* out) {
+  const int64_t act = act_for<TX>(act_arg);
   const int64_t C = g.c, K = terms.size(), R = residuals.size();
   TORCH_CHECK(K <= kMaxTerms && R <= kMaxTerms, "bnff cpu apply: at most ", kMaxTerms, " BN terms and shortcuts");
   const TX* rp[kMaxTerms];
@@ -187,7 +188,7 @@ void apply_kernel(const std::vector<std::vector<Src>>& terms, const std::vector<
     return;
   }
   const auto sp = seg_ptrs<TX>(segments(C, terms), terms);
-  with_act(act, [&](auto A) {
+  with_act<true, TX>(act, [&](auto A) {
     constexpr bool rows_of_z = runtime_act<decltype(A)>;  // z into a row buffer, then act_forward_n over it
     with_terms_for(A, K, R, [&](auto KK, auto RR) {
       row_blocks(g.m(), n_chunks(g.m()), [&](int64_t, int64_t rb, int64_t nb) {

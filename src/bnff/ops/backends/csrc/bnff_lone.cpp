@@ -66,8 +66,10 @@ BNFF_INLINE void lone_step(V x, V gv, const TermBwd& t, Get get, int64_t act, bo
 }
 
 template <typename TX, typename TG>
-void term_backward(const TG* gp, const std::vector<Src>& srcs, const std::vector<void*>& dxs, const TermBwd& t,
+void term_backward(const TG* gp, const std::vector<Src>& srcs, const std::vector<void*>& dxs, const TermBwd& t_arg,
                    const Geo& g, Mode mode, std::vector<double>& s1, std::vector<double>& s2) {
+  TermBwd t = t_arg;
+  t.act = act_for<TX>(t.act);
   const int64_t C = g.c;
   s1.assign(C, 0.0);
   s2.assign(C, 0.0);
@@ -132,7 +134,7 @@ void term_backward(const TG* gp, const std::vector<Src>& srcs, const std::vector
     return;
   }
   // the activation, the mode and the rounding as compile-time constants: no tests per vector
-  with_act(t.act, [&](auto A) {
+  with_act<true, TX>(t.act, [&](auto A) {
     with_flag(mode == kStats, [&](auto stats) {
       with_flag_for(A, t.round_bf16, [&](auto round) {
         row_blocks(rows, nc, [&](int64_t ch, int64_t rb, int64_t nb) {

@@ -219,6 +219,7 @@ inline Tensor workspace_empty(at::IntArrayRef sizes, const at::TensorOptions& op
 }
 
 #if !defined(BNFF_ACT_NONE) || !defined(BNFF_ACT_RELU) || !defined(BNFF_ACT_RELU6) || !defined(BNFF_ACT_FROM_Z) || \
+    !defined(BNFF_ACT_FAST_EXP) || \
     !defined(BNFF_ACT_MISH) || !defined(BNFF_MAX_TERMS) || !defined(BNFF_LAYOUT_NHWC)
 #error "the bnff kernels are built by bnff.ops.backends.cpu, which passes the constants it shares with Python"
 #endif
@@ -236,9 +237,19 @@ BNFF_INLINE V term(V x, V mu, V f1, V beta) { return (x - mu) * f1 + beta; }
 // cpu.ACT_CODES), bit 8 (BNFF_ACT_FROM_Z) set when its derivative is taken at the pre-activation z
 // rather than from the output a (the table's `reads`), bits 32-63 its parameter as float32 bits
 // (LeakyReLU's slope, ELU's and CELU's alpha). No activation, ReLU and ReLU6 are bare codes, which
-// the channels_last loops make compile-time constants (with_act); every other activation runs
-// through act_forward / act_grad: one switch per vector, compiled once per translation unit.
-enum Act : int64_t { kNone = BNFF_ACT_NONE, kRelu = BNFF_ACT_RELU, kRelu6 = BNFF_ACT_RELU6 };
+// the channels_last loops make compile-time constants (with_act), as they make SiLU (today's networks'
+// activation: EfficientNet, YOLO); every other activation runs through act_forward / act_grad: one
+// switch per vector, compiled once per translation unit. Bit 9 (BNFF_ACT_FAST_EXP), set by the kernels
+// themselves on SiLU over bfloat16 maps (act_for), takes SiLU's exponential as ATen's exp_u20 (its
+// softmax's: 20 ulp of float32, 2^-18 relative, far below bfloat16's half ulp of 2^-9) instead of
+// SLEEF's 1-ulp expf: the exponential was two thirds of the SiLU apply sweep's time on Zen 4.
+enum Act : int64_t {
+  kNone = BNFF_ACT_NONE,
+  kRelu = BNFF_ACT_RELU,
+  kRelu6 = BNFF_ACT_RELU6,
+  kSilu = BNFF_ACT_SILU | BNFF_ACT_FROM_Z,
+  kSiluFast = BNFF_ACT_SILU | BNFF_ACT_FROM_Z | BNFF_ACT_FAST_EXP,
+};
 constexpr int64_t act_code(int64_t act) { return act & 0xff; }
 constexpr bool from_z(int64_t act) { return (act & BNFF_ACT_FROM_Z) != 0; }
 constexpr float act_param(int64_t act) { return std::bit_cast<float>(static_cast<uint32_t>(static_cast<uint64_t>(act) >> 32)); }
@@ -281,9 +292,11 @@ struct Elu {
   }
 };
 struct Silu {
-  V fwd(V z) const { return z / (one + z.neg().exp()); }
+  bool fast;  // exp_u20 (BNFF_ACT_FAST_EXP: bfloat16 maps) or SLEEF's expf, as eager's silu
+  V exp(V x) const { return fast ? x.exp_u20() : x.exp(); }
+  V fwd(V z) const { return z / (one + exp(z.neg())); }
   V grad(V g, V z) const {
-    const V s = one / (one + z.neg().exp());
+    const V s = one / (one + exp(z.neg()));
     return g * s * (one + z * (one - s));
   }
 };
@@ -339,7 +352,7 @@ BNFF_INLINE void dispatch(int64_t act, F&& f) {
     case BNFF_ACT_ELU: return f(Elu{V(p), one, one, from_z(act)});
     case BNFF_ACT_CELU: return f(Elu{V(p), one, V(static_cast<float>(1.0 / static_cast<double>(p))), from_z(act)});
     case BNFF_ACT_SELU: return f(Elu{V(BNFF_SELU_ALPHA * BNFF_SELU_SCALE), V(BNFF_SELU_SCALE), one, from_z(act)});
-    case BNFF_ACT_SILU: return f(Silu{});
+    case BNFF_ACT_SILU: return f(Silu{(act & BNFF_ACT_FAST_EXP) != 0});
     case BNFF_ACT_HARDSWISH: return f(Hardswish{});
     case BNFF_ACT_HARDSIGMOID: return f(Hardsigmoid{});
     case BNFF_ACT_SIGMOID: return f(Sigmoid{});
@@ -365,19 +378,28 @@ __attribute__((noinline)) inline V act_grad(V g, V t, int64_t a) {
   return out;
 }
 
-// a = f(z) and dy = g * f'(t) for an activation argument: none, ReLU and ReLU6 inlined (the channels_last
-// loops make them compile-time constants, with_act), the others through act_forward / act_grad.
+// a = f(z) and dy = g * f'(t) for an activation argument: none, ReLU, ReLU6 and SiLU inlined (the
+// channels_last loops make them compile-time constants, with_act), the others through act_forward /
+// act_grad.
 BNFF_INLINE V activate(V z, int64_t a) {
   if (a == kNone) return z;
   if (a == kRelu) return act::Relu{}.fwd(z);
   if (a == kRelu6) return act::Relu6{}.fwd(z);
+  if (a == kSilu || a == kSiluFast) return act::Silu{a == kSiluFast}.fwd(z);
   return act_forward(z, a);
 }
 BNFF_INLINE V grad_of(V g, V t, int64_t a) {
   if (a == kNone) return g;
   if (a == kRelu) return act::Relu{}.grad(g, t);
   if (a == kRelu6) return act::Relu6{}.grad(g, t);
+  if (a == kSilu || a == kSiluFast) return act::Silu{a == kSiluFast}.grad(g, t);
   return act_grad(g, t, a);
+}
+// The activation argument a kernel over maps of element type TX runs: SiLU's fast exponential on
+// bfloat16 maps (BNFF_ACT_FAST_EXP), the argument as given otherwise.
+template <typename TX>
+constexpr int64_t act_for(int64_t act) {
+  return std::is_same_v<TX, at::BFloat16> && act == kSilu ? kSiluFast : act;
 }
 // dy of a lone BN term from its input x: the derivative at the recomputed z, or from the recomputed
 // a (rounded to the stored bfloat16 when the applied map is bfloat16: 5.99f stored as bfloat16 is 6,
@@ -528,18 +550,21 @@ BNFF_INLINE void with_width(int64_t n, F&& f) {
   else f(n);
 }
 
-// Whether the loops compute activation argument `act` inline (none, ReLU, ReLU6); the others run
-// through act_forward / act_grad (NCHW) or over row buffers (*_n, channels_last).
+// Whether the loops compute activation argument `act` inline in register tiles (none, ReLU, ReLU6); the
+// others run through act_forward / act_grad (NCHW) or row by row (channels_last).
 constexpr bool inline_act(int64_t act) { return act == kNone || act == kRelu || act == kRelu6; }
-// f(act) with no activation, ReLU and ReLU6 compile-time constants (no test per vector in the row
-// loops); any other activation at run time (the loops then take rows through the *_n forms), or, with
-// Runtime false (callers that take only inline activations), as none.
-template <bool Runtime = true, typename F>
+// f(act) with no activation, ReLU, ReLU6 and (with Runtime) SiLU compile-time constants (no test per
+// vector in the row loops), SiLU as act_for<TX> gives it for maps of element type TX (one instantiation
+// per TX); any other activation at run time (the loops then take rows through the *_n forms), or, with
+// Runtime false (callers that take only inline_act activations), as none.
+template <bool Runtime = true, typename TX = float, typename F>
 BNFF_INLINE void with_act(int64_t act, F&& f) {
+  constexpr int64_t silu = act_for<TX>(kSilu);
   if (act == kRelu) f(std::integral_constant<int64_t, kRelu>{});
   else if (act == kRelu6) f(std::integral_constant<int64_t, kRelu6>{});
   else if constexpr (Runtime) {
     if (act == kNone) f(std::integral_constant<int64_t, kNone>{});
+    else if (act == silu) f(std::integral_constant<int64_t, silu>{});
     else f(act);
   } else f(std::integral_constant<int64_t, kNone>{});
 }

@@ -237,8 +237,8 @@ BNFF_INLINE V term(V x, V mu, V f1, V beta) { return (x - mu) * f1 + beta; }
 // cpu.ACT_CODES), bit 8 (BNFF_ACT_FROM_Z) set when its derivative is taken at the pre-activation z
 // rather than from the output a (the table's `reads`), bits 32-63 its parameter as float32 bits
 // (LeakyReLU's slope, ELU's and CELU's alpha). No activation, ReLU and ReLU6 are bare codes, which
-// the channels_last loops make compile-time constants (with_act), as they make SiLU (today's networks'
-// activation: EfficientNet, YOLO); every other activation runs through act_forward / act_grad: one
+// the channels_last loops make compile-time constants (with_act), as they make SiLU and Hardswish
+// (today's networks' activations: EfficientNet, YOLO, MobileNetV3); every other activation runs through act_forward / act_grad: one
 // switch per vector, compiled once per translation unit. Bit 9 (BNFF_ACT_FAST_EXP), set by the kernels
 // themselves on SiLU over bfloat16 maps (act_for), takes SiLU's exponential as ATen's exp_u20 (its
 // softmax's: 20 ulp of float32, 2^-18 relative, far below bfloat16's half ulp of 2^-9) instead of
@@ -249,6 +249,7 @@ enum Act : int64_t {
   kRelu6 = BNFF_ACT_RELU6,
   kSilu = BNFF_ACT_SILU | BNFF_ACT_FROM_Z,
   kSiluFast = BNFF_ACT_SILU | BNFF_ACT_FROM_Z | BNFF_ACT_FAST_EXP,
+  kHardswish = BNFF_ACT_HARDSWISH | BNFF_ACT_FROM_Z,
 };
 constexpr int64_t act_code(int64_t act) { return act & 0xff; }
 constexpr bool from_z(int64_t act) { return (act & BNFF_ACT_FROM_Z) != 0; }
@@ -378,7 +379,7 @@ __attribute__((noinline)) inline V act_grad(V g, V t, int64_t a) {
   return out;
 }
 
-// a = f(z) and dy = g * f'(t) for an activation argument: none, ReLU, ReLU6 and SiLU inlined (the
+// a = f(z) and dy = g * f'(t) for an activation argument: none, ReLU, ReLU6, SiLU and Hardswish inlined (the
 // channels_last loops make them compile-time constants, with_act), the others through act_forward /
 // act_grad.
 BNFF_INLINE V activate(V z, int64_t a) {
@@ -386,6 +387,7 @@ BNFF_INLINE V activate(V z, int64_t a) {
   if (a == kRelu) return act::Relu{}.fwd(z);
   if (a == kRelu6) return act::Relu6{}.fwd(z);
   if (a == kSilu || a == kSiluFast) return act::Silu{a == kSiluFast}.fwd(z);
+  if (a == kHardswish) return act::Hardswish{}.fwd(z);
   return act_forward(z, a);
 }
 BNFF_INLINE V grad_of(V g, V t, int64_t a) {
@@ -393,6 +395,7 @@ BNFF_INLINE V grad_of(V g, V t, int64_t a) {
   if (a == kRelu) return act::Relu{}.grad(g, t);
   if (a == kRelu6) return act::Relu6{}.grad(g, t);
   if (a == kSilu || a == kSiluFast) return act::Silu{a == kSiluFast}.grad(g, t);
+  if (a == kHardswish) return act::Hardswish{}.grad(g, t);
   return act_grad(g, t, a);
 }
 // The activation argument a kernel over maps of element type TX runs: SiLU's fast exponential on
@@ -553,7 +556,7 @@ BNFF_INLINE void with_width(int64_t n, F&& f) {
 // Whether the loops compute activation argument `act` inline in register tiles (none, ReLU, ReLU6); the
 // others run through act_forward / act_grad (NCHW) or row by row (channels_last).
 constexpr bool inline_act(int64_t act) { return act == kNone || act == kRelu || act == kRelu6; }
-// f(act) with no activation, ReLU, ReLU6 and (with Runtime) SiLU compile-time constants (no test per
+// f(act) with no activation, ReLU, ReLU6 and (with Runtime) SiLU and Hardswish compile-time constants (no test per
 // vector in the row loops), SiLU as act_for<TX> gives it for maps of element type TX (one instantiation
 // per TX); any other activation at run time (the loops then take rows through the *_n forms), or, with
 // Runtime false (callers that take only inline_act activations), as none.
@@ -565,6 +568,7 @@ BNFF_INLINE void with_act(int64_t act, F&& f) {
   else if constexpr (Runtime) {
     if (act == kNone) f(std::integral_constant<int64_t, kNone>{});
     else if (act == silu) f(std::integral_constant<int64_t, silu>{});
+    else if (act == kHardswish) f(std::integral_constant<int64_t, kHardswish>{});
     else f(act);
   } else f(std::integral_constant<int64_t, kNone>{});
 }

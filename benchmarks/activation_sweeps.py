@@ -15,11 +15,11 @@ calls after 3 warm-up calls, in ms. Prints the CPU (``bnff.machine``) and a mark
 
 import argparse
 import json
-import time
 
 import torch
 import torch.nn.functional as F
 
+import sweep_bandwidth
 from bnff import activations
 from bnff.atomic import atomic_open
 from bnff.machine import cpu_info, describe
@@ -30,15 +30,8 @@ DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def _time(fn, repeats: int) -> float:
-    """Lower quartile of ``repeats`` timed calls of ``fn`` after 3 warm-up calls, in ms."""
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return 1e3 * sorted(times)[len(times) // 4]
+    """Lower quartile of ``repeats`` timed calls of ``fn`` after 3 warm-up calls, in ms (sweep_bandwidth's)."""
+    return 1e3 * sweep_bandwidth._time(fn, repeats)
 
 
 def measure(shape: tuple[int, ...], dtype: torch.dtype, kinds: list[str], repeats: int) -> dict:

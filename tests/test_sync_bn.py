@@ -7,7 +7,6 @@ DistributedDataParallel itself, or by an all-reduce as DDP does."""
 
 from __future__ import annotations
 
-import copy
 import datetime
 import os
 

@@ -62,6 +62,8 @@ CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 """Convolutions over (N, C, L), (N, C, H, W) and (N, C, D, H, W) maps: producers and consumers of groups."""
 BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 """BN modules fused (with ``SyncBatchNorm``); a ``BatchNorm1d`` only on a convolution's (N, C, L) output."""
+SPLITS = frozenset({"split", "chunk", "tensor_split", "unbind", "split_with_sizes"})
+"""Functions and methods (by name) that cut a tensor into views of its parts, taken by ``operator.getitem``."""
 
 _ADD_FUNCS = {operator.add, operator.iadd, torch.add}
 _MAXPOOL_FUNCS = {F.max_pool2d, F.adaptive_max_pool2d}

@@ -24,10 +24,9 @@ import torch.fx as fx
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
-from bnff.graph.kinds import Kind, classify, is_inplace, module_name
+from bnff.graph.kinds import SPLITS, Kind, classify, is_inplace, module_name
 from bnff.graph.trace import LeafSpec, trace
 
-_SPLITS = {"split", "chunk", "tensor_split", "unbind", "split_with_sizes"}
 
 
 def _piece_of(node: fx.Node) -> fx.Node | None:
@@ -37,7 +36,7 @@ def _piece_of(node: fx.Node) -> fx.Node | None:
         return None
     parts = node.args[0]
     name = parts.target if parts.op == "call_method" else getattr(parts.target, "__name__", None)
-    if parts.op not in ("call_method", "call_function") or name not in _SPLITS or not parts.args:
+    if parts.op not in ("call_method", "call_function") or name not in SPLITS or not parts.args:
         return None
     return parts.args[0] if isinstance(parts.args[0], fx.Node) else None
 

@@ -175,7 +175,7 @@ def _rows(t: Tensor) -> tuple[Tensor, bool] | None:
     return None
 
 
-class FoldedGateConsumer:
+class FoldedGateConsumer(GatedConsumer):
     """A squeeze-and-excitation in front of a 1x1 convolution (stride 1, one group; ``GroupPlan.gate_folded``),
     the gate folded into the weights per sample, as F1 is folded into the apply step:
     ``out[n] = (W * gate[n]) @ a[n] (+ bias)``, one batched matrix product (``torch.bmm``) over the rows
@@ -189,15 +189,9 @@ class FoldedGateConsumer:
     (one ``bmm``), the per-sample weight gradient G[n] = g[n] a[n]^T (one ``bmm``, (N, C_out, C)), from
     which dL/dW = sum_n G[n] * gate[n] and dL/dgate[n] = sum_o G[n] * W (summed in float32 at least);
     the gate's layers' backward runs under autograd on the (N, C) vectors, and the pool's share of
-    dL/da, dL/dpooled / (H*W), is added to dL/da in place.
+    dL/da, dL/dpooled / (H*W), is added to dL/da in place. Its parameters are ``GatedConsumer``'s (the
+    gate's, then the convolution's); ``layer`` is a ``ConvConsumer``.
     """
-
-    def __init__(self, gate: nn.Module, layer: "ConvConsumer") -> None:
-        self.gate, self.layer = gate, layer
-        self.names = tuple(name for name, _ in gate.named_parameters())
-
-    def params(self, amp_dtype):
-        return tuple(p for _, p in self.gate.named_parameters()) + tuple(self.layer.params(amp_dtype))
 
     def _gate(self, a: Tensor, params, amp_dtype, grad: bool = False):
         """(pooled, gate): the pooled map, requiring grad when ``grad``, and the gate computed from it."""

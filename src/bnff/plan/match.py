@@ -51,13 +51,12 @@ from torch import nn
 
 from bnff import activations
 from bnff.graph import bn_forms, consumers
-from bnff.graph.kinds import Kind, NodeInfo, cat_dim, classify, is_mean, is_mul, module_name
+from bnff.graph.kinds import SPLITS, Kind, NodeInfo, cat_dim, classify, is_mean, is_mul, module_name
 
 _SOURCE_KINDS = (Kind.CONV, Kind.MAXPOOL, Kind.AVGPOOL)
 _SQUEEZE_MAX = 16  # nodes in a squeeze-and-excitation gate: a few layers, never a network
 _RESHAPES = ("view", "reshape", "flatten", "unsqueeze", "squeeze")
 _RESHAPE_FUNCS = (torch.flatten, torch.reshape, torch.unsqueeze, torch.squeeze)
-_SPLITS = ("split", "chunk", "tensor_split", "split_with_sizes")
 
 
 def _global_pool(n: fx.Node, modules: dict[str, nn.Module]) -> bool:
@@ -72,11 +71,17 @@ def _global_pool(n: fx.Node, modules: dict[str, nn.Module]) -> bool:
         return isinstance(m, (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)) and m.output_size in one
     if n.op == "call_function" and n.target is nn.functional.adaptive_avg_pool2d:
         return len(n.args) == 2 and n.args[1] in one and not n.kwargs
-    if is_mean(n):
-        dim = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim")
-        keep = n.args[2] if len(n.args) > 2 else n.kwargs.get("keepdim", False)
-        return isinstance(dim, (tuple, list)) and len(dim) > 0 and all(isinstance(d, int) for d in dim) and keep is True
-    return False
+    return _mean_dims(n) is not None
+
+
+def _mean_dims(n: fx.Node) -> tuple[int, ...] | None:
+    """The dimensions ``n`` averages over when it is ``x.mean(dims, keepdim=True)`` with int dims, else None."""
+    if not is_mean(n):
+        return None
+    dim = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim")
+    keep = n.args[2] if len(n.args) > 2 else n.kwargs.get("keepdim", False)
+    ok = isinstance(dim, (tuple, list)) and len(dim) > 0 and all(isinstance(d, int) for d in dim) and keep is True
+    return tuple(dim) if ok else None
 
 
 def _spatial_mean_2d(n: fx.Node, modules: dict[str, nn.Module]) -> bool:
@@ -86,10 +91,7 @@ def _spatial_mean_2d(n: fx.Node, modules: dict[str, nn.Module]) -> bool:
         return isinstance(modules[n.target], nn.AdaptiveAvgPool2d) and modules[n.target].output_size in (1, (1, 1))
     if n.op == "call_function" and n.target is nn.functional.adaptive_avg_pool2d:
         return _global_pool(n, modules)
-    if is_mean(n) and _global_pool(n, modules):
-        dim = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim")
-        return sorted(dim) in ([2, 3], [-2, -1])
-    return False
+    return sorted(_mean_dims(n) or ()) in ([2, 3], [-2, -1])
 
 
 def _times(n: fx.Node, x: fx.Node) -> fx.Node | None:
@@ -397,7 +399,7 @@ class _Matcher:
         if n.op == "call_function" and n.target is operator.getitem:
             return isinstance(n.args[0], fx.Node) and self.passage(n.args[0])
         name = n.target if n.op == "call_method" else getattr(n.target, "__name__", None)
-        return (self.kind(n) == Kind.CAT or (n.op in ("call_method", "call_function") and name in _SPLITS)
+        return (self.kind(n) == Kind.CAT or (n.op in ("call_method", "call_function") and name in SPLITS)
                 or (n.op == "call_method" and n.target == "contiguous"))
 
     def rebuilt_from(self, n: fx.Node, leaves: set[fx.Node], path: list[fx.Node]) -> list[fx.Node] | None:

@@ -205,6 +205,47 @@ def test_folded_gate_consumer_equals_the_scaled_map_in_float64(fmt, gen):
         assert ga_f.stride() == a.stride() or not a.is_contiguous(memory_format=fmt)
 
 
+@reference_only
+def test_gate_consumers_compute_with_the_parameters_they_are_given(gen):
+    """The gate consumers call their gate module directly when handed its own parameters and through
+    ``torch.func.functional_call`` otherwise (as when a caller substitutes them): given clones of another
+    gate's parameters they equal that gate's consumer bit for bit, forward and backward; a frozen gate
+    parameter gets no gradient, the others the same ones."""
+    import copy
+
+    from bnff.ops.consumers import FoldedGateConsumer, GatedConsumer, make
+
+    class Gate(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Conv2d(C, 3, 1), nn.Conv2d(3, C, 1)
+
+        def forward(self, a):
+            return torch.sigmoid(self.fc2(torch.relu(self.fc1(a.mean((2, 3), keepdim=True)))))
+
+    conv = nn.Conv2d(C, D, 1).double()
+    for kind in (FoldedGateConsumer, GatedConsumer):
+        gate = Gate().double()
+        other = copy.deepcopy(gate)
+        with torch.no_grad():
+            for p in other.parameters():
+                p.mul_(2)
+        mine, theirs = kind(gate, make(conv)), kind(other, make(conv))
+        a = torch.randn(3, C, 5, 7, generator=gen, dtype=torch.float64)
+        g = torch.randn(3, D, 5, 7, generator=gen, dtype=torch.float64)
+        clones = tuple(p.detach().clone().requires_grad_(True) for p in theirs.params(None))
+        needs = (True,) * (1 + len(clones))
+        want = (theirs.forward(a, theirs.params(None), None), theirs.backward(a, g, theirs.params(None), None, needs))
+        got = (mine.forward(a, clones, None), mine.backward(a, g, clones, None, needs))
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1][0], want[1][0])
+        assert all(torch.equal(x, y) for x, y in zip(got[1][1], want[1][1]))
+        assert not torch.equal(mine.forward(a, mine.params(None), None), want[0])
+        gate.fc1.bias.requires_grad_(False)
+        frozen = mine.backward(a, g, mine.params(None), None, needs)[1]
+        names = [n for n, _ in gate.named_parameters()]
+        assert frozen[names.index("fc1.bias")] is None and frozen[names.index("fc1.weight")] is not None
+
+
 def test_folded_gate_forms_no_scaled_map(gen):
     """On the cpu backend (whose apply step is one kernel), no operator of a training step writes a map of
     the scaled map's shape except the apply step, the input gradient and the gate's pool gradient: the

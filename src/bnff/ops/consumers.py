@@ -137,16 +137,40 @@ class GatedConsumer:
     def __init__(self, gate: nn.Module, layer: Consumer) -> None:
         self.gate, self.layer = gate, layer
         self.names = tuple(name for name, _ in gate.named_parameters())
+        self._own = tuple(p for _, p in gate.named_parameters())
 
     def params(self, amp_dtype):
         return tuple(p for _, p in self.gate.named_parameters()) + tuple(self.layer.params(amp_dtype))
+
+    def _run_gate(self, x: Tensor, gate_params) -> Tensor:
+        """``gate(x)`` with ``gate_params`` as its parameters: the module itself when they are its own
+        (the usual case; ``torch.func.functional_call`` swaps parameters in and out at some 150 us a
+        call), else through ``functional_call``."""
+        if len(gate_params) == len(self._own) and all(p is q for p, q in zip(gate_params, self._own)):
+            return self.gate(x)
+        return torch.func.functional_call(self.gate, dict(zip(self.names, gate_params)), (x,))
+
+    def _grad_params(self, gate_params) -> list[Tensor]:
+        """The gate's parameters to differentiate by in the backward: its own (``autograd.grad`` then gives
+        their gradients without accumulating them), or detached copies of other ones."""
+        if len(gate_params) == len(self._own) and all(p is q for p, q in zip(gate_params, self._own)):
+            return list(gate_params)
+        return [p.detach().requires_grad_(True) for p in gate_params]
+
+    @staticmethod
+    def _grads(out: Tensor, first: Tensor, gate_params: list[Tensor], grad: Tensor) -> tuple:
+        """(d out / d first, *d out / d gate_params) for ``grad``: None for a parameter that needs none."""
+        wrt = [p for p in gate_params if p.requires_grad]
+        g_first, *g = torch.autograd.grad(out, [first, *wrt], grad)
+        it = iter(g)
+        return (g_first, *(next(it) if p.requires_grad else None for p in gate_params))
 
     def _scaled(self, a: Tensor, params, amp_dtype) -> tuple[Tensor, tuple]:
         """(a * gate(a) as eager computes it, the layer's parameters)."""
         k = len(self.names)
         with torch.autocast(a.device.type, dtype=amp_dtype or torch.get_autocast_dtype(a.device.type),
                             enabled=amp_dtype is not None):
-            gate = torch.func.functional_call(self.gate, dict(zip(self.names, params[:k])), (a,))
+            gate = self._run_gate(a, params[:k])
             return a * gate, params[k:]
 
     def forward(self, a, params, amp_dtype):
@@ -157,10 +181,10 @@ class GatedConsumer:
         k = len(self.names)
         with torch.enable_grad():
             a = a.detach().requires_grad_(True)
-            gate_params = [p.detach().requires_grad_(True) for p in params[:k]]
+            gate_params = self._grad_params(params[:k])
             s, layer_params = self._scaled(a, (*gate_params, *params[k:]), amp_dtype)
             g_s, layer_grads = self.layer.backward(s.detach(), grad_out, layer_params, amp_dtype, (True, *needs[1 + k:]))
-            g_a, *g_gate = torch.autograd.grad(s, [a, *gate_params], g_s)
+            g_a, *g_gate = self._grads(s, a, gate_params, g_s)
         return _in_layout_of(g_a, a), (*g_gate, *layer_grads)
 
 
@@ -200,8 +224,7 @@ class FoldedGateConsumer(GatedConsumer):
             pooled.requires_grad_(True)
         with torch.autocast(a.device.type, dtype=amp_dtype or torch.get_autocast_dtype(a.device.type),
                             enabled=amp_dtype is not None):
-            return pooled, torch.func.functional_call(self.gate, dict(zip(self.names, params[:len(self.names)])),
-                                                      (pooled,))
+            return pooled, self._run_gate(pooled, params[:len(self.names)])
 
     def _folds(self, a: Tensor, weight: Tensor) -> tuple[Tensor, bool] | None:
         rows = _rows(a)
@@ -228,7 +251,7 @@ class FoldedGateConsumer(GatedConsumer):
         k = len(self.names)
         weight, bias = params[k:]
         n, c, h, w = a.shape
-        gate_params = [p.detach().requires_grad_(True) for p in params[:k]]
+        gate_params = self._grad_params(params[:k])
         with torch.enable_grad():
             pooled, gate = self._gate(a, (*gate_params, *params[k:]), amp_dtype, grad=True)
         rows = self._folds(a, weight)
@@ -259,7 +282,7 @@ class FoldedGateConsumer(GatedConsumer):
             layer_grads = (g_weight, g_bias)
             g_gate = (g_wn * weight.view(1, -1, c).to(acc)).sum(1).view(n, c, 1, 1)
             g_x = _in_layout_of(g_x.to(a.dtype), a)
-        g_pooled, *g_gate_params = torch.autograd.grad(gate, [pooled, *gate_params], g_gate.to(gate.dtype))
+        g_pooled, *g_gate_params = self._grads(gate, pooled, gate_params, g_gate.to(gate.dtype))
         g_x.add_((g_pooled / (h * w)).to(g_x.dtype))
         return g_x, (*g_gate_params, *layer_grads)
 

@@ -186,9 +186,10 @@ std::vector<Tensor> group_forward(const c10::List<OptTensor>& flat, at::IntArray
   return result;
 }
 
-// The backward of the group: its plan's backward steps. Returns a gradient (or undefined: None)
-// per flat argument.
-std::vector<Tensor> group_backward(const c10::List<OptTensor>& flat, const OptTensor& a_kept,
+// The backward of the group: its plan's backward steps. Returns a gradient (or None) per flat argument
+// (Tensor?[]: a Python dispatch mode, such as torch's FlopCounterMode, hands the result back through
+// Python, where an undefined tensor in a Tensor[] does not convert).
+c10::List<OptTensor> group_backward(const c10::List<OptTensor>& flat, const OptTensor& a_kept,
                                    const c10::List<OptTensor>& grad_outs, at::IntArrayRef terms,
                                    at::IntArrayRef residuals, at::IntArrayRef convs, at::IntArrayRef steps,
                                    int64_t act, at::ArrayRef<double> eps, at::IntArrayRef batch, at::IntArrayRef needs,
@@ -307,7 +308,9 @@ std::vector<Tensor> group_backward(const c10::List<OptTensor>& flat, const OptTe
   }
   for (int64_t j = c.r0; j < c.r0 + c.rn; ++j)
     if (needs[j]) grads[j] = as_dtype(dy, out_dtype);
-  return grads;
+  c10::List<OptTensor> out;
+  for (const Tensor& t : grads) out.push_back(t.defined() ? OptTensor(t) : std::nullopt);
+  return out;
 }
 
 }  // namespace
@@ -317,7 +320,7 @@ TORCH_LIBRARY_FRAGMENT(bnff, m) {
         "float[] eps, ScalarType out_dtype, int layout) -> Tensor[]");
   m.def("group_backward(Tensor?[] flat, Tensor? a, Tensor?[] grad_outs, int[] terms, int[] residuals, int[] convs, "
         "int[] steps, int act, float[] eps, int[] batch, int[] needs, bool per_consumer, ScalarType out_dtype, "
-        "int layout) -> Tensor[]");
+        "int layout) -> Tensor?[]");
 }
 
 TORCH_LIBRARY_IMPL(bnff, CPU, m) {

@@ -118,7 +118,8 @@ def bn_statistics(sources: tuple[Tensor, ...], stats: tuple[Stats | None, ...],
     group = bn_math.sync_group(bn)
     if group is not None:  # SyncBatchNorm: the statistics of the mini-batch of every process
         with torch.no_grad():
-            count, s, q = bn_math.all_reduce_sums(group, torch.tensor([float(m)]), mean * m, (var + mean * mean) * m)
+            count, s, q = bn_math.all_reduce_sums(group, torch.tensor([float(m)], device=mean.device), mean * m,
+                                                  (var + mean * mean) * m)
             m = int(count.item())
             g_mean = s / m
             mean, var = g_mean.to(mean.dtype), (q / m - g_mean * g_mean).clamp_min(0).to(var.dtype)
@@ -330,7 +331,7 @@ def _synced(group, s1: Tensor, s2c: Tensor, sources: list[Tensor]) -> tuple[Tens
     if group is None:
         return s1, s2c
     m = sources[0].numel() // sources[0].shape[1]
-    count, a, b = bn_math.all_reduce_sums(group, torch.tensor([float(m)]), s1 * m, s2c * m)
+    count, a, b = bn_math.all_reduce_sums(group, torch.tensor([float(m)], device=s1.device), s1 * m, s2c * m)
     total = count.item()
     return (a / total).to(s1.dtype), (b / total).to(s2c.dtype)
 

@@ -142,18 +142,22 @@ class GatedConsumer:
     def params(self, amp_dtype):
         return tuple(p for _, p in self.gate.named_parameters()) + tuple(self.layer.params(amp_dtype))
 
+    def _owns(self, gate_params) -> bool:
+        """Whether ``gate_params`` are the gate module's own parameters (the usual case)."""
+        return len(gate_params) == len(self._own) and all(p is q for p, q in zip(gate_params, self._own))
+
     def _run_gate(self, x: Tensor, gate_params) -> Tensor:
         """``gate(x)`` with ``gate_params`` as its parameters: the module itself when they are its own
-        (the usual case; ``torch.func.functional_call`` swaps parameters in and out at some 150 us a
-        call), else through ``functional_call``."""
-        if len(gate_params) == len(self._own) and all(p is q for p, q in zip(gate_params, self._own)):
+        (``torch.func.functional_call`` swaps parameters in and out at some 150 us a call), else through
+        ``functional_call``."""
+        if self._owns(gate_params):
             return self.gate(x)
         return torch.func.functional_call(self.gate, dict(zip(self.names, gate_params)), (x,))
 
     def _grad_params(self, gate_params) -> list[Tensor]:
         """The gate's parameters to differentiate by in the backward: its own (``autograd.grad`` then gives
         their gradients without accumulating them), or detached copies of other ones."""
-        if len(gate_params) == len(self._own) and all(p is q for p, q in zip(gate_params, self._own)):
+        if self._owns(gate_params):
             return list(gate_params)
         return [p.detach().requires_grad_(True) for p in gate_params]
 

@@ -57,7 +57,8 @@ MAX_TERMS = 4  # BN terms or shortcuts of one call the kernels take; more run th
 # The plan's step kinds the group executor (csrc/bnff_group.cpp) runs, as its program encodes them
 STEP_CODES = {"apply": 0, "consume": 1, "recompute": 2, "grad_layout": 3, "consumer_backward": 4, "grad_add": 5,
               "grad_stats_x": 6, "grad_stats": 7, "input_grad": 8, "input_grad_x": 9}
-SHARED_DEFINES = ([f"-DBNFF_ACT_NONE={ACT_CODES['identity']}", f"-DBNFF_ACT_FROM_Z={ACT_FROM_Z}", f"-DBNFF_ACT_FAST_EXP={ACT_FAST_EXP}",
+SHARED_DEFINES = ([f"-DBNFF_ACT_NONE={ACT_CODES['identity']}", f"-DBNFF_ACT_FROM_Z={ACT_FROM_Z}",
+                   f"-DBNFF_ACT_FAST_EXP={ACT_FAST_EXP}",
                    f"-DBNFF_SELU_ALPHA={activations.SELU_ALPHA!r}f", f"-DBNFF_SELU_SCALE={activations.SELU_SCALE!r}f"]
                   + [f"-DBNFF_ACT_{k.upper()}={v}" for k, v in ACT_CODES.items() if k != "identity"]
                   + [f"-DBNFF_LAYOUT_NHWC={LAYOUT_CODES['nhwc']}", f"-DBNFF_MAX_TERMS={MAX_TERMS}"]

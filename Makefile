@@ -14,11 +14,12 @@ demo: $(STAMP)
 	$(VENV)/bin/bnff train --compare --image-size 16 --out runs/demo
 
 # The exactness tests run twice: on this CPU's own kernels, then with ATen, oneDNN, MKL and bnff's
-# kernels held to AVX2 (its own build cache), so AVX-512 machines also exercise the AVX2 paths.
+# kernels (and libxsmm's, when installed) held to AVX2 (its own build cache), so AVX-512 machines also
+# exercise the AVX2 paths.
 # The rehearsal skips the pure-PyTorch "reference" backend's cases (it has no kernels of its own),
 # Inception-v3 under bf16 and in fp32, and ResNet-18 under bf16 (16, 13 and 17 s of emulated bf16 or
 # of a large graph at AVX2; DenseNet, MobileNetV2 and the pattern tests cover the same kernels there).
-AVX2 := ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2
+AVX2 := ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 LIBXSMM_TARGET=hsw
 REHEARSAL_SKIPS := --deselect 'tests/test_restructure.py::test_bf16_autocast_channels_last_tracks_eager[cpu]' \
 	--deselect 'tests/test_families.py::test_fp32_as_accurate_as_eager_against_float64[inception_v3-cpu]'
 

@@ -37,12 +37,13 @@ import torch
 from torch import Tensor
 
 from bnff import activations
-from bnff.ops.backends import reference
+from bnff.ops.backends import libxsmm, reference
 
 _CSRC = Path(__file__).parent / "csrc"
-# Four translation units (the build compiles them side by side) and the header three of them share;
+# Five translation units (the build compiles them side by side) and the header they share;
 # torch rebuilds when a source changes, the header's text is part of build_spec's key
-_SOURCES = [_CSRC / "bnff_group.cpp", _CSRC / "bnff_backward.cpp", _CSRC / "bnff_lone.cpp", _CSRC / "bnff_cpu.cpp"]
+_SOURCES = [_CSRC / "bnff_group.cpp", _CSRC / "bnff_backward.cpp", _CSRC / "bnff_lone.cpp", _CSRC / "bnff_cpu.cpp",
+            _CSRC / "bnff_pointwise.cpp"]
 _HEADERS = [_CSRC / "bnff_sweeps.h"]
 # Constants the kernels share with this module, defined here only and passed to the compiler as -D flags
 # (so they are part of the build cache's key).
@@ -134,7 +135,7 @@ def build_spec(level: str | None = None) -> tuple[str, Path, list[str]]:
     level = isa() if level is None else level
     if level not in ISA_FLAGS:
         raise ValueError(f"unknown ISA level {level!r}; expected one of {sorted(ISA_FLAGS)}")
-    flags = _COMMON_FLAGS + ISA_FLAGS[level] + SHARED_DEFINES
+    flags = _COMMON_FLAGS + ISA_FLAGS[level] + SHARED_DEFINES + libxsmm.find().cflags
     headers = [h.read_bytes() for h in _HEADERS]
     key = hashlib.sha256(repr((flags, torch.__version__, _compiler_id(), sys.version_info[:2], headers)).encode()).hexdigest()
     name = f"bnff_cpu_{level}_{key[:10]}"
@@ -155,7 +156,8 @@ def _ninja_on_path() -> None:
         os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + path
 
 
-def load_extension(name: str, sources: list[str], directory: Path, flags: list[str], verbose: bool = False) -> None:
+def load_extension(name: str, sources: list[str], directory: Path, flags: list[str], verbose: bool = False,
+                   ldflags: tuple[str, ...] = ()) -> None:
     """Build (if needed) and load a C++ extension into ``directory``, safe against killed builds.
 
     torch's builder guards a folder with a ``lock`` file that a build killed midway (Ctrl-C, a
@@ -174,7 +176,7 @@ def load_extension(name: str, sources: list[str], directory: Path, flags: list[s
         fcntl.flock(guard, fcntl.LOCK_EX)
         try:
             (directory / "lock").unlink(missing_ok=True)
-            cpp_extension.load(name=name, sources=sources, extra_cflags=flags, extra_ldflags=["-fopenmp"],
+            cpp_extension.load(name=name, sources=sources, extra_cflags=flags, extra_ldflags=["-fopenmp", *ldflags],
                                build_directory=str(directory), is_python_module=False, verbose=verbose)
         finally:
             fcntl.flock(guard, fcntl.LOCK_UN)
@@ -182,7 +184,8 @@ def load_extension(name: str, sources: list[str], directory: Path, flags: list[s
 
 def _build() -> None:
     name, directory, flags = build_spec()
-    load_extension(name, [str(p) for p in _SOURCES], directory, flags, verbose=bool(os.environ.get("BNFF_VERBOSE_BUILD")))
+    load_extension(name, [str(p) for p in _SOURCES], directory, flags, verbose=bool(os.environ.get("BNFF_VERBOSE_BUILD")),
+                   ldflags=tuple(libxsmm.find().ldflags))
     _state["library"] = directory
     _register_fakes()
 
@@ -230,6 +233,14 @@ def _register_fakes() -> None:
     @torch.library.register_fake("bnff::running_update")
     def _(rm, rv, mean, var, factor, m):
         return None
+
+    @torch.library.register_fake("bnff::pointwise_forward")
+    def _(sources, n_sources, means, f1s, betas, residuals, act, weight, stride, stats, block_rows, layout):
+        like = residuals[0] if residuals else sources[0]
+        h, w = (like.shape[2] - 1) // stride + 1, (like.shape[3] - 1) // stride + 1
+        vec = like.new_empty(weight.shape[0] if stats else 0, dtype=torch.float32)
+        return (torch.empty((like.shape[0], weight.shape[0], h, w), dtype=weight.dtype, device=like.device,
+                            memory_format=torch.channels_last), vec, torch.empty_like(vec))
 
     @torch.library.register_fake("bnff::input_grad")
     def _(dy, sources, mean, f1, b, s1, layout):
@@ -558,6 +569,73 @@ def group_backward(flat: list[Tensor | None], a: Tensor | None, grad_outs: list[
                                                  out_dtype, layout)
 
 
+def pointwise_why(dtype: torch.dtype | None = None) -> str | None:
+    """Why the fused pointwise convolution (``pointwise_forward``) cannot run here, or None when it can:
+    the kernels did not build, or were built without libxsmm (``libxsmm.find().why``), or libxsmm has
+    no GEMM kernel of ``dtype`` (float32 or bfloat16; None: either) at its target (bfloat16 below AVX-512)."""
+    if not available():
+        return "kernels not built"
+    if libxsmm.find().why is not None:
+        return libxsmm.find().why
+    target = pointwise_target()
+    if dtype is not None and not torch.ops.bnff.pointwise_has(dtype):
+        return f"libxsmm has no {str(dtype).removeprefix('torch.')} GEMM kernel at target {target}"
+    return None
+
+
+def pointwise_target() -> str | None:
+    """libxsmm's target architecture for the micro-kernels ("cpx", "skx", "hsw", ...: held to ``isa()``'s
+    level by ``libxsmm.TARGETS`` unless LIBXSMM_TARGET is set), or None without libxsmm."""
+    if not available() or libxsmm.find().why is not None:
+        return None
+    if "target" not in _state:
+        _state["target"] = str(torch.ops.bnff.pointwise_target(libxsmm.TARGETS[isa()]))
+    return str(_state["target"])
+
+
+def pointwise_forward(sources: list[list[Tensor]], means: list[Tensor], f1s: list[Tensor], betas: list[Tensor | None],
+                      residuals: list[Tensor], act: str | None, weight: Tensor, stride: int = 1, stats: bool = False,
+                      block_rows: int = 0) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """A 1x1 convolution of a fused group's result, the result never written (csrc/bnff_pointwise.cpp).
+
+    ``y = conv2d(a, weight, stride=stride)`` with ``a = act(sum_k BN_k(sources_k) + sum_j residuals_j)``
+    (the apply step of ``reference.apply``: the same arguments and bits), computed in blocks of
+    ``block_rows`` output rows (0: sized for the L2 cache) on libxsmm's micro-kernels, and, with
+    ``stats``, y's per-channel mean and biased variance (``channel_stats`` of y) from each block while
+    it is in cache. With no BN term, one shortcut and no activation it is the plain libxsmm 1x1
+    convolution of that shortcut.
+
+    Args:
+        sources, means, f1s, betas, residuals, act: as ``reference.apply``; every map (N, C, H, W)
+            channels_last, one dtype, float32 or bfloat16.
+        weight: (C_out, C, 1, 1), float32 (with float32 maps) or bfloat16 (a is rounded to bfloat16
+            as autocast's cast would, then multiplied with float32 accumulation). Any layout: it is
+            packed per call (C_out * C elements).
+        stride: the convolution's stride (both dimensions); no padding, no bias, one group.
+        stats: also return y's mean and biased variance, each (C_out,) float32; else None, None.
+        block_rows: output rows per block (a multiple of nothing in particular; 0: automatic).
+    Returns:
+        (y (N, C_out, H_out, W_out) channels_last in weight's dtype, mean or None, var or None).
+    Raises:
+        RuntimeError: ``pointwise_why()`` is not None (the message names it), or the call is outside
+            what the kernel takes (the message names the argument), or libxsmm has no kernel of this
+            dtype for the CPU (bfloat16 below AVX-512).
+    """
+    why = pointwise_why(weight.dtype)  # (first: libxsmm set to its target before any kernel is generated)
+    if why is not None:
+        raise RuntimeError(f"bnff: the fused pointwise convolution is unavailable: {why}")
+    flat = [s for srcs in sources for s in srcs]
+    maps = [*flat, *residuals]
+    if any(_layout(t) != "nhwc" for t in maps) or len({t.dtype for t in maps}) != 1:
+        raise RuntimeError("bnff pointwise: every feature map must be a channels_last float32 or bfloat16 CPU tensor "
+                           "of one dtype")
+    y, mean, var = torch.ops.bnff.pointwise_forward(
+        flat, [len(s) for s in sources], [_f32(m) for m in means], [_f32(f) for f in f1s],
+        [_beta(b, f) for b, f in zip(betas, f1s)], residuals, act_arg(act), weight.detach().contiguous(), stride,
+        stats, block_rows, LAYOUT_CODES["nhwc"])
+    return (y, mean, var) if stats else (y, None, None)
+
+
 def _float32(*vectors: Tensor | None) -> bool:
     """Whether the vector kernels take these per-channel vectors: float32 (float64 ones, of a float64
     model, run the reference's; not counted in ``fallbacks``, which counts sweeps over feature maps)."""
@@ -587,5 +665,5 @@ def running_update(running_mean: Tensor, running_var: Tensor, mean: Tensor, var:
 
 
 __all__ = ["COVERAGE", "ISA_FLAGS", "apply", "available", "build_spec", "channel_stats", "dense_like", "fallbacks", "grad_stats", "grad_stats_x",
-           "input_grad", "input_grad_x", "isa", "kernel_calls", "group_layout", "group_forward", "group_backward", "load_extension", "release_workspace", "scale",
+           "input_grad", "input_grad_x", "isa", "kernel_calls", "pointwise_forward", "pointwise_target", "pointwise_why", "group_layout", "group_forward", "group_backward", "load_extension", "release_workspace", "scale",
            "backward_vectors", "running_update", "workspace_bytes"]

@@ -10,18 +10,8 @@ namespace bnff_cpu {
 // ---- channel_stats ------------------------------------------------------------------------------
 // Welford/Chan: each block (256 rows of a channels_last tile, or a run of an NCHW plane, in
 // cache) gives its mean and M2 = sum (x - mean_b)^2 by two passes; blocks merge in double with
-// Chan's formula. As accurate as ATen's var_mean; the raw one-sweep sum x^2 / m - mu^2, even on
-// shifted data, is ~10x worse.
-struct Moments {
-  double n = 0, mean = 0, m2 = 0;
-  void merge(double nb, double mb, double m2b) {
-    if (nb == 0) return;
-    const double tot = n + nb, delta = mb - mean;
-    mean += delta * nb / tot;
-    m2 += m2b + delta * delta * n * nb / tot;
-    n = tot;
-  }
-};
+// Chan's formula (Moments). As accurate as ATen's var_mean; the raw one-sweep sum x^2 / m - mu^2,
+// even on shifted data, is ~10x worse.
 
 // A block's float32 mean mb, then the sums of d = x - mb and d^2 over it (centered: nothing
 // cancels; sum d corrects mb's rounding). The channels_last walk (tile_moments) keeps a mean per
@@ -189,26 +179,10 @@ void apply_kernel(const std::vector<std::vector<Src>>& terms, const std::vector<
   }
   const auto sp = seg_ptrs<TX>(segments(C, terms), terms);
   with_act<true, TX>(act, [&](auto A) {
-    constexpr bool rows_of_z = runtime_act<decltype(A)>;  // z into a row buffer, then act_forward_n over it
     with_terms_for(A, K, R, [&](auto KK, auto RR) {
       row_blocks(g.m(), n_chunks(g.m()), [&](int64_t, int64_t rb, int64_t nb) {
-        std::vector<float> buf(rows_of_z ? C : 0);
-        for (int64_t r = rb; r < rb + nb; ++r) {
-          for (const auto& q : sp) {
-            with_width(q.n, [&](auto w) BNFF_LAMBDA {
-              const V z = preact(
-                  KK, RR, vec.data(), [&](int64_t k) BNFF_LAMBDA { return ld(q.xp[k] + r * q.xs[k], w); },
-                  [&](int64_t j) BNFF_LAMBDA { return ld(rp[j] + r * C + q.c0, w); },
-                  [&](const float* p) BNFF_LAMBDA { return per_lane(p, q.c0, w); });
-              if constexpr (rows_of_z) st(buf.data() + q.c0, z, w);
-              else st(out + r * C + q.c0, activate(z, A), w);
-            });
-          }
-          if constexpr (rows_of_z) {
-            act_forward_n(buf.data(), C, A);
-            vectors(0, C, [&](int64_t i, auto w) BNFF_LAMBDA { st(out + r * C + i, ld(buf.data() + i, w), w); });
-          }
-        }
+        std::vector<float> buf(runtime_act<decltype(A)> ? C : 0);
+        for (int64_t r = rb; r < rb + nb; ++r) apply_row(KK, RR, A, sp, vec.data(), rp, C, r, out + r * C, buf.data());
       });
     });
   });
@@ -318,6 +292,8 @@ TORCH_LIBRARY(bnff, m) {
   m.def("workspace_release() -> int", &workspace_release);
   m.def("workspace_held() -> int", &workspace_held);
   m.def("kernel_calls() -> (str[], int[])", &kernel_calls);
+  m.def("pointwise_target(str target) -> str", &pointwise_target);
+  m.def("pointwise_has(ScalarType dtype) -> bool", &pointwise_has);
   m.def("scale(Tensor var, Tensor? gamma, float eps) -> Tensor");
   m.def("backward_vectors(Tensor var, Tensor f1, Tensor s1, Tensor s2c, Tensor s2c_dx, int m, float eps, bool batch) "
         "-> (Tensor?, Tensor, Tensor)");
@@ -332,6 +308,9 @@ TORCH_LIBRARY(bnff, m) {
         "ScalarType out_dtype, int layout) -> (Tensor, Tensor)");
   m.def("input_grad_x(Tensor grad, Tensor[] sources, Tensor mean, Tensor f1, Tensor beta, int act, "
         "ScalarType out_dtype, Tensor? b, Tensor s1, int layout) -> Tensor[]");
+  m.def("pointwise_forward(Tensor[] sources, int[] n_sources, Tensor[] means, Tensor[] f1s, Tensor[] betas, "
+        "Tensor[] residuals, int act, Tensor weight, int stride, bool stats, int block_rows, int layout) "
+        "-> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(bnff, CPU, m) {
@@ -344,4 +323,5 @@ TORCH_LIBRARY_IMPL(bnff, CPU, m) {
   m.impl("input_grad", &input_grad);
   m.impl("grad_stats_x", &grad_stats_x);
   m.impl("input_grad_x", &input_grad_x);
+  m.impl("pointwise_forward", &pointwise_forward);
 }

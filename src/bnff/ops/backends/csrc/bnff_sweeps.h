@@ -132,6 +132,19 @@ BNFF_INLINE double lane_sum(V v, int64_t n = W) {
   return s;
 }
 
+// Count, mean and M2 = sum (x - mean)^2 of one channel, merged block by block with Chan's formula in
+// double (channel_stats, the fused pointwise convolution's statistics of its output).
+struct Moments {
+  double n = 0, mean = 0, m2 = 0;
+  void merge(double nb, double mb, double m2b) {
+    if (nb == 0) return;
+    const double tot = n + nb, delta = mb - mean;
+    mean += delta * nb / tot;
+    m2 += m2b + delta * delta * n * nb / tot;
+    n = tot;
+  }
+};
+
 // ---- workspace: the sweeps' large outputs reuse freed blocks ------------------------------------
 // A training step allocates the same large tensors every step (applied maps, dy, dx). From the
 // system allocator each would be fresh pages, faulted in and zeroed by the kernel on first touch
@@ -433,9 +446,10 @@ BNFF_INLINE DxVec dx_vec(Get get, const float* f1, const float* b, const float* 
 
 // ---- kernel entries, counted per sweep, layout and element type ---------------------------------
 // Tests read them (bnff::kernel_calls) to prove that a sweep ran here and not in the reference.
-enum Sweep { kChannelStats, kApply, kGradStats, kInputGrad, kGradStatsX, kInputGradX, kSweeps };
+// (pointwise: the fused pointwise convolution of bnff_pointwise.cpp.)
+enum Sweep { kChannelStats, kApply, kGradStats, kInputGrad, kGradStatsX, kInputGradX, kPointwise, kSweeps };
 const char* const kSweepNames[kSweeps] = {"channel_stats", "apply", "grad_stats", "input_grad", "grad_stats_x",
-                                          "input_grad_x"};
+                                          "input_grad_x", "pointwise"};
 inline std::array<std::atomic<int64_t>, kSweeps * 4> g_calls{};
 
 // The call of sweep s in layout cl on feature maps of t's element type.
@@ -766,6 +780,31 @@ BNFF_INLINE V applied(int64_t K, int64_t Rn, const TermVec* vec, X xs, R rs, Get
   return activate(preact(K, Rn, vec, xs, rs, get), act);
 }
 
+// The apply step on channels_last row r of the inputs (row stride C of the shortcuts, each term's own
+// segments sp): dst[0, C) = act(z), for the constant counts and activation the callers' with_terms_for
+// and with_act give. A run-time activation forms z in buf (C floats) first, then act_forward_n over
+// it. The same operations as every kernel that recomputes a, so the same bits (the apply sweep writes
+// the map's rows with it, the fused pointwise convolution a block of rows in cache).
+template <typename KK, typename RR, typename A, typename TX, typename TO>
+BNFF_INLINE void apply_row(KK K, RR R, A act, const std::vector<SegPtr<TX>>& sp, const TermVec* vec,
+                           const TX* const* rp, int64_t C, int64_t r, TO* dst, float* buf) {
+  constexpr bool rows_of_z = runtime_act<A>;
+  for (const auto& q : sp) {
+    with_width(q.n, [&](auto w) BNFF_LAMBDA {
+      const V z = preact(
+          K, R, vec, [&](int64_t k) BNFF_LAMBDA { return ld(q.xp[k] + r * q.xs[k], w); },
+          [&](int64_t j) BNFF_LAMBDA { return ld(rp[j] + r * C + q.c0, w); },
+          [&](const float* p) BNFF_LAMBDA { return per_lane(p, q.c0, w); });
+      if constexpr (rows_of_z) st(buf + q.c0, z, w);
+      else st(dst + q.c0, activate(z, act), w);
+    });
+  }
+  if constexpr (rows_of_z) {
+    act_forward_n(buf, C, act);
+    vectors(0, C, [&](int64_t i, auto w) BNFF_LAMBDA { st(dst + i, ld(buf + i, w), w); });
+  }
+}
+
 // C per-channel sums divided by m, as a float (C,) tensor.
 inline Tensor per_channel(const double* sums, const Geo& g, const Tensor& like) {
   Tensor t = at::empty({g.c}, like.options().dtype(at::kFloat));
@@ -794,5 +833,14 @@ std::tuple<Tensor, Tensor> grad_stats_x(const Tensor& grad, at::TensorList sourc
 std::vector<Tensor> input_grad_x(const Tensor& grad, at::TensorList sources, const Tensor& mean, const Tensor& f1,
                                  const Tensor& beta, int64_t act, at::ScalarType out_dtype,
                                  const std::optional<Tensor>& b, const Tensor& s1, int64_t layout);
+
+
+// ---- the fused pointwise convolution (bnff_pointwise.cpp), registered by bnff_cpu.cpp ---------------
+std::string pointwise_target(std::string target);
+bool pointwise_has(at::ScalarType dtype);
+std::tuple<Tensor, Tensor, Tensor> pointwise_forward(at::TensorList sources, at::IntArrayRef n_sources,
+                                                     at::TensorList means, at::TensorList f1s, at::TensorList betas,
+                                                     at::TensorList residuals, int64_t act, const Tensor& weight,
+                                                     int64_t stride, bool stats, int64_t block_rows, int64_t layout);
 
 }  // namespace bnff_cpu

@@ -1,0 +1,179 @@
+"""The fused pointwise convolution (``cpu.pointwise_forward``, csrc/bnff_pointwise.cpp; issue 31):
+y = conv1x1(act(sum_k BN_k(x_k) + sum_j r_j)) with the statistics of y, on libxsmm's micro-kernels.
+
+Against float64 of the same applied map, with bounds from the unit roundoff (Higham's bound for a
+dot product of C_in terms; bfloat16's half ulp on the output), never from a measured run; the
+applied map inside the kernel equal bit for bit to the apply sweep's; the kernel counter proves the
+C++ path ran; and what happens without libxsmm."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bnff import activations
+from bnff.ops.backends import cpu, libxsmm
+
+U32 = 2.0 ** -24  # float32 unit roundoff
+U_BF16 = 2.0 ** -8  # bfloat16 unit roundoff (8 bits of significand)
+ACTS = [None, "relu", "relu6", "leaky_relu(0.1)", "elu(0.7)", "selu", "silu", "hardswish", "hardsigmoid", "sigmoid",
+        "tanh", "gelu", "gelu_tanh", "mish"]
+# (BN terms' source channels, shortcuts): a lone BN, BN + identity shortcut, BN + projection shortcut's BN,
+# one BN over a concatenation of two maps (DenseNet)
+PATTERNS = {"lone": ([[24]], 0), "identity": ([[24]], 1), "projection": ([[24], [24]], 0), "concat": ([[16, 8]], 0)}
+
+
+def _needs(dtype: torch.dtype) -> None:
+    why = cpu.pointwise_why(dtype)
+    if why is not None:
+        pytest.skip(why)
+
+
+def _group(gen, pattern: str, dtype: torch.dtype, n: int = 3, hw: int = 9):
+    """Random channels_last inputs of a group: sources per term, means, F1s, betas, shortcuts."""
+    shapes, n_res = PATTERNS[pattern]
+    c = sum(shapes[0])
+
+    def t(ch):
+        return (torch.randn(n, ch, hw, hw, generator=gen) * 1.5 + 0.3).to(dtype).contiguous(memory_format=torch.channels_last)
+    sources = [[t(ch) for ch in term] for term in shapes]
+    means = [torch.cat([s.float().mean((0, 2, 3)) for s in term]) for term in sources]
+    f1s = [torch.rand(c, generator=gen) + 0.5 for _ in shapes]
+    betas = [torch.randn(c, generator=gen) * 0.2 for _ in shapes]
+    residuals = [t(c) for _ in range(n_res)]
+    return sources, means, f1s, betas, residuals
+
+
+@pytest.mark.exactness
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("pattern", sorted(PATTERNS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_output_and_statistics_within_roundoff_of_float64(gen, dtype, pattern, stride):
+    _needs(dtype)
+    sources, means, f1s, betas, residuals = _group(gen, pattern, dtype)
+    c = sum(s.shape[1] for s in sources[0])
+    weight = (torch.randn(40, c, 1, 1, generator=gen) / c ** 0.5).to(dtype)
+    before = cpu.kernel_calls()[f"pointwise/nhwc/{str(dtype).removeprefix('torch.')}"]
+    y, mean, var = cpu.pointwise_forward(sources, means, f1s, betas, residuals, "relu", weight, stride, stats=True)
+    assert cpu.kernel_calls()[f"pointwise/nhwc/{str(dtype).removeprefix('torch.')}"] == before + 1
+    a = cpu.apply(sources, means, f1s, betas, residuals, "relu", dtype)  # the same bits (test below)
+    w64, a64 = weight.double(), a.double()
+    y64 = F.conv2d(a64, w64, stride=stride)
+    assert y.shape == y64.shape and y.dtype == dtype and y.is_contiguous(memory_format=torch.channels_last)
+    # a dot product of C_in float32 products: (C_in + 2) u sum |a w|; bfloat16 output: plus its half ulp
+    bound = (c + 2) * U32 * F.conv2d(a64.abs(), w64.abs(), stride=stride)
+    if dtype == torch.bfloat16:
+        bound = bound * (1 + U_BF16) + U_BF16 * y64.abs()
+    err = (y.double() - y64).abs()
+    assert bool((err <= bound).all()), f"worst error {float((err - bound).max()):.3g} above the bound"
+    # statistics of the y returned (its stored values) against float64, by the float32 summation bounds
+    # of m values: (m + 2) u sum |y| / m for the mean, (m + 2) u sum y^2 / m for the second moment
+    yd = y.double()
+    m = yd.numel() // yd.shape[1]
+    m64, v64 = yd.mean((0, 2, 3)), yd.var((0, 2, 3), unbiased=False)
+    assert bool(((mean.double() - m64).abs() <= (m + 2) * U32 * yd.abs().sum((0, 2, 3)) / m).all())
+    assert bool(((var.double() - v64).abs() <= (m + 2) * U32 * (yd * yd).sum((0, 2, 3)) / m).all())
+
+
+@pytest.mark.exactness
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_every_activation_applies_the_bits_the_apply_sweep_stores(gen, dtype, act):
+    """The applied map inside the blocks is the apply sweep's bit for bit (the one formula of
+    csrc/bnff_sweeps.h, apply_row): the fused output equals libxsmm's plain convolution of the stored
+    map, through the same micro-kernels and blocks."""
+    _needs(dtype)
+    sources, means, f1s, betas, residuals = _group(gen, "identity", dtype)
+    weight = (torch.randn(32, 24, 1, 1, generator=gen) / 5).to(dtype)
+    y, _, _ = cpu.pointwise_forward(sources, means, f1s, betas, residuals, act, weight)
+    a = cpu.apply(sources, means, f1s, betas, residuals, act, dtype)
+    plain, _, _ = cpu.pointwise_forward([], [], [], [], [a], None, weight)
+    assert torch.equal(y, plain)
+    ref = F.conv2d(activations.forward(act, sum(
+        (torch.cat(s, 1).double() - m.double().view(1, -1, 1, 1)) * f.double().view(1, -1, 1, 1)
+        + b.double().view(1, -1, 1, 1) for s, m, f, b in zip(sources, means, f1s, betas)) + residuals[0].double()),
+        weight.double())
+    # the applied map differs from float64 by its own roundings (a few ulp of a): a loose end-to-end check
+    scale = F.conv2d(a.double().abs(), weight.double().abs())
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    assert bool(((y.double() - ref).abs() <= tol * (scale + 1)).all())
+
+
+def test_float32_maps_under_bfloat16_weights_round_a_once(gen):
+    """Autocast's case of float32 maps into a bfloat16 convolution: a rounded to bfloat16 once (as the
+    consumer's cast of the stored float32 a would), then multiplied."""
+    _needs(torch.bfloat16)
+    sources, means, f1s, betas, residuals = _group(gen, "lone", torch.float32)
+    weight = (torch.randn(16, 24, 1, 1, generator=gen) / 5).to(torch.bfloat16)
+    y, _, _ = cpu.pointwise_forward(sources, means, f1s, betas, residuals, "silu", weight)
+    a = cpu.apply(sources, means, f1s, betas, residuals, "silu", torch.float32).to(torch.bfloat16)
+    assert torch.equal(y, cpu.pointwise_forward([], [], [], [], [a], None, weight)[0])
+
+
+def test_block_rows_do_not_change_the_output_only_the_statistics_order(gen):
+    _needs(torch.float32)
+    sources, means, f1s, betas, residuals = _group(gen, "lone", torch.float32, n=4, hw=10)
+    weight = torch.randn(24, 24, 1, 1, generator=gen) / 5
+    outs = [cpu.pointwise_forward(sources, means, f1s, betas, residuals, "relu", weight, 1, True, b) for b in (16, 48, 0)]
+    for y, mean, var in outs[1:]:
+        assert torch.equal(y, outs[0][0])  # each output row is one dot product per channel, whatever the block
+        torch.testing.assert_close(mean, outs[0][1], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(var, outs[0][2], rtol=1e-5, atol=0)
+
+
+def test_bad_calls_name_the_problem(gen):
+    _needs(torch.float32)
+    sources, means, f1s, betas, residuals = _group(gen, "lone", torch.float32)
+    with pytest.raises(RuntimeError, match=r"weight must be a contiguous \(C_out, 24, 1, 1\)"):
+        cpu.pointwise_forward(sources, means, f1s, betas, residuals, "relu", torch.randn(8, 24, 3, 3))
+    with pytest.raises(RuntimeError, match="channels_last"):
+        cpu.pointwise_forward([[sources[0][0].contiguous()]], means, f1s, betas, residuals, "relu", torch.randn(8, 24, 1, 1))
+    with pytest.raises(RuntimeError, match="float32 weights need float32 feature maps"):
+        bf = [[sources[0][0].to(torch.bfloat16)]]
+        cpu.pointwise_forward(bf, means, f1s, betas, residuals, "relu", torch.randn(8, 24, 1, 1))
+
+
+def test_without_libxsmm_it_says_why_and_how_to_install(monkeypatch):
+    monkeypatch.setenv("BNFF_LIBXSMM", "0")
+    libxsmm.find.cache_clear()
+    try:
+        found = libxsmm.find()
+        assert found.version is None and found.cflags == [] and found.ldflags == []
+        assert "BNFF_LIBXSMM=0" in found.why
+        monkeypatch.setattr(libxsmm, "PREFIXES", ())
+        monkeypatch.setattr(libxsmm, "_pkg_config", lambda: None)
+        monkeypatch.delenv("BNFF_LIBXSMM")
+        libxsmm.find.cache_clear()
+        why = libxsmm.find().why
+        assert "apt-get install libxsmm-dev" in why
+        if cpu.available():
+            assert cpu.pointwise_why() == why and cpu.pointwise_target() is None
+            with pytest.raises(RuntimeError, match="pointwise convolution is unavailable: libxsmm not found"):
+                cpu.pointwise_forward([], [], [], [], [torch.randn(1, 2, 3, 3).to(memory_format=torch.channels_last)],
+                                      None, torch.randn(2, 2, 1, 1))
+    finally:
+        libxsmm.find.cache_clear()
+
+
+def test_the_build_key_says_whether_libxsmm_was_found(monkeypatch):
+    if libxsmm.find().version is None:
+        pytest.skip("libxsmm is not installed here: both builds are without it")
+    with_it = cpu.build_spec("avx2")
+    monkeypatch.setenv("BNFF_LIBXSMM", "0")
+    libxsmm.find.cache_clear()
+    try:
+        without = cpu.build_spec("avx2")
+    finally:
+        libxsmm.find.cache_clear()
+    assert with_it[0] != without[0] and any(f.startswith("-DBNFF_LIBXSMM=") for f in with_it[2])
+    assert not any(f.startswith("-DBNFF_LIBXSMM") for f in without[2])
+
+
+def test_ci_runs_the_fused_path():
+    """.ci/run installs libxsmm-dev, so that CI exercises the kernels above instead of skipping them."""
+    if not os.environ.get("CI"):
+        pytest.skip("not under CI")
+    assert cpu.pointwise_why(torch.float32) is None

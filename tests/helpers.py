@@ -291,17 +291,21 @@ def assert_aggregate_as_accurate_as_eager(steps: list[list[Quantity]], gradients
         assert ratio <= K, f"median gradient error {ratio:.3g} x eager's in the median step (steps: {ratios})"
 
 
-def assert_moves_what_the_plan_says(model: nn.Module, x: torch.Tensor) -> int:
+def assert_moves_what_the_plan_says(model: nn.Module, x: torch.Tensor, scheme: str = "bnff") -> int:
     """One training step of ``bnff.restructure(model, backend="cpu")`` on ``x`` with the byte recorder
     on: every fused group's recorded forward, backward and kept feature-map bytes equal its plan's
-    ``bnff`` schedule priced by ``bnff.traffic`` (``x``'s element size), and the plan the analysis
-    makes of ``model`` is the one the execution runs. Returns the number of groups checked."""
+    ``scheme`` schedule priced by ``bnff.traffic`` (``x``'s element size), and the plan the analysis
+    makes of ``model`` is the one the execution runs. Returns the number of groups checked.
+
+    ``scheme`` "bnff_pw" (run with ``bnff.ops.pointwise.MODE`` "on"): a pointwise group's consumers
+    read its inputs in their prologue, so its forward is compared together with its consumers' (the
+    recorder's consumer scopes against the plan's and the convolution layers' own forward bytes)."""
     from bnff.graph.layers import build
     from bnff.ops.backends import cpu
     from bnff.ops.record import Recorder
     from bnff.plan import plan_graph
     from bnff.traffic import Assumptions
-    from bnff.traffic.account import group_costs
+    from bnff.traffic.account import account, group_costs
 
     fused = bnff.restructure(model, backend="cpu")
     calls, fell = cpu.kernel_calls(), cpu.fallbacks()
@@ -314,12 +318,17 @@ def assert_moves_what_the_plan_says(model: nn.Module, x: torch.Tensor) -> int:
     plan, _, _ = plan_graph(lg.gm)
     assert plan.as_dict() == bnff.fusion_plan(fused).as_dict(), "analysis and execution planned differently"
     eb = x.element_size()
-    costs = group_costs(lg, plan, "bnff", Assumptions(element_bytes=eb))
+    costs = group_costs(lg, plan, scheme, Assumptions(element_bytes=eb))
+    layers = account(lg, plan, scheme, Assumptions(element_bytes=eb))
     bad = []
     for g in plan.groups:
-        kept = sum(lg.numel(lg.node(r.node)) * eb for r in g.schedules["bnff"].keeps if not r.vector)
-        got = (rec.moved[(g.name, "fp")], rec.moved[(g.name, "bp")], rec.kept[g.name])
-        want = (costs[g.name].fp_bytes, costs[g.name].bp_bytes, kept)
+        kept = sum(lg.numel(lg.node(r.node)) * eb for r in g.schedules[scheme].keeps if not r.vector)
+        fp, want_fp = rec.moved[(g.name, "fp")], costs[g.name].fp_bytes
+        if scheme == "bnff_pw" and g.pointwise:
+            fp += sum(rec.moved[(f"{g.name}/consumer{i}", "fp")] for i in range(len(g.consumers)))
+            want_fp += sum(layers[c].fp_read + layers[c].fp_write for c in g.consumers)
+        got = (fp, rec.moved[(g.name, "bp")], rec.kept[g.name])
+        want = (want_fp, costs[g.name].bp_bytes, kept)
         if got != want:
             bad.append(f"{g.name} ({g.pattern}): recorded fp/bp/kept {got}, plan {want}; ops "
                        f"{dict(rec.ops.get((g.name, 'fp'), {}))} | {dict(rec.ops.get((g.name, 'bp'), {}))}")

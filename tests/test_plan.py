@@ -59,7 +59,7 @@ def test_plan_is_plain_data_and_json():
     assert plan.group("layer1_0_relu").consumers == ("layer1_0_conv2",)
     with pytest.raises(KeyError, match="no fused group 'layer1_0_conv2'"):
         plan.group("layer1_0_conv2")
-    assert all(set(g["schedules"]) == {"unfused", "bnff", "fused"} for g in data["groups"])
+    assert all(set(g["schedules"]) == {"unfused", "bnff", "bnff_pw", "fused"} for g in data["groups"])
 
     def kinds(name):
         return [s["kind"] for s in by_name[name]["schedules"]["bnff"]["backward"]]

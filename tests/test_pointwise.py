@@ -13,9 +13,13 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
+import bnff
 from bnff import activations
+from bnff.ops import pointwise
 from bnff.ops.backends import cpu, libxsmm
+from helpers import K, assert_as_accurate_as_eager, assert_moves_what_the_plan_says, compare_with_float64
 
 U32 = 2.0 ** -24  # float32 unit roundoff
 U_BF16 = 2.0 ** -8  # bfloat16 unit roundoff (8 bits of significand)
@@ -177,3 +181,107 @@ def test_ci_runs_the_fused_path():
     if not os.environ.get("CI"):
         pytest.skip("not under CI")
     assert cpu.pointwise_why(torch.float32) is None
+
+
+# ---- the bnff_pw scheme in training ------------------------------------------------------------------
+
+class _Net(nn.Module):
+    """Every way a group reaches the fused pointwise convolutions: a lone BN into two 1x1s, one of stride 2
+    (relu), a BN plus a shortcut into a stride-2 1x1 (hardswish), two BNs into a 1x1 (relu_1), a BN over a
+    concatenation of two 1x1 outputs into a 1x1 (relu_2); each 1x1's output statistics from its epilogue."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        conv = lambda i, o, k=1, s=1: nn.Conv2d(i, o, k, s, k // 2, bias=False)  # noqa: E731
+        self.stem, self.bn0 = conv(3, 16, 3), nn.BatchNorm2d(16)
+        self.c1, self.bn1 = conv(16, 32), nn.BatchNorm2d(32)
+        self.c2, self.bn2 = conv(32, 32, 3), nn.BatchNorm2d(32)
+        self.c3, self.bn3 = conv(32, 32, 1, 2), nn.BatchNorm2d(32)
+        self.c3b, self.bn3b = conv(32, 32, 1, 2), nn.BatchNorm2d(32)
+        self.c5, self.c6, self.bn4 = conv(32, 24), conv(16, 24, 1, 2), nn.BatchNorm2d(48)
+        self.c7, self.bn5 = conv(48, 40), nn.BatchNorm2d(40)
+        self.fc = nn.Linear(40, 10)
+
+    def forward(self, x):
+        a0 = F.relu(self.bn0(self.stem(x)))
+        a1 = F.silu(self.bn1(self.c1(a0)))
+        a2 = F.hardswish(self.bn2(self.c2(a1)) + a1)
+        a3 = F.relu(self.bn3(self.c3(a2)) + self.bn3b(self.c3b(a1)))
+        a4 = F.relu(self.bn4(torch.cat([self.c5(a3), self.c6(a0)], 1)))
+        a5 = F.relu(self.bn5(self.c7(a4)))
+        return self.fc(a5.mean((2, 3)))
+
+
+def _batch(gen, n=4):
+    return lambda: (torch.randn(n, 3, 12, 12, generator=gen), torch.randint(0, 10, (n,), generator=gen))
+
+
+@pytest.fixture
+def fused_pointwise(monkeypatch):
+    """Every eligible group's consumers fused (no timing), the kernel counters' deltas afterwards."""
+    _needs(torch.float32)
+    monkeypatch.setattr(pointwise, "MODE", "on")
+    return cpu.kernel_calls()
+
+
+def test_the_plan_marks_each_pointwise_group_and_epilogue():
+    from bnff.graph.layers import build
+    from bnff.plan import plan_graph
+    plan, _, _ = plan_graph(build(_Net(), (2, 3, 12, 12)).gm)
+    assert sorted(len(g.consumers) for g in plan.groups if g.pointwise) == [1, 1, 1, 2]
+    assert sorted(s for g in plan.groups for s in g.stats_in_producer) == ["c1", "c3", "c5", "c6", "c7"]
+    for g in plan.groups:
+        kinds = [s.kind for s in g.schedules["bnff_pw"].forward]
+        assert ("apply" in kinds) != g.pointwise and kinds.count("pointwise") == (len(g.consumers) if g.pointwise else 0)
+        assert kinds.count("epilogue_stats") == len(g.stats_in_producer)
+        assert g.schedules["bnff_pw"].backward == g.schedules["bnff"].backward
+
+
+@pytest.mark.exactness
+def test_training_steps_as_accurate_as_eager_in_float32(gen, fused_pointwise):
+    torch.manual_seed(0)
+    model = _Net()
+    channel_stats = cpu.kernel_calls()["channel_stats/nhwc/float32"]
+    assert_as_accurate_as_eager(compare_with_float64(model, _batch(gen), steps=2, channels_last=True, backend="cpu"))
+    ran = cpu.kernel_calls() - fused_pointwise
+    assert ran["pointwise/nhwc/float32"] == 2 * 5  # c1, c3, c5, c6, c7 per step
+    # only the stem's, c2's and c3b's outputs are swept for their statistics; the five 1x1s' come from their epilogues
+    assert cpu.kernel_calls()["channel_stats/nhwc/float32"] - channel_stats == 2 * 3
+
+
+@pytest.mark.exactness
+def test_training_steps_track_eager_under_bfloat16_autocast(gen, fused_pointwise):
+    _needs(torch.bfloat16)
+    torch.manual_seed(0)
+    steps = compare_with_float64(_Net(), _batch(gen), steps=2, autocast=torch.bfloat16, channels_last=True,
+                                 backend="cpu")
+    assert (cpu.kernel_calls() - fused_pointwise)["pointwise/nhwc/bfloat16"] == 2 * 5
+    for qs in steps:  # bf16 is far from float64 on both sides: the median tensor and the output, each K x eager's
+        ours, eager = (sorted(getattr(q, side) / q.size for q in qs if q.size > 0) for side in ("bnff", "eager"))
+        assert ours[len(ours) // 2] <= K * eager[len(eager) // 2]
+        out = next(q for q in qs if q.name == "output")
+        assert out.bnff <= K * out.eager
+
+
+def test_moves_exactly_the_bytes_of_the_bnff_pw_plan(gen, fused_pointwise):
+    torch.manual_seed(0)
+    model = _Net().to(memory_format=torch.channels_last)
+    x = torch.randn(4, 3, 12, 12, generator=gen).to(memory_format=torch.channels_last)
+    assert assert_moves_what_the_plan_says(model, x, scheme="bnff_pw") == 6
+    assert (cpu.kernel_calls() - fused_pointwise)["pointwise/nhwc/float32"] == 5
+
+
+def test_auto_times_both_paths_once_per_shape_and_off_runs_none(gen, monkeypatch):
+    _needs(torch.float32)
+    model = bnff.restructure(_Net(), backend="cpu").to(memory_format=torch.channels_last)
+    x = torch.randn(4, 3, 12, 12, generator=gen).to(memory_format=torch.channels_last)
+    monkeypatch.setattr(pointwise, "MODE", "auto")
+    monkeypatch.setattr(pointwise, "_choices", {})
+    model(x).sum().backward()
+    assert len(pointwise.choices()) == 4  # one decision per pointwise group's shapes
+    model(x).sum().backward()
+    assert len(pointwise.choices()) == 4
+    monkeypatch.setattr(pointwise, "MODE", "off")
+    before = cpu.kernel_calls()["pointwise/nhwc/float32"]
+    model(x).sum().backward()
+    assert cpu.kernel_calls()["pointwise/nhwc/float32"] == before

@@ -173,7 +173,7 @@ def test_cli_model_outputs(tmp_path, capsys):
     assert "layer1.0" in out and "Summary" in out
     data = json.loads(paths["json"].read_text())
     assert data["model"] == "resnet18" and data["batch"] == 4
-    assert set(data["schemes"]) == {"unfused", "bnff", "fused"}
+    assert set(data["schemes"]) == {"unfused", "bnff", "bnff_pw", "fused"}
     for totals in data["schemes"].values():
         assert set(totals) == {"fp_bytes", "bp_bytes", "total_bytes", "footprint_bytes", "flops"}
         assert totals["total_bytes"] == totals["fp_bytes"] + totals["bp_bytes"] > 0
@@ -214,3 +214,28 @@ def test_analysis_takes_every_bn_configuration_restructuring_takes(bn_kwargs):
     unit = math.prod(shape) * 4
     mi = a.memory_intensive()
     assert (mi["fp_bytes"] / unit, mi["bp_bytes"] / unit) == (5, 8)
+
+
+def test_bnff_pw_saves_the_apply_write_its_read_and_the_epilogue_statistics_sweeps():
+    """ResNet-50's bnff_pw forward against bnff's, by hand: each of its 16 pointwise groups (conv2's BN +
+    ReLU into the 1x1 conv3, one consumer, a lone BN) no longer writes a and conv3 reads x instead of a
+    (2 maps of a's size saved), and each conv3 output's statistics come from its epilogue (one read of
+    it saved). The backward is the same."""
+    from bnff.graph.layers import build
+    from bnff.plan import plan_graph
+    from bnff.traffic.account import account
+
+    lg = build(resnet50(), (2, 3, 64, 64))
+    plan, _, _ = plan_graph(lg.gm)
+    a = Assumptions(element_bytes=4)
+    costs = {s: account(lg, plan, s, a).values() for s in ("bnff", "bnff_pw")}
+    fp = {s: sum(c.fp_read + c.fp_write for c in v) for s, v in costs.items()}
+    bp = {s: sum(c.bp_dgrad + c.bp_wgrad + c.bp_pointwise for c in v) for s, v in costs.items()}
+    pw = [g for g in plan.groups if g.pointwise]
+    assert len(pw) == 16 and all(len(g.consumers) == 1 and g.lone for g in pw)
+    assert all(g.consumers[0].endswith("conv3") for g in pw)
+    epilogues = [s for g in plan.groups for s in g.stats_in_producer]
+    assert sorted(epilogues) == sorted(g.consumers[0] for g in pw)
+    saved = sum(2 * lg.numel(lg.node(g.name)) for g in pw) + sum(lg.numel(lg.node(s)) for s in epilogues)
+    assert fp["bnff"] - fp["bnff_pw"] == 4 * saved
+    assert bp["bnff"] == bp["bnff_pw"]

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from bnff.atomic import write_csv, write_json
-from bnff.names import AUGMENTATIONS, BACKEND_NAMES, BENCH_VARIANTS, MODEL_NAMES, UsageError
+from bnff.names import AUGMENTATIONS, BACKEND_NAMES, BENCH_VARIANTS, MODEL_NAMES, SCHEMES, UsageError
 
 # torch, the models and the kernels are imported inside the commands: ``bnff --help`` needs none.
 
@@ -471,7 +471,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, choices=sorted(MODEL_NAMES))
     p.add_argument("--batch", type=_positive, default=32)
     p.add_argument("--image-size", type=_positive, default=None, help="default 299 for inception_v3, else 224")
-    p.add_argument("--scheme", choices=["unfused", "bnff", "fused"], default="bnff")
+    p.add_argument("--scheme", choices=list(SCHEMES), default="bnff")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="activation element type")
     p.add_argument("--steps", action="store_true", help="also list every step with the tensors it reads and writes")
     p.add_argument("--quiet", action="store_true", help="print nothing (with --json)")
@@ -480,8 +480,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("traffic", help="model off-chip traffic, footprint and FLOPs of training",
                        description="Analytical model of one training step, layer by layer, for the schemes unfused "
-                                   "(every layer on its own), bnff (BN fission and fusion with library convolutions) "
-                                   "and fused (seed 002: pre/post-processing inside the convolutions). Shapes come "
+                                   "(every layer on its own), bnff (BN fission and fusion with library convolutions), "
+                                   "bnff_pw (bnff with fused pointwise convolutions: 1x1 convolutions that apply BN in "
+                                   "their GEMM prologue and take the next BN's statistics in their epilogue) and fused "
+                                   "(seed 002: pre/post-processing inside the convolutions). Shapes come "
                                    "from meta tensors; nothing is computed.")
     what = r.add_mutually_exclusive_group()
     what.add_argument("--model", choices=sorted(MODEL_NAMES), help="analyse this network")

@@ -1,4 +1,4 @@
-"""The names the command line offers (models, backends, bench variants, augmentations), importable without torch,
+"""The names the command line offers (models, backends, bench variants, plan schemes, augmentations), importable without torch,
 so that ``bnff --help`` answers at once. The packages that implement them build their tables from
 these tuples."""
 
@@ -7,6 +7,8 @@ MODEL_NAMES = ("resnet18", "resnet34", "resnet50", "resnet101", "densenet121", "
                "regnet_y_1_6gf", "cspdarknet53")
 BACKEND_NAMES = ("cpu", "reference")
 BENCH_VARIANTS = ("eager", "compile", "bnff", "bnff+compile", "conv_floor")
+SCHEMES = ("unfused", "bnff", "bnff_pw", "fused")
+"""The execution schemes of the fusion plan (``bnff.plan.schemes`` builds each group's steps under each)."""
 AUGMENTATIONS = ("auto", "none", "crop", "crop-flip")
 """Choices of ``bnff train --augment`` (``bnff.data.augment``). ``auto``: ``crop`` for the digits
 (a mirrored digit is another glyph), ``crop-flip`` for CIFAR-10 and image folders."""

@@ -67,6 +67,15 @@ def pointwise(module: nn.Module | None) -> bool:
             and conv_padding(module) == (0, 0) and module.groups == 1 and module.padding_mode == "zeros")
 
 
+def takes_gemm_prologue(module: nn.Module | None) -> bool:
+    """``module`` is a 1x1 ``nn.Conv2d`` the fused pointwise convolution runs (``bnff_pw`` scheme): equal
+    strides, no padding, one group, no bias, zero padding mode; per output pixel a matrix product over
+    the channels of one input pixel, so blocks of input rows can be applied in cache and multiplied."""
+    return (isinstance(module, nn.Conv2d) and tuple(module.kernel_size) == (1, 1) and module.stride[0] == module.stride[1]
+            and conv_padding(module) == (0, 0) and module.groups == 1 and module.bias is None
+            and module.padding_mode == "zeros")
+
+
 def fold_pays(spatial: int, out_channels: int) -> bool:
     """Whether a squeeze-and-excitation gate folded into a pointwise consumer (``GroupPlan.gate_folded``) is
     applied to its weights at a map with ``spatial`` pixels (H*W) and ``out_channels`` outputs: the
@@ -77,4 +86,4 @@ def fold_pays(spatial: int, out_channels: int) -> bool:
 
 
 __all__ = ["FUNCTIONAL", "RECOMPUTED_MODULES", "conv_padding", "fold_pays", "functional_name", "pointwise",
-           "unsupported_reason"]
+           "takes_gemm_prologue", "unsupported_reason"]

@@ -39,7 +39,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from bnff.ops import backends, bn_math, consumers, record
+from bnff.ops import backends, bn_math, consumers, pointwise, record
 from bnff.plan import GroupPlan, Schedule
 
 Stats = tuple[Tensor, Tensor]
@@ -67,6 +67,9 @@ def feature_statistics(f: Tensor, bns: tuple[nn.modules.batchnorm._BatchNorm, ..
     """
     if not any(bn_math.uses_batch_stats(bn) for bn in bns):
         return None
+    taken = pointwise.take_stats(f)  # the fused pointwise convolution that produced f took them (bnff_pw)
+    if taken is not None:
+        return taken
     with torch.no_grad(), record.scope(group, "fp"):
         return backends.get(backend).channel_stats(bn_math.as_4d(f))
 
@@ -370,7 +373,9 @@ def _executor(spec: _Spec, flat: tuple, maps: list[Tensor], out_dtype: torch.dty
 
 class _ApplyConsume(torch.autograd.Function):
     """Fused BN apply (+ add + activation) [+ consumers]: runs its group's ``bnff`` schedule, step by
-    step here or, where it covers the call, as one call of the cpu backend's group executor."""
+    step here or, where it covers the call, as one call of the cpu backend's group executor; or, where
+    ``bnff.ops.pointwise`` runs the call's consumers as fused pointwise convolutions, the forward of
+    its ``bnff_pw`` schedule (whose backward is ``bnff``'s)."""
 
     @staticmethod
     def forward(ctx, spec: _Spec, *flat):
@@ -380,11 +385,12 @@ class _ApplyConsume(torch.autograd.Function):
         maps = [x for srcs in env.all_sources() for x in srcs] + env.flat[lay.residuals]
         out_dtype = functools.reduce(torch.promote_types, [m.dtype for m in maps])
         ex = _executor(spec, flat, maps, out_dtype)
-        if ex is not None:
+        outs = pointwise.forward(spec, env, maps, out_dtype)  # the bnff_pw scheme's steps, where they run
+        if outs is None and ex is not None:
             a, *outs = be.group_forward(env.flat, lay.program.terms, lay.program.residuals, ex.convs,
                                         lay.program.forward, g.act_kind, list(spec.eps), out_dtype, ex.layout)
             env.t[(g.name, "ofmap")] = a
-        else:
+        elif outs is None:
             f1s = env.f1s(be)
             outs = []
             for step in sched.forward:

@@ -15,6 +15,7 @@ from typing import Mapping
 
 import torch.fx as fx
 
+from bnff.graph.consumers import takes_gemm_prologue
 from bnff.graph.kinds import Kind
 from bnff.plan import schemes
 from bnff.plan.group import GroupPlan, TermPlan
@@ -86,7 +87,7 @@ class FusionPlan:
         return json.dumps(self.as_dict(), indent=indent)
 
 
-def _group_plan(g: Group, owns: tuple[str, ...]) -> GroupPlan:
+def _group_plan(g: Group, owns: tuple[str, ...], pointwise_outputs: set[str]) -> GroupPlan:
     users = [u for u in g.output.users if u.meta.get("bnff_kind") is not None and u not in g.squeeze]
     plan = GroupPlan(
         name=g.output.name, pattern=g.pattern,
@@ -99,8 +100,15 @@ def _group_plan(g: Group, owns: tuple[str, ...]) -> GroupPlan:
         host=any(u.meta["bnff_kind"] in _HOSTS for u in users), owns=owns,
         grad_slice=not g.consumers and len(users) == 1 and users[0].meta["bnff_kind"] == Kind.CAT
         and len(users[0].args[0]) > 1,
-        members=tuple(n.name for n in g.members()), rereaders=tuple(c.name for c in g.rereaders))
+        members=tuple(n.name for n in g.members()), rereaders=tuple(c.name for c in g.rereaders),
+        pointwise=_pointwise(g), stats_in_producer=tuple(s for s in owns if s in pointwise_outputs))
     return replace(plan, schedules={s: schemes.BUILDERS[s](plan) for s in schemes.SCHEMES})
+
+
+def _pointwise(g: Group) -> bool:
+    """``GroupPlan.pointwise``: consumers, all of them 1x1 convolutions that take a GEMM prologue."""
+    return bool(g.consumers) and not g.squeeze and all(takes_gemm_prologue(c.meta.get("bnff_module"))
+                                                        for c in g.consumers)
 
 
 def plan_graph(gm: fx.GraphModule, exclude: Mapping[str, str] | None = None
@@ -115,6 +123,7 @@ def plan_graph(gm: fx.GraphModule, exclude: Mapping[str, str] | None = None
     groups, unfused, rereads = match(gm, exclude)
     seen: set[fx.Node] = set()
     plans = []
+    pointwise_outputs = {c.name for g in groups if _pointwise(g) for c in g.consumers}
     for g in groups:
         owns = []
         for t in g.terms:
@@ -122,7 +131,7 @@ def plan_graph(gm: fx.GraphModule, exclude: Mapping[str, str] | None = None
                 if s not in seen:
                     seen.add(s)
                     owns.append(s.name)
-        plans.append(_group_plan(g, tuple(owns)))
+        plans.append(_group_plan(g, tuple(owns), pointwise_outputs))
     plan = FusionPlan(plans, [UnfusedPlan(u.node.name, u.kind.value, u.reason) for u in unfused],
                       [RereadPlan(r.conv.name, tuple(g.name for g in r.groups),
                                   tuple(n.name for n in r.passage if n.meta.get("bnff_kind") == Kind.CAT))

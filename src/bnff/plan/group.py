@@ -63,6 +63,11 @@ class GroupPlan:
             normalizes them (inter-composite-layer fusion, seeds 001/004).
         members: the nodes the fused operator absorbs (BNs, the concatenations only they read, the
             add, the activation; not the consumers, which still run as layers).
+        pointwise: every consumer is a 1x1 convolution that takes the apply step as the prologue of its
+            GEMM (``bnff.graph.consumers.takes_gemm_prologue``; no squeeze-and-excitation): under the
+            ``bnff_pw`` scheme the result is applied block by block inside each, never written.
+        stats_in_producer: the owned feature maps whose statistics the fused pointwise convolution that
+            produces them takes in its epilogue (``bnff_pw``: no statistics sweep of their own).
         rereaders: convolutions that read the materialized result (whole, a part of a split, or inside a
             concatenation) and recompute it in their backward instead of keeping it (``FusionPlan.rereads``;
             lone groups only: the BN input they recompute it from is kept anyway).
@@ -84,6 +89,8 @@ class GroupPlan:
     grad_slice: bool = False
     owns: tuple[str, ...] = ()
     members: tuple[str, ...] = ()
+    pointwise: bool = False
+    stats_in_producer: tuple[str, ...] = ()
     rereaders: tuple[str, ...] = ()
     schedules: dict[str, Schedule] = field(default_factory=dict)
 

@@ -23,6 +23,12 @@ bytes and FLOPs of every schedule; the hardware models read them too.
     writes dy once (it is also the shortcut's gradient) and forms dx per BN from it; that sweep reads
     the result a for the mask, or, for an activation whose derivative reads z, the shortcuts, and
     recomputes z from them and the BN inputs on the way.
+``bnff_pw`` (``bnff`` with fused pointwise convolutions, issue 31)
+    ``bnff``, but a group whose consumers are all 1x1 convolutions (``GroupPlan.pointwise``) applies
+    a block of rows at a time in each consumer's GEMM prologue (``pointwise`` steps: a never written,
+    each consumer reads the BN inputs and shortcuts instead of its ifmap, all but the first BN input
+    extra), and a feature map such a convolution produces gets its statistics from that
+    convolution's epilogue (``epilogue_stats``: no sweep). The backward is ``bnff``'s.
 ``fused`` (seed 002 section 2.3; PreU/PostU on the accelerator)
     Statistics, apply, mask, S1 and S2 run inside the convolutions on chip. Off chip remain: a
     consumer reading the BN inputs and shortcuts instead of its ifmap (all but the first are
@@ -33,11 +39,13 @@ bytes and FLOPs of every schedule; the hardware models read them too.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from bnff import activations
+from bnff.names import SCHEMES
 from bnff.plan.group import GroupPlan
 from bnff.plan.steps import Flop, Ref, Schedule, Step
 
-SCHEMES = ("unfused", "bnff", "fused")
 
 
 def eager_steps(node: str, kind: str, inputs: tuple[str, ...], act: str | None = None) -> Schedule:
@@ -160,6 +168,23 @@ def bnff(g: GroupPlan) -> Schedule:
     return Schedule(tuple(fp), tuple(bp))
 
 
+def bnff_pw(g: GroupPlan) -> Schedule:
+    """``bnff`` with the fused pointwise convolutions' prologues and epilogues (module docstring)."""
+    base = bnff(g)
+    inputs = tuple(g.xs() + g.rs())
+    beyond = inputs[len(g.terms[0].sources) if g.terms else 1:]
+    fp = []
+    for s in base.forward:
+        if s.kind == "stats" and s.reads[0].node in g.stats_in_producer:
+            fp.append(replace(s, kind="epilogue_stats", reads=()))
+        elif g.pointwise and s.kind == "apply":
+            fp += [Step("fp", "pointwise", beyond, keeps=s.keeps if i == 0 else (), flops=s.flops, consumer=i)
+                   for i in range(len(g.consumers))]
+        elif not (g.pointwise and s.kind == "consume"):
+            fp.append(s)
+    return Schedule(tuple(fp), base.backward)
+
+
 def fused(g: GroupPlan) -> Schedule:
     """Pre- and post-processing inside the convolutions (module docstring)."""
     a, inputs = g.a(), tuple(g.xs() + g.rs())
@@ -191,7 +216,7 @@ def fused(g: GroupPlan) -> Schedule:
     return Schedule(tuple(fp), tuple(bp))
 
 
-BUILDERS = {"unfused": unfused, "bnff": bnff, "fused": fused}
+BUILDERS = {"unfused": unfused, "bnff": bnff, "bnff_pw": bnff_pw, "fused": fused}
 
 
-__all__ = ["BUILDERS", "SCHEMES", "bnff", "eager_steps", "fused", "unfused"]
+__all__ = ["BUILDERS", "SCHEMES", "bnff", "bnff_pw", "eager_steps", "fused", "unfused"]

@@ -85,6 +85,11 @@ STEP_KINDS = {
     "stats": "per-channel mean and variance of a feature map in one sweep (MVF; seed 002 eq. 1, 18)",
     "apply": "a = act(sum_k BN_k(x_k) + sum_j r_j) (seed 002 eq. 9), alone or as a consumer's pre-processing",
     "consume": "a consumer (convolution, pool) runs on a; its own traffic is its layer's",
+    "pointwise": "a 1x1 convolution applies a block of rows at a time in its GEMM's prologue, a never written: reads "
+                 "the BN inputs and shortcuts beyond its own ifmap (the first BN input); its ifmap, weights and "
+                 "ofmap are its layer's",
+    "epilogue_stats": "a feature map's per-channel mean and variance, taken by the fused pointwise convolution "
+                      "producing it from each block of its output in cache: no sweep",
     "recompute": "a recomputed in the backward from the BN inputs and shortcuts instead of stored",
     "consumer_backward": "a consumer's dgrad and wgrad on the recomputed a; its own traffic is its layer's",
     "reread": "a recomputed, for a convolution that reads the materialized a without keeping it (a rereader), in "

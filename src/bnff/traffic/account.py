@@ -245,7 +245,7 @@ def account(lg: LayerGraph, plan: FusionPlan, scheme: str, a: Assumptions) -> di
             _accumulate(led, layer, scheme)
     for g in groups:
         _charge(led, g.schedules[scheme])
-    if scheme == "bnff":  # a rereading convolution's backward copies the concatenations on its input's path again
+    if scheme in ("bnff", "bnff_pw"):  # a rereading convolution's backward copies the concatenations on its input's path again
         for r in plan.rereads:
             led.charge(lg.layer(r.conv), "bp_pointwise", sum(2 * lg.numel(lg.node(c)) for c in r.cats))
     return led.costs

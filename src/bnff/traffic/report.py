@@ -75,11 +75,12 @@ def model_text(name: str, analyses: dict[str, Analysis]) -> str:
     blocks.add_column("block")
     for s in SCHEMES:
         blocks.add_column(s, justify="right")
-    blocks.add_column("bnff / unfused", justify="right")
-    blocks.add_column("fused / unfused", justify="right")
+    ratios = [s for s in SCHEMES if s != "unfused"]
+    for s in ratios:
+        blocks.add_column(f"{s} / unfused", justify="right")
     for block, v in per_block(analyses).items():
         u = v["unfused"] or 1
-        blocks.add_row(block, *(f"{v[s] / MiB:,.1f}" for s in SCHEMES), f"{v['bnff'] / u:.3f}", f"{v['fused'] / u:.3f}")
+        blocks.add_row(block, *(f"{v[s] / MiB:,.1f}" for s in SCHEMES), *(f"{v[s] / u:.3f}" for s in ratios))
     sm = summary(analyses)
     tot = Table(title="Summary (one training step)")
     for col in ("scheme", "FP traffic", "BP traffic", "total traffic", "vs unfused", "footprint", "vs unfused",
@@ -111,16 +112,16 @@ def write_csv(path: str | Path, analyses: dict[str, Analysis]) -> None:
 
 
 def write_plot(path: str | Path, name: str, analyses: dict[str, Analysis]) -> None:
-    """Bar chart of per-block traffic, the three schemes side by side (PNG, SVG or PDF by suffix)."""
+    """Bar chart of per-block traffic, the schemes side by side (PNG, SVG or PDF by suffix)."""
     from matplotlib.figure import Figure  # no pyplot: the caller's matplotlib backend is left alone
 
     blocks = per_block(analyses)
     labels = list(blocks)
     fig = Figure(figsize=(max(8.0, 0.28 * len(labels)), 4.5))
     ax = fig.subplots()
-    width = 0.27
+    width = 0.8 / len(SCHEMES)
     for i, s in enumerate(SCHEMES):
-        ax.bar([x + (i - 1) * width for x in range(len(labels))], [blocks[b][s] / MiB for b in labels],
+        ax.bar([x + (i - (len(SCHEMES) - 1) / 2) * width for x in range(len(labels))], [blocks[b][s] / MiB for b in labels],
                width, label=s)
     ax.set_xticks(range(len(labels)), labels, rotation=90, fontsize=7)
     ax.set_ylabel("off-chip traffic per training step (MiB)")

@@ -1,0 +1,137 @@
+"""The fused pointwise convolutions at run time (the plan's ``bnff_pw`` scheme; issue 31).
+
+A group whose plan marks it ``pointwise`` (every consumer a 1x1 convolution that takes a GEMM
+prologue) runs its consumers as ``cpu.pointwise_forward``: each applies the group's BN terms,
+shortcuts and activation to blocks of rows in cache and multiplies them on libxsmm's micro-kernels,
+so the result a is never written, and takes its output's per-channel statistics from each block;
+those are handed to the BN that normalizes the output (``feature_statistics`` takes them here
+instead of sweeping the map: the plan's ``epilogue_stats`` step). The backward is ``bnff``'s.
+
+A call runs fused when all of these hold, else as ``bnff`` (the library convolutions):
+
+* the ``cpu`` backend, not under ``torch.compile`` (which traces the sweeps);
+* libxsmm found, with a GEMM kernel of the weights' dtype (``cpu.pointwise_why``);
+* every feature map channels_last, one dtype; float32 weights with float32 maps, or bfloat16 weights
+  (autocast's cast of float32 maps is made in the prologue); an activation the kernels compute;
+* ``MODE`` (environment ``BNFF_POINTWISE``): "on"; or "auto" (the default), where the fused
+  convolutions and the unfused path (apply sweep, library convolution, statistics sweep) are timed
+  side by side once per shape in the process and the faster one runs from then on (as
+  ``torch.backends.cudnn.benchmark`` chooses convolution algorithms), except while a
+  ``bnff.ops.record.Recorder`` records (no timing then: unfused); "off": never.
+
+``choices()`` lists the decisions "auto" made.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
+
+from bnff.ops import consumers, record
+from bnff.ops.backends import cpu
+
+MODES = ("auto", "on", "off")
+MODE = os.environ.get("BNFF_POINTWISE", "auto")
+if MODE not in MODES:
+    raise ValueError(f"BNFF_POINTWISE={MODE!r}: expected one of {', '.join(MODES)}")
+TIMED_RUNS = 3  # per path, after one warm-up run each; the fastest counts
+
+_stats: WeakIdKeyDictionary = WeakIdKeyDictionary()  # output map -> (mean, var) from its epilogue
+_choices: dict[tuple, bool] = {}
+
+
+def choices() -> dict[tuple, bool]:
+    """The "auto" decisions so far: (feature-map shapes, weight shapes, stride, dtypes, activation) ->
+    whether the fused pointwise convolutions ran (they measured faster)."""
+    return dict(_choices)
+
+
+def take_stats(f: Tensor) -> tuple[Tensor, Tensor] | None:
+    """The (mean, biased var) the fused convolution that produced ``f`` took in its epilogue, or None
+    (each is handed over once)."""
+    return _stats.pop(f, None)
+
+
+def _eligible(spec, env, maps: list[Tensor], out_dtype: torch.dtype) -> bool:
+    g = spec.group
+    if not g.pointwise or MODE == "off" or spec.backend != "cpu" or torch.compiler.is_compiling():
+        return False
+    if not all(isinstance(c, consumers.ConvConsumer) for c in spec.consumers):
+        return False
+    if cpu.act_why(g.act_kind) is not None or max(len(spec.layout.terms), spec.layout.residuals.stop - spec.layout.residuals.start) > cpu.MAX_TERMS:
+        return False
+    if len({m.dtype for m in maps}) != 1 or out_dtype not in (torch.float32, torch.bfloat16):
+        return False
+    if any(cpu._layout(m) != "nhwc" for m in maps):
+        return False
+    for sl in spec.layout.params:
+        w = env.flat[sl][0]
+        if w.dtype == torch.float32 and out_dtype != torch.float32 or w.dtype not in (torch.float32, torch.bfloat16):
+            return False
+        if cpu.pointwise_why(w.dtype) is not None:
+            return False
+    return True
+
+
+def _fused(spec, env, f1s: list[Tensor], i: int) -> Tensor:
+    """Consumer ``i``'s output by the fused pointwise convolution; its statistics handed to its BN."""
+    conv = spec.consumers[i].conv
+    y, mean, var = cpu.pointwise_forward(env.all_sources(), env.means(), f1s, env.betas(),
+                                         env.flat[spec.layout.residuals], spec.group.act_kind,
+                                         env.flat[spec.layout.params[i]][0], conv.stride[0], stats=True)
+    _stats[y] = (mean, var)
+    return y
+
+
+def _timed(run) -> float:
+    run()
+    best = float("inf")
+    for _ in range(TIMED_RUNS):
+        t0 = time.perf_counter()
+        run()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def _faster(spec, env, f1s: list[Tensor], maps: list[Tensor], out_dtype: torch.dtype) -> bool:
+    """"auto": whether the fused convolutions beat the unfused path at this call's shapes (timed once)."""
+    lay = spec.layout
+    key = (tuple(tuple(m.shape) for m in maps), tuple(tuple(env.flat[sl][0].shape) for sl in lay.params),
+           tuple(c.conv.stride[0] for c in spec.consumers), out_dtype,
+           tuple(env.flat[sl][0].dtype for sl in lay.params), spec.group.act_kind, len(lay.terms))
+    if key not in _choices:
+        be = cpu
+
+        def unfused():
+            a = env.apply(be, f1s, out_dtype)
+            for i, c in enumerate(spec.consumers):
+                be.channel_stats(c.forward(a, env.flat[lay.params[i]], spec.amp))
+
+        def fused():
+            for i in range(len(spec.consumers)):
+                take_stats(_fused(spec, env, f1s, i))
+        _choices[key] = _timed(fused) < _timed(unfused)
+    return _choices[key]
+
+
+def forward(spec, env, maps: list[Tensor], out_dtype: torch.dtype) -> list[Tensor] | None:
+    """The consumers' outputs by the fused pointwise convolutions, in consumer order (the plan's
+    ``pointwise`` steps), or None when this call runs as ``bnff`` (module docstring)."""
+    if not _eligible(spec, env, maps, out_dtype):
+        return None
+    f1s = env.f1s(cpu)
+    if MODE == "auto" and (record.active() or not _faster(spec, env, f1s, maps, out_dtype)):
+        return None
+    outs = []
+    for step in spec.group.schedules["bnff_pw"].forward:
+        if step.kind == "pointwise":
+            with record.consumer(spec.group.name, step.consumer, "fp"):
+                outs.append(_fused(spec, env, f1s, step.consumer))
+    return outs
+
+
+__all__ = ["MODE", "MODES", "choices", "forward", "take_stats"]

@@ -1,6 +1,7 @@
 """The fused pointwise convolution (issue 31) layer by layer, against what bnff runs without it.
 
     .venv/bin/python benchmarks/pointwise_layers.py [--repeats 9] [--blocks 32 64 128] [--json PATH]
+    .venv/bin/python benchmarks/pointwise_layers.py --model resnet50 [--rounds 10] [--json PATH]
 
 For ResNet-50's 1x1 convolutions at batch 16 (channels_last; the bottlenecks' reduce and expand
 layers and the stride-2 projections, each taking BN apply + ReLU of its input and giving the
@@ -13,6 +14,10 @@ statistics of its output to the next BN), timed interleaved in one process, floa
 * ``sweeps+xsmm``: the same with libxsmm's convolution (unfused libxsmm);
 * ``fused``: ``cpu.pointwise_forward`` with statistics (automatic block rows), and ``fused/B`` for
   each ``--blocks`` B.
+
+With ``--model``, whole bnff training steps instead (``bnff.bench.alternate_steps``: batch 16,
+224x224, bf16 autocast, channels_last, tuned allocator), ``BNFF_POINTWISE`` "off" and "auto"
+alternating step by step in one process, with the shapes "auto" chose to fuse.
 
 Every result is checked against float64 first. A variant's time is the lower quartile of
 ``--repeats`` rounds. Overhead removed = 1 - (fused - floor) / (unfused - floor), unfused the faster
@@ -92,8 +97,24 @@ def measure(n: int, hw: int, cin: int, cout: int, stride: int, dtype: torch.dtyp
             "overhead_removed": 1 - (ms["fused"] - floor) / max(unf - floor, 1e-9)}
 
 
+def measure_steps(model: str, rounds: int) -> dict:
+    """Median bnff step seconds of ``model`` with the fused pointwise convolutions off and on ("auto")."""
+    from bnff.bench import alternate_steps
+    from bnff.ops import pointwise
+
+    r = alternate_steps(model, {"off": lambda: setattr(pointwise, "MODE", "off"),
+                                "auto": lambda: setattr(pointwise, "MODE", "auto")}, rounds)
+    med = r["median_step_s"]
+    fused = [[list(k[0]), list(k[1]), str(k[3])] for k, on in pointwise.choices().items() if on]
+    return {"model": model, "step_s": r["step_s"], "median_step_s": med, "off/auto": med["off"] / med["auto"],
+            "off - auto per round, s": r["first - last per round, s"], "shapes fused": fused,
+            "shapes timed": len(pointwise.choices())}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", help="time whole bnff training steps of this model instead (bnff.models name)")
+    p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--repeats", type=int, default=9)
     p.add_argument("--blocks", type=int, nargs="*", default=[])
     p.add_argument("--dtypes", nargs="*", default=["float32", "bfloat16"])
@@ -104,6 +125,16 @@ def main() -> None:
     info = cpu_info()
     print(describe(info), f"| ATen {torch.backends.cpu.get_cpu_capability()} | libxsmm target {cpu.pointwise_target()}"
           f" | {torch.get_num_threads()} threads")
+    if args.model:
+        r = measure_steps(args.model, args.rounds)
+        med, d = r["median_step_s"], r["off - auto per round, s"]
+        print(f"{args.model} bf16 batch 16: median step off {med['off']:.3f} s, auto {med['auto']:.3f} s, off/auto "
+              f"{r['off/auto']:.3f}; off - auto per round median {d['median'] * 1e3:+.1f} ms (quartiles "
+              f"{d['quartiles'][0] * 1e3:+.1f}, {d['quartiles'][2] * 1e3:+.1f}); auto fused {len(r['shapes fused'])} "
+              f"of {r['shapes timed']} shapes")
+        if args.json:
+            write_json(args.json, {"cpu": info, "libxsmm_target": cpu.pointwise_target(), "rounds": args.rounds, **r})
+        return
     rows = []
     for name in args.dtypes:
         dtype = getattr(torch, name)

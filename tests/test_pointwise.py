@@ -9,6 +9,8 @@ C++ path ran; and what happens without libxsmm."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -126,6 +128,20 @@ def test_block_rows_do_not_change_the_output_only_the_statistics_order(gen):
         assert torch.equal(y, outs[0][0])  # each output row is one dot product per channel, whatever the block
         torch.testing.assert_close(mean, outs[0][1], rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(var, outs[0][2], rtol=1e-5, atol=0)
+
+
+def test_libxsmm_leaves_thread_pinning_to_the_user():
+    """libxsmm's initialisation puts OMP_PROC_BIND=TRUE into the environment when no affinity is set;
+    OpenMP threads started afterwards then shared one core (a training step 7x slower). bnff takes it
+    out again unless the user had set it."""
+    _needs(torch.float32)
+    if "OMP_PROC_BIND" in os.environ:
+        pytest.skip("OMP_PROC_BIND is the user's here")
+    code = ("import ctypes, os; from bnff.ops.backends import cpu; assert cpu.pointwise_target(); "
+            "libc = ctypes.CDLL(None); libc.getenv.restype = ctypes.c_char_p; print(libc.getenv(b'OMP_PROC_BIND'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "None"
 
 
 def test_bad_calls_name_the_problem(gen):

@@ -21,6 +21,8 @@
 
 #ifdef BNFF_LIBXSMM
 #include <libxsmm.h>
+
+#include <cstdlib>
 #endif
 
 namespace bnff_cpu {
@@ -157,7 +159,12 @@ std::string pointwise_target(std::string target) {
 #ifdef BNFF_LIBXSMM
   static std::once_flag once;
   std::call_once(once, [&] {
+    // libxsmm_init pins threads when no affinity is set: it puts OMP_PROC_BIND=TRUE into the environment
+    // (libxsmm 1.17, src/libxsmm_main.c, LIBXSMM_AUTOPIN), and the OpenMP threads ATen starts later then
+    // share one core (ResNet-50's training step measured 7x slower on 2 cores). What the user had set is kept.
+    const bool had_bind = std::getenv("OMP_PROC_BIND") != nullptr;
     libxsmm_init();  // (it reads the CPU and LIBXSMM_TARGET; a target set before it is overwritten)
+    if (!had_bind) unsetenv("OMP_PROC_BIND");
     if (!std::getenv("LIBXSMM_TARGET") && !target.empty()) libxsmm_set_target_arch(target.c_str());
   });
   return libxsmm_get_target_arch();

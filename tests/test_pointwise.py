@@ -301,3 +301,13 @@ def test_auto_times_both_paths_once_per_shape_and_off_runs_none(gen, monkeypatch
     before = cpu.kernel_calls()["pointwise/nhwc/float32"]
     model(x).sum().backward()
     assert cpu.kernel_calls()["pointwise/nhwc/float32"] == before
+
+
+def test_the_fusion_report_lists_the_pointwise_consumers_and_whether_they_run(monkeypatch):
+    report = bnff.fusion_report(bnff.restructure(_Net(), backend="cpu"))
+    assert sorted(report.pointwise) == ["c1", "c3", "c5", "c6", "c7"]
+    line = report.pointwise_where()
+    assert line.startswith("5 1x1 consumers") and ("libxsmm target" in line if cpu.pointwise_why() is None
+                                                   else "off: " in line)
+    assert "fused pointwise convolutions: 5 1x1 consumers" in str(report)
+    assert "the backend is not cpu" in bnff.fusion_report(bnff.restructure(_Net(), backend="reference")).pointwise_where()

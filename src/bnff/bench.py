@@ -283,7 +283,9 @@ def run(cfg: BenchConfig, progress: bool = True) -> dict:
         bytes are ``bnff.memory``'s count (None for the compiled variants, whose saved tensors include
         weight casts the counter cannot separate); ``unfused_groups`` names the groups ``prefer="speed"`` left
         unfused, of ``fusable_groups``; ``profiles`` maps each profiled variant to ``profile_step``'s
-        result (empty without ``profile``).
+        result (empty without ``profile``); ``pointwise`` the fusion report's line on the fused pointwise
+        convolutions (``FusionReport.pointwise_where``: how many 1x1 consumers can take the apply step and
+        whether libxsmm runs them here), None when bnff did not run or has none.
     Raises:
         ValueError: a bad configuration.
     """
@@ -302,6 +304,7 @@ def run(cfg: BenchConfig, progress: bool = True) -> dict:
     nets: dict[str, nn.Module] = {}
     unfused_groups: list[str] = []
     fusable = None
+    pointwise = None
     for v in cfg.variants:
         if v == "conv_floor":
             steps[v] = _floor_step(_conv_calls(base, x, amp), fmt, gen)
@@ -311,6 +314,7 @@ def run(cfg: BenchConfig, progress: bool = True) -> dict:
             with _autocast(amp):  # prefer="speed" times the groups as they will run
                 net = bnff.restructure(net, backend=cfg.backend, prefer=cfg.prefer, example_input=x)
             report = bnff.fusion_report(net)
+            pointwise = report.pointwise_where() if report.pointwise else None
             unfused_groups = [name for name, t in report.timings.items() if t.runs_eager]
             fusable = len(report.groups) + len(unfused_groups)
         if v.endswith("compile"):
@@ -357,7 +361,8 @@ def run(cfg: BenchConfig, progress: bool = True) -> dict:
         removed = (eager - fused) / (eager - floor) if eager != floor else None
     return {"config": asdict(cfg), "cpu": cpu_info(), "results": results, "ratios": ratios,
             "overhead_removed": removed, "compile_s": compile_s, "saved_bytes": saved,
-            "unfused_groups": unfused_groups, "fusable_groups": fusable, "profiles": profiles}
+            "unfused_groups": unfused_groups, "fusable_groups": fusable, "profiles": profiles,
+            "pointwise": pointwise}
 
 
 __all__ = ["BenchConfig", "PROFILE_CATEGORIES", "VARIANTS", "alternate_steps", "profile_step", "run", "tune_malloc"]

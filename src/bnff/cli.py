@@ -117,6 +117,8 @@ def _bench(args: argparse.Namespace) -> int:
     if res["unfused_groups"]:
         print(f"prefer='speed' left {len(res['unfused_groups'])} of {res['fusable_groups']} groups unfused "
               f"(slower fused on this CPU)")
+    if res["pointwise"]:
+        print(f"fused pointwise convolutions: {res['pointwise']}")
     for v, s in res["compile_s"].items():
         print(f"{v} warm-up (compile time, excluded): {s:.1f} s")
     if res["profiles"]:

@@ -67,7 +67,8 @@ def _rewritten(model: nn.Module, training: bool, backend: str, leaf_modules: Lea
     gm = traced.gm
     plan, groups, unfused = plan_graph(gm, exclude)
     opaque = {name: traced.untraceable.get(name, "given in leaf_modules") for name in traced.leaves}
-    report = build(groups, unfused, opaque, backend, dict(gm.named_modules()))
+    report = build(groups, unfused, opaque, backend, dict(gm.named_modules()),
+                   frozenset(g.name for g in plan.groups if g.pointwise))
     rewrite(gm, plan, groups, backend)
     return gm, report, plan
 

@@ -95,6 +95,8 @@ class FusionReport:
         timings: with ``prefer="speed"``: every fusable group (its output node's name) ->
             ``bnff.restructure.prefer.GroupTiming``, fused and eager, measured on this CPU; the
             groups slower fused are the ``unfused`` entries whose reason starts "prefer='speed'".
+        pointwise: the consumers (1x1 convolutions) of the groups the plan marks ``pointwise``, which
+            can run as fused pointwise convolutions (``bnff.ops.pointwise``; docs/pointwise.md).
     """
 
     groups: list[FusedGroup] = field(default_factory=list)
@@ -104,6 +106,7 @@ class FusionReport:
     mode_dependent: bool = False
     prefer: str = "memory"
     timings: dict = field(default_factory=dict)
+    pointwise: tuple[str, ...] = ()
 
     @property
     def fused_bns(self) -> list[str]:
@@ -152,6 +155,8 @@ class FusionReport:
             console.print(f"opaque submodule {name}: {why}")
         console.print(self.summary())
         console.print(f"sweeps: {self.sweeps_where()}")
+        if self.pointwise:
+            console.print(f"fused pointwise convolutions: {self.pointwise_where()}")
         return console.export_text()
 
     def sweeps_where(self) -> str:
@@ -159,6 +164,16 @@ class FusionReport:
         from bnff.ops import backends
 
         return backends.get(self.backend).COVERAGE
+
+
+    def pointwise_where(self) -> str:
+        """Which 1x1 consumers can run as fused pointwise convolutions and whether they do here."""
+        from bnff.ops import pointwise
+        from bnff.ops.backends import cpu
+
+        why = "the backend is not cpu" if self.backend != "cpu" else cpu.pointwise_why()
+        state = f"off: {why}" if why else f"libxsmm target {cpu.pointwise_target()}, BNFF_POINTWISE={pointwise.MODE}"
+        return f"{len(self.pointwise)} 1x1 consumers can take the apply step in their GEMM ({state})"
 
 
 def _sources(names: tuple[str, ...]) -> str:
@@ -170,9 +185,11 @@ def _name(node) -> str:
 
 
 def build(groups: list[Group], unfused: list[Unfused], opaque: dict[str, str], backend: str,
-          modules: dict[str, nn.Module]) -> FusionReport:
-    """Assemble the report from the matcher's output (before the graph is rewritten)."""
-    report = FusionReport(backend=backend, opaque=dict(opaque))
+          modules: dict[str, nn.Module], pointwise: frozenset[str] = frozenset()) -> FusionReport:
+    """Assemble the report from the matcher's output (before the graph is rewritten); ``pointwise``: the
+    names of the groups the plan marks ``GroupPlan.pointwise``."""
+    report = FusionReport(backend=backend, opaque=dict(opaque),
+                          pointwise=tuple(_name(c) for g in groups if g.output.name in pointwise for c in g.consumers))
     for g in groups:
         report.groups.append(FusedGroup(
             pattern=g.pattern,

@@ -67,7 +67,9 @@ def feature_statistics(f: Tensor, bns: tuple[nn.modules.batchnorm._BatchNorm, ..
     """
     if not any(bn_math.uses_batch_stats(bn) for bn in bns):
         return None
-    taken = pointwise.take_stats(f)  # the fused pointwise convolution that produced f took them (bnff_pw)
+    # the fused pointwise convolution that produced f took them (bnff_pw; never under torch.compile,
+    # whose tracing would break its graph at the lookup)
+    taken = None if torch.compiler.is_compiling() else pointwise.take_stats(f)
     if taken is not None:
         return taken
     with torch.no_grad(), record.scope(group, "fp"):

@@ -311,3 +311,15 @@ def test_the_fusion_report_lists_the_pointwise_consumers_and_whether_they_run(mo
                                                    else "off: " in line)
     assert "fused pointwise convolutions: 5 1x1 consumers" in str(report)
     assert "the backend is not cpu" in bnff.fusion_report(bnff.restructure(_Net(), backend="reference")).pointwise_where()
+
+
+def test_pointwise_covers_what_the_kernel_takes(gen):
+    _needs(torch.float32)
+    x = torch.randn(2, 8, 5, 5, generator=gen).to(memory_format=torch.channels_last)
+    w32, w16 = torch.randn(4, 8, 1, 1), torch.randn(4, 8, 1, 1).to(torch.bfloat16)
+    assert cpu.pointwise_covers([x, x.clone()], w32)
+    assert not cpu.pointwise_covers([x.contiguous()], w32)  # NCHW
+    assert not cpu.pointwise_covers([x, x.to(torch.bfloat16)], w32)  # two dtypes
+    assert not cpu.pointwise_covers([x.to(torch.bfloat16)], w32)  # float32 weights need float32 maps
+    assert not cpu.pointwise_covers([x.double()], w32)
+    assert cpu.pointwise_covers([x], w16) == (cpu.pointwise_why(torch.bfloat16) is None)

@@ -56,25 +56,15 @@ def take_stats(f: Tensor) -> tuple[Tensor, Tensor] | None:
     return _stats.pop(f, None)
 
 
-def _eligible(spec, env, maps: list[Tensor], out_dtype: torch.dtype) -> bool:
-    g = spec.group
+def _eligible(spec, env, maps: list[Tensor]) -> bool:
+    g, lay = spec.group, spec.layout
     if not g.pointwise or MODE == "off" or spec.backend != "cpu" or torch.compiler.is_compiling():
         return False
-    if not all(isinstance(c, consumers.ConvConsumer) for c in spec.consumers):
+    if not all(isinstance(c, consumers.ConvConsumer) for c in spec.consumers) or cpu.act_why(g.act_kind) is not None:
         return False
-    if cpu.act_why(g.act_kind) is not None or max(len(spec.layout.terms), spec.layout.residuals.stop - spec.layout.residuals.start) > cpu.MAX_TERMS:
+    if max(len(lay.terms), lay.residuals.stop - lay.residuals.start) > cpu.MAX_TERMS:
         return False
-    if len({m.dtype for m in maps}) != 1 or out_dtype not in (torch.float32, torch.bfloat16):
-        return False
-    if any(cpu._layout(m) != "nhwc" for m in maps):
-        return False
-    for sl in spec.layout.params:
-        w = env.flat[sl][0]
-        if w.dtype == torch.float32 and out_dtype != torch.float32 or w.dtype not in (torch.float32, torch.bfloat16):
-            return False
-        if cpu.pointwise_why(w.dtype) is not None:
-            return False
-    return True
+    return all(cpu.pointwise_covers(maps, env.flat[sl][0]) for sl in lay.params)
 
 
 def _fused(spec, env, f1s: list[Tensor], i: int) -> Tensor:
@@ -104,12 +94,10 @@ def _faster(spec, env, f1s: list[Tensor], maps: list[Tensor], out_dtype: torch.d
            tuple(c.conv.stride[0] for c in spec.consumers), out_dtype,
            tuple(env.flat[sl][0].dtype for sl in lay.params), spec.group.act_kind, len(lay.terms))
     if key not in _choices:
-        be = cpu
-
         def unfused():
-            a = env.apply(be, f1s, out_dtype)
+            a = env.apply(cpu, f1s, out_dtype)
             for i, c in enumerate(spec.consumers):
-                be.channel_stats(c.forward(a, env.flat[lay.params[i]], spec.amp))
+                cpu.channel_stats(c.forward(a, env.flat[lay.params[i]], spec.amp))
 
         def fused():
             for i in range(len(spec.consumers)):
@@ -121,7 +109,7 @@ def _faster(spec, env, f1s: list[Tensor], maps: list[Tensor], out_dtype: torch.d
 def forward(spec, env, maps: list[Tensor], out_dtype: torch.dtype) -> list[Tensor] | None:
     """The consumers' outputs by the fused pointwise convolutions, in consumer order (the plan's
     ``pointwise`` steps), or None when this call runs as ``bnff`` (module docstring)."""
-    if not _eligible(spec, env, maps, out_dtype):
+    if not _eligible(spec, env, maps):
         return None
     f1s = env.f1s(cpu)
     if MODE == "auto" and (record.active() or not _faster(spec, env, f1s, maps, out_dtype)):

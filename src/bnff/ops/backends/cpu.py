@@ -593,6 +593,18 @@ def pointwise_target() -> str | None:
     return str(_state["target"])
 
 
+def pointwise_covers(maps: list[Tensor], weight: Tensor) -> bool:
+    """Whether ``pointwise_forward`` runs a call with these feature maps (every BN term's sources and the
+    shortcuts) and this weight here: every map a channels_last CPU tensor of one dtype, float32 or
+    bfloat16; the weight float32 with float32 maps, or bfloat16; libxsmm with a GEMM of the weight's
+    dtype (``pointwise_why``)."""
+    if not maps or len({m.dtype for m in maps}) != 1 or any(_layout(m) != "nhwc" for m in maps):
+        return False
+    if weight.dtype not in _COVERED_DTYPES or (weight.dtype == torch.float32 and maps[0].dtype != torch.float32):
+        return False
+    return pointwise_why(weight.dtype) is None
+
+
 def pointwise_forward(sources: list[list[Tensor]], means: list[Tensor], f1s: list[Tensor], betas: list[Tensor | None],
                       residuals: list[Tensor], act: str | None, weight: Tensor, stride: int = 1, stats: bool = False,
                       block_rows: int = 0) -> tuple[Tensor, Tensor | None, Tensor | None]:
@@ -665,5 +677,5 @@ def running_update(running_mean: Tensor, running_var: Tensor, mean: Tensor, var:
 
 
 __all__ = ["COVERAGE", "ISA_FLAGS", "apply", "available", "build_spec", "channel_stats", "dense_like", "fallbacks", "grad_stats", "grad_stats_x",
-           "input_grad", "input_grad_x", "isa", "kernel_calls", "pointwise_forward", "pointwise_target", "pointwise_why", "group_layout", "group_forward", "group_backward", "load_extension", "release_workspace", "scale",
+           "input_grad", "input_grad_x", "isa", "kernel_calls", "pointwise_covers", "pointwise_forward", "pointwise_target", "pointwise_why", "group_layout", "group_forward", "group_backward", "load_extension", "release_workspace", "scale",
            "backward_vectors", "running_update", "workspace_bytes"]

@@ -323,3 +323,29 @@ def test_pointwise_covers_what_the_kernel_takes(gen):
     assert not cpu.pointwise_covers([x.to(torch.bfloat16)], w32)  # float32 weights need float32 maps
     assert not cpu.pointwise_covers([x.double()], w32)
     assert cpu.pointwise_covers([x], w16) == (cpu.pointwise_why(torch.bfloat16) is None)
+
+
+def test_kernels_that_do_not_link_with_libxsmm_are_built_without_it(monkeypatch):
+    """libxsmm is optional: a build that fails with it is retried without it, after one warning, instead of
+    leaving the whole backend to the reference sweeps (no real build here: the builder is replaced)."""
+    if libxsmm.find().version is None:
+        pytest.skip("libxsmm is not installed here")
+    calls = []
+
+    def fake_load(name, sources, directory, flags, verbose=False, ldflags=()):
+        calls.append((list(flags), list(ldflags)))
+        if any(f.startswith("-DBNFF_LIBXSMM") for f in flags):
+            raise RuntimeError("undefined reference to `libxsmm_init'")
+
+    monkeypatch.setattr(cpu, "load_extension", fake_load)
+    monkeypatch.setattr(cpu, "_register_fakes", lambda: None)
+    monkeypatch.setattr(cpu, "_state", {})
+    try:
+        with pytest.warns(RuntimeWarning, match="building them without it"):
+            cpu._build()
+        assert len(calls) == 2 and calls[1][1] == [] and not any(f.startswith("-DBNFF_LIBXSMM") for f in calls[1][0])
+        assert "did not build with libxsmm" in libxsmm.find().why
+    finally:
+        libxsmm._disabled.clear()
+        libxsmm.find.cache_clear()
+    assert libxsmm.find().version is not None

@@ -183,10 +183,25 @@ def load_extension(name: str, sources: list[str], directory: Path, flags: list[s
 
 
 def _build() -> None:
-    name, directory, flags = build_spec()
-    load_extension(name, [str(p) for p in _SOURCES], directory, flags, verbose=bool(os.environ.get("BNFF_VERBOSE_BUILD")),
-                   ldflags=tuple(libxsmm.find().ldflags))
-    _state["library"] = directory
+    """Build and load the kernels; if that fails with libxsmm, warn once and build them without it (libxsmm is
+    optional: a static library that does not link here must not cost the whole backend)."""
+    def load() -> None:
+        name, directory, flags = build_spec()
+        load_extension(name, [str(p) for p in _SOURCES], directory, flags,
+                       verbose=bool(os.environ.get("BNFF_VERBOSE_BUILD")), ldflags=tuple(libxsmm.find().ldflags))
+        _state["library"] = directory
+
+    try:
+        load()
+    except Exception as exc:
+        if libxsmm.find().version is None:
+            raise
+        why = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        libxsmm.disable(f"the kernels did not build with libxsmm ({why})")
+        warnings.warn(f"bnff: building the cpu kernels with libxsmm failed ({why}); building them without it (no fused "
+                      f"pointwise convolutions). Set BNFF_VERBOSE_BUILD=1 to see the compiler output.",
+                      RuntimeWarning, stacklevel=3)
+        load()
     _register_fakes()
 
 

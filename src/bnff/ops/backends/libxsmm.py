@@ -81,6 +81,16 @@ def _pkg_config() -> tuple[Path, Path] | None:
     return (Path(out[0]), Path(out[1])) if all(out) else None
 
 
+_disabled: list[str] = []  # why this process builds without it (``disable``)
+
+
+def disable(why: str) -> None:
+    """Build without libxsmm from now on in this process (``find`` answers ``why``): the cpu backend's
+    fallback when its kernels do not link with it."""
+    _disabled[:] = [why]
+    find.cache_clear()
+
+
 @functools.cache
 def find() -> Found:
     """libxsmm's headers and static libraries (``pkg-config libxsmm``, else ``PREFIXES``), once per process.
@@ -90,6 +100,8 @@ def find() -> Found:
     """
     if os.environ.get("BNFF_LIBXSMM", "1") == "0":
         return Found(None, why="BNFF_LIBXSMM=0 is set")
+    if _disabled:
+        return Found(None, why=_disabled[0])
     places = [p for p in [_pkg_config()] if p] + [(pre / "include", pre / "lib") for pre in PREFIXES]
     for include, libdir in places:
         archives = tuple(libdir / a for a in ARCHIVES)

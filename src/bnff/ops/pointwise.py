@@ -87,33 +87,43 @@ def _timed(run) -> float:
     return best
 
 
-def _faster(spec, env, f1s: list[Tensor], maps: list[Tensor], out_dtype: torch.dtype) -> bool:
-    """"auto": whether the fused convolutions beat the unfused path at this call's shapes (timed once)."""
+def _key(spec, env, maps: list[Tensor], out_dtype: torch.dtype) -> tuple:
+    """What an "auto" decision depends on: shapes, strides, dtypes, activation, number of BN terms."""
     lay = spec.layout
-    key = (tuple(tuple(m.shape) for m in maps), tuple(tuple(env.flat[sl][0].shape) for sl in lay.params),
-           tuple(c.conv.stride[0] for c in spec.consumers), out_dtype,
-           tuple(env.flat[sl][0].dtype for sl in lay.params), spec.group.act_kind, len(lay.terms))
-    if key not in _choices:
-        def unfused():
-            a = env.apply(cpu, f1s, out_dtype)
-            for i, c in enumerate(spec.consumers):
-                cpu.channel_stats(c.forward(a, env.flat[lay.params[i]], spec.amp))
+    return (tuple(tuple(m.shape) for m in maps), tuple(tuple(env.flat[sl][0].shape) for sl in lay.params),
+            tuple(c.conv.stride[0] for c in spec.consumers), out_dtype,
+            tuple(env.flat[sl][0].dtype for sl in lay.params), spec.group.act_kind, len(lay.terms))
 
-        def fused():
-            for i in range(len(spec.consumers)):
-                take_stats(_fused(spec, env, f1s, i))
-        _choices[key] = _timed(fused) < _timed(unfused)
-    return _choices[key]
+
+def _faster(spec, env, f1s: list[Tensor], out_dtype: torch.dtype) -> bool:
+    """"auto": whether the fused convolutions beat the unfused path (apply sweep, library convolutions,
+    statistics sweeps) at this call's shapes, timed side by side."""
+    lay = spec.layout
+
+    def unfused():
+        a = env.apply(cpu, f1s, out_dtype)
+        for i, c in enumerate(spec.consumers):
+            cpu.channel_stats(c.forward(a, env.flat[lay.params[i]], spec.amp))
+
+    def fused():
+        for i in range(len(spec.consumers)):
+            take_stats(_fused(spec, env, f1s, i))
+    return _timed(fused) < _timed(unfused)
 
 
 def forward(spec, env, maps: list[Tensor], out_dtype: torch.dtype) -> list[Tensor] | None:
     """The consumers' outputs by the fused pointwise convolutions, in consumer order (the plan's
     ``pointwise`` steps), or None when this call runs as ``bnff`` (module docstring)."""
-    if not _eligible(spec, env, maps):
+    if not _eligible(spec, env, maps) or (MODE == "auto" and record.active()):
+        return None
+    key = _key(spec, env, maps, out_dtype) if MODE == "auto" else None
+    if _choices.get(key) is False:
         return None
     f1s = env.f1s(cpu)
-    if MODE == "auto" and (record.active() or not _faster(spec, env, f1s, maps, out_dtype)):
-        return None
+    if key is not None and key not in _choices:
+        _choices[key] = _faster(spec, env, f1s, out_dtype)
+        if not _choices[key]:
+            return None
     outs = []
     for step in spec.group.schedules["bnff_pw"].forward:
         if step.kind == "pointwise":

@@ -87,7 +87,7 @@ class FusionPlan:
         return json.dumps(self.as_dict(), indent=indent)
 
 
-def _group_plan(g: Group, owns: tuple[str, ...], pointwise_outputs: set[str]) -> GroupPlan:
+def _group_plan(g: Group, owns: tuple[str, ...], pointwise: bool, pointwise_outputs: set[str]) -> GroupPlan:
     users = [u for u in g.output.users if u.meta.get("bnff_kind") is not None and u not in g.squeeze]
     plan = GroupPlan(
         name=g.output.name, pattern=g.pattern,
@@ -101,7 +101,7 @@ def _group_plan(g: Group, owns: tuple[str, ...], pointwise_outputs: set[str]) ->
         grad_slice=not g.consumers and len(users) == 1 and users[0].meta["bnff_kind"] == Kind.CAT
         and len(users[0].args[0]) > 1,
         members=tuple(n.name for n in g.members()), rereaders=tuple(c.name for c in g.rereaders),
-        pointwise=_pointwise(g), stats_in_producer=tuple(s for s in owns if s in pointwise_outputs))
+        pointwise=pointwise, stats_in_producer=tuple(s for s in owns if s in pointwise_outputs))
     return replace(plan, schedules={s: schemes.BUILDERS[s](plan) for s in schemes.SCHEMES})
 
 
@@ -123,15 +123,16 @@ def plan_graph(gm: fx.GraphModule, exclude: Mapping[str, str] | None = None
     groups, unfused, rereads = match(gm, exclude)
     seen: set[fx.Node] = set()
     plans = []
-    pointwise_outputs = {c.name for g in groups if _pointwise(g) for c in g.consumers}
-    for g in groups:
+    pointwise = [_pointwise(g) for g in groups]
+    pointwise_outputs = {c.name for g, pw in zip(groups, pointwise) if pw for c in g.consumers}
+    for g, pw in zip(groups, pointwise):
         owns = []
         for t in g.terms:
             for s in t.sources:
                 if s not in seen:
                     seen.add(s)
                     owns.append(s.name)
-        plans.append(_group_plan(g, tuple(owns), pointwise_outputs))
+        plans.append(_group_plan(g, tuple(owns), pw, pointwise_outputs))
     plan = FusionPlan(plans, [UnfusedPlan(u.node.name, u.kind.value, u.reason) for u in unfused],
                       [RereadPlan(r.conv.name, tuple(g.name for g in r.groups),
                                   tuple(n.name for n in r.passage if n.meta.get("bnff_kind") == Kind.CAT))

@@ -593,9 +593,13 @@ def pointwise_why(dtype: torch.dtype | None = None) -> str | None:
     if libxsmm.find().why is not None:
         return libxsmm.find().why
     target = pointwise_target()
-    if dtype is not None and not torch.ops.bnff.pointwise_has(dtype):
-        return f"libxsmm has no {str(dtype).removeprefix('torch.')} GEMM kernel at target {target}"
-    return None
+    if dtype is None:
+        return None
+    has = _state.setdefault("pointwise_has", {})  # asked once per dtype: this runs on every fused group's call
+    if dtype not in has:
+        has[dtype] = bool(torch.ops.bnff.pointwise_has(dtype))
+    return None if has[dtype] else f"libxsmm has no {str(dtype).removeprefix('torch.')} GEMM kernel at target {target}"
+
 
 
 def pointwise_target() -> str | None:
@@ -640,7 +644,7 @@ def pointwise_forward(sources: list[list[Tensor]], means: list[Tensor], f1s: lis
             packed per call (C_out * C elements).
         stride: the convolution's stride (both dimensions); no padding, no bias, one group.
         stats: also return y's mean and biased variance, each (C_out,) float32; else None, None.
-        block_rows: output rows per block (a multiple of nothing in particular; 0: automatic).
+        block_rows: output rows per block (0: sized so a block's a and y fit in about 256 KiB).
     Returns:
         (y (N, C_out, H_out, W_out) channels_last in weight's dtype, mean or None, var or None).
     Raises:

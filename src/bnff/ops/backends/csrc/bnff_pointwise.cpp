@@ -133,13 +133,12 @@ void pointwise_kernel(const std::vector<std::vector<Src>>& terms, const std::vec
         for (int64_t ch = b; ch < e; ++ch)
           for (int64_t blk = ch * nblk / nc; blk < (ch + 1) * nblk / nc; ++blk) {
             const int64_t r0 = blk * B, nb = std::min(B, rows - r0);
-            const TO* a;
-            if constexpr (std::is_same_v<TX, TO>) a = direct ? reinterpret_cast<const TO*>(rp[0]) + r0 * cin : nullptr;
-            else a = nullptr;
+            const TO* a = a_blk.data();  // the block applied in cache, or (direct) the input rows themselves
             if (!direct) {
               for (int64_t i = 0; i < nb; ++i)
                 apply_row(KK, RR, A, sp, vec.data(), rp, cin, in_row(r0 + i), a_blk.data() + i * cin, buf.data());
-              a = a_blk.data();
+            } else if constexpr (std::is_same_v<TX, TO>) {
+              a = rp[0] + r0 * cin;
             }
             (nb == B ? full : last)(wp.data(), a, out + r0 * cout);
             if (stats) block_moments(out + r0 * cout, nb, cout, chunk_mo[ch].data());

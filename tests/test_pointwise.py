@@ -25,8 +25,8 @@ from helpers import K, assert_as_accurate_as_eager, assert_moves_what_the_plan_s
 
 U32 = 2.0 ** -24  # float32 unit roundoff
 U_BF16 = 2.0 ** -8  # bfloat16 unit roundoff (8 bits of significand)
-ACTS = [None, "relu", "relu6", "leaky_relu(0.1)", "elu(0.7)", "selu", "silu", "hardswish", "hardsigmoid", "sigmoid",
-        "tanh", "gelu", "gelu_tanh", "mish"]
+ACTS = [None, "identity", "relu", "relu6", "leaky_relu(0.1)", "elu(0.7)", "celu(0.5)", "selu", "silu", "hardswish",
+        "hardsigmoid", "sigmoid", "tanh", "gelu", "gelu_tanh", "mish"]  # every entry of bnff.activations.TABLE
 # (BN terms' source channels, shortcuts): a lone BN, BN + identity shortcut, BN + projection shortcut's BN,
 # one BN over a concatenation of two maps (DenseNet)
 PATTERNS = {"lone": ([[24]], 0), "identity": ([[24]], 1), "projection": ([[24], [24]], 0), "concat": ([[16, 8]], 0)}

@@ -1,6 +1,6 @@
 """The fused pointwise convolution (issue 31) layer by layer, against what bnff runs without it.
 
-    .venv/bin/python benchmarks/pointwise_layers.py [--repeats 9] [--blocks 32 64 128] [--json PATH]
+    .venv/bin/python benchmarks/pointwise_layers.py [--repeats 9] [--blocks 32 64 128] [--backward] [--json PATH]
     .venv/bin/python benchmarks/pointwise_layers.py --model resnet50 [--rounds 10] [--json PATH]
 
 For ResNet-50's 1x1 convolutions at batch 16 (channels_last; the bottlenecks' reduce and expand
@@ -14,6 +14,13 @@ statistics of its output to the next BN), timed interleaved in one process, floa
 * ``sweeps+xsmm``: the same with libxsmm's convolution (unfused libxsmm);
 * ``fused``: ``cpu.pointwise_forward`` with statistics (automatic block rows), and ``fused/B`` for
   each ``--blocks`` B.
+
+With ``--backward``, the backward of the stride-1 shapes instead (each a lone BN + ReLU's consumer,
+the plan's ``pointwise_backward``): ``aten``: ATen's convolution backward (dgrad and wgrad) alone;
+``xsmm``: ``cpu.pointwise_backward`` with an identity BN and no activation (libxsmm's dgrad and wgrad,
+plus S1 and S2, so an upper bound of a plain libxsmm backward); ``sweeps+aten``: what bnff runs
+without it: the recompute sweep, ATen's convolution backward, ``grad_stats_x``; ``fused``:
+``cpu.pointwise_backward``.
 
 With ``--model``, whole bnff training steps instead (``bnff.bench.alternate_steps``: batch 16,
 224x224, bf16 autocast, channels_last, tuned allocator), ``BNFF_POINTWISE`` "off" and "auto"
@@ -97,6 +104,49 @@ def measure(n: int, hw: int, cin: int, cout: int, stride: int, dtype: torch.dtyp
             "overhead_removed": 1 - (ms["fused"] - floor) / max(unf - floor, 1e-9)}
 
 
+def measure_backward(n: int, hw: int, cin: int, cout: int, dtype: torch.dtype, repeats: int) -> dict:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(n, cin, hw, hw, generator=gen).to(dtype).contiguous(memory_format=torch.channels_last)
+    dy = torch.randn(n, cout, hw, hw, generator=gen).to(dtype).contiguous(memory_format=torch.channels_last)
+    w = (torch.randn(cout, cin, 1, 1, generator=gen) / cin ** 0.5).to(dtype)
+    mean, f1, beta = torch.randn(cin, generator=gen) * 0.1, torch.rand(cin, generator=gen) + 0.5, torch.randn(cin, generator=gen) * 0.1
+    zeros, ones = torch.zeros(cin), torch.ones(cin)
+    a = cpu.apply([[x]], [mean], [f1], [beta], [], "relu", dtype)
+    g64 = torch.einsum("nohw,oc->nchw", dy.double(), w.double()[:, :, 0, 0])
+    dw64 = torch.einsum("nohw,nchw->oc", dy.double(), a.double())
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+
+    def aten(inp):
+        return torch.ops.aten.convolution_backward(dy, inp, w, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1,
+                                                   [True, True, False])[:2]
+
+    def unfused():
+        g, dw = aten(cpu.apply([[x]], [mean], [f1], [beta], [], "relu", dtype))
+        cpu.grad_stats_x(g, "relu", [x], mean, f1, beta, dtype)
+        return g, dw
+
+    calls = {"aten": lambda: aten(a), "xsmm": lambda: cpu.pointwise_backward([a], zeros, ones, zeros, None, dy, w)[:2],
+             "sweeps+aten": unfused, "fused": lambda: cpu.pointwise_backward([x], mean, f1, beta, "relu", dy, w)[:2]}
+    for k, f in calls.items():
+        g, dw = f()
+        for got, want in ((g, g64), (dw, dw64)):
+            err = ((got.double().reshape(want.shape) - want).norm() / want.norm()).item()
+            assert err < tol, (k, err)
+    times = {k: [] for k in calls}
+    for f in calls.values():
+        f(), f()
+    for _ in range(repeats):
+        for k, f in calls.items():
+            t0 = time.perf_counter()
+            f()
+            times[k].append(time.perf_counter() - t0)
+    ms = {k: sorted(v)[len(v) // 4] * 1e3 for k, v in times.items()}
+    floor, unf = min(ms["aten"], ms["xsmm"]), ms["sweeps+aten"]
+    return {"shape": [n, cin, hw, hw], "cout": cout, "stride": 1, "dtype": str(dtype).removeprefix("torch."),
+            "direction": "backward", "ms": ms, "floor": floor, "unfused": unf,
+            "overhead_removed": 1 - (ms["fused"] - floor) / max(unf - floor, 1e-9)}
+
+
 def measure_steps(model: str, rounds: int) -> dict:
     """Median bnff step seconds of ``model`` with the fused pointwise convolutions off and on ("auto")."""
     from bnff.bench import alternate_steps
@@ -118,6 +168,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=9)
     p.add_argument("--blocks", type=int, nargs="*", default=[])
     p.add_argument("--dtypes", nargs="*", default=["float32", "bfloat16"])
+    p.add_argument("--backward", action="store_true", help="time the backward of the stride-1 shapes instead")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     if cpu.pointwise_why():
@@ -139,21 +190,26 @@ def main() -> None:
     for name in args.dtypes:
         dtype = getattr(torch, name)
         for n, hw, cin, cout, stride in SHAPES:
-            r = measure(n, hw, cin, cout, stride, dtype, args.repeats, tuple(args.blocks))
+            if args.backward and stride != 1:
+                continue
+            r = (measure_backward(n, hw, cin, cout, dtype, args.repeats) if args.backward
+                 else measure(n, hw, cin, cout, stride, dtype, args.repeats, tuple(args.blocks)))
             rows.append(r)
             print(f"{r['dtype']:8s} {cin:4d}->{cout:4d} {hw:2d}x{hw:<2d} s{stride} "
                   + "  ".join(f"{k} {v:6.2f}" for k, v in r["ms"].items())
                   + f"  overhead removed {r['overhead_removed']:+.0%}", flush=True)
         sub = [r for r in rows if r["dtype"] == name]
-        tot = {k: sum(r[k] if k in ("floor", "unfused") else r["ms"][k] for r in sub)
+        tot = {k: sum(r[k] if k in ("floor", "unfused") else r["ms"].get(k, 0.0) for r in sub)
                for k in ("floor", "unfused", "fused", "sweeps+aten", "sweeps+xsmm")}
         print(f"{name}: sum over shapes floor {tot['floor']:.1f} ms, sweeps+aten {tot['sweeps+aten']:.1f}, "
-              f"sweeps+xsmm {tot['sweeps+xsmm']:.1f}, fused {tot['fused']:.1f}; overhead removed "
+              + ("" if args.backward else f"sweeps+xsmm {tot['sweeps+xsmm']:.1f}, ")
+              + f"fused {tot['fused']:.1f}; overhead removed "
               f"{1 - (tot['fused'] - tot['floor']) / (tot['unfused'] - tot['floor']):+.0%}", flush=True)
     if args.json:
         write_json(args.json, {"cpu": info, "aten_capability": torch.backends.cpu.get_cpu_capability(),
                                "libxsmm_target": cpu.pointwise_target(), "threads": torch.get_num_threads(),
-                               "repeats": args.repeats, "rows": rows})
+                               "repeats": args.repeats, "direction": "backward" if args.backward else "forward",
+                               "rows": rows})
 
 
 if __name__ == "__main__":

@@ -299,7 +299,9 @@ def assert_moves_what_the_plan_says(model: nn.Module, x: torch.Tensor, scheme: s
 
     ``scheme`` "bnff_pw" (run with ``bnff.ops.pointwise.MODE`` "on"): a pointwise group's consumers
     read its inputs in their prologue, so its forward is compared together with its consumers' (the
-    recorder's consumer scopes against the plan's and the convolution layers' own forward bytes)."""
+    recorder's consumer scopes against the plan's and the convolution layers' own forward bytes); a
+    ``pointwise_backward`` group's consumer backward (the fused call, in the consumer's scope) moves the
+    convolution layer's backward bytes less one read of dy, and its own backward the plan's."""
     from bnff.graph.layers import build
     from bnff.ops.backends import cpu
     from bnff.ops.record import Recorder
@@ -329,6 +331,12 @@ def assert_moves_what_the_plan_says(model: nn.Module, x: torch.Tensor, scheme: s
             want_fp += sum(layers[c].fp_read + layers[c].fp_write for c in g.consumers)
         got = (fp, rec.moved[(g.name, "bp")], rec.kept[g.name])
         want = (want_fp, costs[g.name].bp_bytes, kept)
+        if scheme == "bnff_pw" and g.pointwise_backward:
+            # its consumer's backward, the one fused call: the ifmap's bytes (x), dy, W in, g_a and dW out, which
+            # is the convolution layer's dgrad and wgrad bytes with dy read once instead of twice
+            c = g.consumers[0]
+            got += (rec.moved[(f"{g.name}/consumer0", "bp")],)
+            want += (layers[c].bp_dgrad + layers[c].bp_wgrad - lg.numel(lg.node(c)) * eb,)
         if got != want:
             bad.append(f"{g.name} ({g.pattern}): recorded fp/bp/kept {got}, plan {want}; ops "
                        f"{dict(rec.ops.get((g.name, 'fp'), {}))} | {dict(rec.ops.get((g.name, 'bp'), {}))}")

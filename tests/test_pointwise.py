@@ -250,7 +250,10 @@ def test_the_plan_marks_each_pointwise_group_and_epilogue():
         kinds = [s.kind for s in g.schedules["bnff_pw"].forward]
         assert ("apply" in kinds) != g.pointwise and kinds.count("pointwise") == (len(g.consumers) if g.pointwise else 0)
         assert kinds.count("epilogue_stats") == len(g.stats_in_producer)
-        assert g.schedules["bnff_pw"].backward == g.schedules["bnff"].backward
+        bp = g.schedules["bnff_pw"].kinds("bp")
+        assert (bp == ("pointwise_backward", "input_grad_x")) == g.pointwise_backward
+        assert g.pointwise_backward or g.schedules["bnff_pw"].backward == g.schedules["bnff"].backward
+    assert [g.name for g in plan.groups if g.pointwise_backward] == ["relu_2"]  # lone, its one 1x1 of stride 1
 
 
 @pytest.mark.exactness
@@ -294,13 +297,15 @@ def test_auto_times_both_paths_once_per_shape_and_off_runs_none(gen, monkeypatch
     monkeypatch.setattr(pointwise, "MODE", "auto")
     monkeypatch.setattr(pointwise, "_choices", {})
     model(x).sum().backward()
-    assert len(pointwise.choices()) == 4  # one decision per pointwise group's shapes
+    # one decision per pointwise group's shapes, and one for the backward of relu_2 (pointwise_backward)
+    assert len(pointwise.choices()) == 5 and sum(k[0] == "backward" for k in pointwise.choices()) == 1
     model(x).sum().backward()
-    assert len(pointwise.choices()) == 4
+    assert len(pointwise.choices()) == 5
     monkeypatch.setattr(pointwise, "MODE", "off")
-    before = cpu.kernel_calls()["pointwise/nhwc/float32"]
+    before = cpu.kernel_calls()
     model(x).sum().backward()
-    assert cpu.kernel_calls()["pointwise/nhwc/float32"] == before
+    ran = cpu.kernel_calls() - before
+    assert ran["pointwise/nhwc/float32"] == ran["pointwise_backward/nhwc/float32"] == 0
 
 
 def test_the_fusion_report_lists_the_pointwise_consumers_and_whether_they_run(monkeypatch):
@@ -349,3 +354,171 @@ def test_kernels_that_do_not_link_with_libxsmm_are_built_without_it(monkeypatch)
         libxsmm._disabled.clear()
         libxsmm.find.cache_clear()
     assert libxsmm.find().version is not None
+
+
+# ---- the fused backward: cpu.pointwise_backward and the plan's pointwise_backward step ----------------
+
+def _backward_case(gen, dtype: torch.dtype, pattern: str, cout: int = 40):
+    """A lone group's BN input (its sources), mean, F1, beta, a 1x1 weight and the gradient dy of its output."""
+    sources, means, f1s, betas, _ = _group(gen, pattern, dtype)
+    x = sources[0]
+    c = sum(s.shape[1] for s in x)
+    weight = (torch.randn(cout, c, 1, 1, generator=gen) / c ** 0.5).to(dtype)
+    dy = torch.randn(x[0].shape[0], cout, *x[0].shape[2:], generator=gen).to(dtype).contiguous(
+        memory_format=torch.channels_last)
+    return x, means[0], f1s[0], betas[0], weight, dy
+
+
+def _mag(t: torch.Tensor) -> torch.Tensor:
+    return t.double().abs()
+
+
+@pytest.mark.exactness
+@pytest.mark.parametrize("act", [None, "relu"])
+@pytest.mark.parametrize("pattern", ["lone", "concat"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_backward_within_roundoff_of_float64(gen, dtype, pattern, act):
+    """g = dy W (a dot product of C_out terms), dW = sum over the m rows of dy a (a as the apply sweep
+    stores it) and S1, S2 of the returned g with x, each against float64 by its float32 bound (bfloat16
+    outputs: plus their half ulp)."""
+    _needs(dtype)
+    x, mean, f1, beta, weight, dy = _backward_case(gen, dtype, pattern)
+    key = f"pointwise_backward/nhwc/{str(dtype).removeprefix('torch.')}"
+    before = cpu.kernel_calls()[key]
+    g, dw, s1, s2c = cpu.pointwise_backward(x, mean, f1, beta, act, dy, weight)
+    assert cpu.kernel_calls()[key] == before + 1
+    assert g.dtype == dw.dtype == dtype and g.is_contiguous(memory_format=torch.channels_last)
+    a = cpu.apply([x], [mean], [f1], [beta], [], act, dtype)
+    cout, m = weight.shape[0], a.numel() // a.shape[1]
+    half_ulp = U_BF16 if dtype == torch.bfloat16 else 0.0
+
+    def within(got, want, mag, terms):
+        bound = (terms + 2) * U32 * mag * (1 + half_ulp) + half_ulp * want.abs()
+        err = (got.double() - want).abs()
+        assert bool((err <= bound).all()), f"worst error {float((err - bound).max()):.3g} above the bound"
+    within(g, torch.einsum("nohw,oc->nchw", dy.double(), weight.double()[:, :, 0, 0]),
+           torch.einsum("nohw,oc->nchw", _mag(dy), _mag(weight)[:, :, 0, 0]), cout)
+    within(dw, torch.einsum("nohw,nchw->oc", dy.double(), a.double())[:, :, None, None],
+           torch.einsum("nohw,nchw->oc", _mag(dy), _mag(a))[:, :, None, None], m)
+    xc = torch.cat(x, 1).double() - mean.double().view(1, -1, 1, 1)
+    d = g.double() * ((xc * f1.double().view(1, -1, 1, 1) + beta.double().view(1, -1, 1, 1)) > 0) if act else g.double()
+    for got, terms in ((s1, d), (s2c, d * xc)):  # m float32 additions of one-rounding terms (x - mu: one more)
+        want, mag = terms.sum((0, 2, 3)) / m, terms.abs().sum((0, 2, 3)) / m
+        assert bool(((got.double() - want).abs() <= (m + 4) * U32 * mag).all())
+
+
+@pytest.mark.exactness
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_backward_every_activation_takes_the_sums_grad_stats_x_takes(gen, dtype, act):
+    """For every activation of the table: S1, S2 are grad_stats_x's over the same g and x (the same
+    derivative, recomputed from x; only the order of the blocks' float32 sums differs, so within twice
+    their summation bound, |f'| <= 2), and dW is the wgrad of a with the apply sweep's bits."""
+    _needs(dtype)
+    x, mean, f1, beta, weight, dy = _backward_case(gen, dtype, "lone")
+    g, dw, s1, s2c = cpu.pointwise_backward(x, mean, f1, beta, act, dy, weight, block_rows=32)
+    r1, r2 = cpu.grad_stats_x(g, act, x, mean, f1, beta, dtype)
+    m = g.numel() // g.shape[1]
+    xc = x[0].double() - mean.double().view(1, -1, 1, 1)
+    for got, want, mag in ((s1, r1, _mag(g)), (s2c, r2, _mag(g) * xc.abs())):
+        bound = 2 * (m + 4) * U32 * 2 * mag.sum((0, 2, 3)) / m
+        assert bool(((got.double() - want.double()).abs() <= bound).all())
+    a = cpu.apply([x], [mean], [f1], [beta], [], act, dtype)
+    want = torch.einsum("nohw,nchw->oc", dy.double(), a.double())[:, :, None, None]
+    half_ulp = U_BF16 if dtype == torch.bfloat16 else 0.0
+    bound = (m + 2) * U32 * torch.einsum("nohw,nchw->oc", _mag(dy), _mag(a))[:, :, None, None] * (1 + half_ulp)
+    assert bool(((dw.double() - want).abs() <= bound + half_ulp * want.abs()).all())
+
+
+def test_backward_blocks_and_bad_calls(gen):
+    """Block rows (odd ones too: bfloat16 pads the VNNI pair) change only the order of sums; bad calls name the
+    problem."""
+    for dtype in (torch.float32, torch.bfloat16):
+        _needs(dtype)
+        x, mean, f1, beta, weight, dy = _backward_case(gen, dtype, "lone")
+        outs = [cpu.pointwise_backward(x, mean, f1, beta, "relu", dy, weight, True, b) for b in (0, 16, 27)]
+        for g, dw, s1, s2c in outs[1:]:
+            assert torch.equal(g, outs[0][0])  # one dot product per element, whatever the block
+            torch.testing.assert_close(dw, outs[0][1], rtol=1e-2 if dtype == torch.bfloat16 else 1e-5, atol=1e-5)
+            torch.testing.assert_close(s1, outs[0][2], rtol=1e-5, atol=1e-6)
+        g, dw, _, _ = cpu.pointwise_backward(x, mean, f1, beta, "relu", dy, weight, wgrad=False)
+        assert dw is None and torch.equal(g, outs[0][0])
+    x, mean, f1, beta, weight, dy = _backward_case(gen, torch.float32, "lone")
+    with pytest.raises(RuntimeError, match="dy must be a channels_last"):
+        cpu.pointwise_backward(x, mean, f1, beta, "relu", dy[:, :, 1:].contiguous(memory_format=torch.channels_last),
+                               weight)  # the output of a stride-2 convolution
+    with pytest.raises(RuntimeError, match="all float32 or all bfloat16"):
+        cpu.pointwise_backward(x, mean, f1, beta, "relu", dy, weight.to(torch.bfloat16))
+    with pytest.raises(RuntimeError, match="channels_last"):
+        cpu.pointwise_backward([t.contiguous() for t in x], mean, f1, beta, "relu", dy, weight)
+
+
+class _LoneNet(nn.Module):
+    """Lone groups whose one consumer is a stride-1 1x1 convolution (``pointwise_backward``): ReLU (a0),
+    ReLU6 (a1, MobileNetV2's), Hardswish (a2: its derivative from z), no activation (a3) and a BN over the
+    concatenation of two maps (a4, DenseNet's)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        conv = lambda i, o, k=1: nn.Conv2d(i, o, k, 1, k // 2, bias=False)  # noqa: E731
+        self.stem, self.bn0 = conv(3, 16, 3), nn.BatchNorm2d(16)
+        self.c1, self.bn1 = conv(16, 24), nn.BatchNorm2d(24)
+        self.c2, self.bn2 = conv(24, 32), nn.BatchNorm2d(32)
+        self.c3, self.bn3 = conv(32, 16), nn.BatchNorm2d(16)
+        self.c4, self.bn4 = conv(16, 16), nn.BatchNorm2d(40)
+        self.c5, self.bn5 = conv(40, 16), nn.BatchNorm2d(16)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        y1 = self.c1(F.relu(self.bn0(self.stem(x))))
+        y3 = self.c3(F.hardswish(self.bn2(self.c2(F.relu6(self.bn1(y1))))))
+        y4 = self.c4(self.bn3(y3))
+        y5 = self.c5(F.relu(self.bn4(torch.cat([y4, y1], 1))))
+        return self.fc(F.relu(self.bn5(y5)).mean((2, 3)))
+
+
+_LONE = ["bn3", "hardswish", "relu", "relu6", "relu_1"]  # the groups (by result) that run pointwise_backward
+
+
+def test_the_plan_runs_the_backward_of_lone_groups_in_their_consumer():
+    from bnff.graph.layers import build
+    from bnff.plan import plan_graph
+    plan, _, _ = plan_graph(build(_LoneNet(), (2, 3, 12, 12)).gm)
+    assert sorted(g.name for g in plan.groups if g.pointwise_backward) == _LONE
+    for g in plan.groups:
+        if g.pointwise_backward:
+            step = g.schedules["bnff_pw"].backward[0]
+            assert step.reads == () and {r.role for r in step.writes} == {"s1", "s2"} and step.recomputes == (g.a(),)
+
+
+@pytest.mark.exactness
+def test_lone_training_steps_as_accurate_as_eager_in_float32(gen, fused_pointwise):
+    torch.manual_seed(0)
+    stats_x = cpu.kernel_calls()["grad_stats_x/nhwc/float32"]
+    assert_as_accurate_as_eager(compare_with_float64(_LoneNet(), _batch(gen), steps=2, channels_last=True, backend="cpu"))
+    ran = cpu.kernel_calls() - fused_pointwise
+    assert ran["pointwise_backward/nhwc/float32"] == 2 * len(_LONE)
+    # every lone group's S1, S2 in its consumer but bn5's (into the mean): one grad_stats_x sweep per step
+    assert cpu.kernel_calls()["grad_stats_x/nhwc/float32"] - stats_x == 2
+
+
+@pytest.mark.exactness
+def test_lone_training_steps_track_eager_under_bfloat16_autocast(gen, fused_pointwise):
+    _needs(torch.bfloat16)
+    torch.manual_seed(0)
+    steps = compare_with_float64(_LoneNet(), _batch(gen), steps=2, autocast=torch.bfloat16, channels_last=True,
+                                 backend="cpu")
+    assert (cpu.kernel_calls() - fused_pointwise)["pointwise_backward/nhwc/bfloat16"] == 2 * len(_LONE)
+    for qs in steps:
+        ours, eager = (sorted(getattr(q, side) / q.size for q in qs if q.size > 0) for side in ("bnff", "eager"))
+        assert ours[len(ours) // 2] <= K * eager[len(eager) // 2]
+        out = next(q for q in qs if q.name == "output")
+        assert out.bnff <= K * out.eager
+
+
+def test_lone_backward_moves_exactly_the_bytes_of_the_bnff_pw_plan(gen, fused_pointwise):
+    torch.manual_seed(0)
+    model = _LoneNet().to(memory_format=torch.channels_last)
+    x = torch.randn(4, 3, 12, 12, generator=gen).to(memory_format=torch.channels_last)
+    assert assert_moves_what_the_plan_says(model, x, scheme="bnff_pw") == 6
+    assert (cpu.kernel_calls() - fused_pointwise)["pointwise_backward/nhwc/float32"] == len(_LONE)

@@ -160,6 +160,9 @@ class _Layout:
             which the rereading convolutions run: ``conv_reread``).
         program: the same schedule as the integers of the cpu backend's group executor (``_Program``),
             or None when it has a step that executor does not run.
+        backward_pw, free_after_pw: the ``bnff_pw`` schedule's backward steps and what is free after
+            each, for a ``GroupPlan.pointwise_backward`` group (else empty): run where
+            ``bnff.ops.pointwise.backward_runs`` says the fused pointwise backward runs the call.
     """
 
     terms: tuple[_TermPos, ...]
@@ -171,6 +174,8 @@ class _Layout:
     free_after: tuple[tuple[tuple[str, str], ...], ...]
     backward: tuple = ()
     program: "_Program | None" = None
+    backward_pw: tuple = ()
+    free_after_pw: tuple = ()
 
 
 @dataclass(frozen=True)
@@ -219,9 +224,10 @@ def _make_layout(group: GroupPlan, n_params: tuple[int, ...]) -> _Layout:
     keys = [(r.node, r.role) for r in sched.keeps]
     saved = tuple(j for tp in terms for j in (tp.gamma, tp.beta)) + tuple(j for sl in params for j in range(sl.start, sl.stop))
     free_after = _free_after(group.name, sched.backward)
+    pw = group.schedules["bnff_pw"].backward if group.pointwise_backward else ()
     return _Layout(tuple(terms), residuals, tuple(params), tuple(where[k] for k in keys if k in where),
                    tuple(k for k in keys if k not in where), saved, free_after, sched.backward,
-                   _program(group, tuple(terms), residuals, sched, free_after))
+                   _program(group, tuple(terms), residuals, sched, free_after), pw, _free_after(group.name, pw))
 
 
 def _program(group: GroupPlan, terms: tuple[_TermPos, ...], residuals: slice, sched, free_after: tuple) -> _Program | None:
@@ -377,7 +383,8 @@ class _ApplyConsume(torch.autograd.Function):
     """Fused BN apply (+ add + activation) [+ consumers]: runs its group's ``bnff`` schedule, step by
     step here or, where it covers the call, as one call of the cpu backend's group executor; or, where
     ``bnff.ops.pointwise`` runs the call's consumers as fused pointwise convolutions, the forward of
-    its ``bnff_pw`` schedule (whose backward is ``bnff``'s)."""
+    its ``bnff_pw`` schedule, and, where it runs the consumer's backward so, that schedule's backward
+    (step by step here; each direction decides for itself)."""
 
     @staticmethod
     def forward(ctx, spec: _Spec, *flat):
@@ -432,6 +439,9 @@ class _ApplyConsume(torch.autograd.Function):
             with record.user(g.name, "bp"):
                 env.t[g_key] = be.dense_like(grad_outs[0], env.sources(0)[0] if lay.terms else grad_outs[0])
         ex: _Executor | None = ctx.executor
+        steps, frees = lay.backward, lay.free_after
+        if lay.backward_pw and pointwise.backward_runs(spec, env, grad_outs, ctx.out_dtype):
+            steps, frees, ex = lay.backward_pw, lay.free_after_pw, None  # the bnff_pw schedule's backward
         if ex is not None:
             p = lay.program
             g_outs = list(grad_outs) if g.per_consumer else [env.t[g_key]]
@@ -452,9 +462,15 @@ class _ApplyConsume(torch.autograd.Function):
             x0 = env.flat[lay.terms[j].sources.start]
             vecs[j] = be.backward_vectors(env.flat[lay.terms[j].var], f1s[j], s1s[j], s2cs[j], s2d[j],
                                           x0.numel() // x0.shape[1], spec.eps[j], spec.batch[j])
-        for i, step in enumerate(lay.backward):
+        for i, step in enumerate(steps):
             k, kind = step.term, step.kind
-            if kind == "recompute":
+            if kind == "pointwise_backward":
+                c, sl = step.consumer, lay.params[step.consumer]
+                with record.consumer(g.name, c, "bp"):
+                    env.t[g_key], dw, s1s[k], s2cs[k] = pointwise.backward(spec, env, f1s, grad_outs[c], needs[sl.start])
+                grads[sl.start] = dw
+                sums_known(k)
+            elif kind == "recompute":
                 env.t[a_key] = env.apply(be, f1s, ctx.out_dtype)
             elif kind == "grad_layout":
                 env.t[g_key] = be.dense_like(env.t[g_key], env.sources(0)[0] if lay.terms else env.t[a_key])
@@ -489,7 +505,7 @@ class _ApplyConsume(torch.autograd.Function):
                                                         f1s[k], env.flat[tp.beta], ctx.out_dtype, b, s1d[k])
                 else:
                     grads[tp.sources] = be.input_grad(env.t[dy_key], env.sources(k), env.flat[tp.mean], f1s[k], b, s1d[k])
-            for key in lay.free_after[i]:
+            for key in frees[i]:
                 env.t.pop(key, None)
         for k, tp in enumerate(lay.terms):
             if needs[tp.gamma] or needs[tp.beta]:

@@ -5,7 +5,11 @@ prologue) runs its consumers as ``cpu.pointwise_forward``: each applies the grou
 shortcuts and activation to blocks of rows in cache and multiplies them on libxsmm's micro-kernels,
 so the result a is never written, and takes its output's per-channel statistics from each block;
 those are handed to the BN that normalizes the output (``feature_statistics`` takes them here
-instead of sweeping the map: the plan's ``epilogue_stats`` step). The backward is ``bnff``'s.
+instead of sweeping the map: the plan's ``epilogue_stats`` step). The backward is ``bnff``'s, except
+for a ``GroupPlan.pointwise_backward`` group (lone, its one consumer a stride-1 1x1 convolution):
+``cpu.pointwise_backward`` runs that convolution's dgrad and wgrad in blocks of rows with the BN's
+``grad_stats_x`` and the recompute of a inside (the plan's ``pointwise_backward`` step), then
+``input_grad_x`` forms dx as under ``bnff``.
 
 A call runs fused when all of these hold, else as ``bnff`` (the library convolutions):
 
@@ -13,9 +17,12 @@ A call runs fused when all of these hold, else as ``bnff`` (the library convolut
 * libxsmm found, with a GEMM kernel of the weights' dtype (``cpu.pointwise_why``);
 * every feature map channels_last, one dtype; float32 weights with float32 maps, or bfloat16 weights
   (autocast's cast of float32 maps is made in the prologue); an activation the kernels compute;
+* the backward: the BN input, dy and the weight channels_last / contiguous in one dtype (autocast's
+  cast made by the forward already), no SyncBatchNorm, not while autograd records a higher-order graph;
 * ``MODE`` (environment ``BNFF_POINTWISE``): "on"; or "auto" (the default), where the fused
-  convolutions and the unfused path (apply sweep, library convolution, statistics sweep) are timed
-  side by side once per shape in the process and the faster one runs from then on (as
+  convolutions and the unfused path (apply sweep, library convolution, statistics sweep; backward:
+  recompute sweep, library convolution backward, ``grad_stats_x``) are timed side by side once per
+  shape and direction in the process and the faster one runs from then on (as
   ``torch.backends.cudnn.benchmark`` chooses convolution algorithms), except while a
   ``bnff.ops.record.Recorder`` records (no timing then: unfused); "off": never.
 
@@ -46,7 +53,8 @@ _choices: dict[tuple, bool] = {}
 
 def choices() -> dict[tuple, bool]:
     """The "auto" decisions so far: (feature-map shapes, weight shapes, stride, dtypes, activation) ->
-    whether the fused pointwise convolutions ran (they measured faster)."""
+    whether the fused pointwise convolutions ran (they measured faster); a backward's key starts with
+    "backward" and dy's shape."""
     return dict(_choices)
 
 
@@ -75,6 +83,54 @@ def _fused(spec, env, f1s: list[Tensor], i: int) -> Tensor:
                                          env.flat[spec.layout.params[i]][0], conv.stride[0], stats=True)
     _stats[y] = (mean, var)
     return y
+
+
+def _backward_eligible(spec, env, dy: Tensor | None, out_dtype: torch.dtype) -> bool:
+    if MODE == "off" or dy is None or spec.backend != "cpu" or torch.compiler.is_compiling():
+        return False
+    if spec.sync[0] is not None or not isinstance(spec.consumers[0], consumers.ConvConsumer):
+        return False
+    if cpu.act_why(spec.group.act_kind) is not None or (spec.amp is not None and spec.amp != out_dtype):
+        return False
+    weight = env.flat[spec.layout.params[0]][0]
+    xs = env.sources(0)
+    return (weight.dtype == out_dtype == xs[0].dtype == dy.dtype and weight.is_contiguous()
+            and cpu.pointwise_covers([*xs, dy], weight))
+
+
+def backward_runs(spec, env, grad_outs: tuple, out_dtype: torch.dtype) -> bool:
+    """Whether the backward of this call of a ``GroupPlan.pointwise_backward`` group runs its ``bnff_pw``
+    schedule (``backward`` for its ``pointwise_backward`` step), per the module docstring's conditions;
+    "auto" times both once per shape."""
+    dy = grad_outs[0]
+    if not _backward_eligible(spec, env, dy, out_dtype) or (MODE == "auto" and record.active()):
+        return False
+    if MODE != "auto":
+        return True
+    key = ("backward", tuple(dy.shape), *_key(spec, env, env.sources(0), out_dtype))
+    if key not in _choices:
+        _choices[key] = _backward_faster(spec, env, dy, out_dtype)
+    return _choices[key]
+
+
+def backward(spec, env, f1s: list[Tensor], dy: Tensor, wgrad: bool) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
+    """The plan's ``pointwise_backward`` step: (g_a, the consumer's weight gradient or None, S1, S2c) by
+    ``cpu.pointwise_backward``."""
+    tp = spec.layout.terms[0]
+    return cpu.pointwise_backward(env.sources(0), env.flat[tp.mean], f1s[0], env.flat[tp.beta], spec.group.act_kind, dy,
+                                  env.flat[spec.layout.params[0]][0], wgrad)
+
+
+def _backward_faster(spec, env, dy: Tensor, out_dtype: torch.dtype) -> bool:
+    """"auto": whether ``backward`` beats the steps it replaces (recompute sweep, library convolution
+    backward, ``grad_stats_x``) at this call's shapes, timed side by side."""
+    f1s, tp, params = env.f1s(cpu), spec.layout.terms[0], env.flat[spec.layout.params[0]]
+
+    def unfused():
+        a = env.apply(cpu, f1s, out_dtype)
+        g, _ = spec.consumers[0].backward(a, dy, params, spec.amp, (True, True, *([False] * (len(params) - 1))))
+        cpu.grad_stats_x(g, spec.group.act_kind, env.sources(0), env.flat[tp.mean], f1s[0], env.flat[tp.beta], out_dtype)
+    return _timed(lambda: backward(spec, env, f1s, dy, True)) < _timed(unfused)
 
 
 def _timed(run) -> float:
@@ -132,4 +188,4 @@ def forward(spec, env, maps: list[Tensor], out_dtype: torch.dtype) -> list[Tenso
     return outs
 
 
-__all__ = ["MODE", "MODES", "choices", "forward", "take_stats"]
+__all__ = ["MODE", "MODES", "backward", "backward_runs", "choices", "forward", "take_stats"]

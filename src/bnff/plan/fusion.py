@@ -15,6 +15,7 @@ from typing import Mapping
 
 import torch.fx as fx
 
+from bnff.graph.consumers import pointwise as conv_pointwise
 from bnff.graph.consumers import takes_gemm_prologue
 from bnff.graph.kinds import Kind
 from bnff.plan import schemes
@@ -102,6 +103,8 @@ def _group_plan(g: Group, owns: tuple[str, ...], pointwise: bool, pointwise_outp
         and len(users[0].args[0]) > 1,
         members=tuple(n.name for n in g.members()), rereaders=tuple(c.name for c in g.rereaders),
         pointwise=pointwise, stats_in_producer=tuple(s for s in owns if s in pointwise_outputs))
+    plan = replace(plan, pointwise_backward=pointwise and plan.lone and not plan.writes_dy and len(g.consumers) == 1
+                   and conv_pointwise(g.consumers[0].meta.get("bnff_module")))
     return replace(plan, schedules={s: schemes.BUILDERS[s](plan) for s in schemes.SCHEMES})
 
 

@@ -66,6 +66,11 @@ class GroupPlan:
         pointwise: every consumer is a 1x1 convolution that takes the apply step as the prologue of its
             GEMM (``bnff.graph.consumers.takes_gemm_prologue``; no squeeze-and-excitation): under the
             ``bnff_pw`` scheme the result is applied block by block inside each, never written.
+        pointwise_backward: the group is lone (one BN, no shortcut) without a written dy, and its one
+            consumer a stride-1 pointwise group's 1x1 convolution (``bnff.graph.consumers.pointwise``):
+            under ``bnff_pw`` that convolution's dgrad and wgrad run in blocks of rows with the group's
+            ``grad_stats_x`` (S1, S2 from each block of g_a and x in cache) and a recomputed per block
+            for the wgrad, never written.
         stats_in_producer: the owned feature maps whose statistics the fused pointwise convolution that
             produces them takes in its epilogue (``bnff_pw``: no statistics sweep of their own).
         rereaders: convolutions that read the materialized result (whole, a part of a split, or inside a
@@ -90,6 +95,7 @@ class GroupPlan:
     owns: tuple[str, ...] = ()
     members: tuple[str, ...] = ()
     pointwise: bool = False
+    pointwise_backward: bool = False
     stats_in_producer: tuple[str, ...] = ()
     rereaders: tuple[str, ...] = ()
     schedules: dict[str, Schedule] = field(default_factory=dict)

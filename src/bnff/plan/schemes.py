@@ -28,7 +28,10 @@ bytes and FLOPs of every schedule; the hardware models read them too.
     a block of rows at a time in each consumer's GEMM prologue (``pointwise`` steps: a never written,
     each consumer reads the BN inputs and shortcuts instead of its ifmap, all but the first BN input
     extra), and a feature map such a convolution produces gets its statistics from that
-    convolution's epilogue (``epilogue_stats``: no sweep). The backward is ``bnff``'s.
+    convolution's epilogue (``epilogue_stats``: no sweep). The backward is ``bnff``'s, except for a
+    ``GroupPlan.pointwise_backward`` group: its consumer's dgrad and wgrad run in blocks of rows with
+    the BN's ``grad_stats_x`` and the recompute of a inside (``pointwise_backward``: a never written, g_a
+    and x not read again for S1, S2), then ``input_grad_x`` as in ``bnff``.
 ``fused`` (seed 002 section 2.3; PreU/PostU on the accelerator)
     Statistics, apply, mask, S1 and S2 run inside the convolutions on chip. Off chip remain: a
     consumer reading the BN inputs and shortcuts instead of its ifmap (all but the first are
@@ -182,7 +185,13 @@ def bnff_pw(g: GroupPlan) -> Schedule:
                    for i in range(len(g.consumers))]
         elif not (g.pointwise and s.kind == "consume"):
             fp.append(s)
-    return Schedule(tuple(fp), base.backward)
+    if not g.pointwise_backward:
+        return Schedule(tuple(fp), base.backward)
+    by_kind = {s.kind: s for s in base.backward}  # lone, one consumer: recompute, consumer_backward, grad_stats_x, input_grad_x
+    stats = by_kind["grad_stats_x"]
+    bp = (Step("bp", "pointwise_backward", (), stats.writes, recomputes=(g.a(),),
+               flops=by_kind["recompute"].flops + stats.flops, term=0, consumer=0), by_kind["input_grad_x"])
+    return Schedule(tuple(fp), bp)
 
 
 def fused(g: GroupPlan) -> Schedule:

@@ -90,6 +90,10 @@ STEP_KINDS = {
                  "ofmap are its layer's",
     "epilogue_stats": "a feature map's per-channel mean and variance, taken by the fused pointwise convolution "
                       "producing it from each block of its output in cache: no sweep",
+    "pointwise_backward": "a lone group's stride-1 1x1 consumer's dgrad and wgrad in blocks of rows, S1 and S2 of its "
+                          "BN from each block of g_a and x in cache (grad_stats_x), a recomputed per block for the "
+                          "wgrad, never written; the consumer's ifmap (x in place of a), dy, weights and g_a are "
+                          "its layer's",
     "recompute": "a recomputed in the backward from the BN inputs and shortcuts instead of stored",
     "consumer_backward": "a consumer's dgrad and wgrad on the recomputed a; its own traffic is its layer's",
     "reread": "a recomputed, for a convolution that reads the materialized a without keeping it (a rereader), in "

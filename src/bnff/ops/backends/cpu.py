@@ -257,6 +257,15 @@ def _register_fakes() -> None:
         return (torch.empty((like.shape[0], weight.shape[0], h, w), dtype=weight.dtype, device=like.device,
                             memory_format=torch.channels_last), vec, torch.empty_like(vec))
 
+    @torch.library.register_fake("bnff::pointwise_backward")
+    def _(sources, mean, f1, beta, act, dy, weight, wgrad, block_rows, layout):
+        x = sources[0]
+        c = sum(s.shape[1] for s in sources)
+        vec = x.new_empty(c, dtype=torch.float32)
+        return (torch.empty((x.shape[0], c, *x.shape[2:]), dtype=x.dtype, device=x.device,
+                            memory_format=torch.channels_last),
+                weight.new_empty((weight.shape[0] if wgrad else 0, c, 1, 1)), vec, torch.empty_like(vec))
+
     @torch.library.register_fake("bnff::input_grad")
     def _(dy, sources, mean, f1, b, s1, layout):
         return [torch.empty_like(s) for s in sources]
@@ -614,12 +623,15 @@ def pointwise_target() -> str | None:
 
 def pointwise_covers(maps: list[Tensor], weight: Tensor) -> bool:
     """Whether ``pointwise_forward`` runs a call with these feature maps (every BN term's sources and the
-    shortcuts) and this weight here: every map a channels_last CPU tensor of one dtype, float32 or
-    bfloat16; the weight float32 with float32 maps, or bfloat16; libxsmm with a GEMM of the weight's
+    shortcuts; for ``pointwise_backward`` the BN input and dy) and this weight here: every map a
+    channels_last CPU tensor of one dtype, float32 or bfloat16; the weight float32 with float32 maps,
+    or bfloat16 with even channel counts (libxsmm's VNNI pairs); libxsmm with a GEMM of the weight's
     dtype (``pointwise_why``)."""
     if not maps or len({m.dtype for m in maps}) != 1 or any(_layout(m) != "nhwc" for m in maps):
         return False
     if weight.dtype not in _COVERED_DTYPES or (weight.dtype == torch.float32 and maps[0].dtype != torch.float32):
+        return False
+    if weight.dtype == torch.bfloat16 and (weight.shape[0] % 2 or weight.shape[1] % 2):
         return False
     return pointwise_why(weight.dtype) is None
 
@@ -667,6 +679,44 @@ def pointwise_forward(sources: list[list[Tensor]], means: list[Tensor], f1s: lis
     return (y, mean, var) if stats else (y, None, None)
 
 
+def pointwise_backward(sources: list[Tensor], mean: Tensor, f1: Tensor, beta: Tensor | None, act: str | None,
+                       dy: Tensor, weight: Tensor, wgrad: bool = True,
+                       block_rows: int = 0) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
+    """The backward of a lone fused group's 1x1 consumer (stride 1) with the group's ``grad_stats_x``,
+    a never written (csrc/bnff_pointwise.cpp; the plan's ``pointwise_backward`` step).
+
+    Per block of ``block_rows`` rows (0: sized for the L2 cache and the weight gradient's partial):
+    ``g = conv2d's data gradient of dy`` (written), S1 and S2 of the lone BN from g and x as
+    ``grad_stats_x`` forms them (the mask recomputed from x), a recomputed from x as the apply step
+    forms it (the same bits) and the weight gradient ``sum over rows of dy^T a`` (float32 sums).
+
+    Args:
+        sources: the BN's input feature maps (N, C_j, H, W), channels_last, whose channel concatenation
+            (C channels) the BN normalizes; float32 or bfloat16.
+        mean, f1, beta, act: the BN's mean, F1 (``scale``) and beta (C,) and the group's activation, as
+            ``grad_stats_x`` takes them.
+        dy: dL/dy of the convolution's output (N, C_out, H, W), channels_last, the maps' dtype.
+        weight: (C_out, C, 1, 1), the maps' dtype (bfloat16: even C and C_out).
+        wgrad: also form the weight gradient (else None).
+        block_rows: rows per block (0: automatic).
+    Returns:
+        (g (N, C, H, W) channels_last = dL/da, dW (C_out, C, 1, 1) in weight's dtype or None, S1 (C,),
+        S2c (C,)): S1, S2c float32 as ``grad_stats_x`` returns them.
+    Raises:
+        RuntimeError: ``pointwise_why()`` is not None, or the arguments are outside what the kernel takes
+            (the message names which).
+    """
+    why = pointwise_why(weight.dtype)
+    if why is not None:
+        raise RuntimeError(f"bnff: the fused pointwise convolution is unavailable: {why}")
+    if any(_layout(t) != "nhwc" for t in (*sources, dy)):
+        raise RuntimeError("bnff pointwise_backward: the BN inputs and dy must be channels_last CPU tensors")
+    g, dw, s1, s2c = torch.ops.bnff.pointwise_backward(
+        list(sources), _f32(mean), _f32(f1), _beta(beta, f1), act_arg(act), dy, weight.detach().contiguous(), wgrad,
+        block_rows, LAYOUT_CODES["nhwc"])
+    return g, (dw if wgrad else None), s1, s2c
+
+
 def _float32(*vectors: Tensor | None) -> bool:
     """Whether the vector kernels take these per-channel vectors: float32 (float64 ones, of a float64
     model, run the reference's; not counted in ``fallbacks``, which counts sweeps over feature maps)."""
@@ -696,5 +746,5 @@ def running_update(running_mean: Tensor, running_var: Tensor, mean: Tensor, var:
 
 
 __all__ = ["COVERAGE", "ISA_FLAGS", "apply", "available", "build_spec", "channel_stats", "dense_like", "fallbacks", "grad_stats", "grad_stats_x",
-           "input_grad", "input_grad_x", "isa", "kernel_calls", "pointwise_covers", "pointwise_forward", "pointwise_target", "pointwise_why", "group_layout", "group_forward", "group_backward", "load_extension", "release_workspace", "scale",
+           "input_grad", "input_grad_x", "isa", "kernel_calls", "pointwise_backward", "pointwise_covers", "pointwise_forward", "pointwise_target", "pointwise_why", "group_layout", "group_forward", "group_backward", "load_extension", "release_workspace", "scale",
            "backward_vectors", "running_update", "workspace_bytes"]

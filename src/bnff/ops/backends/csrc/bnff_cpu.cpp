@@ -311,6 +311,8 @@ TORCH_LIBRARY(bnff, m) {
   m.def("pointwise_forward(Tensor[] sources, int[] n_sources, Tensor[] means, Tensor[] f1s, Tensor[] betas, "
         "Tensor[] residuals, int act, Tensor weight, int stride, bool stats, int block_rows, int layout) "
         "-> (Tensor, Tensor, Tensor)");
+  m.def("pointwise_backward(Tensor[] sources, Tensor mean, Tensor f1, Tensor beta, int act, Tensor dy, Tensor weight, "
+        "bool wgrad, int block_rows, int layout) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(bnff, CPU, m) {
@@ -324,4 +326,5 @@ TORCH_LIBRARY_IMPL(bnff, CPU, m) {
   m.impl("grad_stats_x", &grad_stats_x);
   m.impl("input_grad_x", &input_grad_x);
   m.impl("pointwise_forward", &pointwise_forward);
+  m.impl("pointwise_backward", &pointwise_backward);
 }

@@ -12,12 +12,6 @@ namespace bnff_cpu {
 // mode kDx writes dx = F1 dy + B (x - mu) - F1 S1 onto each source map.
 enum Mode { kStats = 0, kDx = 1 };
 
-struct TermBwd {  // one BN term's per-channel vectors (C,), offset by each source's .off
-  const float *mu, *f1, *beta, *b, *k0;
-  int64_t act;
-  bool round_bf16;
-};
-
 // acc[0] += dy, acc[1] += dy (x - mu): the lone-term backward's S1 and S2c sums, per lane.
 BNFF_INLINE void lone_sums(V d, V x, V mu, V* acc) {
   acc[0] += d;
@@ -62,6 +56,65 @@ BNFF_INLINE void lone_step(V x, V gv, const TermBwd& t, Get get, int64_t act, bo
     lone_sums(d, x, mu, acc);
   } else {
     st(dst, dx_of(d, x, dx_vec(get, t.f1, t.b, t.mu, t.k0)), w);
+  }
+}
+
+// The tile walk of kStats over rows [rb, rb + nb) (activations none, ReLU, ReLU6): full segments in
+// tiles of up to kTileBwd walked down the rows, any other segment alone; the sums added to q1, q2.
+template <typename AT, typename RT, typename TX, typename TG>
+void lone_stats_tiles(AT A, RT round, const std::vector<SegPtr<TX>>& sp, const TG* gp, int64_t C, int64_t rb,
+                      int64_t nb, const TermBwd& t, double* q1, double* q2) {
+  const size_t ns = sp.size();
+  for (size_t i = 0, e; i < ns; i = e) {
+    for (e = i; e < ns && e - i < size_t(kTileBwd) && sp[e].n == W;) ++e;
+    if (e == i)
+      lone_stats_tile<1>(A, round, &sp[e++], gp, C, rb, nb, t, sp[i].n, 1, q1, q2);
+    else
+      lone_stats_tile<kTileBwd>(A, round, &sp[i], gp, C, rb, nb, t, std::integral_constant<int64_t, W>{},
+                                int64_t(e - i), q1, q2);
+  }
+}
+
+// The row walk over rows [rb, rb + nb), every segment of a row in turn: kStats adds the rows' sums to
+// q1, q2 (indexed by channel); kDx writes dx at dxp[i] + r * row stride. A run-time activation forms
+// the row's dy in a buffer first (lone_grad_n).
+template <typename AT, typename ST, typename RT, typename TX, typename TG>
+void lone_rows(AT A, ST stats, RT round, const std::vector<SegPtr<TX>>& sp, TX* const* dxp, const TG* gp, int64_t C,
+               int64_t rb, int64_t nb, const TermBwd& t, double* q1, double* q2) {
+  constexpr bool rows_of_z = runtime_act<AT>;
+  const size_t ns = sp.size();
+  std::vector<V> acc(stats ? 2 * ns : 0, V(0.f));  // per segment: the rows' S1, then S2c sums
+  std::vector<float> gbuf(rows_of_z ? C : 0), zbuf(rows_of_z ? C : 0);
+  for (int64_t r = rb; r < rb + nb; ++r) {
+    if constexpr (rows_of_z) {  // dy of the row into gbuf
+      for (const auto& q : sp)
+        with_width(q.n, [&](auto w) BNFF_LAMBDA {
+          const auto get = [&](const float* p) BNFF_LAMBDA { return per_lane(p, q.c0, w); };
+          st(zbuf.data() + q.c0, term(ld(q.xp[0] + r * q.xs[0], w), get(t.mu), get(t.f1), get(t.beta)), w);
+          st(gbuf.data() + q.c0, ld(gp + r * C + q.c0, w), w);
+        });
+      lone_grad_n(gbuf.data(), zbuf.data(), C, A, round);
+    }
+    for (size_t i = 0; i < ns; ++i) {
+      const auto& q = sp[i];
+      with_width(q.n, [&](auto w) BNFF_LAMBDA {
+        const auto get = [&](const float* p) BNFF_LAMBDA { return per_lane(p, q.c0, w); };
+        const V x = ld(q.xp[0] + r * q.xs[0], w);
+        V* a = stats ? &acc[2 * i] : nullptr;
+        TX* dst = stats ? nullptr : dxp[i] + r * q.xs[0];
+        if constexpr (rows_of_z)
+          lone_step(x, ld(gbuf.data() + q.c0, w), t, get, kNone, false, stats, a, dst, w);
+        else
+          lone_step(x, ld(gp + r * C + q.c0, w), t, get, A, round, stats, a, dst, w);
+      });
+    }
+  }
+  for (size_t i = 0; stats && i < ns; ++i) {
+    const auto a1 = lanes(acc[2 * i]), a2 = lanes(acc[2 * i + 1]);
+    for (int64_t c = 0; c < sp[i].n; ++c) {
+      q1[sp[i].c0 + c] += a1[c];
+      q2[sp[i].c0 + c] += a2[c];
+    }
   }
 }
 
@@ -117,15 +170,7 @@ void term_backward(const TG* gp, const std::vector<Src>& srcs, const std::vector
     with_act<false>(t.act, [&](auto A) {
       with_flag(t.round_bf16, [&](auto round) {
         row_blocks(rows, nc, [&](int64_t ch, int64_t rb, int64_t nb) {
-          double *q1 = &p1[ch * C], *q2 = &p2[ch * C];
-          for (size_t i = 0, e; i < ns; i = e) {
-            for (e = i; e < ns && e - i < size_t(kTileBwd) && sp[e].n == W;) ++e;
-            if (e == i)
-              lone_stats_tile<1>(A, round, &sp[e++], gp, C, rb, nb, t, sp[i].n, 1, q1, q2);
-            else
-              lone_stats_tile<kTileBwd>(A, round, &sp[i], gp, C, rb, nb, t, std::integral_constant<int64_t, W>{},
-                                                  int64_t(e - i), q1, q2);
-          }
+          lone_stats_tiles(A, round, sp, gp, C, rb, nb, t, &p1[ch * C], &p2[ch * C]);
         });
       });
     });
@@ -138,40 +183,8 @@ void term_backward(const TG* gp, const std::vector<Src>& srcs, const std::vector
     with_flag(mode == kStats, [&](auto stats) {
       with_flag_for(A, t.round_bf16, [&](auto round) {
         row_blocks(rows, nc, [&](int64_t ch, int64_t rb, int64_t nb) {
-          constexpr bool rows_of_z = runtime_act<decltype(A)>;
-          std::vector<V> acc(stats ? 2 * ns : 0, V(0.f));  // per segment: the block's S1, then S2c sums
-          std::vector<float> gbuf(rows_of_z ? C : 0), zbuf(rows_of_z ? C : 0);
-          for (int64_t r = rb; r < rb + nb; ++r) {
-            if constexpr (rows_of_z) {  // dy of the row into gbuf
-              for (const auto& q : sp)
-                with_width(q.n, [&](auto w) BNFF_LAMBDA {
-                  const auto get = [&](const float* p) BNFF_LAMBDA { return per_lane(p, q.c0, w); };
-                  st(zbuf.data() + q.c0, term(ld(q.xp[0] + r * q.xs[0], w), get(t.mu), get(t.f1), get(t.beta)), w);
-                  st(gbuf.data() + q.c0, ld(gp + r * C + q.c0, w), w);
-                });
-              lone_grad_n(gbuf.data(), zbuf.data(), C, A, round);
-            }
-            for (size_t i = 0; i < ns; ++i) {
-              const auto& q = sp[i];
-              with_width(q.n, [&](auto w) BNFF_LAMBDA {
-                const auto get = [&](const float* p) BNFF_LAMBDA { return per_lane(p, q.c0, w); };
-                const V x = ld(q.xp[0] + r * q.xs[0], w);
-                V* a = stats ? &acc[2 * i] : nullptr;
-                TX* dst = stats ? nullptr : dxp[i] + r * q.xs[0];
-                if constexpr (rows_of_z)
-                  lone_step(x, ld(gbuf.data() + q.c0, w), t, get, kNone, false, stats, a, dst, w);
-                else
-                  lone_step(x, ld(gp + r * C + q.c0, w), t, get, A, round, stats, a, dst, w);
-              });
-            }
-          }
-          for (size_t i = 0; stats && i < ns; ++i) {
-            const auto a1 = lanes(acc[2 * i]), a2 = lanes(acc[2 * i + 1]);
-            for (int64_t c = 0; c < sp[i].n; ++c) {
-              p1[ch * C + sp[i].c0 + c] += a1[c];
-              p2[ch * C + sp[i].c0 + c] += a2[c];
-            }
-          }
+          lone_rows(A, stats, round, sp, dxp.data(), gp, C, rb, nb, t, stats ? &p1[ch * C] : nullptr,
+                    stats ? &p2[ch * C] : nullptr);
         });
       });
     });
@@ -180,6 +193,32 @@ void term_backward(const TG* gp, const std::vector<Src>& srcs, const std::vector
     add_chunks(p1, nc, C, s1.data());
     add_chunks(p2, nc, C, s2.data());
   }
+}
+
+void lone_block_stats(const std::vector<Src>& srcs, const TermBwd& t_arg, at::ScalarType xt, const void* g,
+                      at::ScalarType gt, int64_t C, int64_t rb, int64_t nb, double* q1, double* q2) {
+  const auto segs = segments(C, {srcs});
+  BNFF_DISPATCH(gt, "bnff::lone_block_stats", [&] {
+    using TG = scalar_t;
+    const TG* gp = static_cast<const TG*>(g);
+    BNFF_DISPATCH(xt, "bnff::lone_block_stats", [&] {
+      using TX = scalar_t;
+      TermBwd t = t_arg;
+      t.act = act_for<TX>(t.act);
+      const auto sp = seg_ptrs<TX>(segs, {srcs});
+      with_act<true, TX>(t.act, [&](auto A) {
+        with_flag_for(A, t.round_bf16, [&](auto round) {
+          if constexpr (!runtime_act<decltype(A)>) {
+            if constexpr (inline_act(decltype(A)::value)) {
+              lone_stats_tiles(A, round, sp, gp, C, rb, nb, t, q1, q2);
+              return;
+            }
+          }
+          lone_rows(A, std::true_type{}, round, sp, static_cast<TX* const*>(nullptr), gp, C, rb, nb, t, q1, q2);
+        });
+      });
+    });
+  });
 }
 
 // sources, mean, F1, beta of the term; act; the applied tensor's dtype (for the mask's rounding).

@@ -30,43 +30,60 @@ namespace bnff_cpu {
 #ifdef BNFF_LIBXSMM
 namespace {
 
-// One JIT kernel C = A B (alpha 1, beta 0) of libxsmm for operands of type T (m = C_out, n = rows,
-// k = C_in); null where libxsmm has none for this CPU (bfloat16 below AVX-512). bfloat16: libxsmm's
-// bmm kernels, float32 accumulation over all of k, C rounded to bfloat16 once (nearest even).
+// One JIT kernel C = A B + beta C (alpha 1; beta 0 or 1) of libxsmm, column-major with leading
+// dimensions m, k (float32 with trans_b: B given as B^T, leading dimension n), m, A and B of type T, C of
+// type TC; null where libxsmm has none for this CPU
+// (bfloat16 below AVX-512). bfloat16: A in libxsmm's VNNI layout (pairs of k interleaved), float32
+// accumulation over all of k, C rounded to bfloat16 once (nearest even; libxsmm's bmm kernels) or kept
+// in float32 (its bsmm kernels: the weight gradient's partial sums).
 // Measured on Zen 4 (benchmarks/pointwise_layers.py): panels of output channels and k-blocks that keep
 // the weights' block in L1 (beta 1 between k-blocks, float32 C) gained nothing over one call per block
 // of rows, so there is none.
-template <typename T>
+template <typename T, typename TC = T>
 struct Gemm {
-  std::conditional_t<std::is_same_v<T, float>, libxsmm_smmfunction, libxsmm_bmmfunction> f = nullptr;
-  Gemm(int64_t m, int64_t n, int64_t k) {
-    const libxsmm_blasint lda = m, ldb = k, ldc = m;
-    const float alpha = 1.f, beta = 0.f;
-    if constexpr (std::is_same_v<T, float>) {
-      const int flags = LIBXSMM_GEMM_FLAG_NONE;
+  static constexpr bool f32 = std::is_same_v<T, float>, bf16_out = std::is_same_v<TC, BFloat16>;
+  std::conditional_t<f32, libxsmm_smmfunction, std::conditional_t<bf16_out, libxsmm_bmmfunction, libxsmm_bsmmfunction>>
+      f = nullptr;
+  Gemm(int64_t m, int64_t n, int64_t k, float beta = 0.f, bool trans_b = false) {
+    const libxsmm_blasint lda = m, ldb = trans_b ? n : k, ldc = m;
+    const float alpha = 1.f;
+    if constexpr (f32) {
+      const int flags = trans_b ? LIBXSMM_GEMM_FLAG_TRANS_B : LIBXSMM_GEMM_FLAG_NONE;
       f = libxsmm_smmdispatch(m, n, k, &lda, &ldb, &ldc, &alpha, &beta, &flags, nullptr);
-    } else {
+    } else if constexpr (bf16_out) {
       const int flags = LIBXSMM_GEMM_FLAG_VNNI_A;
       f = libxsmm_bmmdispatch(m, n, k, &lda, &ldb, &ldc, &alpha, &beta, &flags, nullptr);
+    } else {
+      const int flags = LIBXSMM_GEMM_FLAG_VNNI_A;
+      f = libxsmm_bsmmdispatch(m, n, k, &lda, &ldb, &ldc, &alpha, &beta, &flags, nullptr);
     }
   }
-  void operator()(const T* a, const T* b, T* c) const {
-    if constexpr (std::is_same_v<T, float>) f(a, b, c);
-    else
+  void operator()(const T* a, const T* b, TC* c) const {
+    if constexpr (f32) f(a, b, c);
+    else if constexpr (bf16_out)
       f(reinterpret_cast<const libxsmm_bfloat16*>(a), reinterpret_cast<const libxsmm_bfloat16*>(b),
         reinterpret_cast<libxsmm_bfloat16*>(c));
+    else
+      f(reinterpret_cast<const libxsmm_bfloat16*>(a), reinterpret_cast<const libxsmm_bfloat16*>(b), c);
   }
 };
 
-// The weight (C_out, C_in, 1, 1) as libxsmm's A: float32 transposed (k-major), bfloat16 in VNNI pairs.
+// Element (i, j) of a column-major (m x k) operand A at p[i + j * m], or, for bfloat16, where libxsmm's
+// VNNI layout puts it (pairs of k interleaved).
 template <typename T>
-std::vector<T> pack_weight(const T* w, int64_t cout, int64_t cin) {
+BNFF_INLINE int64_t a_at(int64_t i, int64_t j, int64_t m) {
+  if constexpr (std::is_same_v<T, float>) return i + j * m;
+  else return ((j / 2) * m + i) * 2 + j % 2;
+}
+
+// The weight (C_out, C_in, 1, 1) as libxsmm's A: float32 transposed (k-major), bfloat16 in VNNI pairs.
+// dgrad's A is the weight as it lies ((C_in x C_out) column-major, k = C_out): float32 as is, bfloat16 in
+// VNNI pairs of output channels.
+template <typename T>
+std::vector<T> pack_weight(const T* w, int64_t cout, int64_t cin, bool dgrad = false) {
   std::vector<T> p(cout * cin);
   for (int64_t m = 0; m < cout; ++m)
-    for (int64_t k = 0; k < cin; ++k) {
-      if constexpr (std::is_same_v<T, float>) p[k * cout + m] = w[m * cin + k];
-      else p[((k / 2) * cout + m) * 2 + k % 2] = w[m * cin + k];
-    }
+    for (int64_t k = 0; k < cin; ++k) p[dgrad ? a_at<T>(k, m, cin) : a_at<T>(m, k, cout)] = w[m * cin + k];
   return p;
 }
 
@@ -151,6 +168,95 @@ void pointwise_kernel(const std::vector<std::vector<Src>>& terms, const std::vec
       for (int64_t ch = 0; ch < nc; ++ch) (*stats)[c].merge(chunk_mo[ch][c].n, chunk_mo[ch][c].mean, chunk_mo[ch][c].m2);
 }
 
+// dst (c x kk, column-major) = the nb rows of c values at src, transposed, rows nb..kk zero: in 16 x 16
+// tiles, each read and written a cache line at a time.
+template <typename T>
+void transpose_rows(const T* src, int64_t nb, int64_t kk, int64_t c, T* dst) {
+  constexpr int64_t t = 16;
+  for (int64_t i0 = 0; i0 < kk; i0 += t)
+    for (int64_t c0 = 0; c0 < c; c0 += t) {
+      const int64_t i1 = std::min(i0 + t, kk), c1 = std::min(c0 + t, c);
+      for (int64_t j = c0; j < c1; ++j)
+        for (int64_t i = i0; i < i1; ++i) dst[j * kk + i] = i < nb ? src[i * c + j] : T(0.f);
+    }
+}
+
+// Rows per block of the backward: the block's a, dy^T and g (dgrad's output) in about 256 KiB, but at
+// least as many rows as make the weight gradient's float32 partial (C_in x C_out), read and written once
+// per block, move no more bytes than the block's operands; 16 to 4096 rows, a multiple of 16.
+int64_t backward_block_rows(int64_t cin, int64_t cout, int64_t elem) {
+  const int64_t cache = (int64_t(256) << 10) / ((2 * cin + cout) * elem);
+  const int64_t partial = 2 * cin * cout * int64_t(sizeof(float)) / ((cin + cout) * elem);
+  return std::clamp<int64_t>(std::max(cache, partial) / 16 * 16, 16, 4096);
+}
+
+// The backward of a lone group's 1x1 consumer (stride 1) with the group's grad_stats_x, per block of
+// rows: g = dy W (dgrad, written: input_grad_x reads it), S1 and S2 of g with x (lone_block_stats, g and
+// x in cache), a recomputed from x (apply_row: the forward's bits) and dW += a^T dy (wgrad, a per-chunk
+// float32 partial, chunks summed in a fixed order). One chunk per thread.
+template <typename T>
+void pointwise_backward_kernel(const std::vector<Src>& srcs, const TermVec& vec, const TermBwd& tb, const Tensor& dy,
+                               const Tensor& weight, bool wgrad, int64_t block_rows, const Tensor& g, float* dw,
+                               std::vector<double>& s1, std::vector<double>& s2) {
+  constexpr bool f32 = std::is_same_v<T, float>;
+  const int64_t act = act_for<T>(tb.act);
+  const int64_t cout = weight.size(0), cin = weight.size(1);
+  const int64_t rows = dy.size(0) * dy.size(2) * dy.size(3);
+  const int64_t b0 = block_rows > 0 ? block_rows : backward_block_rows(cin, cout, sizeof(T));
+  const int64_t B = f32 ? b0 : (b0 + 1) / 2 * 2;  // bfloat16 wgrad: k = rows in VNNI pairs
+  const int64_t nblk = (rows + B - 1) / B, tail = rows - (nblk - 1) * B, tail_k = f32 ? tail : (tail + 1) / 2 * 2;
+  const Gemm<T> dg_full(cin, B, cout), dg_last(cin, tail, cout);
+  // wgrad's B is dy^T: float32 reads the dy rows as they lie (libxsmm's trans_b), bfloat16 (no trans_b
+  // kernel in libxsmm 1.17) from a transposed copy
+  const Gemm<T, float> wg_full(cin, cout, B, 1.f, f32), wg_last(cin, cout, tail_k, 1.f, f32);
+  TORCH_CHECK(dg_full.f && dg_last.f && wg_full.f && wg_last.f, "bnff pointwise: libxsmm has no ",
+              f32 ? "float32" : "bfloat16", " GEMM kernel for this CPU (target ", libxsmm_get_target_arch(), ")");
+  const std::vector<T> wp = pack_weight(weight.data_ptr<T>(), cout, cin, true);
+  const int64_t nc = std::min<int64_t>(nblk, at::get_num_threads());
+  std::vector<float> part(wgrad ? nc * cin * cout : 0, 0.f);
+  std::vector<double> p1(nc * cin, 0.0), p2(nc * cin, 0.0);
+  const auto sp = seg_ptrs<T>(segments(cin, {srcs}), {srcs});
+  const T* dyp = dy.data_ptr<T>();
+  T* gp = g.data_ptr<T>();
+  const auto st = c10::CppTypeToScalarType<T>::value;
+  with_act<true, T>(act, [&](auto A) {
+    with_terms_for(A, 1, 0, [&](auto KK, auto RR) {
+      at::parallel_for(0, nc, 1, [&](int64_t b, int64_t e) {
+        std::vector<T> a_blk(wgrad ? (B + 1) * cin : 0), a_row(wgrad && !f32 ? cin : 0), dyt(wgrad && !f32 ? B * cout : 0);
+        std::vector<float> buf(runtime_act<decltype(A)> ? cin : 0);
+        for (int64_t ch = b; ch < e; ++ch)
+          for (int64_t blk = ch * nblk / nc; blk < (ch + 1) * nblk / nc; ++blk) {
+            const int64_t r0 = blk * B, nb = std::min(B, rows - r0), kk = nb == B ? B : tail_k;
+            (nb == B ? dg_full : dg_last)(wp.data(), dyp + r0 * cout, gp + r0 * cin);
+            lone_block_stats(srcs, tb, st, gp, st, cin, r0, nb, &p1[ch * cin], &p2[ch * cin]);
+            if (!wgrad) continue;
+            for (int64_t i = 0; i < nb; ++i) {
+              if constexpr (f32) {
+                apply_row(KK, RR, A, sp, &vec, static_cast<const T* const*>(nullptr), cin, r0 + i,
+                          a_blk.data() + i * cin, buf.data());
+              } else {
+                apply_row(KK, RR, A, sp, &vec, static_cast<const T* const*>(nullptr), cin, r0 + i, a_row.data(),
+                          buf.data());
+                for (int64_t c = 0; c < cin; ++c) a_blk[a_at<T>(c, i, cin)] = a_row[c];
+              }
+            }
+            for (int64_t i = nb; i < kk; ++i)  // the zero row pairing an odd tail
+              for (int64_t c = 0; c < cin; ++c) a_blk[a_at<T>(c, i, cin)] = T(0.f);
+            if constexpr (!f32) transpose_rows(dyp + r0 * cout, nb, kk, cout, dyt.data());
+            (nb == B ? wg_full : wg_last)(a_blk.data(), f32 ? dyp + r0 * cout : dyt.data(), part.data() + ch * cin * cout);
+          }
+      });
+    });
+  });
+  add_chunks(p1, nc, cin, s1.data());
+  add_chunks(p2, nc, cin, s2.data());
+  for (int64_t i = 0; wgrad && i < cin * cout; ++i) {
+    float sum = 0.f;
+    for (int64_t ch = 0; ch < nc; ++ch) sum += part[ch * cin * cout + i];
+    dw[i] = sum;
+  }
+}
+
 }  // namespace
 #endif
 
@@ -231,6 +337,50 @@ std::tuple<Tensor, Tensor, Tensor> pointwise_forward(at::TensorList sources, at:
 #else
   (void)sources, (void)n_sources, (void)means, (void)f1s, (void)betas, (void)residuals, (void)act, (void)weight,
       (void)stride, (void)stats, (void)block_rows, (void)layout;
+  TORCH_CHECK(false, "bnff pointwise: the kernels were built without libxsmm (install Debian's libxsmm-dev and "
+              "rebuild: bnff.ops.backends.cpu.libxsmm() says why it was not found)");
+#endif
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> pointwise_backward(at::TensorList sources, const Tensor& mean,
+                                                              const Tensor& f1, const Tensor& beta, int64_t act,
+                                                              const Tensor& dy, const Tensor& weight, bool wgrad,
+                                                              int64_t block_rows, int64_t layout) {
+#ifdef BNFF_LIBXSMM
+  TORCH_CHECK(!sources.empty(), "bnff pointwise_backward: no BN input");
+  TORCH_CHECK(layout == BNFF_LAYOUT_NHWC, "bnff pointwise_backward: channels_last feature maps only");
+  const auto dt = sources[0].scalar_type();
+  TORCH_CHECK((dt == at::kFloat || dt == at::kBFloat16) && dy.scalar_type() == dt && weight.scalar_type() == dt,
+              "bnff pointwise_backward: the BN inputs, dy and the weight must be all float32 or all bfloat16");
+  int64_t C = 0;
+  for (const Tensor& x : sources) C += x.size(1);
+  const Tensor& x0 = sources[0];
+  TORCH_CHECK(weight.dim() == 4 && weight.size(2) == 1 && weight.size(3) == 1 && weight.is_contiguous() &&
+                  weight.size(1) == C,
+              "bnff pointwise_backward: the weight must be a contiguous (C_out, ", C, ", 1, 1) tensor, got ",
+              weight.sizes());
+  TORCH_CHECK(dy.dim() == 4 && dy.size(0) == x0.size(0) && dy.size(1) == weight.size(0) && dy.size(2) == x0.size(2) &&
+                  dy.size(3) == x0.size(3) && dy.is_contiguous(at::MemoryFormat::ChannelsLast),
+              "bnff pointwise_backward: dy must be a channels_last (", x0.size(0), ", ", weight.size(0), ", ",
+              x0.size(2), ", ", x0.size(3), ") tensor (stride 1), got ", dy.sizes());
+  TORCH_CHECK(dt == at::kFloat || (C % 2 == 0 && weight.size(0) % 2 == 0),
+              "bnff pointwise_backward: bfloat16 needs even channel counts");
+  count(kPointwiseBwd, true, x0);
+  Tensor g = workspace_empty({x0.size(0), C, x0.size(2), x0.size(3)}, x0.options(), true);
+  Tensor dw = at::empty({wgrad ? weight.size(0) : 0, C, 1, 1}, weight.options().dtype(at::kFloat));
+  const auto srcs = terms_of(sources, {static_cast<int64_t>(sources.size())})[0];
+  const TermVec vec{mean.data_ptr<float>(), f1.data_ptr<float>(), beta.data_ptr<float>()};
+  const TermBwd tb{vec.mu, vec.f1, vec.beta, nullptr, nullptr, act, dt == at::kBFloat16};
+  std::vector<double> s1(C, 0.0), s2(C, 0.0);
+  if (dt == at::kFloat)
+    pointwise_backward_kernel<float>(srcs, vec, tb, dy, weight, wgrad, block_rows, g, dw.data_ptr<float>(), s1, s2);
+  else
+    pointwise_backward_kernel<BFloat16>(srcs, vec, tb, dy, weight, wgrad, block_rows, g, dw.data_ptr<float>(), s1, s2);
+  const Geo geo = geo_of(g, layout);
+  return {g, wgrad ? dw.to(weight.scalar_type()) : dw, per_channel(s1.data(), geo, g), per_channel(s2.data(), geo, g)};
+#else
+  (void)sources, (void)mean, (void)f1, (void)beta, (void)act, (void)dy, (void)weight, (void)wgrad, (void)block_rows,
+      (void)layout;
   TORCH_CHECK(false, "bnff pointwise: the kernels were built without libxsmm (install Debian's libxsmm-dev and "
               "rebuild: bnff.ops.backends.cpu.libxsmm() says why it was not found)");
 #endif

@@ -446,10 +446,10 @@ BNFF_INLINE DxVec dx_vec(Get get, const float* f1, const float* b, const float* 
 
 // ---- kernel entries, counted per sweep, layout and element type ---------------------------------
 // Tests read them (bnff::kernel_calls) to prove that a sweep ran here and not in the reference.
-// (pointwise: the fused pointwise convolution of bnff_pointwise.cpp.)
-enum Sweep { kChannelStats, kApply, kGradStats, kInputGrad, kGradStatsX, kInputGradX, kPointwise, kSweeps };
+// (pointwise, pointwise_backward: the fused pointwise convolution of bnff_pointwise.cpp.)
+enum Sweep { kChannelStats, kApply, kGradStats, kInputGrad, kGradStatsX, kInputGradX, kPointwise, kPointwiseBwd, kSweeps };
 const char* const kSweepNames[kSweeps] = {"channel_stats", "apply", "grad_stats", "input_grad", "grad_stats_x",
-                                          "input_grad_x", "pointwise"};
+                                          "input_grad_x", "pointwise", "pointwise_backward"};
 inline std::array<std::atomic<int64_t>, kSweeps * 4> g_calls{};
 
 // The call of sweep s in layout cl on feature maps of t's element type.
@@ -835,6 +835,18 @@ std::vector<Tensor> input_grad_x(const Tensor& grad, at::TensorList sources, con
                                  const std::optional<Tensor>& b, const Tensor& s1, int64_t layout);
 
 
+// One lone BN term's backward constants (C,), offset by each source's .off (bnff_lone.cpp).
+struct TermBwd {
+  const float *mu, *f1, *beta, *b, *k0;
+  int64_t act;
+  bool round_bf16;
+};
+// grad_stats_x's sums over channels_last rows [rb, rb + nb) of g (element type gt, C channels per row)
+// and of the term's sources (element type xt), added to q1, q2 (C doubles each): what grad_stats_x
+// adds for those rows, for a caller that has them in cache (the fused pointwise backward).
+void lone_block_stats(const std::vector<Src>& srcs, const TermBwd& t, at::ScalarType xt, const void* g,
+                      at::ScalarType gt, int64_t C, int64_t rb, int64_t nb, double* q1, double* q2);
+
 // ---- the fused pointwise convolution (bnff_pointwise.cpp), registered by bnff_cpu.cpp ---------------
 std::string pointwise_target(std::string target);
 bool pointwise_has(at::ScalarType dtype);
@@ -842,5 +854,9 @@ std::tuple<Tensor, Tensor, Tensor> pointwise_forward(at::TensorList sources, at:
                                                      at::TensorList means, at::TensorList f1s, at::TensorList betas,
                                                      at::TensorList residuals, int64_t act, const Tensor& weight,
                                                      int64_t stride, bool stats, int64_t block_rows, int64_t layout);
+std::tuple<Tensor, Tensor, Tensor, Tensor> pointwise_backward(at::TensorList sources, const Tensor& mean,
+                                                              const Tensor& f1, const Tensor& beta, int64_t act,
+                                                              const Tensor& dy, const Tensor& weight, bool wgrad,
+                                                              int64_t block_rows, int64_t layout);
 
 }  // namespace bnff_cpu

@@ -155,10 +155,14 @@ def measure_steps(model: str, rounds: int) -> dict:
     r = alternate_steps(model, {"off": lambda: setattr(pointwise, "MODE", "off"),
                                 "auto": lambda: setattr(pointwise, "MODE", "auto")}, rounds)
     med = r["median_step_s"]
-    fused = [[list(k[0]), list(k[1]), str(k[3])] for k, on in pointwise.choices().items() if on]
+    ch = pointwise.choices()
+    fwd = {k: on for k, on in ch.items() if k[0] != "backward"}
+    bwd = {k[2:]: on for k, on in ch.items() if k[0] == "backward"}
+    fused = [[list(k[0]), list(k[1]), str(k[3])] for k, on in fwd.items() if on]
+    fused_bwd = [[list(k[0]), list(k[1]), str(k[3])] for k, on in bwd.items() if on]
     return {"model": model, "step_s": r["step_s"], "median_step_s": med, "off/auto": med["off"] / med["auto"],
             "off - auto per round, s": r["first - last per round, s"], "shapes fused": fused,
-            "shapes timed": len(pointwise.choices())}
+            "shapes timed": len(fwd), "backward shapes fused": fused_bwd, "backward shapes timed": len(bwd)}
 
 
 def main() -> None:
@@ -182,7 +186,8 @@ def main() -> None:
         print(f"{args.model} bf16 batch 16: median step off {med['off']:.3f} s, auto {med['auto']:.3f} s, off/auto "
               f"{r['off/auto']:.3f}; off - auto per round median {d['median'] * 1e3:+.1f} ms (quartiles "
               f"{d['quartiles'][0] * 1e3:+.1f}, {d['quartiles'][2] * 1e3:+.1f}); auto fused {len(r['shapes fused'])} "
-              f"of {r['shapes timed']} shapes")
+              f"of {r['shapes timed']} shapes forward, {len(r['backward shapes fused'])} of "
+              f"{r['backward shapes timed']} backward")
         if args.json:
             write_json(args.json, {"cpu": info, "libxsmm_target": cpu.pointwise_target(), "rounds": args.rounds, **r})
         return

@@ -32,7 +32,6 @@ import argparse
 import functools
 import json
 import subprocess
-import time
 from pathlib import Path
 
 import torch
@@ -40,6 +39,7 @@ import torch
 import bnff
 from bnff.atomic import atomic_open
 from bnff.machine import cpu_info, describe
+from bnff.ops.pointwise import fastest
 from bnff.ops.backends import cpu
 
 SOURCE = "src/bnff/ops/backends/csrc/bnff_cpu.cpp"
@@ -98,15 +98,6 @@ def calls(shape: tuple[int, ...], dtype: torch.dtype) -> dict[str, tuple[float, 
     }
 
 
-def _fastest(fn, k: int = 5) -> float:
-    best = float("inf")
-    for _ in range(k):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
 def measure(shape: tuple[int, ...], dtype: torch.dtype, sweeps: list[str], rounds: int) -> dict:
     """One shape's row: GB/s of each sweep, old and new, and new / old speed."""
     fns = calls(shape, dtype)
@@ -117,7 +108,7 @@ def measure(shape: tuple[int, ...], dtype: torch.dtype, sweeps: list[str], round
     times = {key: [] for key in runs}
     for _ in range(rounds):
         for key, fn in runs.items():
-            times[key].append(_fastest(fn))
+            times[key].append(fastest(fn, runs=5, warmup=0))
     q = {key: sorted(t)[len(t) // 4] for key, t in times.items()}
     nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
     return {"shape": list(shape), "dtype": str(dtype).removeprefix("torch."),

@@ -23,7 +23,7 @@ without it: the recompute sweep, ATen's convolution backward, ``grad_stats_x``; 
 ``cpu.pointwise_backward``.
 
 With ``--model``, whole bnff training steps instead (``bnff.bench.alternate_steps``: batch 16,
-224x224, bf16 autocast, channels_last, tuned allocator), ``BNFF_POINTWISE`` "off" and "auto"
+224x224, bf16 autocast or, with ``--step-dtype fp32``, float32, channels_last, tuned allocator), ``BNFF_POINTWISE`` "off" and "auto"
 alternating step by step in one process, with the shapes "auto" chose to fuse.
 
 Every result is checked against float64 first. A variant's time is the lower quartile of
@@ -147,20 +147,20 @@ def measure_backward(n: int, hw: int, cin: int, cout: int, dtype: torch.dtype, r
             "overhead_removed": 1 - (ms["fused"] - floor) / max(unf - floor, 1e-9)}
 
 
-def measure_steps(model: str, rounds: int) -> dict:
+def measure_steps(model: str, rounds: int, dtype: str) -> dict:
     """Median bnff step seconds of ``model`` with the fused pointwise convolutions off and on ("auto")."""
     from bnff.bench import alternate_steps
     from bnff.ops import pointwise
 
     r = alternate_steps(model, {"off": lambda: setattr(pointwise, "MODE", "off"),
-                                "auto": lambda: setattr(pointwise, "MODE", "auto")}, rounds)
+                                "auto": lambda: setattr(pointwise, "MODE", "auto")}, rounds, dtype)
     med = r["median_step_s"]
     ch = pointwise.choices()
     fwd = {k: on for k, on in ch.items() if k[0] != "backward"}
     bwd = {k[2:]: on for k, on in ch.items() if k[0] == "backward"}
     fused = [[list(k[0]), list(k[1]), str(k[3])] for k, on in fwd.items() if on]
     fused_bwd = [[list(k[0]), list(k[1]), str(k[3])] for k, on in bwd.items() if on]
-    return {"model": model, "step_s": r["step_s"], "median_step_s": med, "off/auto": med["off"] / med["auto"],
+    return {"model": model, "dtype": dtype, "step_s": r["step_s"], "median_step_s": med, "off/auto": med["off"] / med["auto"],
             "off - auto per round, s": r["first - last per round, s"], "shapes fused": fused,
             "shapes timed": len(fwd), "backward shapes fused": fused_bwd, "backward shapes timed": len(bwd)}
 
@@ -169,6 +169,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", help="time whole bnff training steps of this model instead (bnff.models name)")
     p.add_argument("--rounds", type=int, default=10)
+    p.add_argument("--step-dtype", choices=["bf16", "fp32"], default="bf16", help="--model: the steps' dtype")
     p.add_argument("--repeats", type=int, default=9)
     p.add_argument("--blocks", type=int, nargs="*", default=[])
     p.add_argument("--dtypes", nargs="*", default=["float32", "bfloat16"])
@@ -181,9 +182,9 @@ def main() -> None:
     print(describe(info), f"| ATen {torch.backends.cpu.get_cpu_capability()} | libxsmm target {cpu.pointwise_target()}"
           f" | {torch.get_num_threads()} threads")
     if args.model:
-        r = measure_steps(args.model, args.rounds)
+        r = measure_steps(args.model, args.rounds, args.step_dtype)
         med, d = r["median_step_s"], r["off - auto per round, s"]
-        print(f"{args.model} bf16 batch 16: median step off {med['off']:.3f} s, auto {med['auto']:.3f} s, off/auto "
+        print(f"{args.model} {args.step_dtype} batch 16: median step off {med['off']:.3f} s, auto {med['auto']:.3f} s, off/auto "
               f"{r['off/auto']:.3f}; off - auto per round median {d['median'] * 1e3:+.1f} ms (quartiles "
               f"{d['quartiles'][0] * 1e3:+.1f}, {d['quartiles'][2] * 1e3:+.1f}); auto fused {len(r['shapes fused'])} "
               f"of {r['shapes timed']} shapes forward, {len(r['backward shapes fused'])} of "

@@ -6,8 +6,9 @@
 
 Settings: ResNet-50 batch 16 224x224 bf16 and fp32; DenseNet-121, MobileNetV2, EfficientNet-B0,
 MobileNetV3-Large, RegNetY-1.6GF and CSPDarknet-53 batch 16 224x224 bf16; each times eager, torch.compile (compile time apart), bnff (default backend), bnff under
-torch.compile (bnff+compile) and the conv floor, interleaved after warm-up (``bnff.bench``;
-``--variants`` leaves some out: eager, bnff and the floor are needed). Every setting runs with the default allocator
+torch.compile (bnff+compile) and the conv floor (each convolution on the faster of ATen and libxsmm),
+interleaved after warm-up (``bnff.bench``; ``--variants`` leaves some out: eager, bnff and the floor
+are needed; ``bnff_libxsmm`` adds bnff with its 1x1 convolutions on libxsmm, unfused). Every setting runs with the default allocator
 (what a user gets: eager faults in fresh pages for its large intermediates, bnff reuses its
 workspace) and with ``--tuned-malloc`` (no variant faults: the kernels' own gain), each in
 ``--processes`` fresh processes, so that one process's luck (its pages, its neighbours) cannot
@@ -27,7 +28,7 @@ from pathlib import Path
 
 from bnff.atomic import atomic_open
 from bnff.machine import cpu_info, describe
-from bnff.names import BENCH_VARIANTS
+from bnff.names import BENCH_VARIANTS, DEFAULT_BENCH_VARIANTS
 
 SETTINGS = (("resnet50", "bf16"), ("resnet50", "fp32"), ("densenet121", "bf16"), ("mobilenet_v2", "bf16"),
             ("efficientnet_b0", "bf16"), ("mobilenet_v3_large", "bf16"), ("regnet_y_1_6gf", "bf16"),
@@ -73,6 +74,9 @@ def row(model: str, dtype: str, allocator: str, runs: list[dict]) -> str:
                        for v in ("eager", "compile", "bnff"))
     both = [r["ratios"]["bnff+compile_vs_compile"] for r in runs if "bnff+compile_vs_compile" in r["ratios"]]
     saving_ms = [(r["results"]["eager"]["step_s"] - r["results"]["bnff"]["step_s"]) * 1e3 for r in runs]
+    vs_xsmm = [r["ratios"]["bnff_vs_bnff_libxsmm"] for r in runs if "bnff_vs_bnff_libxsmm" in r["ratios"]]
+    on_xsmm = runs[0].get("floor_on_libxsmm") or {}
+    floor_xsmm = f"{on_xsmm['forward']}, {on_xsmm['backward']} of {on_xsmm['convolutions']}" if on_xsmm else "-"
 
     def ratio(values: list[float]) -> str:
         return f"{_spread(values, '.2f')}x {_verdict(statistics.median(values))}" if values else "-"
@@ -82,7 +86,7 @@ def row(model: str, dtype: str, allocator: str, runs: list[dict]) -> str:
     return (f"| {model} | {dtype} | {allocator} | {img_s('eager')} | {img_s('compile')} | {img_s('bnff')} "
             f"| {ratio(vs_eager)} | {ratio(vs_compile)} | {ratio(both)} "
             f"| {floors} | {_spread(removed, '+.0%') if removed else ''} | {_spread(saving_ms, '+.0f')} "
-            f"| {saved:.2f}{unfused} |")
+            f"| {saved:.2f}{unfused} | {ratio(vs_xsmm)} | {floor_xsmm} |")
 
 
 def main() -> None:
@@ -93,8 +97,8 @@ def main() -> None:
     p.add_argument("--models", nargs="+", default=None, help="only these models' settings")
     p.add_argument("--allocators", nargs="+", default=list(ALLOCATORS), choices=ALLOCATORS)
     p.add_argument("--prefer", choices=["memory", "speed"], default="memory")
-    p.add_argument("--variants", nargs="+", default=list(BENCH_VARIANTS), choices=BENCH_VARIANTS,
-                   help="bnff bench's variants (default all; eager, bnff and conv_floor are needed)")
+    p.add_argument("--variants", nargs="+", default=list(DEFAULT_BENCH_VARIANTS), choices=BENCH_VARIANTS,
+                   help="bnff bench's variants (default all but bnff_libxsmm; eager, bnff and conv_floor are needed)")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     if not {"eager", "bnff", "conv_floor"} <= set(args.variants):
@@ -105,8 +109,9 @@ def main() -> None:
           f"prefer={args.prefer!r}\n")
     print("| model | dtype | allocator | eager img/s | compile img/s | bnff img/s | bnff / eager | bnff / compile "
           "| bnff+compile / compile | step / floor: eager, compile, bnff | overhead removed "
-          "| eager - bnff (ms per step) | saved activations bnff / eager |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| eager - bnff (ms per step) | saved activations bnff / eager | bnff / bnff_libxsmm "
+          "| floor on libxsmm: forward, backward |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     results = []
     for model, dtype in SETTINGS:
         if args.models and model not in args.models:

@@ -413,10 +413,12 @@ def test_backward_within_roundoff_of_float64(gen, dtype, pattern, act):
 def test_backward_every_activation_takes_the_sums_grad_stats_x_takes(gen, dtype, act):
     """For every activation of the table: S1, S2 are grad_stats_x's over the same g and x (the same
     derivative, recomputed from x; only the order of the blocks' float32 sums differs, so within twice
-    their summation bound, |f'| <= 2), and dW is the wgrad of a with the apply sweep's bits."""
+    their summation bound, |f'| <= 2), and a is recomputed with the apply sweep's bits: g and dW equal
+    bit for bit libxsmm's plain backward of the stored a (the same kernels and blocks); dW within the
+    float32 summation bound of float64."""
     _needs(dtype)
     x, mean, f1, beta, weight, dy = _backward_case(gen, dtype, "lone")
-    g, dw, s1, s2c = cpu.pointwise_backward(x, mean, f1, beta, act, dy, weight, block_rows=32)
+    g, dw, s1, s2c = cpu.pointwise_backward(x, mean, f1, beta, act, dy, weight)
     r1, r2 = cpu.grad_stats_x(g, act, x, mean, f1, beta, dtype)
     m = g.numel() // g.shape[1]
     xc = x[0].double() - mean.double().view(1, -1, 1, 1)
@@ -424,6 +426,8 @@ def test_backward_every_activation_takes_the_sums_grad_stats_x_takes(gen, dtype,
         bound = 2 * (m + 4) * U32 * 2 * mag.sum((0, 2, 3)) / m
         assert bool(((got.double() - want.double()).abs() <= bound).all())
     a = cpu.apply([x], [mean], [f1], [beta], [], act, dtype)
+    g_plain, dw_plain = cpu.libxsmm_conv_backward(a, dy, weight)
+    assert torch.equal(g, g_plain) and torch.equal(dw, dw_plain)
     want = torch.einsum("nohw,nchw->oc", dy.double(), a.double())[:, :, None, None]
     half_ulp = U_BF16 if dtype == torch.bfloat16 else 0.0
     bound = (m + 2) * U32 * torch.einsum("nohw,nchw->oc", _mag(dy), _mag(a))[:, :, None, None] * (1 + half_ulp)
@@ -522,3 +526,43 @@ def test_lone_backward_moves_exactly_the_bytes_of_the_bnff_pw_plan(gen, fused_po
     x = torch.randn(4, 3, 12, 12, generator=gen).to(memory_format=torch.channels_last)
     assert assert_moves_what_the_plan_says(model, x, scheme="bnff_pw") == 6
     assert (cpu.kernel_calls() - fused_pointwise)["pointwise_backward/nhwc/float32"] == len(_LONE)
+
+
+# ---- libxsmm's plain convolutions: bnff bench's conv floor and BNFF_POINTWISE=libxsmm -------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_libxsmm_conv_and_its_backward_within_roundoff_of_float64(gen, dtype):
+    _needs(dtype)
+    x = torch.randn(3, 32, 7, 9, generator=gen).to(dtype).contiguous(memory_format=torch.channels_last)
+    w = (torch.randn(48, 32, 1, 1, generator=gen) / 6).to(dtype)
+    dy = torch.randn(3, 48, 7, 9, generator=gen).to(dtype).contiguous(memory_format=torch.channels_last)
+    calls = cpu.kernel_calls()
+    y = cpu.libxsmm_conv(x, w, 2)
+    g, dw = cpu.libxsmm_conv_backward(x, dy, w)
+    ran = cpu.kernel_calls() - calls
+    name = str(dtype).removeprefix("torch.")
+    assert ran[f"pointwise/nhwc/{name}"] == ran[f"pointwise_backward/nhwc/{name}"] == 1
+    half_ulp = U_BF16 if dtype == torch.bfloat16 else 0.0
+    x64, w64, dy64 = x.double(), w.double(), dy.double()
+    for got, want, mag, terms in (
+            (y, F.conv2d(x64, w64, stride=2), F.conv2d(x64.abs(), w64.abs(), stride=2), 32),
+            (g, torch.einsum("nohw,oc->nchw", dy64, w64[:, :, 0, 0]), torch.einsum("nohw,oc->nchw", dy64.abs(), w64.abs()[:, :, 0, 0]), 48),
+            (dw, torch.einsum("nohw,nchw->oc", dy64, x64)[:, :, None, None],
+             torch.einsum("nohw,nchw->oc", dy64.abs(), x64.abs())[:, :, None, None], 3 * 7 * 9)):
+        bound = (terms + 2) * U32 * mag * (1 + half_ulp) + half_ulp * want.abs()
+        assert bool(((got.double() - want).abs() <= bound).all())
+
+
+def test_libxsmm_mode_runs_bnff_with_its_1x1_convolutions_on_libxsmm_unfused(gen, monkeypatch):
+    """BNFF_POINTWISE=libxsmm (``bnff bench``'s bnff_libxsmm): the same steps as bnff, sweeps and all, with the
+    pointwise groups' 1x1 convolutions (forward; the lone groups' backward too) on libxsmm; as accurate."""
+    _needs(torch.float32)
+    monkeypatch.setattr(pointwise, "MODE", "libxsmm")
+    torch.manual_seed(0)
+    calls = cpu.kernel_calls()
+    assert_as_accurate_as_eager(compare_with_float64(_LoneNet(), _batch(gen), steps=2, channels_last=True, backend="cpu"))
+    ran = cpu.kernel_calls() - calls
+    assert ran["pointwise/nhwc/float32"] == 2 * 5 and ran["pointwise_backward/nhwc/float32"] == 2 * len(_LONE)
+    # unfused: every 1x1 output's statistics swept (none handed over), every lone group's S1, S2 by grad_stats_x
+    assert ran["grad_stats_x/nhwc/float32"] == 2 * (len(_LONE) + 1)
+    assert ran["channel_stats/nhwc/float32"] == 2 * 6

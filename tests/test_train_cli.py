@@ -239,3 +239,50 @@ def test_two_processes_with_sync_bn_train_like_one_on_the_whole_batch(tmp_path):
                if eager[k].is_floating_point()) < 1e-3 * drift(plain)
     # a usage error in the processes ends the launcher with the same exit code as in one process
     assert cli.main([*common, "--nproc-per-node", "2", "--data", f"folder:{tmp_path / 'missing'}"]) == 2
+
+
+def test_conv_floor_takes_libxsmm_where_it_is_faster(gen, monkeypatch):
+    """The conv floor runs each convolution's forward and backward on the faster of ATen and libxsmm: with
+    libxsmm timed faster, a 1x1 convolution of stride 1 runs both there (the kernel counters prove it), a 3x3
+    stays on ATen; with ATen faster, nothing runs on libxsmm."""
+    import functools
+
+    from bnff import bench
+    from bnff.ops import pointwise
+    from bnff.ops.backends import cpu
+    if cpu.pointwise_why(torch.float32) is not None:
+        pytest.skip(cpu.pointwise_why(torch.float32))
+    calls = [bench._ConvCall((2, 8, 6, 6), (16, 8, 1, 1), torch.float32, (1, 1), (0, 0), (1, 1), 1, False, True),
+             bench._ConvCall((2, 16, 6, 6), (8, 16, 3, 3), torch.float32, (1, 1), (1, 1), (1, 1), 1, False, True)]
+    for xsmm_faster in (True, False):
+        monkeypatch.setattr(pointwise, "fastest",
+                            lambda run: (0.0 if xsmm_faster else 2.0) if isinstance(run, functools.partial) else 1.0)
+        step, on = bench._floor_step(calls, torch.channels_last, gen)
+        before = cpu.kernel_calls()
+        step()
+        ran = cpu.kernel_calls() - before
+        n = int(xsmm_faster)
+        assert on == {"convolutions": 2, "forward": n, "backward": n}
+        assert ran["pointwise/nhwc/float32"] == ran["pointwise_backward/nhwc/float32"] == n
+
+
+def test_bench_bnff_libxsmm_variant(monkeypatch):
+    from bnff import bench
+    from bnff.ops.backends import cpu
+    if cpu.pointwise_why(torch.float32) is not None:
+        with pytest.raises(ValueError, match="the bnff_libxsmm variant needs libxsmm"):
+            bench.run(bench.BenchConfig(variants=("bnff_libxsmm",)), progress=False)
+        return
+    from bnff.ops import pointwise
+    cfg = bench.BenchConfig(model="mobilenet_v2", batch=2, image_size=32, dtype="fp32", steps=1, warmup=1,
+                            variants=("bnff_libxsmm",))
+    mode, before = pointwise.MODE, cpu.kernel_calls()
+    bench.run(cfg, progress=False)
+    assert (cpu.kernel_calls() - before)["pointwise/nhwc/float32"] > 0  # its 1x1 convolutions ran on libxsmm
+    assert pointwise.MODE == mode  # and only in its own steps
+    res = bench.run(bench.BenchConfig(**{**cfg.__dict__, "variants": ("bnff", "bnff_libxsmm")}), progress=False)
+    assert res["ratios"]["bnff_vs_bnff_libxsmm"] == pytest.approx(
+        res["results"]["bnff_libxsmm"]["step_s"] / res["results"]["bnff"]["step_s"])
+    monkeypatch.setattr(cpu, "pointwise_why", lambda dtype=None: "libxsmm was not found")
+    with pytest.raises(ValueError, match="needs libxsmm: libxsmm was not found"):
+        bench.run(bench.BenchConfig(variants=("bnff_libxsmm",)), progress=False)

@@ -6,6 +6,12 @@ training steps (forward, backward, SGD step) of each variant, interleaved round 
 warm-up, and reports the median step time and images/s. The *conv floor* is the same step's
 convolutions alone (forward, dgrad, wgrad) on tensors of the same shapes, dtypes and memory
 format: what a perfect fusion of everything else would approach; ``step / floor`` is the overhead.
+Each convolution's forward and backward in the floor run on the faster of ATen's and libxsmm's
+implementation (libxsmm where it takes the call: a 1x1 convolution without padding, bias or groups,
+channels_last; its backward at stride 1), timed once when the floor is set up, so that a gain of
+libxsmm's GEMM is not counted as fusion's (issue 31). ``bnff_libxsmm`` is bnff with the pointwise
+groups' 1x1 convolutions on libxsmm but not fused (``BNFF_POINTWISE=libxsmm``): bnff against it is
+what fusion gains beyond the GEMM.
 ``torch.compile``'s compile time (the warm-up steps of ``compile`` and ``bnff+compile``, the
 restructured model wrapped in ``torch.compile``) is reported separately and excluded.
 """
@@ -13,6 +19,7 @@ restructured model wrapped in ``torch.compile``) is reported separately and excl
 from __future__ import annotations
 
 import contextlib
+import functools
 import copy
 import statistics
 import time
@@ -28,8 +35,9 @@ import bnff
 from bnff import models
 from bnff.machine import cpu_info
 from bnff.memory import saved_activation_bytes
-from bnff.names import BENCH_VARIANTS
-from bnff.ops import backends
+from bnff.names import BENCH_VARIANTS, DEFAULT_BENCH_VARIANTS
+from bnff.ops import backends, pointwise
+from bnff.ops.backends import cpu
 from bnff.ops.fused import _ApplyConsume
 from bnff.train import training_loss
 
@@ -67,7 +75,7 @@ class BenchConfig:
     dtype: str = "bf16"
     steps: int = 10
     warmup: int = 2
-    variants: tuple[str, ...] = VARIANTS
+    variants: tuple[str, ...] = DEFAULT_BENCH_VARIANTS
     backend: str | None = None
     channels_last: bool = True
     seed: int = 0
@@ -129,27 +137,62 @@ def _autocast(amp: bool):
     return torch.autocast("cpu", dtype=torch.bfloat16) if amp else contextlib.nullcontext()
 
 
-def _floor_step(calls: list[_ConvCall], memory_format: torch.memory_format, gen: torch.Generator) -> Callable[[], None]:
-    """A step of only the convolutions: forward, then dgrad (where the real step needs it) and wgrad."""
-    data = []
+def _libxsmm_takes(c: _ConvCall, x: Tensor, w: Tensor) -> bool:
+    """libxsmm's 1x1 convolution (``cpu.libxsmm_conv``) runs this call."""
+    return (c.w_shape[2:] == (1, 1) and tuple(c.padding) == (0, 0) and tuple(c.dilation) == (1, 1) and c.groups == 1
+            and not c.bias and c.stride[0] == c.stride[1] and cpu.pointwise_covers([x], w))
+
+
+def _floor_step(calls: list[_ConvCall], memory_format: torch.memory_format,
+                gen: torch.Generator) -> tuple[Callable[[], None], dict]:
+    """A step of only the convolutions: forward, then dgrad (where the real step needs it) and wgrad,
+    each by the faster of ATen's and libxsmm's (timed here, ``pointwise.fastest``). Returns the step and
+    how many convolutions' forward and backward libxsmm runs in it."""
+    runs, on_libxsmm = [], {"convolutions": len(calls), "forward": 0, "backward": 0}
     for c in calls:
         x = torch.randn(c.x_shape, generator=gen).to(c.dtype).contiguous(memory_format=memory_format)
         w = torch.randn(c.w_shape, generator=gen).to(c.dtype).contiguous(memory_format=memory_format)
         b = torch.zeros(c.w_shape[0], dtype=c.dtype) if c.bias else None
         y = F.conv2d(x, w, b, c.stride, c.padding, c.dilation, c.groups)
         gy = torch.randn(y.shape, generator=gen).to(c.dtype).contiguous(memory_format=memory_format)
-        data.append((c, x, w, b, gy))
+
+        def fwd(c=c, x=x, w=w, b=b):
+            F.conv2d(x, w, b, c.stride, c.padding, c.dilation, c.groups)
+
+        def bwd(c=c, x=x, w=w, gy=gy):
+            torch.ops.aten.convolution_backward(gy, x, w, [c.w_shape[0]] if c.bias else None, list(c.stride),
+                                                list(c.padding), list(c.dilation), False, [0, 0], c.groups,
+                                                [c.dgrad, True, c.bias])
+        if _libxsmm_takes(c, x, w):
+            with torch.no_grad():
+                fx = functools.partial(cpu.libxsmm_conv, x, w, c.stride[0])
+                if pointwise.fastest(fx) < pointwise.fastest(fwd):
+                    fwd, on_libxsmm["forward"] = fx, on_libxsmm["forward"] + 1
+                if c.stride[0] == 1 and c.dgrad:
+                    bx = functools.partial(cpu.libxsmm_conv_backward, x, gy, w)
+                    if pointwise.fastest(bx) < pointwise.fastest(bwd):
+                        bwd, on_libxsmm["backward"] = bx, on_libxsmm["backward"] + 1
+        runs.append((fwd, bwd))
 
     def step() -> None:
         with torch.no_grad():
-            for c, x, w, b, gy in data:
-                F.conv2d(x, w, b, c.stride, c.padding, c.dilation, c.groups)
-            for c, x, w, b, gy in reversed(data):
-                torch.ops.aten.convolution_backward(
-                    gy, x, w, [c.w_shape[0]] if c.bias else None, list(c.stride), list(c.padding),
-                    list(c.dilation), False, [0, 0], c.groups, [c.dgrad, True, c.bias])
+            for fwd, _ in runs:
+                fwd()
+            for _, bwd in reversed(runs):
+                bwd()
 
-    return step
+    return step, on_libxsmm
+
+
+def _pointwise_mode(mode: str, step: Callable[[], None]) -> Callable[[], None]:
+    """``step`` with ``bnff.ops.pointwise.MODE`` set to ``mode`` while it runs."""
+    def run() -> None:
+        old, pointwise.MODE = pointwise.MODE, mode
+        try:
+            step()
+        finally:
+            pointwise.MODE = old
+    return run
 
 
 def tune_malloc() -> None:
@@ -186,10 +229,11 @@ def _train_step(model: nn.Module, opt: torch.optim.Optimizer, x: Tensor, y: Tens
     return step
 
 
-def alternate_steps(model: str, setups: dict[str, Callable[[], None]], rounds: int) -> dict:
+def alternate_steps(model: str, setups: dict[str, Callable[[], None]], rounds: int, dtype: str = "bf16") -> dict:
     """Whole bnff training steps of ``model`` under two (or more) settings, alternating step by step in
     one process: a benchmark's A/B of something that can be switched between steps (other kernels,
-    the group executor). Batch 16, 224x224, channels_last, bf16 autocast, cpu backend, glibc malloc
+    the group executor). Batch 16, 224x224, channels_last, ``dtype`` ("bf16": autocast to bfloat16, the
+    default; "fp32"), cpu backend, glibc malloc
     tuned (``tune_malloc``), as ``bnff bench --tuned-malloc`` runs it; each round runs ``setups[v]()``
     then one step for every ``v`` in order, after 2 warm-up rounds; the last setting is left on.
 
@@ -204,9 +248,10 @@ def alternate_steps(model: str, setups: dict[str, Callable[[], None]], rounds: i
     net = models.MODELS[model](num_classes=1000).train().to(memory_format=cl)
     x = torch.randn(16, 3, 224, 224).contiguous(memory_format=cl)
     y = torch.randint(0, 1000, (16,))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    amp = dtype == "bf16"
+    with _autocast(amp):
         net = bnff.restructure(net, backend="cpu", example_input=x)
-    step = _train_step(net, torch.optim.SGD(net.parameters(), lr=1e-4, momentum=0.9), x, y, True)
+    step = _train_step(net, torch.optim.SGD(net.parameters(), lr=1e-4, momentum=0.9), x, y, amp)
     times: dict[str, list[float]] = {v: [] for v in setups}
     for r in range(rounds + 2):
         for v, setup in setups.items():
@@ -224,7 +269,7 @@ def alternate_steps(model: str, setups: dict[str, Callable[[], None]], rounds: i
 # bnff's autograd Function appears as its own record: its self time is the Python of its forward and
 # backward (the plan's steps, the backend's checks), the operators it calls being counted apart.
 PROFILE_CATEGORIES = (
-    ("convolutions", ("conv", "mkldnn_convolution")),
+    ("convolutions", ("conv", "mkldnn_convolution", "bnff::pointwise")),  # (libxsmm's, fused or not)
     ("bnff group executor (its C++ around the sweeps and convolutions)", ("bnff::group_",)),
     ("bnff sweeps", ("bnff::",)),
     ("bnff autograd Function (Python)", (_ApplyConsume.__name__,)),
@@ -275,7 +320,7 @@ def run(cfg: BenchConfig, progress: bool = True) -> dict:
     Returns:
         ``{"config": {...}, "cpu": bnff.machine.cpu_info(), "results": {variant: {"step_s",
         "images_per_s", "step_over_floor"}}, "ratios": {"bnff_vs_eager", "bnff_vs_compile",
-        "bnff+compile_vs_eager", "bnff+compile_vs_compile"} (those whose variants ran),
+        "bnff_vs_bnff_libxsmm", "bnff+compile_vs_eager", ...} (step-time ratios, those whose variants ran),
         "overhead_removed": float | None, "compile_s": {compiled variant: warm-up s}, "saved_bytes":
         {variant: int | None}}``; ``step_s`` is the median over the rounds; ``overhead_removed`` is
         (eager - bnff) / (eager - conv floor), the share of eager's time beyond its convolutions
@@ -285,9 +330,11 @@ def run(cfg: BenchConfig, progress: bool = True) -> dict:
         unfused, of ``fusable_groups``; ``profiles`` maps each profiled variant to ``profile_step``'s
         result (empty without ``profile``); ``pointwise`` the fusion report's line on the fused pointwise
         convolutions (``FusionReport.pointwise_where``: how many 1x1 consumers can take the apply step and
-        whether libxsmm runs them here), None when bnff did not run or has none.
+        whether libxsmm runs them here), None when bnff did not run or has none; ``floor_on_libxsmm``
+        ``{"convolutions", "forward", "backward"}``: how many of the floor's convolutions there are and
+        how many of their forwards and backwards libxsmm runs (None without the floor).
     Raises:
-        ValueError: a bad configuration.
+        ValueError: a bad configuration, or ``bnff_libxsmm`` without libxsmm.
     """
     cfg = replace(cfg, backend=backends.resolve(cfg.backend))
     if cfg.tuned_malloc:
@@ -304,17 +351,20 @@ def run(cfg: BenchConfig, progress: bool = True) -> dict:
     nets: dict[str, nn.Module] = {}
     unfused_groups: list[str] = []
     fusable = None
-    pointwise = None
+    pointwise_line = None
+    on_libxsmm = None
+    if "bnff_libxsmm" in cfg.variants and cpu.pointwise_why() is not None:
+        raise ValueError(f"the bnff_libxsmm variant needs libxsmm: {cpu.pointwise_why()}")
     for v in cfg.variants:
         if v == "conv_floor":
-            steps[v] = _floor_step(_conv_calls(base, x, amp), fmt, gen)
+            steps[v], on_libxsmm = _floor_step(_conv_calls(base, x, amp), fmt, gen)
             continue
         net = copy.deepcopy(base)
         if v.startswith("bnff"):
             with _autocast(amp):  # prefer="speed" times the groups as they will run
                 net = bnff.restructure(net, backend=cfg.backend, prefer=cfg.prefer, example_input=x)
             report = bnff.fusion_report(net)
-            pointwise = report.pointwise_where() if report.pointwise else None
+            pointwise_line = report.pointwise_where() if report.pointwise else None
             unfused_groups = [name for name, t in report.timings.items() if t.runs_eager]
             fusable = len(report.groups) + len(unfused_groups)
         if v.endswith("compile"):
@@ -322,6 +372,8 @@ def run(cfg: BenchConfig, progress: bool = True) -> dict:
         nets[v] = net
         opt = torch.optim.SGD(net.parameters(), lr=1e-4, momentum=0.9)
         steps[v] = _train_step(net, opt, x, y, amp)
+        if v == "bnff_libxsmm":
+            steps[v] = _pointwise_mode("libxsmm", steps[v])
 
     compile_s: dict[str, float] = {}
     for v, step in steps.items():
@@ -345,7 +397,7 @@ def run(cfg: BenchConfig, progress: bool = True) -> dict:
                       "step_over_floor": med / floor if floor else None}
     ratios = {}
     for mine in ("bnff", "bnff+compile"):
-        for other in ("eager", "compile"):
+        for other in ("eager", "compile", "bnff_libxsmm"):
             if mine in results and other in results:
                 ratios[f"{mine}_vs_{other}"] = results[other]["step_s"] / results[mine]["step_s"]
     saved: dict[str, int | None] = {}
@@ -362,7 +414,7 @@ def run(cfg: BenchConfig, progress: bool = True) -> dict:
     return {"config": asdict(cfg), "cpu": cpu_info(), "results": results, "ratios": ratios,
             "overhead_removed": removed, "compile_s": compile_s, "saved_bytes": saved,
             "unfused_groups": unfused_groups, "fusable_groups": fusable, "profiles": profiles,
-            "pointwise": pointwise}
+            "pointwise": pointwise_line, "floor_on_libxsmm": on_libxsmm}
 
 
 __all__ = ["BenchConfig", "PROFILE_CATEGORIES", "VARIANTS", "alternate_steps", "profile_step", "run", "tune_malloc"]

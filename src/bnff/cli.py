@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from bnff.atomic import write_csv, write_json
-from bnff.names import AUGMENTATIONS, BACKEND_NAMES, BENCH_VARIANTS, MODEL_NAMES, SCHEMES, UsageError
+from bnff.names import AUGMENTATIONS, BACKEND_NAMES, BENCH_VARIANTS, DEFAULT_BENCH_VARIANTS, MODEL_NAMES, SCHEMES, UsageError
 
 # torch, the models and the kernels are imported inside the commands: ``bnff --help`` needs none.
 
@@ -119,6 +119,10 @@ def _bench(args: argparse.Namespace) -> int:
               f"(slower fused on this CPU)")
     if res["pointwise"]:
         print(f"fused pointwise convolutions: {res['pointwise']}")
+    if res["floor_on_libxsmm"]:
+        n = res["floor_on_libxsmm"]
+        print(f"conv floor: the faster of ATen and libxsmm per convolution; libxsmm runs {n['forward']} forwards and "
+              f"{n['backward']} backwards of {n['convolutions']} convolutions")
     for v, s in res["compile_s"].items():
         print(f"{v} warm-up (compile time, excluded): {s:.1f} s")
     if res["profiles"]:
@@ -452,7 +456,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--dtype", choices=["fp32", "bf16"], default="bf16", help="bf16 runs under CPU autocast")
     b.add_argument("--steps", type=_positive, default=10, help="timed rounds (one step of every variant each)")
     b.add_argument("--warmup", type=int, default=2, help="untimed steps per variant first")
-    b.add_argument("--variants", nargs="+", default=list(BENCH_VARIANTS), choices=BENCH_VARIANTS)
+    b.add_argument("--variants", nargs="+", default=list(DEFAULT_BENCH_VARIANTS), choices=BENCH_VARIANTS,
+                   help="default: all but bnff_libxsmm (bnff with its 1x1 convolutions on libxsmm, unfused: what "
+                        "fusion gains beyond libxsmm's GEMM)")
     _add_backend(b)
     b.add_argument("--tuned-malloc", action="store_true",
                    help="keep freed memory in the process (glibc mallopt) so that no variant faults in fresh pages; "

@@ -6,7 +6,10 @@ MODEL_NAMES = ("resnet18", "resnet34", "resnet50", "resnet101", "densenet121", "
                "inception_v3", "mobilenet_v2", "mobilenet_v3_large", "efficientnet_b0",
                "regnet_y_1_6gf", "cspdarknet53")
 BACKEND_NAMES = ("cpu", "reference")
-BENCH_VARIANTS = ("eager", "compile", "bnff", "bnff+compile", "conv_floor")
+BENCH_VARIANTS = ("eager", "compile", "bnff", "bnff+compile", "conv_floor", "bnff_libxsmm")
+"""``bnff bench``'s variants; ``bnff_libxsmm`` (bnff with its pointwise groups' 1x1 convolutions on libxsmm,
+unfused: ``BNFF_POINTWISE=libxsmm``) only when asked for."""
+DEFAULT_BENCH_VARIANTS = BENCH_VARIANTS[:5]
 SCHEMES = ("unfused", "bnff", "bnff_pw", "fused")
 """The execution schemes of the fusion plan (``bnff.plan.schemes`` builds each group's steps under each)."""
 AUGMENTATIONS = ("auto", "none", "crop", "crop-flip")

@@ -24,7 +24,11 @@ A call runs fused when all of these hold, else as ``bnff`` (the library convolut
   recompute sweep, library convolution backward, ``grad_stats_x``) are timed side by side once per
   shape and direction in the process and the faster one runs from then on (as
   ``torch.backends.cudnn.benchmark`` chooses convolution algorithms), except while a
-  ``bnff.ops.record.Recorder`` records (no timing then: unfused); "off": never.
+  ``bnff.ops.record.Recorder`` records (no timing then: unfused); "off": never; "libxsmm": never fused,
+  but the same consumers run as libxsmm's plain convolutions (``cpu.libxsmm_conv``) between bnff's
+  sweeps (the backward of a ``pointwise_backward`` group: recompute sweep, ``cpu.libxsmm_conv_backward``,
+  ``grad_stats_x``): ``bnff bench``'s ``bnff_libxsmm`` variant, which tells the GEMM's gain from
+  fusion's.
 
 ``choices()`` lists the decisions "auto" made.
 """
@@ -41,7 +45,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from bnff.ops import consumers, record
 from bnff.ops.backends import cpu
 
-MODES = ("auto", "on", "off")
+MODES = ("auto", "on", "off", "libxsmm")
 MODE = os.environ.get("BNFF_POINTWISE", "auto")
 if MODE not in MODES:
     raise ValueError(f"BNFF_POINTWISE={MODE!r}: expected one of {', '.join(MODES)}")
@@ -116,9 +120,11 @@ def backward_runs(spec, env, grad_outs: tuple, out_dtype: torch.dtype) -> bool:
 def backward(spec, env, f1s: list[Tensor], dy: Tensor, wgrad: bool) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
     """The plan's ``pointwise_backward`` step: (g_a, the consumer's weight gradient or None, S1, S2c) by
     ``cpu.pointwise_backward``."""
-    tp = spec.layout.terms[0]
-    return cpu.pointwise_backward(env.sources(0), env.flat[tp.mean], f1s[0], env.flat[tp.beta], spec.group.act_kind, dy,
-                                  env.flat[spec.layout.params[0]][0], wgrad)
+    tp, weight, act = spec.layout.terms[0], env.flat[spec.layout.params[0]][0], spec.group.act_kind
+    if MODE == "libxsmm":  # unfused: the recompute sweep, libxsmm's dgrad and wgrad, grad_stats_x
+        g, dw = cpu.libxsmm_conv_backward(env.apply(cpu, f1s, dy.dtype), dy, weight, wgrad)
+        return (g, dw, *cpu.grad_stats_x(g, act, env.sources(0), env.flat[tp.mean], f1s[0], env.flat[tp.beta], dy.dtype))
+    return cpu.pointwise_backward(env.sources(0), env.flat[tp.mean], f1s[0], env.flat[tp.beta], act, dy, weight, wgrad)
 
 
 def _backward_faster(spec, env, dy: Tensor, out_dtype: torch.dtype) -> bool:
@@ -130,13 +136,16 @@ def _backward_faster(spec, env, dy: Tensor, out_dtype: torch.dtype) -> bool:
         a = env.apply(cpu, f1s, out_dtype)
         g, _ = spec.consumers[0].backward(a, dy, params, spec.amp, (True, True, *([False] * (len(params) - 1))))
         cpu.grad_stats_x(g, spec.group.act_kind, env.sources(0), env.flat[tp.mean], f1s[0], env.flat[tp.beta], out_dtype)
-    return _timed(lambda: backward(spec, env, f1s, dy, True)) < _timed(unfused)
+    return fastest(lambda: backward(spec, env, f1s, dy, True)) < fastest(unfused)
 
 
-def _timed(run) -> float:
-    run()
+def fastest(run, runs: int = TIMED_RUNS, warmup: int = 1) -> float:
+    """The shortest wall time, in seconds, of ``runs`` calls of ``run()`` after ``warmup`` untimed ones
+    (how "auto" and ``bnff bench``'s conv floor pick the faster of two implementations)."""
+    for _ in range(warmup):
+        run()
     best = float("inf")
-    for _ in range(TIMED_RUNS):
+    for _ in range(runs):
         t0 = time.perf_counter()
         run()
         best = min(best, time.perf_counter() - t0)
@@ -164,7 +173,7 @@ def _faster(spec, env, f1s: list[Tensor], out_dtype: torch.dtype) -> bool:
     def fused():
         for i in range(len(spec.consumers)):
             take_stats(_fused(spec, env, f1s, i))
-    return _timed(fused) < _timed(unfused)
+    return fastest(fused) < fastest(unfused)
 
 
 def forward(spec, env, maps: list[Tensor], out_dtype: torch.dtype) -> list[Tensor] | None:
@@ -176,6 +185,9 @@ def forward(spec, env, maps: list[Tensor], out_dtype: torch.dtype) -> list[Tenso
     if _choices.get(key) is False:
         return None
     f1s = env.f1s(cpu)
+    if MODE == "libxsmm":  # unfused, on libxsmm's convolutions; the statistics by the usual sweeps
+        a = env.apply(cpu, f1s, out_dtype)
+        return [cpu.libxsmm_conv(a, env.flat[sl][0], c.conv.stride[0]) for c, sl in zip(spec.consumers, spec.layout.params)]
     if key is not None and key not in _choices:
         _choices[key] = _faster(spec, env, f1s, out_dtype)
         if not _choices[key]:
@@ -188,4 +200,4 @@ def forward(spec, env, maps: list[Tensor], out_dtype: torch.dtype) -> list[Tenso
     return outs
 
 
-__all__ = ["MODE", "MODES", "backward", "backward_runs", "choices", "forward", "take_stats"]
+__all__ = ["MODE", "MODES", "backward", "backward_runs", "choices", "fastest", "forward", "take_stats"]

@@ -694,7 +694,8 @@ def pointwise_backward(sources: list[Tensor], mean: Tensor, f1: Tensor, beta: Te
         sources: the BN's input feature maps (N, C_j, H, W), channels_last, whose channel concatenation
             (C channels) the BN normalizes; float32 or bfloat16.
         mean, f1, beta, act: the BN's mean, F1 (``scale``) and beta (C,) and the group's activation, as
-            ``grad_stats_x`` takes them.
+            ``grad_stats_x`` takes them; mean None (with f1, beta and act None, one source): no BN, the plain
+            convolution backward of the source (``libxsmm_conv_backward``), S1 and S2 zeros.
         dy: dL/dy of the convolution's output (N, C_out, H, W), channels_last, the maps' dtype.
         weight: (C_out, C, 1, 1), the maps' dtype (bfloat16: even C and C_out).
         wgrad: also form the weight gradient (else None).
@@ -711,10 +712,26 @@ def pointwise_backward(sources: list[Tensor], mean: Tensor, f1: Tensor, beta: Te
         raise RuntimeError(f"bnff: the fused pointwise convolution is unavailable: {why}")
     if any(_layout(t) != "nhwc" for t in (*sources, dy)):
         raise RuntimeError("bnff pointwise_backward: the BN inputs and dy must be channels_last CPU tensors")
+    vecs = (None, None, None) if mean is None else (_f32(mean), _f32(f1), _beta(beta, f1))
     g, dw, s1, s2c = torch.ops.bnff.pointwise_backward(
-        list(sources), _f32(mean), _f32(f1), _beta(beta, f1), act_arg(act), dy, weight.detach().contiguous(), wgrad,
-        block_rows, LAYOUT_CODES["nhwc"])
+        list(sources), *vecs, act_arg(act), dy, weight.detach().contiguous(), wgrad, block_rows, LAYOUT_CODES["nhwc"])
     return g, (dw if wgrad else None), s1, s2c
+
+
+def libxsmm_conv(x: Tensor, weight: Tensor, stride: int = 1) -> Tensor:
+    """The plain 1x1 convolution ``conv2d(x, weight, stride=stride)`` on libxsmm's micro-kernels
+    (``pointwise_forward`` of x alone): the libxsmm half of ``bnff bench``'s conv floor and of
+    ``BNFF_POINTWISE=libxsmm``. x (N, C, H, W) channels_last; weight (C_out, C, 1, 1) of x's dtype, or
+    bfloat16. Returns (N, C_out, H_out, W_out) channels_last. Raises as ``pointwise_forward``."""
+    return pointwise_forward([], [], [], [], [x], None, weight, stride)[0]
+
+
+def libxsmm_conv_backward(x: Tensor, dy: Tensor, weight: Tensor, wgrad: bool = True) -> tuple[Tensor, Tensor | None]:
+    """The plain 1x1 convolution's backward (stride 1) on libxsmm: (dgrad (N, C, H, W) channels_last,
+    wgrad (C_out, C, 1, 1) or None), ``pointwise_backward`` without a BN. x, dy channels_last, x, dy and
+    weight of one dtype. Raises as ``pointwise_backward``."""
+    g, dw, _, _ = pointwise_backward([x], None, None, None, None, dy, weight, wgrad)
+    return g, dw
 
 
 def _float32(*vectors: Tensor | None) -> bool:
@@ -746,5 +763,5 @@ def running_update(running_mean: Tensor, running_var: Tensor, mean: Tensor, var:
 
 
 __all__ = ["COVERAGE", "ISA_FLAGS", "apply", "available", "build_spec", "channel_stats", "dense_like", "fallbacks", "grad_stats", "grad_stats_x",
-           "input_grad", "input_grad_x", "isa", "kernel_calls", "pointwise_backward", "pointwise_covers", "pointwise_forward", "pointwise_target", "pointwise_why", "group_layout", "group_forward", "group_backward", "load_extension", "release_workspace", "scale",
+           "input_grad", "input_grad_x", "isa", "kernel_calls", "libxsmm_conv", "libxsmm_conv_backward", "pointwise_backward", "pointwise_covers", "pointwise_forward", "pointwise_target", "pointwise_why", "group_layout", "group_forward", "group_backward", "load_extension", "release_workspace", "scale",
            "backward_vectors", "running_update", "workspace_bytes"]

@@ -311,7 +311,7 @@ TORCH_LIBRARY(bnff, m) {
   m.def("pointwise_forward(Tensor[] sources, int[] n_sources, Tensor[] means, Tensor[] f1s, Tensor[] betas, "
         "Tensor[] residuals, int act, Tensor weight, int stride, bool stats, int block_rows, int layout) "
         "-> (Tensor, Tensor, Tensor)");
-  m.def("pointwise_backward(Tensor[] sources, Tensor mean, Tensor f1, Tensor beta, int act, Tensor dy, Tensor weight, "
+  m.def("pointwise_backward(Tensor[] sources, Tensor? mean, Tensor? f1, Tensor? beta, int act, Tensor dy, Tensor weight, "
         "bool wgrad, int block_rows, int layout) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 

@@ -181,6 +181,23 @@ void transpose_rows(const T* src, int64_t nb, int64_t kk, int64_t c, T* dst) {
     }
 }
 
+// nb rows of c values at src as libxsmm's VNNI operand of k = kk rows (pairs of rows interleaved:
+// dst[(i / 2) 2c + 2 j + i % 2] = src[i c + j]), rows nb..kk zero.
+template <typename T>
+void vnni_rows(const T* src, int64_t nb, int64_t kk, int64_t c, T* dst) {
+  const uint16_t* s = reinterpret_cast<const uint16_t*>(src);
+  uint32_t* d = reinterpret_cast<uint32_t*>(dst);
+  for (int64_t i = 0; i < kk; i += 2, d += c) {
+    const uint16_t* r0 = s + i * c;
+    if (i + 1 < nb) {
+      const uint16_t* r1 = r0 + c;
+      for (int64_t j = 0; j < c; ++j) d[j] = uint32_t(r0[j]) | (uint32_t(r1[j]) << 16);
+    } else {
+      for (int64_t j = 0; j < c; ++j) d[j] = i < nb ? uint32_t(r0[j]) : 0u;
+    }
+  }
+}
+
 // Rows per block of the backward: the block's a, dy^T and g (dgrad's output) in about 256 KiB, but at
 // least as many rows as make the weight gradient's float32 partial (C_in x C_out), read and written once
 // per block, move no more bytes than the block's operands; 16 to 4096 rows, a multiple of 16.
@@ -206,9 +223,13 @@ void pointwise_backward_kernel(const std::vector<Src>& srcs, const TermVec& vec,
   const int64_t B = f32 ? b0 : (b0 + 1) / 2 * 2;  // bfloat16 wgrad: k = rows in VNNI pairs
   const int64_t nblk = (rows + B - 1) / B, tail = rows - (nblk - 1) * B, tail_k = f32 ? tail : (tail + 1) / 2 * 2;
   const Gemm<T> dg_full(cin, B, cout), dg_last(cin, tail, cout);
-  // wgrad's B is dy^T: float32 reads the dy rows as they lie (libxsmm's trans_b), bfloat16 (no trans_b
-  // kernel in libxsmm 1.17) from a transposed copy
-  const Gemm<T, float> wg_full(cin, cout, B, 1.f, f32), wg_last(cin, cout, tail_k, 1.f, f32);
+  // wgrad, dW (C_in x C_out, column-major) += a_blk (C_in x rows) dy_blk^T, one operand transposed: float32
+  // reads the dy rows as they lie (libxsmm's trans_b); bfloat16 (libxsmm 1.17 has no trans_b bf16 kernel)
+  // transposes the narrower of a and dy per block and packs the other in VNNI pairs of rows, so with
+  // C_in < C_out it forms dW^T (C_out x C_in) += dy_blk (VNNI) a_blk^T instead
+  const bool swap = !f32 && cin < cout;
+  const int64_t wm = swap ? cout : cin, wn = swap ? cin : cout;
+  const Gemm<T, float> wg_full(wm, wn, B, 1.f, f32), wg_last(wm, wn, tail_k, 1.f, f32);
   TORCH_CHECK(dg_full.f && dg_last.f && wg_full.f && wg_last.f, "bnff pointwise: libxsmm has no ",
               f32 ? "float32" : "bfloat16", " GEMM kernel for this CPU (target ", libxsmm_get_target_arch(), ")");
   const std::vector<T> wp = pack_weight(weight.data_ptr<T>(), cout, cin, true);
@@ -219,42 +240,53 @@ void pointwise_backward_kernel(const std::vector<Src>& srcs, const TermVec& vec,
   const T* dyp = dy.data_ptr<T>();
   T* gp = g.data_ptr<T>();
   const auto st = c10::CppTypeToScalarType<T>::value;
+  const bool plain = vec.mu == nullptr;  // no BN: the plain convolution backward of x, no statistics
+  const T* xp = srcs[0].at<T>();
   with_act<true, T>(act, [&](auto A) {
     with_terms_for(A, 1, 0, [&](auto KK, auto RR) {
       at::parallel_for(0, nc, 1, [&](int64_t b, int64_t e) {
-        std::vector<T> a_blk(wgrad ? (B + 1) * cin : 0), a_row(wgrad && !f32 ? cin : 0), dyt(wgrad && !f32 ? B * cout : 0);
+        // float32: op_a holds a's rows (libxsmm's A); bfloat16: a's rows in a_rows, then the two operands
+        std::vector<T> op_a(wgrad ? B * std::max(cin, cout) : 0), a_rows(wgrad && !f32 ? B * cin : 0),
+            op_b(wgrad && !f32 ? B * std::max(cin, cout) : 0);
         std::vector<float> buf(runtime_act<decltype(A)> ? cin : 0);
         for (int64_t ch = b; ch < e; ++ch)
           for (int64_t blk = ch * nblk / nc; blk < (ch + 1) * nblk / nc; ++blk) {
             const int64_t r0 = blk * B, nb = std::min(B, rows - r0), kk = nb == B ? B : tail_k;
             (nb == B ? dg_full : dg_last)(wp.data(), dyp + r0 * cout, gp + r0 * cin);
-            lone_block_stats(srcs, tb, st, gp, st, cin, r0, nb, &p1[ch * cin], &p2[ch * cin]);
+            if (!plain) lone_block_stats(srcs, tb, st, gp, st, cin, r0, nb, &p1[ch * cin], &p2[ch * cin]);
             if (!wgrad) continue;
-            for (int64_t i = 0; i < nb; ++i) {
-              if constexpr (f32) {
-                apply_row(KK, RR, A, sp, &vec, static_cast<const T* const*>(nullptr), cin, r0 + i,
-                          a_blk.data() + i * cin, buf.data());
-              } else {
-                apply_row(KK, RR, A, sp, &vec, static_cast<const T* const*>(nullptr), cin, r0 + i, a_row.data(),
+            const T* a = xp + r0 * cin;  // the block's rows of a: x itself, or applied into a buffer
+            if (!plain) {
+              T* rows_out = f32 ? op_a.data() : a_rows.data();
+              for (int64_t i = 0; i < nb; ++i)
+                apply_row(KK, RR, A, sp, &vec, static_cast<const T* const*>(nullptr), cin, r0 + i, rows_out + i * cin,
                           buf.data());
-                for (int64_t c = 0; c < cin; ++c) a_blk[a_at<T>(c, i, cin)] = a_row[c];
+              a = rows_out;
+            }
+            if constexpr (!f32) {
+              if (swap) {
+                vnni_rows(dyp + r0 * cout, nb, kk, cout, op_a.data());
+                transpose_rows(a, nb, kk, cin, op_b.data());
+              } else {
+                vnni_rows(a, nb, kk, cin, op_a.data());
+                transpose_rows(dyp + r0 * cout, nb, kk, cout, op_b.data());
               }
             }
-            for (int64_t i = nb; i < kk; ++i)  // the zero row pairing an odd tail
-              for (int64_t c = 0; c < cin; ++c) a_blk[a_at<T>(c, i, cin)] = T(0.f);
-            if constexpr (!f32) transpose_rows(dyp + r0 * cout, nb, kk, cout, dyt.data());
-            (nb == B ? wg_full : wg_last)(a_blk.data(), f32 ? dyp + r0 * cout : dyt.data(), part.data() + ch * cin * cout);
+            (nb == B ? wg_full : wg_last)(f32 ? a : op_a.data(), f32 ? dyp + r0 * cout : op_b.data(),
+                                          part.data() + ch * cin * cout);
           }
       });
     });
   });
   add_chunks(p1, nc, cin, s1.data());
   add_chunks(p2, nc, cin, s2.data());
-  for (int64_t i = 0; wgrad && i < cin * cout; ++i) {
-    float sum = 0.f;
-    for (int64_t ch = 0; ch < nc; ++ch) sum += part[ch * cin * cout + i];
-    dw[i] = sum;
-  }
+  for (int64_t co = 0; wgrad && co < cout; ++co)
+    for (int64_t ci = 0; ci < cin; ++ci) {
+      const int64_t at = swap ? ci * cout + co : co * cin + ci;
+      float sum = 0.f;
+      for (int64_t ch = 0; ch < nc; ++ch) sum += part[ch * cin * cout + at];
+      dw[co * cin + ci] = sum;
+    }
 }
 
 }  // namespace
@@ -281,8 +313,9 @@ std::string pointwise_target(std::string target) {
 
 bool pointwise_has(at::ScalarType dtype) {
 #ifdef BNFF_LIBXSMM  // (after pointwise_target: the Python side calls that first)
-  if (dtype == at::kFloat) return Gemm<float>(16, 16, 16).f != nullptr;
-  if (dtype == at::kBFloat16) return Gemm<BFloat16>(16, 16, 16).f != nullptr;
+  // every kind of kernel the forward and the backward dispatch
+  if (dtype == at::kFloat) return Gemm<float>(16, 16, 16).f && Gemm<float, float>(16, 16, 16, 1.f, true).f;
+  if (dtype == at::kBFloat16) return Gemm<BFloat16>(16, 16, 16).f && Gemm<BFloat16, float>(16, 16, 16, 1.f).f;
 #else
   (void)dtype;
 #endif
@@ -342,11 +375,16 @@ std::tuple<Tensor, Tensor, Tensor> pointwise_forward(at::TensorList sources, at:
 #endif
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> pointwise_backward(at::TensorList sources, const Tensor& mean,
-                                                              const Tensor& f1, const Tensor& beta, int64_t act,
+std::tuple<Tensor, Tensor, Tensor, Tensor> pointwise_backward(at::TensorList sources,
+                                                              const std::optional<Tensor>& mean,
+                                                              const std::optional<Tensor>& f1,
+                                                              const std::optional<Tensor>& beta, int64_t act,
                                                               const Tensor& dy, const Tensor& weight, bool wgrad,
                                                               int64_t block_rows, int64_t layout) {
 #ifdef BNFF_LIBXSMM
+  const bool plain = !mean.has_value();
+  TORCH_CHECK(!plain || (sources.size() == 1 && act == kNone && !f1 && !beta),
+              "bnff pointwise_backward: without a BN (no mean), one input map, no F1, beta or activation");
   TORCH_CHECK(!sources.empty(), "bnff pointwise_backward: no BN input");
   TORCH_CHECK(layout == BNFF_LAYOUT_NHWC, "bnff pointwise_backward: channels_last feature maps only");
   const auto dt = sources[0].scalar_type();
@@ -369,9 +407,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> pointwise_backward(at::TensorList sou
   Tensor g = workspace_empty({x0.size(0), C, x0.size(2), x0.size(3)}, x0.options(), true);
   Tensor dw = at::empty({wgrad ? weight.size(0) : 0, C, 1, 1}, weight.options().dtype(at::kFloat));
   const auto srcs = terms_of(sources, {static_cast<int64_t>(sources.size())})[0];
-  const TermVec vec{mean.data_ptr<float>(), f1.data_ptr<float>(), beta.data_ptr<float>()};
+  const TermVec vec = plain ? TermVec{nullptr, nullptr, nullptr}
+                            : TermVec{mean->data_ptr<float>(), f1->data_ptr<float>(), beta->data_ptr<float>()};
   const TermBwd tb{vec.mu, vec.f1, vec.beta, nullptr, nullptr, act, dt == at::kBFloat16};
-  std::vector<double> s1(C, 0.0), s2(C, 0.0);
+  std::vector<double> s1(C, 0.0), s2(C, 0.0);  // (zeros without a BN)
   if (dt == at::kFloat)
     pointwise_backward_kernel<float>(srcs, vec, tb, dy, weight, wgrad, block_rows, g, dw.data_ptr<float>(), s1, s2);
   else

@@ -854,8 +854,10 @@ std::tuple<Tensor, Tensor, Tensor> pointwise_forward(at::TensorList sources, at:
                                                      at::TensorList means, at::TensorList f1s, at::TensorList betas,
                                                      at::TensorList residuals, int64_t act, const Tensor& weight,
                                                      int64_t stride, bool stats, int64_t block_rows, int64_t layout);
-std::tuple<Tensor, Tensor, Tensor, Tensor> pointwise_backward(at::TensorList sources, const Tensor& mean,
-                                                              const Tensor& f1, const Tensor& beta, int64_t act,
+std::tuple<Tensor, Tensor, Tensor, Tensor> pointwise_backward(at::TensorList sources,
+                                                              const std::optional<Tensor>& mean,
+                                                              const std::optional<Tensor>& f1,
+                                                              const std::optional<Tensor>& beta, int64_t act,
                                                               const Tensor& dy, const Tensor& weight, bool wgrad,
                                                               int64_t block_rows, int64_t layout);
 

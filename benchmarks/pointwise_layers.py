@@ -49,6 +49,19 @@ SHAPES = ((16, 56, 64, 256, 1), (16, 56, 256, 64, 1), (16, 56, 256, 512, 2), (16
           (16, 14, 1024, 2048, 2), (16, 7, 512, 2048, 1), (16, 7, 2048, 512, 1))
 
 
+def _interleaved_ms(calls: dict, repeats: int) -> dict[str, float]:
+    """Each call's lower-quartile ms over ``repeats`` rounds that run every call once, after two warm-ups."""
+    times = {k: [] for k in calls}
+    for f in calls.values():
+        f(), f()
+    for _ in range(repeats):
+        for k, f in calls.items():
+            t0 = time.perf_counter()
+            f()
+            times[k].append(time.perf_counter() - t0)
+    return {k: sorted(v)[len(v) // 4] * 1e3 for k, v in times.items()}
+
+
 def measure(n: int, hw: int, cin: int, cout: int, stride: int, dtype: torch.dtype, repeats: int,
             blocks: tuple[int, ...]) -> dict:
     gen = torch.Generator().manual_seed(0)
@@ -88,15 +101,7 @@ def measure(n: int, hw: int, cin: int, cout: int, stride: int, dtype: torch.dtyp
         if isinstance(out, tuple):
             assert torch.allclose(out[1].double(), m64, rtol=tol, atol=tol * v64.sqrt().mean().item()), k
             assert torch.allclose(out[2].double(), v64, rtol=tol * 10, atol=0), k
-    times = {k: [] for k in calls}
-    for f in calls.values():
-        f(), f()
-    for _ in range(repeats):
-        for k, f in calls.items():
-            t0 = time.perf_counter()
-            f()
-            times[k].append(time.perf_counter() - t0)
-    ms = {k: sorted(v)[len(v) // 4] * 1e3 for k, v in times.items()}
+    ms = _interleaved_ms(calls, repeats)
     floor = min(ms["aten"], ms["xsmm"])
     unf = min(ms["sweeps+aten"], ms["sweeps+xsmm"])
     return {"shape": [n, cin, hw, hw], "cout": cout, "stride": stride, "dtype": str(dtype).removeprefix("torch."),
@@ -132,15 +137,7 @@ def measure_backward(n: int, hw: int, cin: int, cout: int, dtype: torch.dtype, r
         for got, want in ((g, g64), (dw, dw64)):
             err = ((got.double().reshape(want.shape) - want).norm() / want.norm()).item()
             assert err < tol, (k, err)
-    times = {k: [] for k in calls}
-    for f in calls.values():
-        f(), f()
-    for _ in range(repeats):
-        for k, f in calls.items():
-            t0 = time.perf_counter()
-            f()
-            times[k].append(time.perf_counter() - t0)
-    ms = {k: sorted(v)[len(v) // 4] * 1e3 for k, v in times.items()}
+    ms = _interleaved_ms(calls, repeats)
     floor, unf = min(ms["aten"], ms["xsmm"]), ms["sweeps+aten"]
     return {"shape": [n, cin, hw, hw], "cout": cout, "stride": 1, "dtype": str(dtype).removeprefix("torch."),
             "direction": "backward", "ms": ms, "floor": floor, "unfused": unf,

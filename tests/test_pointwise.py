@@ -228,8 +228,45 @@ class _Net(nn.Module):
         return self.fc(a5.mean((2, 3)))
 
 
+class _LoneNet(nn.Module):
+    """Lone groups whose one consumer is a stride-1 1x1 convolution (``pointwise_backward``): ReLU (a0),
+    ReLU6 (a1, MobileNetV2's), Hardswish (a2: its derivative from z), no activation (a3) and a BN over the
+    concatenation of two maps (a4, DenseNet's)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        conv = lambda i, o, k=1: nn.Conv2d(i, o, k, 1, k // 2, bias=False)  # noqa: E731
+        self.stem, self.bn0 = conv(3, 16, 3), nn.BatchNorm2d(16)
+        self.c1, self.bn1 = conv(16, 24), nn.BatchNorm2d(24)
+        self.c2, self.bn2 = conv(24, 32), nn.BatchNorm2d(32)
+        self.c3, self.bn3 = conv(32, 16), nn.BatchNorm2d(16)
+        self.c4, self.bn4 = conv(16, 16), nn.BatchNorm2d(40)
+        self.c5, self.bn5 = conv(40, 16), nn.BatchNorm2d(16)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        y1 = self.c1(F.relu(self.bn0(self.stem(x))))
+        y3 = self.c3(F.hardswish(self.bn2(self.c2(F.relu6(self.bn1(y1))))))
+        y4 = self.c4(self.bn3(y3))
+        y5 = self.c5(F.relu(self.bn4(torch.cat([y4, y1], 1))))
+        return self.fc(F.relu(self.bn5(y5)).mean((2, 3)))
+
+
+_LONE = ["bn3", "hardswish", "relu", "relu6", "relu_1"]  # the groups (by result) that run pointwise_backward
+
+
 def _batch(gen, n=4):
     return lambda: (torch.randn(n, 3, 12, 12, generator=gen), torch.randint(0, 10, (n,), generator=gen))
+
+
+def _assert_tracks_eager(steps) -> None:
+    """bf16 is far from float64 on both sides: per step, the median tensor and the output each within K x
+    eager's error (``compare_with_float64``'s steps)."""
+    for qs in steps:
+        ours, eager = (sorted(getattr(q, side) / q.size for q in qs if q.size > 0) for side in ("bnff", "eager"))
+        assert ours[len(ours) // 2] <= K * eager[len(eager) // 2]
+        out = next(q for q in qs if q.name == "output")
+        assert out.bnff <= K * out.eager
 
 
 @pytest.fixture
@@ -268,26 +305,28 @@ def test_training_steps_as_accurate_as_eager_in_float32(gen, fused_pointwise):
     assert cpu.kernel_calls()["channel_stats/nhwc/float32"] - channel_stats == 2 * 3
 
 
+# (model, the kernel whose calls prove the fused path ran, its calls per step)
+RUNS = [(_Net, "pointwise", 5), (_LoneNet, "pointwise_backward", len(_LONE))]
+
+
 @pytest.mark.exactness
-def test_training_steps_track_eager_under_bfloat16_autocast(gen, fused_pointwise):
+@pytest.mark.parametrize("net, kernel, per_step", RUNS)
+def test_training_steps_track_eager_under_bfloat16_autocast(gen, fused_pointwise, net, kernel, per_step):
     _needs(torch.bfloat16)
     torch.manual_seed(0)
-    steps = compare_with_float64(_Net(), _batch(gen), steps=2, autocast=torch.bfloat16, channels_last=True,
+    steps = compare_with_float64(net(), _batch(gen), steps=2, autocast=torch.bfloat16, channels_last=True,
                                  backend="cpu")
-    assert (cpu.kernel_calls() - fused_pointwise)["pointwise/nhwc/bfloat16"] == 2 * 5
-    for qs in steps:  # bf16 is far from float64 on both sides: the median tensor and the output, each K x eager's
-        ours, eager = (sorted(getattr(q, side) / q.size for q in qs if q.size > 0) for side in ("bnff", "eager"))
-        assert ours[len(ours) // 2] <= K * eager[len(eager) // 2]
-        out = next(q for q in qs if q.name == "output")
-        assert out.bnff <= K * out.eager
+    assert (cpu.kernel_calls() - fused_pointwise)[f"{kernel}/nhwc/bfloat16"] == 2 * per_step
+    _assert_tracks_eager(steps)
 
 
-def test_moves_exactly_the_bytes_of_the_bnff_pw_plan(gen, fused_pointwise):
+@pytest.mark.parametrize("net, kernel, per_step", RUNS)
+def test_moves_exactly_the_bytes_of_the_bnff_pw_plan(gen, fused_pointwise, net, kernel, per_step):
     torch.manual_seed(0)
-    model = _Net().to(memory_format=torch.channels_last)
+    model = net().to(memory_format=torch.channels_last)
     x = torch.randn(4, 3, 12, 12, generator=gen).to(memory_format=torch.channels_last)
     assert assert_moves_what_the_plan_says(model, x, scheme="bnff_pw") == 6
-    assert (cpu.kernel_calls() - fused_pointwise)["pointwise/nhwc/float32"] == 5
+    assert (cpu.kernel_calls() - fused_pointwise)[f"{kernel}/nhwc/float32"] == per_step
 
 
 def test_auto_times_both_paths_once_per_shape_and_off_runs_none(gen, monkeypatch):
@@ -457,33 +496,6 @@ def test_backward_blocks_and_bad_calls(gen):
         cpu.pointwise_backward([t.contiguous() for t in x], mean, f1, beta, "relu", dy, weight)
 
 
-class _LoneNet(nn.Module):
-    """Lone groups whose one consumer is a stride-1 1x1 convolution (``pointwise_backward``): ReLU (a0),
-    ReLU6 (a1, MobileNetV2's), Hardswish (a2: its derivative from z), no activation (a3) and a BN over the
-    concatenation of two maps (a4, DenseNet's)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        conv = lambda i, o, k=1: nn.Conv2d(i, o, k, 1, k // 2, bias=False)  # noqa: E731
-        self.stem, self.bn0 = conv(3, 16, 3), nn.BatchNorm2d(16)
-        self.c1, self.bn1 = conv(16, 24), nn.BatchNorm2d(24)
-        self.c2, self.bn2 = conv(24, 32), nn.BatchNorm2d(32)
-        self.c3, self.bn3 = conv(32, 16), nn.BatchNorm2d(16)
-        self.c4, self.bn4 = conv(16, 16), nn.BatchNorm2d(40)
-        self.c5, self.bn5 = conv(40, 16), nn.BatchNorm2d(16)
-        self.fc = nn.Linear(16, 10)
-
-    def forward(self, x):
-        y1 = self.c1(F.relu(self.bn0(self.stem(x))))
-        y3 = self.c3(F.hardswish(self.bn2(self.c2(F.relu6(self.bn1(y1))))))
-        y4 = self.c4(self.bn3(y3))
-        y5 = self.c5(F.relu(self.bn4(torch.cat([y4, y1], 1))))
-        return self.fc(F.relu(self.bn5(y5)).mean((2, 3)))
-
-
-_LONE = ["bn3", "hardswish", "relu", "relu6", "relu_1"]  # the groups (by result) that run pointwise_backward
-
-
 def test_the_plan_runs_the_backward_of_lone_groups_in_their_consumer():
     from bnff.graph.layers import build
     from bnff.plan import plan_graph
@@ -504,28 +516,6 @@ def test_lone_training_steps_as_accurate_as_eager_in_float32(gen, fused_pointwis
     assert ran["pointwise_backward/nhwc/float32"] == 2 * len(_LONE)
     # every lone group's S1, S2 in its consumer but bn5's (into the mean): one grad_stats_x sweep per step
     assert cpu.kernel_calls()["grad_stats_x/nhwc/float32"] - stats_x == 2
-
-
-@pytest.mark.exactness
-def test_lone_training_steps_track_eager_under_bfloat16_autocast(gen, fused_pointwise):
-    _needs(torch.bfloat16)
-    torch.manual_seed(0)
-    steps = compare_with_float64(_LoneNet(), _batch(gen), steps=2, autocast=torch.bfloat16, channels_last=True,
-                                 backend="cpu")
-    assert (cpu.kernel_calls() - fused_pointwise)["pointwise_backward/nhwc/bfloat16"] == 2 * len(_LONE)
-    for qs in steps:
-        ours, eager = (sorted(getattr(q, side) / q.size for q in qs if q.size > 0) for side in ("bnff", "eager"))
-        assert ours[len(ours) // 2] <= K * eager[len(eager) // 2]
-        out = next(q for q in qs if q.name == "output")
-        assert out.bnff <= K * out.eager
-
-
-def test_lone_backward_moves_exactly_the_bytes_of_the_bnff_pw_plan(gen, fused_pointwise):
-    torch.manual_seed(0)
-    model = _LoneNet().to(memory_format=torch.channels_last)
-    x = torch.randn(4, 3, 12, 12, generator=gen).to(memory_format=torch.channels_last)
-    assert assert_moves_what_the_plan_says(model, x, scheme="bnff_pw") == 6
-    assert (cpu.kernel_calls() - fused_pointwise)["pointwise_backward/nhwc/float32"] == len(_LONE)
 
 
 # ---- libxsmm's plain convolutions: bnff bench's conv floor and BNFF_POINTWISE=libxsmm -------------------

@@ -17,8 +17,8 @@ A call runs fused when all of these hold, else as ``bnff`` (the library convolut
 * libxsmm found, with a GEMM kernel of the weights' dtype (``cpu.pointwise_why``);
 * every feature map channels_last, one dtype; float32 weights with float32 maps, or bfloat16 weights
   (autocast's cast of float32 maps is made in the prologue); an activation the kernels compute;
-* the backward: the BN input, dy and the weight channels_last / contiguous in one dtype (autocast's
-  cast made by the forward already), no SyncBatchNorm, not while autograd records a higher-order graph;
+* the backward: the BN input, dy and the weight channels_last / contiguous in one dtype (under
+  autocast, bfloat16 maps), no SyncBatchNorm;
 * ``MODE`` (environment ``BNFF_POINTWISE``): "on"; or "auto" (the default), where the fused
   convolutions and the unfused path (apply sweep, library convolution, statistics sweep; backward:
   recompute sweep, library convolution backward, ``grad_stats_x``) are timed side by side once per

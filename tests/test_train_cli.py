@@ -252,7 +252,7 @@ def test_conv_floor_takes_libxsmm_where_it_is_faster(gen, monkeypatch):
     from bnff.ops.backends import cpu
     if cpu.pointwise_why(torch.float32) is not None:
         pytest.skip(cpu.pointwise_why(torch.float32))
-    calls = [bench._ConvCall((2, 8, 6, 6), (16, 8, 1, 1), torch.float32, (1, 1), (0, 0), (1, 1), 1, False, True),
+    calls = [bench._ConvCall((2, 8, 6, 6), (16, 8, 1, 1), torch.float32, (1, 1), (0, 0), (1, 1), 1, False, True, True),
              bench._ConvCall((2, 16, 6, 6), (8, 16, 3, 3), torch.float32, (1, 1), (1, 1), (1, 1), 1, False, True)]
     for xsmm_faster in (True, False):
         monkeypatch.setattr(pointwise, "fastest",

@@ -35,6 +35,7 @@ import bnff
 from bnff import models
 from bnff.machine import cpu_info
 from bnff.memory import saved_activation_bytes
+from bnff.graph.consumers import takes_gemm_prologue
 from bnff.names import BENCH_VARIANTS, DEFAULT_BENCH_VARIANTS
 from bnff.ops import backends, pointwise
 from bnff.ops.backends import cpu
@@ -110,6 +111,7 @@ class _ConvCall:
     groups: int
     bias: bool
     dgrad: bool
+    gemm: bool = False  # a 1x1 convolution libxsmm's kernels take (``graph.consumers.takes_gemm_prologue``)
 
 
 def _conv_calls(model: nn.Module, x: Tensor, amp: bool) -> list[_ConvCall]:
@@ -121,7 +123,7 @@ def _conv_calls(model: nn.Module, x: Tensor, amp: bool) -> list[_ConvCall]:
         if isinstance(m.padding, str):
             raise ValueError("string padding is not supported by the conv floor")
         calls.append(_ConvCall(tuple(inp.shape), tuple(m.weight.shape), out.dtype, m.stride, m.padding,
-                               m.dilation, m.groups, m.bias is not None, inp.requires_grad))
+                               m.dilation, m.groups, m.bias is not None, inp.requires_grad, takes_gemm_prologue(m)))
 
     handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, nn.Conv2d)]
     try:
@@ -135,12 +137,6 @@ def _conv_calls(model: nn.Module, x: Tensor, amp: bool) -> list[_ConvCall]:
 
 def _autocast(amp: bool):
     return torch.autocast("cpu", dtype=torch.bfloat16) if amp else contextlib.nullcontext()
-
-
-def _libxsmm_takes(c: _ConvCall, x: Tensor, w: Tensor) -> bool:
-    """libxsmm's 1x1 convolution (``cpu.libxsmm_conv``) runs this call."""
-    return (c.w_shape[2:] == (1, 1) and tuple(c.padding) == (0, 0) and tuple(c.dilation) == (1, 1) and c.groups == 1
-            and not c.bias and c.stride[0] == c.stride[1] and cpu.pointwise_covers([x], w))
 
 
 def _floor_step(calls: list[_ConvCall], memory_format: torch.memory_format,
@@ -163,7 +159,7 @@ def _floor_step(calls: list[_ConvCall], memory_format: torch.memory_format,
             torch.ops.aten.convolution_backward(gy, x, w, [c.w_shape[0]] if c.bias else None, list(c.stride),
                                                 list(c.padding), list(c.dilation), False, [0, 0], c.groups,
                                                 [c.dgrad, True, c.bias])
-        if _libxsmm_takes(c, x, w):
+        if c.gemm and cpu.pointwise_covers([x], w):
             with torch.no_grad():
                 fx = functools.partial(cpu.libxsmm_conv, x, w, c.stride[0])
                 if pointwise.fastest(fx) < pointwise.fastest(fwd):

@@ -68,11 +68,17 @@ def take_stats(f: Tensor) -> tuple[Tensor, Tensor] | None:
     return _stats.pop(f, None)
 
 
+def _kernels_may_run(spec) -> bool:
+    """What both directions ask of a call first: not "off", the cpu backend, not under torch.compile,
+    convolution consumers, an activation the kernels compute."""
+    return (MODE != "off" and spec.backend == "cpu" and not torch.compiler.is_compiling()
+            and all(isinstance(c, consumers.ConvConsumer) for c in spec.consumers)
+            and cpu.act_why(spec.group.act_kind) is None)
+
+
 def _eligible(spec, env, maps: list[Tensor]) -> bool:
-    g, lay = spec.group, spec.layout
-    if not g.pointwise or MODE == "off" or spec.backend != "cpu" or torch.compiler.is_compiling():
-        return False
-    if not all(isinstance(c, consumers.ConvConsumer) for c in spec.consumers) or cpu.act_why(g.act_kind) is not None:
+    lay = spec.layout
+    if not spec.group.pointwise or not _kernels_may_run(spec):
         return False
     if max(len(lay.terms), lay.residuals.stop - lay.residuals.start) > cpu.MAX_TERMS:
         return False
@@ -90,11 +96,9 @@ def _fused(spec, env, f1s: list[Tensor], i: int) -> Tensor:
 
 
 def _backward_eligible(spec, env, dy: Tensor | None, out_dtype: torch.dtype) -> bool:
-    if MODE == "off" or dy is None or spec.backend != "cpu" or torch.compiler.is_compiling():
+    if dy is None or not _kernels_may_run(spec) or spec.sync[0] is not None:
         return False
-    if spec.sync[0] is not None or not isinstance(spec.consumers[0], consumers.ConvConsumer):
-        return False
-    if cpu.act_why(spec.group.act_kind) is not None or (spec.amp is not None and spec.amp != out_dtype):
+    if spec.amp is not None and spec.amp != out_dtype:
         return False
     weight = env.flat[spec.layout.params[0]][0]
     xs = env.sources(0)

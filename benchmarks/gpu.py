@@ -19,8 +19,8 @@ of the CPU-only dependencies: nothing here imports kornia, energydram or tensorl
    is steady, and each variant's peak memory is then its own.
 
 Each measured row is written to ``--json`` at once (atomically), and no new variant starts once
-``--budget-s`` has passed, so a run cut short still returns what it measured. bnff runs on
-``reference``'s sweeps on CUDA tensors until a GPU backend exists (``bnff.ops.backends``).
+``--budget-s`` has passed, so a run cut short still returns what it measured. bnff runs the ``triton``
+backend's sweeps on CUDA tensors (``bnff.ops.backends.triton``; ``reference``'s if Triton is missing).
 
 ``--dry-run`` runs the same code on the CPU at tiny shapes (batch 2, 32x32, 2 steps), with
 ``TRITON_INTERPRET=1`` set for Triton kernels: the test suite runs it end to end.

@@ -10,6 +10,10 @@ from pathlib import Path
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(
     tempfile.gettempdir(), f"torchinductor_bnff_{os.environ.get('ATEN_CPU_CAPABILITY', 'native').lower()}"))
 
+# The triton backend's kernels run in Triton's interpreter on CPU tensors (read when Triton is first
+# imported: bnff imports it on the first triton sweep, after this).
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
@@ -23,3 +27,19 @@ def gen(request):
     g = torch.Generator().manual_seed(zlib.crc32(request.node.name.encode()))
     torch.manual_seed(g.initial_seed())
     return g
+
+
+def pytest_collection_modifyitems(config, items):
+    """``every_backend``'s "triton" runs (Triton's interpreter: slow) only in modules that ask for them
+    (``TRITON = True``: the pattern tests, the triton backend's own); the others are deselected (pytest
+    reports the count), as are all of them when Triton is not installed."""
+    from bnff.ops.backends import triton
+
+    keep, drop = [], []
+    for item in items:
+        param = getattr(getattr(item, "callspec", None), "params", {}).get("every_backend")
+        wanted = param != "triton" or (getattr(item.module, "TRITON", False) and triton.available("cpu"))
+        (keep if wanted else drop).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep

@@ -26,18 +26,26 @@ FLOOR = 1e-6
 FLOAT64_BOUND = torch.finfo(torch.float64).eps ** 0.5
 
 
-@pytest.fixture(autouse=True, params=["reference", "cpu"])
+@pytest.fixture(autouse=True, params=["reference", "cpu", "triton"])
 def every_backend(request, monkeypatch):
-    """Run the test once per backend (``reference`` and the fused ``cpu`` kernels): it becomes the
-    default of ``bnff.restructure``. Import this fixture into a test module to apply it there.
+    """Run the test once per backend (``reference``, the fused ``cpu`` kernels and, in modules that set
+    ``TRITON = True``, the ``triton`` kernels in Triton's interpreter: conftest deselects it elsewhere): it
+    becomes the default of ``bnff.restructure``. Import this fixture into a test module to apply it there.
 
     On ``cpu`` the test fails unless the kernels built and ran: the kernels' own entry counters must
     have moved, and no sweep on float32/bfloat16 tensors may have fallen back to the reference. float64
     is not covered by the kernels (it runs the reference sweeps, ``cpu.fallbacks()`` says so): float64
     tests run on ``reference`` only (``indirect`` parametrization of this fixture)."""
-    from bnff.ops.backends import cpu
+    from bnff.ops.backends import cpu, triton
 
     monkeypatch.setattr(backends, "_default", request.param)
+    if request.param == "triton":
+        calls, fell = triton.kernel_calls(), triton.fallbacks()
+        yield request.param
+        fallen = {k: v for k, v in (triton.fallbacks() - fell).items() if k[1] != "float64"}
+        assert sum((triton.kernel_calls() - calls).values()) > 0, "the triton kernels never ran"
+        assert not fallen, f"sweeps fell back to the reference on the triton backend: {fallen}"
+        return
     if request.param != "cpu":
         yield request.param
         return
@@ -58,6 +66,8 @@ cpu_only = pytest.mark.parametrize("every_backend", ["cpu"], indirect=True)
 pattern tests: one run, on the fused kernels (keeps make test within its time budget)."""
 """For float64 tests (the cpu kernels do not cover float64: it would run the reference sweeps again)
 and tests that run no sweep (restructuring and reports only): one run, on ``reference``."""
+triton_only = pytest.mark.parametrize("every_backend", ["triton"], indirect=True)
+"""For tests of the triton backend itself (its kernels in Triton's interpreter)."""
 
 
 def rel_err(a: Tensor, b: Tensor, floor: float = 0.0) -> float:
@@ -246,6 +256,27 @@ def compare_with_float64(model: nn.Module, make_input, steps: int = 1, autocast:
     return result
 
 
+def output_and_grads(model: nn.Module, x: Tensor, params: list[Tensor]) -> list[Tensor]:
+    """[y, d(sum y^2)/dp for p in params] of ``model`` on ``x``."""
+    y = model(x)
+    return [y, *torch.autograd.grad(y.square().sum(), params)]
+
+
+def assert_compiled_tracks_plain(model: nn.Module, plain: nn.Module, compiled, x: Tensor,
+                                 before_compiled=lambda: None) -> None:
+    """``compiled`` (a ``torch.compile``d restructured copy of ``model``) as close to float64 as ``plain``
+    (the same restructured without compiling) by the suite's rule: output and every parameter gradient.
+    ``before_compiled`` runs just before the compiled model does (to read kernel counters)."""
+    params = list(model.parameters())
+    ref = copy.deepcopy(model).double()
+    exact = output_and_grads(ref, x.double(), list(ref.parameters()))
+    plain_t = output_and_grads(plain, x, params)
+    before_compiled()
+    got = output_and_grads(compiled, x, params)
+    for i, (g, p, e) in enumerate(zip(got, plain_t, exact)):
+        assert_rule(g, p, e, f"compiled output or gradient {i}")
+
+
 def assert_rule(got: Tensor, eager: Tensor, ref: Tensor, name: str = "tensor") -> None:
     """One tensor by the suite's rule: ``got`` (bnff) at most ``K`` times as far from the float64
     ``ref`` as ``eager`` is, plus ``FLOOR`` of its size (``Quantity``)."""
@@ -346,11 +377,11 @@ def assert_moves_what_the_plan_says(model: nn.Module, x: torch.Tensor, scheme: s
     return len(plan.groups)
 
 
-def assert_bf16_tracks_eager(model: nn.Module, x: Tensor) -> None:
+def assert_bf16_tracks_eager(model: nn.Module, x: Tensor, dtype: torch.dtype = torch.bfloat16) -> None:
     """bf16 autocast keeps 8 mantissa bits, so eager bf16 is itself far off float64: bnff must be as close
     by the rule on the median tensor (output, input gradient, parameter gradients; ``errors_vs_float64``)
-    and on the output, each within ``K`` times eager's error."""
-    eager, fused = errors_vs_float64(model, x, autocast=torch.bfloat16)
+    and on the output, each within ``K`` times eager's error. ``dtype``: the autocast dtype (float16 too)."""
+    eager, fused = errors_vs_float64(model, x, autocast=dtype)
     mid = len(eager) // 2
     assert sorted(fused)[mid] <= K * sorted(eager)[mid], (sorted(fused)[mid], sorted(eager)[mid])
     assert fused[0] <= K * eager[0], (fused[0], eager[0])

@@ -20,6 +20,8 @@ import bnff
 from bnff import models
 from helpers import every_backend  # noqa: F401  (each test runs on every backend)
 
+TRITON = True  # the triton backend's kernels too (in Triton's interpreter): what a GPU step would launch
+
 
 class _HostSyncs(TorchDispatchMode):
     """Records the operators dispatched inside it by name, and each host synchronisation."""

@@ -18,6 +18,7 @@ from helpers import (assert_as_accurate_as_eager, assert_rule, compare_with_floa
 from helpers import every_backend  # noqa: F401  (each test runs on every backend)
 
 pytestmark = pytest.mark.exactness  # also run in make test's AVX2 rehearsal
+TRITON = True  # every_backend also runs the triton kernels here (in Triton's interpreter)
 
 C = 8
 

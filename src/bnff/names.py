@@ -5,7 +5,7 @@ these tuples."""
 MODEL_NAMES = ("resnet18", "resnet34", "resnet50", "resnet101", "densenet121", "densenet169", "densenet201",
                "inception_v3", "mobilenet_v2", "mobilenet_v3_large", "efficientnet_b0",
                "regnet_y_1_6gf", "cspdarknet53")
-BACKEND_NAMES = ("cpu", "reference")
+BACKEND_NAMES = ("cpu", "reference", "triton")
 BENCH_VARIANTS = ("eager", "compile", "bnff", "bnff+compile", "conv_floor", "bnff_libxsmm")
 """``bnff bench``'s variants; ``bnff_libxsmm`` (bnff with its pointwise groups' 1x1 convolutions on libxsmm,
 unfused: ``BNFF_POINTWISE=libxsmm``) only when asked for."""

@@ -4,7 +4,8 @@ A backend is a module implementing the ``Backend`` protocol (the signatures and 
 ``bnff.ops.backends.reference``). The autograd logic (``bnff.ops.fused``) is written once against
 this seam; a fast backend only replaces the sweeps, and hands what its kernels do not cover back to
 ``reference`` in one place of its own. ``reference`` is plain PyTorch (the oracle); ``cpu`` is fused
-C++ kernels, the default when they build.
+C++ kernels, the default when they build; ``triton`` is Triton kernels for CUDA tensors (the ``cpu``
+backend hands it every call on CUDA tensors, so a model restructured on the CPU trains on a GPU).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 from torch import Tensor
 
 from bnff.names import BACKEND_NAMES
-from bnff.ops.backends import cpu, reference
+from bnff.ops.backends import cpu, reference, triton
 
 
 @runtime_checkable
@@ -71,10 +72,11 @@ _default: str | None = None
 
 def default() -> str:
     """The backend ``restructure`` uses when none is named: "cpu" when its kernels build (once
-    per process, then cached by torch), else "reference" (after one warning saying why)."""
+    per process, then cached by torch; it hands CUDA tensors to "triton"), else "triton" when a CUDA
+    device and Triton are there, else "reference" (after one warning saying why)."""
     global _default
     if _default is None:
-        _default = "cpu" if cpu.available() else "reference"
+        _default = "cpu" if cpu.available() else "triton" if triton.available("cuda") else "reference"
     return _default
 
 

@@ -8,7 +8,8 @@ one cache per level, torch version and compiler (``build_spec``), and registered
 ``torch.ops.bnff.*`` through ``torch.library`` (with fake implementations, so ``torch.compile`` can
 trace around a bnff model). A gradient in another layout than its feature maps is converted first.
 float64 is not covered: it runs the reference sweeps, as does any call in mixed or non-contiguous
-layouts; ``fallbacks()`` counts those by reason and ``kernel_calls()`` the kernels' own entries. If
+layouts; ``fallbacks()`` counts those by reason and ``kernel_calls()`` the kernels' own entries. A call
+on CUDA tensors runs the ``triton`` backend's sweep (the routing by device, in ``_falls_back``). If
 the build fails every call runs the reference and one warning says why. Large outputs come from a
 workspace of reused blocks (``workspace_bytes``). The per-channel vectors between the sweeps (F1;
 the backward's B, dgamma, dbeta; the running-statistics update) are one C++ call each (``scale``,
@@ -21,7 +22,6 @@ can also run as one C++ call (``group_forward``, ``group_backward``: the group e
 from __future__ import annotations
 
 import fcntl
-import functools
 import hashlib
 import os
 import platform
@@ -38,6 +38,7 @@ from torch import Tensor
 
 from bnff import activations
 from bnff.ops.backends import libxsmm, reference
+from bnff.ops.backends.handover import handing_over
 
 _CSRC = Path(__file__).parent / "csrc"
 # Five translation units (the build compiles them side by side) and the header they share;
@@ -71,7 +72,8 @@ _state: dict[str, object] = {}
 COVERAGE = ("float32 and bfloat16 feature maps (NCHW or channels_last) with every activation of "
             "bnff.activations in the C++ kernels, a group with convolution consumers as one C++ call per "
             "direction (the group executor); float64, mixed or non-contiguous layouts in the reference sweeps "
-            "(bnff.ops.backends.cpu.fallbacks() counts them by reason, kernel_calls() the kernels' own entries)")
+            "(bnff.ops.backends.cpu.fallbacks() counts them by reason, kernel_calls() the kernels' own entries); "
+            "CUDA tensors in the triton backend")
 
 # ATen's vector headers (at::vec::Vectorized) choose their implementation, and the inline namespace
 # that keeps it apart from libtorch's own copies, from these macros, as ATen's per-level builds do.
@@ -378,11 +380,18 @@ class _Uncovered(Exception):
     """Raised by ``_require`` inside a sweep the kernels do not cover; ``_falls_back`` catches it."""
 
 
+class _OtherDevice(Exception):
+    """Raised by ``_require`` for a call on tensors of another device than the CPU: ``_falls_back`` hands it
+    to that device's backend (``bnff.ops.backends.triton``, which runs the reference where it cannot)."""
+
+
 def _require(sweep: str, *tensors: Tensor | None, why: str | None = None) -> int:
     """The layout code of ``tensors`` if the kernels cover them; else count the reason (``fallbacks``),
     say it once per reason (a failed build has warned already) and raise ``_Uncovered``.
     ``why``: a reason the caller found (too many terms, an uncovered output dtype)."""
     found, layout = _uncovered(tensors)
+    if found is not None and any(t is not None and not t.is_cpu for t in tensors):
+        raise _OtherDevice()
     why = why or found or (None if available() else "kernels not built")
     if why is None:
         return LAYOUT_CODES[layout]
@@ -395,18 +404,17 @@ def _require(sweep: str, *tensors: Tensor | None, why: str | None = None) -> int
     raise _Uncovered(why)
 
 
+def _triton():
+    from bnff.ops.backends import triton
+
+    return triton
+
+
 def _falls_back(sweep: Callable) -> Callable:
     """The one fallback: a sweep whose kernels do not cover its call (``_require`` raised) runs its
-    ``reference`` namesake on the same arguments."""
-    ref = getattr(reference, sweep.__name__)
-
-    @functools.wraps(sweep)
-    def run(*args, **kwargs):
-        try:
-            return sweep(*args, **kwargs)
-        except _Uncovered:
-            return ref(*args, **kwargs)
-    return run
+    ``reference`` namesake on the same arguments; a call on another device's tensors (CUDA) its ``triton``
+    namesake (the one routing by device: a model restructured on the CPU and moved to a GPU trains there)."""
+    return handing_over(sweep, {_Uncovered: lambda: reference, _OtherDevice: _triton})
 
 
 def act_why(act: str | None) -> str | None:
@@ -736,8 +744,9 @@ def libxsmm_conv_backward(x: Tensor, dy: Tensor, weight: Tensor, wgrad: bool = T
 
 def _float32(*vectors: Tensor | None) -> bool:
     """Whether the vector kernels take these per-channel vectors: float32 (float64 ones, of a float64
-    model, run the reference's; not counted in ``fallbacks``, which counts sweeps over feature maps)."""
-    return available() and all(v is None or v.dtype == torch.float32 for v in vectors)
+    model, and CUDA ones run the reference's; not counted in ``fallbacks``, which counts sweeps over feature
+    maps)."""
+    return available() and all(v is None or (v.dtype == torch.float32 and v.is_cpu) for v in vectors)
 
 
 def scale(var: Tensor, gamma: Tensor | None, eps: float) -> Tensor:

@@ -286,3 +286,26 @@ def test_bench_bnff_libxsmm_variant(monkeypatch):
     monkeypatch.setattr(cpu, "pointwise_why", lambda dtype=None: "libxsmm was not found")
     with pytest.raises(ValueError, match="needs libxsmm: libxsmm was not found"):
         bench.run(bench.BenchConfig(variants=("bnff_libxsmm",)), progress=False)
+
+
+def test_device_cuda_without_a_gpu_is_a_usage_error(capsys):
+    """--device cuda where torch sees no CUDA device, and bench's CPU-only variants on a GPU, are refused
+    with what to run instead (exit 2), before any training."""
+    assert cli.main(["train", "--device", "cuda", "--limit-batches", "1", "--epochs", "1"]) == 2
+    assert "no CUDA device here" in capsys.readouterr().err
+    assert cli.main(["bench", "--device", "cuda", "--model", "resnet18", "--variants", "eager", "conv_floor"]) == 2
+    assert "conv_floor time CPU kernels" in capsys.readouterr().err
+    assert cli.main(["train", "--device", "tpu", "--limit-batches", "1"]) == 2
+
+
+def test_fp16_trains_with_a_gradient_scaler(tmp_path):
+    """--dtype fp16: autocast to float16 with PyTorch's GradScaler, whose state the checkpoint keeps (a
+    resumed run continues with its loss scale); eager and bnff take the same first step."""
+    out = tmp_path / "fp16"
+    rc = cli.main(["train", "--compare", "--dtype", "fp16", "--epochs", "1", "--batch-size", "4", "--image-size", "16",
+                   "--limit-batches", "1", "--lr", "0.01", "--backend", "reference", "--out", str(out)])
+    assert rc == 0
+    runs = json.loads((out / "metrics.json").read_text())["runs"]
+    assert abs(runs["bnff"]["loss"][0] - runs["eager"]["loss"][0]) < 1e-2 * runs["eager"]["loss"][0]
+    state = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert state["runs"]["bnff"]["scaler"]["scale"] > 0 and state["config"]["device"] == "cpu"

@@ -68,6 +68,8 @@ class BenchConfig:
             on this CPU are left unfused, timed on this config's mini-batch).
         profile: after the timed rounds, run this many more steps of every uncompiled variant under
             ``torch.profiler`` and report where each step's time goes (``profile_step``); 0: none.
+        device: "cpu", "cuda" or "cuda:N". On a GPU every timed step ends with a synchronisation, and the
+            CPU-only variants (``conv_floor``, ``bnff_libxsmm``) and ``tuned_malloc`` are refused.
     """
 
     model: str = "resnet50"
@@ -83,6 +85,7 @@ class BenchConfig:
     tuned_malloc: bool = False
     prefer: str = "memory"
     profile: int = 0
+    device: str = "cpu"
 
     def __post_init__(self) -> None:
         if self.model not in models.MODELS:
@@ -96,6 +99,13 @@ class BenchConfig:
             raise ValueError(f"prefer must be 'memory' or 'speed', got {self.prefer!r}")
         if self.steps < 1 or self.warmup < 0 or self.batch < 1 or self.profile < 0:
             raise ValueError("steps and batch must be >= 1, warmup and profile >= 0")
+        if not (self.device == "cpu" or self.device == "cuda" or self.device.startswith("cuda:")):
+            raise ValueError(f"device must be cpu, cuda or cuda:N, got {self.device!r}")
+        cpu_only = [v for v in self.variants if v in ("conv_floor", "bnff_libxsmm")] + (
+            ["tuned_malloc"] if self.tuned_malloc else [])
+        if self.device != "cpu" and cpu_only:
+            raise ValueError(f"{', '.join(cpu_only)} time CPU kernels (ATen's, libxsmm's, glibc's allocator); on "
+                             f"{self.device} run the variants eager, compile, bnff, bnff+compile")
 
 
 @dataclass(frozen=True)
@@ -135,8 +145,8 @@ def _conv_calls(model: nn.Module, x: Tensor, amp: bool) -> list[_ConvCall]:
     return calls
 
 
-def _autocast(amp: bool):
-    return torch.autocast("cpu", dtype=torch.bfloat16) if amp else contextlib.nullcontext()
+def _autocast(amp: bool, device: torch.device | str = "cpu"):
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16) if amp else contextlib.nullcontext()
 
 
 def _floor_step(calls: list[_ConvCall], memory_format: torch.memory_format,
@@ -217,10 +227,12 @@ def tune_malloc() -> None:
 def _train_step(model: nn.Module, opt: torch.optim.Optimizer, x: Tensor, y: Tensor, amp: bool) -> Callable[[], None]:
     def step() -> None:
         opt.zero_grad(set_to_none=True)
-        with _autocast(amp):
+        with _autocast(amp, x.device):
             out = model(x)
         training_loss(out, y).backward()
         opt.step()
+        if x.is_cuda:
+            torch.cuda.synchronize(x.device)  # the step's time, not its launch's
 
     return step
 
@@ -314,7 +326,8 @@ def run(cfg: BenchConfig, progress: bool = True) -> dict:
     """Measure ``cfg``; see the module docstring.
 
     Returns:
-        ``{"config": {...}, "cpu": bnff.machine.cpu_info(), "results": {variant: {"step_s",
+        ``{"config": {...}, "cpu": bnff.machine.cpu_info(), "gpu": the CUDA device's name or None, "results":
+        {variant: {"step_s",
         "images_per_s", "step_over_floor"}}, "ratios": {"bnff_vs_eager", "bnff_vs_compile",
         "bnff_vs_bnff_libxsmm", "bnff+compile_vs_eager", ...} (step-time ratios, those whose variants ran),
         "overhead_removed": float | None, "compile_s": {compiled variant: warm-up s}, "saved_bytes":
@@ -330,18 +343,22 @@ def run(cfg: BenchConfig, progress: bool = True) -> dict:
         ``{"convolutions", "forward", "backward"}``: how many of the floor's convolutions there are and
         how many of their forwards and backwards libxsmm runs (None without the floor).
     Raises:
-        ValueError: a bad configuration, or ``bnff_libxsmm`` without libxsmm.
+        ValueError: a bad configuration, ``bnff_libxsmm`` without libxsmm, or a CUDA device where there is none.
     """
     cfg = replace(cfg, backend=backends.resolve(cfg.backend))
+    device = torch.device(cfg.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {cfg.device}: no CUDA device here (torch.cuda.is_available() is False); "
+                         f"run with device cpu, or on a machine with an NVIDIA GPU")
     if cfg.tuned_malloc:
         tune_malloc()
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     amp = cfg.dtype == "bf16"
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    base = models.MODELS[cfg.model](num_classes=1000).train().to(memory_format=fmt)
-    x = torch.randn(cfg.batch, 3, cfg.image_size, cfg.image_size, generator=gen).contiguous(memory_format=fmt)
-    y = torch.randint(0, 1000, (cfg.batch,), generator=gen)
+    base = models.MODELS[cfg.model](num_classes=1000).train().to(device, memory_format=fmt)
+    x = torch.randn(cfg.batch, 3, cfg.image_size, cfg.image_size, generator=gen).to(device).contiguous(memory_format=fmt)
+    y = torch.randint(0, 1000, (cfg.batch,), generator=gen).to(device)
 
     steps: dict[str, Callable[[], None]] = {}
     nets: dict[str, nn.Module] = {}
@@ -357,7 +374,7 @@ def run(cfg: BenchConfig, progress: bool = True) -> dict:
             continue
         net = copy.deepcopy(base)
         if v.startswith("bnff"):
-            with _autocast(amp):  # prefer="speed" times the groups as they will run
+            with _autocast(amp, device):  # prefer="speed" times the groups as they will run
                 net = bnff.restructure(net, backend=cfg.backend, prefer=cfg.prefer, example_input=x)
             report = bnff.fusion_report(net)
             pointwise_line = report.pointwise_where() if report.pointwise else None
@@ -401,13 +418,14 @@ def run(cfg: BenchConfig, progress: bool = True) -> dict:
         if v.endswith("compile"):  # AOTAutograd saves its graph's tensors, weight casts included, which
             saved[v] = None  # the hook-based counter cannot tell from activations
             continue
-        with _autocast(amp):
+        with _autocast(amp, device):
             saved[v] = saved_activation_bytes(net, x)
     removed = None
     if {"eager", "bnff", "conv_floor"} <= set(results):
         eager, fused = results["eager"]["step_s"], results["bnff"]["step_s"]
         removed = (eager - fused) / (eager - floor) if eager != floor else None
-    return {"config": asdict(cfg), "cpu": cpu_info(), "results": results, "ratios": ratios,
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    return {"config": asdict(cfg), "cpu": cpu_info(), "gpu": gpu, "results": results, "ratios": ratios,
             "overhead_removed": removed, "compile_s": compile_s, "saved_bytes": saved,
             "unfused_groups": unfused_groups, "fusable_groups": fusable, "profiles": profiles,
             "pointwise": pointwise_line, "floor_on_libxsmm": on_libxsmm}

@@ -42,7 +42,7 @@ def _train(args: argparse.Namespace) -> int:
         if args.out is None:
             argv += ["--out", str(_run_folder(args))]
         return processes.launch(args.nproc_per_node, argv)
-    with processes.joined() as procs:
+    with processes.joined("nccl" if args.device.startswith("cuda") else "gloo") as procs:
         return _train_here(args, procs)
 
 
@@ -74,7 +74,8 @@ def _train_here(args: argparse.Namespace, procs) -> int:
               f"{ds.image_size}x{ds.image_size}, {len(ds.classes)} classes{on}{how}")
     cfg = TrainConfig(model=args.model, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                       dtype=args.dtype, backend=args.backend, seed=args.seed, limit_batches=args.limit_batches,
-                      compare=args.compare, workers=args.workers, augment=args.augment, sync_bn=args.sync_bn)
+                      compare=args.compare, workers=args.workers, augment=args.augment, sync_bn=args.sync_bn,
+                      device=args.device)
     if args.resume and not Path(args.resume).is_file():
         raise UsageError(f"--resume {args.resume}: no such checkpoint")
     try:
@@ -95,10 +96,13 @@ def _bench(args: argparse.Namespace) -> int:
     from bnff.bench import BenchConfig, run
     from bnff.machine import describe
 
-    cfg = BenchConfig(model=args.model, batch=args.batch, image_size=args.image_size, dtype=args.dtype,
-                      steps=args.steps, warmup=args.warmup, variants=tuple(args.variants), backend=args.backend,
-                      tuned_malloc=args.tuned_malloc, prefer=args.prefer, profile=args.profile)
-    res = run(cfg)
+    try:  # a CPU-only variant on a GPU, a GPU that is not there: the message says what to run
+        cfg = BenchConfig(model=args.model, batch=args.batch, image_size=args.image_size, dtype=args.dtype,
+                          steps=args.steps, warmup=args.warmup, variants=tuple(args.variants), backend=args.backend,
+                          tuned_malloc=args.tuned_malloc, prefer=args.prefer, profile=args.profile, device=args.device)
+        res = run(cfg)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     t = Table(title=f"{cfg.model}, batch {cfg.batch}, {cfg.image_size}x{cfg.image_size}, {cfg.dtype}, "
                     f"median of {cfg.steps} interleaved rounds")
     for col in ("variant", "step (s)", "images/s", "step / conv floor", "saved activations (MiB)"):
@@ -109,7 +113,7 @@ def _bench(args: argparse.Namespace) -> int:
                   "" if r["step_over_floor"] is None else f"{r['step_over_floor']:.2f}",
                   "" if saved is None else f"{saved / 2 ** 20:,.1f}")
     Console().print(t)
-    print(describe(res["cpu"]))
+    print(describe(res["cpu"]) if res.get("gpu") is None else f"GPU: {res['gpu']}")
     for k, v in res["ratios"].items():
         print(f"{k.replace('_', ' ')}: {v:.2f}x images/s")
     if res["overhead_removed"] is not None:
@@ -422,7 +426,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch-size", type=_positive, default=64)
     t.add_argument("--lr", type=float, default=0.05, help="peak learning rate of the one-cycle SGD schedule")
     t.add_argument("--image-size", type=_positive, default=32, help="images are resized to this square size")
-    t.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16 runs under CPU autocast")
+    t.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32",
+                   help="bf16 and fp16 run under autocast, fp16 with a gradient scaler")
+    t.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (cuda with --nproc-per-node: a GPU per "
+                                                   "process, NCCL)")
     _add_backend(t)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--limit-batches", type=_positive, default=None, help="quick runs: at most this many training batches per epoch, and "
@@ -436,7 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                           "training process)")
     t.add_argument("--nproc-per-node", type=_positive, default=1, metavar="N",
                    help="train in N processes on this machine with DistributedDataParallel (torchrun's launcher, "
-                        "gloo); --batch-size is per process. Several machines: run torchrun -m bnff train on each")
+                        "gloo, or NCCL with --device cuda); --batch-size is per process. Several machines: run torchrun -m bnff train on each")
     t.add_argument("--sync-bn", action="store_true",
                    help="BN statistics over all processes' mini-batches (nn.SyncBatchNorm, fused by bnff)")
     t.add_argument("--resume", default=None, metavar="CHECKPOINT",
@@ -453,7 +460,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--model", default="resnet50", choices=sorted(MODEL_NAMES))
     b.add_argument("--batch", type=_positive, default=16)
     b.add_argument("--image-size", type=_positive, default=224)
-    b.add_argument("--dtype", choices=["fp32", "bf16"], default="bf16", help="bf16 runs under CPU autocast")
+    b.add_argument("--dtype", choices=["fp32", "bf16"], default="bf16", help="bf16 runs under autocast")
+    b.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (on a GPU: eager, compile, bnff, "
+                                                   "bnff+compile; steps synchronised)")
     b.add_argument("--steps", type=_positive, default=10, help="timed rounds (one step of every variant each)")
     b.add_argument("--warmup", type=int, default=2, help="untimed steps per variant first")
     b.add_argument("--variants", nargs="+", default=list(DEFAULT_BENCH_VARIANTS), choices=BENCH_VARIANTS,

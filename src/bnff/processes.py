@@ -53,7 +53,9 @@ class Processes:
     def _reduce(self, values: Sequence[float], op) -> list[float]:
         if self.world == 1:
             return [float(v) for v in values]
-        t = torch.tensor(values, dtype=torch.float64)
+        # NCCL reduces only tensors on the process's GPU
+        on = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+        t = torch.tensor(values, dtype=torch.float64, device=on)
         dist.all_reduce(t, op=op)
         return t.tolist()
 
@@ -72,7 +74,8 @@ def launched() -> bool:
 def joined(backend: str = "gloo") -> Iterator[Processes]:
     """Initialize the default process group from torchrun's environment (``MASTER_ADDR``,
     ``MASTER_PORT``, ``RANK``, ``WORLD_SIZE``) for the duration of the block, and destroy it after;
-    outside torchrun, or with one process, nothing is initialized.
+    outside torchrun, or with one process, nothing is initialized. ``backend``: "gloo" (CPU tensors) or
+    "nccl" (training on GPUs: ``bnff train --device cuda``).
 
     Raises:
         RuntimeError: from ``init_process_group`` when the rendezvous fails within :data:`TIMEOUT`.

@@ -47,6 +47,36 @@ class TrainConfig:
     workers: int = 0
     augment: str = "auto"
     sync_bn: bool = False
+    device: str = "cpu"
+
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+"""The autocast dtype of each ``--dtype`` that runs under autocast (fp16 with a gradient scaler)."""
+
+
+def training_device(name: str, procs: Processes) -> torch.device:
+    """The device a training process runs on: ``name`` ("cpu", "cuda" or "cuda:N"); "cuda" in one of
+    several processes is the process's own GPU (``LOCAL_RANK``), made the current device.
+
+    Raises:
+        UsageError: an unknown device, or CUDA asked for where there is none (the message says what to run).
+    """
+    import os
+
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device {name!r}: expected cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device {name!r}: bnff trains on cpu or cuda")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {name}: no CUDA device here (torch.cuda.is_available() is False); "
+                             f"train with --device cpu, or on a machine with an NVIDIA GPU and a CUDA build of torch")
+        if device.index is None:
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) if procs.world > 1 else 0)
+        torch.cuda.set_device(device)
+    return device
 
 
 @dataclass
@@ -106,16 +136,19 @@ def save_checkpoint(path: Path, state: dict) -> None:
         torch.save(state, f)
 
 
-def _evaluate(model: nn.Module, loader: DataLoader, amp: bool) -> tuple[int, int, list[str]]:
+def _evaluate(model: nn.Module, loader: DataLoader, amp: torch.dtype | None,
+              device: torch.device = torch.device("cpu")) -> tuple[int, int, list[str]]:
     """(images ``model`` classifies right, images evaluated, unreadable files passed over) over ``loader``'s
-    mini-batches (``(images, labels[, skipped paths, seconds])``), in eval mode."""
+    mini-batches (``(images, labels[, skipped paths, seconds])``), in eval mode, on ``device`` under
+    autocast to ``amp`` (None: off)."""
     model.eval()
     correct = seen = 0
     skipped: list[str] = []
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+    with torch.no_grad(), torch.autocast(device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
         for x, y, *rest in loader:
             skipped += rest[0] if rest else []
             if len(y):
+                x, y = x.to(device), y.to(device)
                 correct += (model(x).argmax(1) == y).sum().item()
                 seen += len(y)
     model.train()
@@ -209,9 +242,10 @@ def train(cfg: TrainConfig, data: Dataset, out_dir: Path, log=print, resume: Pat
         UsageError: a mini-batch larger than the training set, an unknown ``cfg.augment``, or images too
             small for the model (the message gives the smallest size that works).
     """
-    if cfg.dtype not in ("fp32", "bf16"):
-        raise ValueError(f"--dtype must be fp32 or bf16, got {cfg.dtype!r}")
+    if cfg.dtype not in ("fp32", "bf16", "fp16"):
+        raise ValueError(f"--dtype must be fp32, bf16 or fp16, got {cfg.dtype!r}")
     procs = Processes.current()
+    device = training_device(cfg.device, procs)
     log = log if procs.main else (lambda *a, **k: None)
     cfg = replace(cfg, backend=backends.resolve(cfg.backend), augment=augment.resolve(cfg.augment, data.name))
     torch.manual_seed(cfg.seed)  # the same initial weights in every process
@@ -223,6 +257,7 @@ def train(cfg: TrainConfig, data: Dataset, out_dir: Path, log=print, resume: Pat
         raise UsageError(f"--image-size {image_size}: {exc}") from None
     if cfg.sync_bn:
         base = nn.SyncBatchNorm.convert_sync_batchnorm(base)
+    base = base.to(device)
     nets = {"bnff": bnff.restructure(copy.deepcopy(base), backend=cfg.backend)}
     if cfg.compare:
         eager = copy.deepcopy(base)
@@ -243,13 +278,18 @@ def train(cfg: TrainConfig, data: Dataset, out_dir: Path, log=print, resume: Pat
     if state is not None:
         for k, m in nets.items():
             m.load_state_dict(state["runs"][k]["model"])
-    runs = {k: DistributedDataParallel(m) if procs.world > 1 else m for k, m in nets.items()}
+    ids = [device.index] if device.type == "cuda" else None
+    runs = {k: DistributedDataParallel(m, device_ids=ids) if procs.world > 1 else m for k, m in nets.items()}
     opts = {k: torch.optim.SGD(m.parameters(), lr=cfg.lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
             for k, m in nets.items()}
     scheds = {k: lr_schedule(o, cfg.lr, total) for k, o in opts.items()}
+    # fp16: a loss scale per run, so small gradients survive float16 (PyTorch's GradScaler; off otherwise)
+    scalers = {k: torch.amp.GradScaler(device.type, enabled=cfg.dtype == "fp16") for k in nets}
     if state is not None:
         for k in runs:
             opts[k].load_state_dict(state["runs"][k]["optimizer"])
+            if "scaler" in state["runs"][k]:
+                scalers[k].load_state_dict(state["runs"][k]["scaler"])
             scheds[k].load_state_dict(state["runs"][k]["scheduler"])
             hist[k] = RunHistory(**state["runs"][k]["history"])
         gen.set_state(state["generator"])
@@ -261,7 +301,7 @@ def train(cfg: TrainConfig, data: Dataset, out_dir: Path, log=print, resume: Pat
     # in-memory data is augmented here, a mini-batch at a time; a streamed folder's images in the workers
     transform = None if data.streamed else augment.augmentation(cfg.augment, image_size)
     loading = LoaderHistory(**state["loading"]) if state is not None and state.get("loading") else LoaderHistory()
-    amp = cfg.dtype == "bf16"
+    amp = AMP_DTYPES.get(cfg.dtype)
     names = " + ".join(runs)
     bar = tqdm(total=total, initial=first * n_batches, desc=f"training {names}", unit="step", dynamic_ncols=True,
                disable=not procs.main)
@@ -287,18 +327,23 @@ def train(cfg: TrainConfig, data: Dataset, out_dir: Path, log=print, resume: Pat
                 with torch.random.fork_rng():
                     torch.manual_seed(seed)
                     x = transform(x)
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             for k, m in runs.items():
                 meter = SavedActivations(m) if (epoch == 0 and b == 0) else None
                 t0 = time.perf_counter()
-                with torch.random.fork_rng(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+                with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
+                        torch.autocast(device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
                     torch.manual_seed(seed)
                     with meter or contextlib.nullcontext():
                         output = m(x)
                     loss = training_loss(output, y)
                 opts[k].zero_grad(set_to_none=True)
-                loss.backward()
-                opts[k].step()
+                scalers[k].scale(loss).backward()
+                scalers[k].step(opts[k])
+                scalers[k].update()
                 scheds[k].step()
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)  # the step's own time, not its launch
                 seconds[k] += time.perf_counter() - t0
                 losses[k] += loss.item()
                 if meter is not None:
@@ -306,7 +351,7 @@ def train(cfg: TrainConfig, data: Dataset, out_dir: Path, log=print, resume: Pat
             bar.update(1)
             bar.set_postfix({f"loss_{k}": f"{losses[k] / (b + 1):.3f}" for k in runs})
         for k, m in nets.items():
-            correct, seen, test_skipped = _evaluate(m, test_loader, amp)
+            correct, seen, test_skipped = _evaluate(m, test_loader, amp, device)
             loss_sum, correct, seen = procs.sum([losses[k], correct, seen])
             hist[k].loss.append(loss_sum / (procs.world * n_batches))
             hist[k].test_accuracy.append(correct / max(seen, 1))
@@ -334,7 +379,8 @@ def train(cfg: TrainConfig, data: Dataset, out_dir: Path, log=print, resume: Pat
                 "state_dict": nets["bnff"].state_dict(), "data": [data.name, len(data.train), len(data.test)],
                 "normalization": data.normalization, "loading": asdict(loading),
                 "runs": {k: {"model": nets[k].state_dict(), "optimizer": opts[k].state_dict(),
-                             "scheduler": scheds[k].state_dict(), "history": asdict(hist[k])} for k in runs},
+                             "scheduler": scheds[k].state_dict(), "scaler": scalers[k].state_dict(),
+                             "history": asdict(hist[k])} for k in runs},
                 "generator": gen.get_state(), "torch_rng": torch.get_rng_state()})
         procs.barrier()  # a resumed run finds every epoch it was told of
     bar.close()

@@ -31,14 +31,18 @@ def gen(request):
 
 def pytest_collection_modifyitems(config, items):
     """``every_backend``'s "triton" runs (Triton's interpreter: slow) only in modules that ask for them
-    (``TRITON = True``: the pattern tests, the triton backend's own); the others are deselected (pytest
-    reports the count), as are all of them when Triton is not installed."""
+    (``TRITON = True``, or a predicate of the test's parameters: the pattern tests, the no-host-sync
+    guard); the others are deselected (pytest reports the count), as are all of them when Triton is not
+    installed."""
     from bnff.ops.backends import triton
 
     keep, drop = [], []
     for item in items:
-        param = getattr(getattr(item, "callspec", None), "params", {}).get("every_backend")
-        wanted = param != "triton" or (getattr(item.module, "TRITON", False) and triton.available("cpu"))
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        wanted = getattr(item.module, "TRITON", False)
+        if callable(wanted):
+            wanted = wanted(params)
+        wanted = params.get("every_backend") != "triton" or (wanted and triton.available("cpu"))
         (keep if wanted else drop).append(item)
     if drop:
         config.hook.pytest_deselected(items=drop)

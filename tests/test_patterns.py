@@ -18,7 +18,10 @@ from helpers import (assert_as_accurate_as_eager, assert_rule, compare_with_floa
 from helpers import every_backend  # noqa: F401  (each test runs on every backend)
 
 pytestmark = pytest.mark.exactness  # also run in make test's AVX2 rehearsal
-TRITON = True  # every_backend also runs the triton kernels here (in Triton's interpreter)
+# every_backend also runs the triton kernels here (in Triton's interpreter), one spelling of each activation
+# and of the add (the spellings differ in the graph, not in the sweeps; make test's time budget)
+TRITON = lambda params: (params.get("act") not in ("F.relu", "torch.relu", "Tensor.relu", "F.relu6")  # noqa: E731
+                         and params.get("add") in (None, "iadd"))
 
 C = 8
 

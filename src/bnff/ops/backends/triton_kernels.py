@@ -33,6 +33,10 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 if not INTERPRETED:
     from triton.language.extra import libdevice
 _EXACT = tl.constexpr(not INTERPRETED)  # libdevice's functions (the interpreter has only tl.math's)
+# The kernels' helper functions: Triton device functions when compiled; plain Python under the interpreter,
+# which runs a kernel as Python with triton.language patched, and would otherwise patch it again on every
+# helper call (about 1 ms each: most of a launch's cost there). The same source either way.
+_device_fn = (lambda fn: fn) if INTERPRETED else triton.jit
 
 # activation codes: bnff.ops.backends.cpu.ACT_CODES (the host passes them; the numbers are the same)
 # (a kernel reads only constexpr globals)
@@ -44,7 +48,7 @@ F32, BF16, F16 = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
 
 # -- elementary functions ---------------------------------------------------------------------------
 
-@triton.jit
+@_device_fn
 def _exp(x):
     if _EXACT:
         y = libdevice.exp(x)
@@ -53,7 +57,7 @@ def _exp(x):
     return y
 
 
-@triton.jit
+@_device_fn
 def _expm1(x):
     if _EXACT:
         y = libdevice.expm1(x)
@@ -65,7 +69,7 @@ def _expm1(x):
     return y
 
 
-@triton.jit
+@_device_fn
 def _log1p(x):
     if _EXACT:
         y = libdevice.log1p(x)
@@ -76,7 +80,7 @@ def _log1p(x):
     return y
 
 
-@triton.jit
+@_device_fn
 def _tanh(x):
     if _EXACT:
         y = libdevice.tanh(x)
@@ -90,7 +94,7 @@ def _tanh(x):
     return y
 
 
-@triton.jit
+@_device_fn
 def _erf(x):
     if _EXACT:
         y = libdevice.erf(x)
@@ -101,7 +105,7 @@ def _erf(x):
 
 # -- the activation table (csrc/bnff_sweeps.h, namespace act) ------------------------------------------
 
-@triton.jit
+@_device_fn
 def _act_fwd(z, ACT: tl.constexpr, p0, p1, p2):
     """a = f(z); p0, p1, p2: LeakyReLU's slope, or the ELU family's (alpha * scale, scale, input scale)."""
     a = z
@@ -132,7 +136,7 @@ def _act_fwd(z, ACT: tl.constexpr, p0, p1, p2):
     return a
 
 
-@triton.jit
+@_device_fn
 def _act_grad(g, t, ACT: tl.constexpr, FROM_Z: tl.constexpr, p0, p1, p2):
     """dy = g * f'(t), t the output a or (``FROM_Z``) the pre-activation z, as the table says."""
     dy = g
@@ -174,7 +178,7 @@ def _act_grad(g, t, ACT: tl.constexpr, FROM_Z: tl.constexpr, p0, p1, p2):
     return dy
 
 
-@triton.jit
+@_device_fn
 def _round(v, KIND: tl.constexpr):
     """float32 ``v`` as a value of the output kind (F32, BF16, F16), rounded to nearest even."""
     if KIND == BF16:
@@ -190,7 +194,7 @@ def _round(v, KIND: tl.constexpr):
 
 # -- addressing ---------------------------------------------------------------------------------------
 
-@triton.jit
+@_device_fn
 def _at(ptr, rows, cols, HW, sN, sC, sHW, FLAT: tl.constexpr):
     """Pointers of elements (rows [R, 1], cols [1, C]) of a map with strides sN, sC, sHW."""
     if FLAT:
@@ -201,14 +205,25 @@ def _at(ptr, rows, cols, HW, sN, sC, sHW, FLAT: tl.constexpr):
     return ptr + off
 
 
-@triton.jit
+@_device_fn
 def _tile(r0, c0, M, C, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     rows = (r0 + tl.arange(0, BLOCK_R)).to(tl.int64)[:, None]
     cols = (c0 + tl.arange(0, BLOCK_C))[None, :]
     return rows, cols, (rows < M) & (cols < C), cols < C
 
 
-@triton.jit
+@_device_fn
+def _rows_of_program(M, C, ROWS, BLOCK_C: tl.constexpr):
+    """A reduction program (p, cb)'s share: p, its first channel c0, its rows [start, end) and its
+    channels (cols [1, BLOCK_C], cmask)."""
+    p = tl.program_id(0)
+    c0 = tl.program_id(1) * BLOCK_C
+    start = p * ROWS
+    cols = (c0 + tl.arange(0, BLOCK_C))[None, :]
+    return p, c0, start, tl.minimum(start + ROWS, M), cols, cols < C
+
+
+@_device_fn
 def _term(x, xs0, xs1, xs2, mu, f1, beta, rows, cols, mask, cmask, HW, FLAT: tl.constexpr):
     """One BN term F1 (x - mu) + beta (reference.term's form) over a tile."""
     v = tl.load(_at(x, rows, cols, HW, xs0, xs1, xs2, FLAT), mask=mask, other=0.0).to(tl.float32)
@@ -218,7 +233,7 @@ def _term(x, xs0, xs1, xs2, mu, f1, beta, rows, cols, mask, cmask, HW, FLAT: tl.
     return (v - m) * f + b
 
 
-@triton.jit
+@_device_fn
 def _preact(x0, x0s0, x0s1, x0s2, mu0, f0, b0, x1, x1s0, x1s1, x1s2, mu1, f1, b1,
             r0, r0s0, r0s1, r0s2, r1, r1s0, r1s1, r1s2, rows, cols, mask, cmask, HW,
             N_TERMS: tl.constexpr, N_RES: tl.constexpr, FLAT: tl.constexpr):
@@ -236,7 +251,7 @@ def _preact(x0, x0s0, x0s1, x0s2, mu0, f0, b0, x1, x1s0, x1s1, x1s2, mu1, f1, b1
     return z
 
 
-@triton.jit
+@_device_fn
 def _chan(n, mean, m2, cnt, b_mean, b_m2):
     """(count, mean, M2) of a set of n values merged with a block of cnt values (Chan, Golub and LeVeque
     1979, the pairwise update)."""
@@ -254,12 +269,7 @@ def stats_partial(x, xs0, xs1, xs2, shift, part_mean, part_m2, M, C, HW, ROWS,
     shift (row 0's value, which program 0 stores in ``shift``: the sums then carry the spread, not
     the mean, so a mean 10^4 times the standard deviation costs no digits), tile by tile (exact
     two-pass per tile, merged by Chan's formula), into part_mean[p, c], part_m2[p, c]."""
-    p = tl.program_id(0)
-    c0 = tl.program_id(1) * BLOCK_C
-    start = p * ROWS
-    end = tl.minimum(start + ROWS, M)
-    cols = (c0 + tl.arange(0, BLOCK_C))[None, :]
-    cmask = cols < C
+    p, c0, start, end, cols, cmask = _rows_of_program(M, C, ROWS, BLOCK_C)
     zero = tl.zeros((1, 1), tl.int64)
     k = tl.load(_at(x, zero, cols, HW, xs0, xs1, xs2, FLAT), mask=cmask, other=0.0).to(tl.float32)
     if p == 0:
@@ -326,12 +336,7 @@ def grad_stats(g, gs0, gs1, gs2, t, ts0, ts1, ts2, dy, ds0, ds1, ds2, part_s1, p
                FLAT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     """Program (p, cb) over rows [p*ROWS, (p+1)*ROWS): dy = g * f'(t) (written in kind ``DY`` when
     ``WRITE_DY``), and partial sums of dy and, per BN term, of dy * (x_k - mu_k)."""
-    p = tl.program_id(0)
-    c0 = tl.program_id(1) * BLOCK_C
-    start = p * ROWS
-    end = tl.minimum(start + ROWS, M)
-    cols = (c0 + tl.arange(0, BLOCK_C))[None, :]
-    cmask = cols < C
+    p, c0, start, end, cols, cmask = _rows_of_program(M, C, ROWS, BLOCK_C)
     s1 = tl.zeros((BLOCK_C,), tl.float32)
     s2a = tl.zeros((BLOCK_C,), tl.float32)
     s2b = tl.zeros((BLOCK_C,), tl.float32)

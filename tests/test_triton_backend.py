@@ -230,3 +230,59 @@ def test_torch_compile_traces_the_triton_sweeps(gen, kernels_ran):
     # the forward's sweeps are in the compiled graph; the backward (a once_differentiable autograd.Function's)
     # runs its sweeps as they are, in the kernels too (kernels_ran)
     assert {"bnff_triton.apply.default", "bnff_triton.channel_stats.default"} <= seen, seen
+
+
+_COMPILE_FOR_A_GPU = r'''
+import triton
+from triton.backends.compiler import GPUTarget
+from bnff.ops.backends import triton_kernels as k
+
+assert not k.INTERPRETED
+target = GPUTarget("cuda", 90, 32)  # sm_90 (H100/H200), Triton's own compiler and bundled ptxas
+
+
+def compile_(fn, pointers, consts, floats=()):
+    sig = {n: "constexpr" if n in consts else pointers.get(n, "fp32" if n in floats else "i32") for n in fn.arg_names}
+    out = triton.compile(triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=consts), target=target,
+                         options={"enable_fp_fusion": False})
+    assert out.asm["cubin"], fn.__name__
+
+
+def ptrs(names, t="*fp32"):
+    return {n: t for n in names}
+
+
+p = ("p0", "p1", "p2")
+vectors = ptrs(["mu0", "f0", "b0", "mu1", "f1", "b1"])
+for act in range(15):  # every activation of the table (cpu.ACT_CODES), bfloat16 maps
+    compile_(k.apply, ptrs(["out", "x0", "x1", "r0", "r1"], "*bf16") | vectors,
+             dict(N_TERMS=2, N_RES=1, ACT=act, OUT=1, FLAT=True, BLOCK_R=32, BLOCK_C=64), p)
+compile_(k.stats_partial, ptrs(["x"], "*fp16") | ptrs(["shift", "part_mean", "part_m2"]),
+         dict(FLAT=False, BLOCK_R=512, BLOCK_C=4))
+compile_(k.stats_merge, ptrs(["shift", "part_mean", "part_m2", "mean_out", "var_out"]), dict(BLOCK_C=128))
+compile_(k.sum_merge, ptrs(["part", "out"]), dict(BLOCK_C=128), ("m",))
+maps = ptrs(["g", "t", "dy", "x0", "x1", "r0", "r1"], "*bf16") | ptrs(["part_s1", "part_s2a", "part_s2b"]) | vectors
+for t_from, act, from_z in [(0, 0, False), (1, 1, False), (2, 4, False), (3, 14, True)]:
+    compile_(k.grad_stats, maps, dict(N_TERMS=2, N_RES=2, ACT=act, FROM_Z=from_z, T_FROM=t_from, OUT=1, WRITE_DY=True,
+                                      DY=1, FLAT=True, BLOCK_R=32, BLOCK_C=64), p)
+for from_g, act, from_z in [(False, 0, False), (True, 13, True)]:
+    compile_(k.input_grad, ptrs(["dx", "dy", "x"], "*fp16") | ptrs(["mu", "f1", "beta", "bvec", "s1"]),
+             dict(HAS_B=True, FROM_G=from_g, ACT=act, FROM_Z=from_z, OUT=2, DX=2, FLAT=False, BLOCK_R=512, BLOCK_C=4), p)
+print("compiled")
+'''
+
+
+def test_kernels_compile_for_a_gpu_without_one():
+    """The interpreter runs the kernels as Python and so cannot catch what the compiler refuses: every kernel
+    (apply with each activation, the reductions, both input gradients) compiled to an sm_90 binary by
+    Triton's compiler (libdevice included), in a process without ``TRITON_INTERPRET``. (The GPU machine's
+    Triton is 3.6; this is the test environment's.)"""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(bnff.__file__).parents[1]), env.get("PYTHONPATH", "")])
+    run = subprocess.run([sys.executable, "-c", _COMPILE_FOR_A_GPU], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and "compiled" in run.stdout, run.stderr[-3000:]

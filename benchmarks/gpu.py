@@ -20,7 +20,7 @@ of the CPU-only dependencies: nothing here imports kornia, energydram or tensorl
 
 Each measured row is written to ``--json`` at once (atomically), and no new variant starts once
 ``--budget-s`` has passed, so a run cut short still returns what it measured. bnff runs the ``triton``
-backend's sweeps on CUDA tensors (``bnff.ops.backends.triton``; ``reference``'s if Triton is missing).
+backend's sweeps (``bnff.ops.backends.triton``; ``reference``'s if Triton is missing).
 
 ``--dry-run`` runs the same code on the CPU at tiny shapes (batch 2, 32x32, 2 steps), with
 ``TRITON_INTERPRET=1`` set for Triton kernels: the test suite runs it end to end.
@@ -159,9 +159,8 @@ def main(argv: list[str] | None = None) -> dict:
     if not args.dry_run and not torch.cuda.is_available():
         raise SystemExit("no CUDA device: run on the GPU machine, or with --dry-run")
     device = torch.device("cpu" if args.dry_run else "cuda")
-    backend = "reference" if device.type == "cuda" else backends.default()
-    if "triton" in backends.available() and device.type == "cuda":
-        backend = "triton"
+    # the Triton kernels: compiled on the GPU, in the interpreter in a dry run; without Triton, PyTorch's sweeps
+    backend = "triton" if backends.triton.available(device) else "reference" if device.type == "cuda" else backends.default()
     start = time.perf_counter()
     result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (dry run)",
               "torch": torch.__version__, "cuda": torch.version.cuda, "backend": backend,

@@ -27,9 +27,14 @@ def gpu_script(monkeypatch):
 
 
 def test_dry_run_checks_then_measures_and_writes_each_row(gpu_script, tmp_path):
+    from bnff.ops.backends import triton
+
     path = tmp_path / "gpu.json"
+    calls = triton.kernel_calls()
     result = gpu_script.main(["--dry-run", "--models", "resnet18", "--variants", "eager", "bnff", "--json", str(path)])
     assert json.loads(path.read_text()) == json.loads(json.dumps(result))
+    if triton.available("cpu"):  # the GPU's kernels, in Triton's interpreter
+        assert result["backend"] == "triton" and sum((triton.kernel_calls() - calls).values()) > 0
     (check,) = result["checks"]
     assert check["model"] == "resnet18" and check["ok"]
     assert check["output_error"]["bnff"] <= gpu_script.K * check["output_error"]["eager"]

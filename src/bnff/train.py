@@ -239,8 +239,9 @@ def train(cfg: TrainConfig, data: Dataset, out_dir: Path, log=print, resume: Pat
 
     Raises:
         ValueError: a bad ``cfg.dtype`` or a checkpoint that does not fit this run.
-        UsageError: a mini-batch larger than the training set, an unknown ``cfg.augment``, or images too
-            small for the model (the message gives the smallest size that works).
+        UsageError: a mini-batch larger than the training set, an unknown ``cfg.augment``, images too
+            small for the model (the message gives the smallest size that works), or a ``cfg.device`` that is
+            not here (``training_device``).
     """
     if cfg.dtype not in ("fp32", "bf16", "fp16"):
         raise ValueError(f"--dtype must be fp32, bf16 or fp16, got {cfg.dtype!r}")

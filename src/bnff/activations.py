@@ -90,8 +90,9 @@ def _on(what: str | None) -> Callable[[object], str | None]:
     return lambda p: what
 
 
-def _elu_args(name: str, p):
-    """(alpha, scale, input_scale) of ``aten::elu`` for ELU(alpha), CELU(alpha), SELU."""
+def elu_args(name: str, p):
+    """(alpha, scale, input_scale) of ``aten::elu`` for ELU(alpha), CELU(alpha), SELU (what each kernel of
+    the family computes: the backends' formulas take these three)."""
     if name == "selu":
         return SELU_ALPHA, SELU_SCALE, 1.0
     if name == "celu":
@@ -102,7 +103,7 @@ def _elu_args(name: str, p):
 def _elu_family(name: str, display: str, fwd: Callable, modules, functions, param: str | None,
                 default, flops: int) -> Entry:
     def backward(g, t, p, from_output, _name=name):
-        alpha, scale, input_scale = _elu_args(_name, p)
+        alpha, scale, input_scale = elu_args(_name, p)
         return aten.elu_backward(g, alpha, scale, input_scale, from_output, t)
     return Entry(name, display, fwd, backward, functools.partial(_reads_elu, name), (0.0,), flops, flops, "input", "result",
                  modules, functions, (), param, default)
@@ -110,7 +111,7 @@ def _elu_family(name: str, display: str, fwd: Callable, modules, functions, para
 
 def _reads_elu(name: str, p) -> str:
     # from the output only where a <= 0 iff z <= 0 (PyTorch's is_result=True needs alpha >= 0)
-    alpha, _, _ = _elu_args(name, p)
+    alpha, _, _ = elu_args(name, p)
     return "a" if alpha > 0 else "z"
 
 

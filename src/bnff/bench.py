@@ -40,7 +40,8 @@ from bnff.names import BENCH_VARIANTS, DEFAULT_BENCH_VARIANTS
 from bnff.ops import backends, pointwise
 from bnff.ops.backends import cpu
 from bnff.ops.fused import _ApplyConsume
-from bnff.train import training_loss
+from bnff.processes import Processes
+from bnff.train import training_device, training_loss
 
 VARIANTS = BENCH_VARIANTS
 
@@ -99,8 +100,6 @@ class BenchConfig:
             raise ValueError(f"prefer must be 'memory' or 'speed', got {self.prefer!r}")
         if self.steps < 1 or self.warmup < 0 or self.batch < 1 or self.profile < 0:
             raise ValueError("steps and batch must be >= 1, warmup and profile >= 0")
-        if not (self.device == "cpu" or self.device == "cuda" or self.device.startswith("cuda:")):
-            raise ValueError(f"device must be cpu, cuda or cuda:N, got {self.device!r}")
         cpu_only = [v for v in self.variants if v in ("conv_floor", "bnff_libxsmm")] + (
             ["tuned_malloc"] if self.tuned_malloc else [])
         if self.device != "cpu" and cpu_only:
@@ -343,13 +342,11 @@ def run(cfg: BenchConfig, progress: bool = True) -> dict:
         ``{"convolutions", "forward", "backward"}``: how many of the floor's convolutions there are and
         how many of their forwards and backwards libxsmm runs (None without the floor).
     Raises:
-        ValueError: a bad configuration, ``bnff_libxsmm`` without libxsmm, or a CUDA device where there is none.
+        ValueError: a bad configuration, or ``bnff_libxsmm`` without libxsmm.
+        UsageError: a device that is not here (``bnff.train.training_device``).
     """
     cfg = replace(cfg, backend=backends.resolve(cfg.backend))
-    device = torch.device(cfg.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {cfg.device}: no CUDA device here (torch.cuda.is_available() is False); "
-                         f"run with device cpu, or on a machine with an NVIDIA GPU")
+    device = training_device(cfg.device, Processes())
     if cfg.tuned_malloc:
         tune_malloc()
     torch.manual_seed(cfg.seed)

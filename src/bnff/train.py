@@ -55,8 +55,9 @@ AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def training_device(name: str, procs: Processes) -> torch.device:
-    """The device a training process runs on: ``name`` ("cpu", "cuda" or "cuda:N"); "cuda" in one of
-    several processes is the process's own GPU (``LOCAL_RANK``), made the current device.
+    """The device a training process (``bnff train``, ``bnff bench``) runs on: ``name`` ("cpu", "cuda" or
+    "cuda:N"); "cuda" in one of several processes is the process's own GPU (``LOCAL_RANK``), made the
+    current device.
 
     Raises:
         UsageError: an unknown device, or CUDA asked for where there is none (the message says what to run).
@@ -72,7 +73,7 @@ def training_device(name: str, procs: Processes) -> torch.device:
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise UsageError(f"--device {name}: no CUDA device here (torch.cuda.is_available() is False); "
-                             f"train with --device cpu, or on a machine with an NVIDIA GPU and a CUDA build of torch")
+                             f"run with --device cpu, or on a machine with an NVIDIA GPU and a CUDA build of torch")
         if device.index is None:
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) if procs.world > 1 else 0)
         torch.cuda.set_device(device)

@@ -24,7 +24,6 @@ a fake implementation, so the compiler traces the restructured model around the 
 from __future__ import annotations
 
 import functools
-import os
 import warnings
 from collections import Counter
 from typing import Callable
@@ -41,20 +40,16 @@ MAX_TERMS = 2  # BN terms of one call (a projection shortcut's BN is the second)
 MAX_RESIDUALS = 2  # identity shortcuts of one call
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 OUT_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # triton_kernels' F32, BF16, F16
-COVERAGE = ("CUDA tensors (and CPU tensors under TRITON_INTERPRET=1) in float32, bfloat16 or float16, any layout "
-            "whose H and W merge (NCHW, channels_last), every activation of bnff.activations, at most "
-            f"{MAX_TERMS} BN terms and {MAX_RESIDUALS} shortcuts per group in Triton kernels; float64, CPU tensors "
+_COVERS = ("CUDA tensors (and CPU tensors under TRITON_INTERPRET=1) in float32, bfloat16 or float16, any layout "
+           "whose H and W merge (NCHW, channels_last), every activation of bnff.activations, at most "
+           f"{MAX_TERMS} BN terms and {MAX_RESIDUALS} shortcuts per group")
+COVERAGE = (f"{_COVERS} in Triton kernels; float64, CPU tensors "
             "without the interpreter and larger groups in the reference sweeps (bnff.ops.backends.triton.fallbacks() "
             "counts them by reason, kernel_calls() the kernels' own entries)")
 
 _state: dict[str, object] = {}
 _calls: Counter = Counter()
 _fallbacks: Counter = Counter()
-
-
-def interpreted() -> bool:
-    """Whether Triton runs kernels in its interpreter (``TRITON_INTERPRET=1``: CPU tensors, numpy)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def _kernels():
@@ -71,7 +66,8 @@ def _kernels():
 
 def why_not(device: torch.device) -> str | None:
     """Why the kernels cannot run on tensors of ``device``, or None when they can: Triton importable, and
-    a CUDA device, or the CPU under the interpreter (``interpreted``; read when Triton is first imported)."""
+    a CUDA device, or the CPU under the interpreter (``triton_kernels.INTERPRETED``: ``TRITON_INTERPRET=1``
+    when the kernels were first imported)."""
     if _kernels() is None:
         return str(_state["why"])
     if device.type == "cuda":
@@ -126,7 +122,7 @@ def _require(sweep: str, maps: list[Tensor], why: str | None = None) -> None:
         return
     if not any(reason == why for _, reason in _fallbacks):
         warnings.warn(f"bnff: the triton backend hands sweeps to the reference backend (plain PyTorch) because of: "
-                      f"{why}. Its kernels cover {COVERAGE.split(' in Triton kernels')[0]}. Said once per reason; "
+                      f"{why}. Its kernels cover {_COVERS}. Said once per reason; "
                       f"bnff.ops.backends.triton.fallbacks() counts them.", RuntimeWarning, stacklevel=4)
     _fallbacks[(sweep, why)] += 1
     raise _Uncovered(why)
@@ -191,9 +187,12 @@ def _act(act: str | None) -> tuple[int, bool, float, float, float]:
     if s is None or s.entry.name == "identity":
         return 0, False, 0.0, 0.0, 0.0
     name, p = s.entry.name, s.param
-    params = {"leaky_relu": (p, 0.0, 0.0), "elu": (p, 1.0, 1.0), "celu": (p, 1.0, 1.0 / p) if p else (0.0, 1.0, 0.0),
-              "selu": (activations.SELU_ALPHA * activations.SELU_SCALE, activations.SELU_SCALE, 1.0)}
-    return (ACT_CODES[name], s.reads == "z", *params.get(name, (0.0, 0.0, 0.0)))
+    if name in ("elu", "celu", "selu"):
+        alpha, scale, input_scale = activations.elu_args(name, p)
+        params = (alpha * scale, scale, input_scale)
+    else:
+        params = (p, 0.0, 0.0) if name == "leaky_relu" else (0.0, 0.0, 0.0)
+    return (ACT_CODES[name], s.reads == "z", *params)
 
 
 def _vec(v: Tensor, c0: int, c1: int) -> Tensor:
@@ -202,15 +201,17 @@ def _vec(v: Tensor, c0: int, c1: int) -> Tensor:
     return v if v.dtype == torch.float32 and v.is_contiguous() else v.detach().to(torch.float32).contiguous()
 
 
-def _cuts(sources: list[list[Tensor]], c: int) -> list[int]:
-    """The channel positions where some BN term passes from one source to the next, with 0 and ``c``."""
+def _segments(sources: list[list[Tensor]], c: int) -> list[tuple[int, int]]:
+    """The channel segments [c0, c1) of ``c`` channels over which every BN term reads one source: cut
+    wherever some term passes from one source to the next."""
     cuts = {0, c}
     for srcs in sources:
         at = 0
         for s in srcs:
             at += s.shape[1]
             cuts.add(at)
-    return sorted(cuts)
+    cuts = sorted(cuts)
+    return list(zip(cuts[:-1], cuts[1:]))
 
 
 def _piece(srcs: list[Tensor], c0: int, c1: int) -> Tensor:
@@ -220,7 +221,7 @@ def _piece(srcs: list[Tensor], c0: int, c1: int) -> Tensor:
         if at <= c0 and c1 <= at + s.shape[1]:
             return s.narrow(1, c0 - at, c1 - c0)
         at += s.shape[1]
-    raise AssertionError("a channel segment spans two sources")  # _cuts makes none
+    raise AssertionError("a channel segment spans two sources")  # _segments makes none
 
 
 def _out_like(like: Tensor, c: int, dtype: torch.dtype) -> Tensor:
@@ -289,7 +290,7 @@ def _apply(sources: list[list[Tensor]], means, f1s, betas, residuals, act: str |
     out = _out_like(like, c, out_dtype)
     code, _, p0, p1, p2 = _act(act)
     n, h, w = like.shape[0], like.shape[2], like.shape[3]
-    for c0, c1 in zip(_cuts(sources, c)[:-1], _cuts(sources, c)[1:]):
+    for c0, c1 in _segments(sources, c):
         grp = _Group(sources, means, f1s, betas, residuals, c0, c1, out)
         o = _strided(out.narrow(1, c0, c1 - c0))
         br, bc = _blocks(grp.maps[0][0], c1 - c0)
@@ -308,7 +309,7 @@ def _reduce(g: Tensor, t: Tensor | None, t_from: int, dy: Tensor | None, sources
     n, c, h, w = g.shape
     m = n * h * w
     s1s, s2s = [], [[] for _ in sources]
-    for c0, c1 in zip(_cuts(sources, c)[:-1], _cuts(sources, c)[1:]):
+    for c0, c1 in _segments(sources, c):
         cc = c1 - c0
         grp = _Group(sources, means, f1s, betas, residuals, c0, c1, g)
         gs = _strided(g.narrow(1, c0, cc))
@@ -557,5 +558,5 @@ def _register_ops() -> None:
 
 
 __all__ = ["COVERAGE", "MAX_RESIDUALS", "MAX_TERMS", "apply", "available", "backward_vectors", "channel_stats",
-           "dense_like", "fallbacks", "grad_stats", "grad_stats_x", "input_grad", "input_grad_x", "interpreted",
+           "dense_like", "fallbacks", "grad_stats", "grad_stats_x", "input_grad", "input_grad_x",
            "kernel_calls", "running_update", "scale", "why_not"]
